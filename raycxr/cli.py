@@ -1,0 +1,161 @@
+"""raycxr: hyperparameter search and model selection for chest X-ray classification on Ray.
+
+The `raycxr` command: parse arguments, build a config, call one stage. No logic lives here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _source(text: str) -> tuple[str, Path]:
+    key, sep, path = text.partition("=")
+    if not sep or not key or not path:
+        raise argparse.ArgumentTypeError(f"expected KEY=PATH (e.g. kermany=~/data/chest_xray), got {text!r}")
+    return key, Path(path).expanduser()
+
+
+def _ingest(args) -> int:
+    from raycxr.ingest import IngestConfig, ingest
+
+    s = ingest(IngestConfig(sources=dict(args.source), out=args.out, image_size=args.image_size,
+                            resize=args.resize, val_fraction=args.val_fraction,
+                            holdout_fraction=args.holdout_fraction, seed=args.seed, workers=args.workers))
+    print(f"Ingested {s.files_in} files -> {s.rows_written} rows written + {s.quarantined} quarantined "
+          f"(files in = rows + quarantined: {s.files_in == s.rows_written + s.quarantined})")
+    for split, c in s.counts.items():
+        print(f"  {split:8s} {c['images']:6d} images, {c['patients']:5d} patients, by label {c['by_label']}")
+    if s.merged_duplicate_groups:
+        print(f"  {s.merged_duplicate_groups} patient groups merged because they share byte-identical images")
+    if s.quarantined:
+        print(f"  quarantined by reason: {s.quarantine_reasons} (see {s.out / 'quarantine.csv'})")
+    print(f"Dataset {s.out} (fingerprint {s.fingerprint})")
+    return 0
+
+
+def _search(args) -> int:
+    from raycxr.search import SearchConfig, format_leaderboard, run_search
+
+    board = run_search(SearchConfig(data=args.data, space=args.space, name=args.name, runs_dir=args.runs_dir,
+                                    trials=args.trials, max_epochs=args.max_epochs, address=args.address,
+                                    storage=args.storage, max_failures=args.max_failures,
+                                    time_budget_min=args.time_budget, num_cpus=args.num_cpus))
+    print("\nLeaderboard (validation AUC; the holdout is untouched):")
+    print(format_leaderboard(board))
+    return 0
+
+
+def _status(args) -> int:
+    from raycxr.search import format_leaderboard, leaderboard
+
+    print(format_leaderboard(leaderboard(args.run), top=args.top))
+    return 0
+
+
+def _promote(args) -> int:
+    from raycxr.promote import PromoteConfig, promote
+
+    card = promote(PromoteConfig(run=args.run, out=args.out, threshold_rule=args.threshold_rule,
+                                 target_sensitivity=args.target_sensitivity, n_boot=args.bootstrap,
+                                 force=args.force))
+    h = card["holdout"]["pooled"]
+    ci = h["ci95"]
+    print(f"Promoted trial {card['trial']['trial_id']} ({card['trial']['model']}, val AUC "
+          f"{card['trial']['val_auc']:.4f}) -> {args.out}")
+    print(f"Threshold {card['threshold']:.4f} (rule {card['threshold_rule']}, chosen on validation)")
+    print(f"Holdout ({h['n']} images, read once):")
+    for k in ("auc", "accuracy", "sensitivity", "specificity", "brier"):
+        print(f"  {k:12s} {h[k]:.3f}  95% CI {ci[k][0]:.3f} - {ci[k][1]:.3f}")
+    print(f"Model card: {Path(args.out) / 'model_card.md'}")
+    return 0
+
+
+def _predict(args) -> int:
+    import csv
+
+    from raycxr.predict import predict
+
+    rows = predict(args.model, args.files)
+    w = csv.writer(sys.stdout)
+    w.writerow(["file", "probability", "label", "error"])
+    for r in rows:
+        w.writerow([r.file, "" if r.probability is None else f"{r.probability:.4f}", r.label or "", r.error])
+    failed = sum(bool(r.error) for r in rows)
+    if failed:
+        print(f"{failed} of {len(rows)} files could not be read", file=sys.stderr)
+    return 1 if failed or not rows else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raycxr", description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    i = sub.add_parser("ingest", help="pool X-ray datasets into patient-disjoint Parquet shards")
+    i.add_argument("--source", action="append", type=_source, required=True, metavar="KEY=PATH",
+                   help="a dataset root; KEY is the adapter (kermany). Repeat to pool several")
+    i.add_argument("--out", type=Path, required=True, help="dataset folder to write")
+    i.add_argument("--image-size", type=int, default=224, help="stored square size in px (default 224)")
+    i.add_argument("--resize", choices=["pad", "squash"], default="pad",
+                   help="pad keeps the aspect ratio with black borders; squash stretches (default pad)")
+    i.add_argument("--val-fraction", type=float, default=0.15)
+    i.add_argument("--holdout-fraction", type=float, default=0.15)
+    i.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    i.add_argument("--workers", type=int, default=0, help="decode processes (default: one per core)")
+    i.set_defaults(fn=_ingest)
+
+    s = sub.add_parser("search", help="Ray Tune search (Optuna TPE + ASHA) over Ray Train trials")
+    s.add_argument("--data", type=Path, required=True, help="a folder written by `raycxr ingest`")
+    s.add_argument("--space", required=True, help="a name in search_spaces/ (demo, default) or a YAML path")
+    s.add_argument("--trials", type=int, help="override the space's number of trials")
+    s.add_argument("--max-epochs", type=int, help="override the space's max_epochs")
+    s.add_argument("--name", help="run name (default SPACE-DATE-TIME)")
+    s.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where runs go (default ./runs)")
+    s.add_argument("--address", help="Ray cluster to join (default $RAY_ADDRESS, else a local Ray)")
+    s.add_argument("--storage", help="shared storage for results on a cluster, e.g. s3://bucket/raycxr")
+    s.add_argument("--max-failures", type=int, default=1, help="retries of a trial whose worker dies")
+    s.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop starting trials after this long")
+    s.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all cores)")
+    s.set_defaults(fn=_search)
+
+    st = sub.add_parser("status", help="leaderboard of a running or finished search")
+    st.add_argument("run", type=Path, help="runs/NAME")
+    st.add_argument("--top", type=int, default=20)
+    st.set_defaults(fn=_status)
+
+    pr = sub.add_parser("promote", help="best trial by validation -> holdout once -> exports and model card")
+    pr.add_argument("--run", type=Path, required=True, help="runs/NAME")
+    pr.add_argument("--out", type=Path, required=True, help="folder for the promoted model")
+    pr.add_argument("--threshold-rule", choices=["youden", "sensitivity"], default="youden")
+    pr.add_argument("--target-sensitivity", type=float, default=0.95, help="for --threshold-rule sensitivity")
+    pr.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs (default 1000)")
+    pr.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    pr.set_defaults(fn=_promote)
+
+    pd = sub.add_parser("predict", help="classify DICOM/PNG/JPEG files or folders; CSV to stdout")
+    pd.add_argument("--model", type=Path, required=True, help="a folder written by `raycxr promote`")
+    pd.add_argument("files", nargs="+", help="files or folders")
+    pd.set_defaults(fn=_predict)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from raycxr.errors import RaycxrError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except RaycxrError as exc:
+        print(f"raycxr {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

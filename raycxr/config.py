@@ -1,0 +1,242 @@
+"""Search spaces as validated, frozen data: YAML in ``search_spaces/`` -> :class:`SearchSpace`.
+
+A space file looks like::
+
+    description: what this space is for
+    trials: 8                  # Tune num_samples
+    max_epochs: 6              # ASHA's max_t (one report per epoch)
+    seed: 0
+    resources: {workers_per_trial: 1, cpus_per_worker: 1, gpus_per_worker: 0}
+    scheduler: {grace_period: 1, reduction_factor: 2}
+    params:
+      model: [resnet10t, resnet18]          # a list: a categorical choice
+      image_size: 128                       # a scalar: fixed
+      lr: {loguniform: [1.0e-4, 3.0e-3]}    # a distribution
+      ...
+
+Every problem in a file is gathered and raised once, as a :class:`ConfigError` naming the key
+and the allowed values. This module knows nothing of Ray: ``search.py`` turns a space into Tune
+objects in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raycxr.errors import ConfigError
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+
+_DISTRIBUTIONS = ("choice", "loguniform", "uniform", "randint")
+_TOP_KEYS = {"description", "trials", "max_epochs", "seed", "resources", "scheduler", "params", "pretrained",
+             "weights_dir"}
+_RESOURCE_KEYS = {"workers_per_trial", "cpus_per_worker", "gpus_per_worker"}
+_SCHEDULER_KEYS = {"grace_period", "reduction_factor"}
+
+
+def _models():
+    from raycxr.models import list_models
+
+    return list_models()
+
+
+def _augmentations():
+    from raycxr.transforms import AUGMENTATIONS
+
+    return AUGMENTATIONS
+
+
+# param -> (python type, check(value) -> problem or None, default or REQUIRED)
+_REQUIRED = object()
+PARAMS: dict[str, tuple[type, Any, Any]] = {
+    "model": (str, lambda v: None if v in _models() else f"allowed: {', '.join(_models())}", _REQUIRED),
+    "lr": (float, lambda v: None if 0 < v < 1 else "must be in (0, 1)", _REQUIRED),
+    "image_size": (int, lambda v: None if 16 <= v <= 1024 else "must be in 16..1024 px", None),
+    "augment": (str, lambda v: None if v in _augmentations() else f"allowed: {', '.join(_augmentations())}",
+                "light"),
+    "optimizer": (str, lambda v: None if v in ("adamw", "sgd") else "allowed: adamw, sgd", "adamw"),
+    "weight_decay": (float, lambda v: None if 0 <= v < 1 else "must be in [0, 1)", 1e-4),
+    "batch_size": (int, lambda v: None if 1 <= v <= 4096 else "must be in 1..4096", 32),
+    "imbalance": (str, lambda v: None if v in ("none", "pos_weight") else "allowed: none, pos_weight", "pos_weight"),
+    "label_smoothing": (float, lambda v: None if 0 <= v < 0.5 else "must be in [0, 0.5)", 0.0),
+    "warmup_epochs": (float, lambda v: None if 0 <= v <= 10 else "must be in 0..10", 0.0),
+    "drop_rate": (float, lambda v: None if 0 <= v < 1 else "must be in [0, 1)", 0.0),
+}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One hyperparameter: a fixed value, a choice, or a numeric distribution."""
+
+    kind: str  # "value" or one of _DISTRIBUTIONS
+    values: tuple
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    name: str
+    params: dict[str, Param]
+    description: str = ""
+    trials: int = 4
+    max_epochs: int = 2
+    seed: int = 0
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    grace_period: int = 1
+    reduction_factor: int = 2
+    pretrained: bool = False
+    weights_dir: str | None = None
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def fixed(self, key: str):
+        """The default for ``key`` if the space leaves it out (None when it has no default)."""
+        p = self.params.get(key)
+        return p.values[0] if p is not None and p.kind == "value" else None
+
+    def values_of(self, key: str) -> list:
+        """Every value ``key`` can take where that is a finite set (choice or fixed)."""
+        p = self.params[key]
+        return list(p.values) if p.kind in ("value", "choice") else []
+
+
+def _num(v, typ):
+    if typ is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if typ is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, typ)
+
+
+def _parse_param(key: str, spec, problems: list[str]) -> Param | None:
+    typ, check, _ = PARAMS[key]
+
+    def ok(value, where):
+        if not _num(value, typ):
+            problems.append(f"params.{key}{where}: {value!r} is not a {typ.__name__}")
+            return False
+        if (msg := check(value)) is not None:
+            problems.append(f"params.{key}{where}: {value!r} is invalid; {msg}")
+            return False
+        return True
+
+    if isinstance(spec, list):
+        spec = {"choice": spec}
+    if not isinstance(spec, dict):
+        return Param("value", (typ(spec),)) if ok(spec, "") else None
+    if len(spec) != 1 or next(iter(spec)) not in _DISTRIBUTIONS:
+        problems.append(f"params.{key}: {spec!r} must be a value, a list, or one of "
+                        f"{{{', '.join(d + ': ...' for d in _DISTRIBUTIONS)}}}")
+        return None
+    kind, values = next(iter(spec.items()))
+    if not isinstance(values, list) or not values:
+        problems.append(f"params.{key}.{kind}: needs a non-empty list")
+        return None
+    if kind != "choice":
+        if typ is str or len(values) != 2:
+            problems.append(f"params.{key}.{kind}: needs [low, high] for a numeric parameter")
+            return None
+        if kind == "randint" and typ is not int:
+            problems.append(f"params.{key}.randint: {key} is a {typ.__name__}; use uniform or loguniform")
+            return None
+        if not all(ok(v, f".{kind}") for v in values):
+            return None
+        if values[0] >= values[1]:
+            problems.append(f"params.{key}.{kind}: low {values[0]} must be below high {values[1]}")
+            return None
+        if kind == "loguniform" and values[0] <= 0:
+            problems.append(f"params.{key}.loguniform: low must be > 0")
+            return None
+        return Param(kind, tuple(typ(v) for v in values))
+    if not all([ok(v, f".choice[{i}]") for i, v in enumerate(values)]):
+        return None
+    return Param("choice", tuple(typ(v) for v in values))
+
+
+def _section(raw: dict, name: str, keys: set, problems: list) -> dict:
+    sec = raw.get(name) or {}
+    if not isinstance(sec, dict):
+        problems.append(f"{name}: must be a mapping with keys {', '.join(sorted(keys))}")
+        return {}
+    for k in sorted(set(sec) - keys):
+        problems.append(f"{name}.{k}: unknown key; allowed: {', '.join(sorted(keys))}")
+    return sec
+
+
+def parse_space(raw: dict, *, name: str) -> SearchSpace:
+    """Validate a space's YAML mapping; raise one ConfigError listing every problem."""
+    problems: list[str] = []
+    if not isinstance(raw, dict):
+        raise ConfigError("the file must hold a YAML mapping", source=f"search space {name}")
+    for k in sorted(set(raw) - _TOP_KEYS):
+        problems.append(f"{k}: unknown key; allowed: {', '.join(sorted(_TOP_KEYS))}")
+    res = _section(raw, "resources", _RESOURCE_KEYS, problems)
+    sched = _section(raw, "scheduler", _SCHEDULER_KEYS, problems)
+    scalars = {
+        "trials": (raw.get("trials", 4), int, 1, 10_000),
+        "max_epochs": (raw.get("max_epochs", 2), int, 1, 1_000),
+        "seed": (raw.get("seed", 0), int, 0, 2**31 - 1),
+        "resources.workers_per_trial": (res.get("workers_per_trial", 1), int, 1, 1024),
+        "resources.cpus_per_worker": (res.get("cpus_per_worker", 1), float, 0.01, 256),
+        "resources.gpus_per_worker": (res.get("gpus_per_worker", 0), float, 0, 16),
+        "scheduler.grace_period": (sched.get("grace_period", 1), int, 1, 1_000),
+        "scheduler.reduction_factor": (sched.get("reduction_factor", 2), int, 2, 100),
+    }
+    for key, (value, typ, lo, hi) in scalars.items():
+        if not _num(value, typ) or not lo <= value <= hi:
+            problems.append(f"{key}: {value!r} must be a {typ.__name__} in {lo}..{hi}")
+    if not isinstance(raw.get("pretrained", False), bool):
+        problems.append("pretrained: must be true or false")
+
+    params_raw = raw.get("params")
+    params: dict[str, Param] = {}
+    if not isinstance(params_raw, dict):
+        problems.append(f"params: required mapping of hyperparameters; allowed keys: {', '.join(PARAMS)}")
+        params_raw = {}
+    for key, spec in params_raw.items():
+        if key not in PARAMS:
+            problems.append(f"params.{key}: unknown hyperparameter; allowed: {', '.join(PARAMS)}")
+            continue
+        if (p := _parse_param(key, spec, problems)) is not None:
+            params[key] = p
+    for key, (_, _, default) in PARAMS.items():
+        if key in params_raw:
+            continue
+        if default is _REQUIRED:
+            problems.append(f"params.{key}: required")
+        elif default is not None:
+            params[key] = Param("value", (default,))
+    if (mx := raw.get("max_epochs", 2)) and _num(mx, int) and sched.get("grace_period", 1) > mx:
+        problems.append(f"scheduler.grace_period: {sched.get('grace_period')} exceeds max_epochs {mx}")
+    if problems:
+        raise ConfigError(problems, source=f"search space {name}")
+    return SearchSpace(
+        name=name, params=params, description=str(raw.get("description", "")),
+        trials=raw.get("trials", 4), max_epochs=raw.get("max_epochs", 2), seed=raw.get("seed", 0),
+        workers_per_trial=res.get("workers_per_trial", 1), cpus_per_worker=float(res.get("cpus_per_worker", 1)),
+        gpus_per_worker=float(res.get("gpus_per_worker", 0)), grace_period=sched.get("grace_period", 1),
+        reduction_factor=sched.get("reduction_factor", 2), pretrained=raw.get("pretrained", False),
+        weights_dir=raw.get("weights_dir"), raw=raw)
+
+
+def list_spaces() -> list[str]:
+    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+
+
+def load_space(name_or_path: str | Path) -> SearchSpace:
+    """Load a space by name (a file in ``search_spaces/``) or by path to a YAML file."""
+    import yaml
+
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = SPACES_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no search space {name_or_path!r}: give a YAML path or one of: "
+                          f"{', '.join(list_spaces())}", source="--space")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML: {exc}", source=f"search space {path}") from exc
+    return parse_space(raw, name=path.stem)

@@ -1,0 +1,108 @@
+"""The one data schema, and the readers of ingested shards.
+
+A dataset directory written by :func:`raycxr.ingest.ingest` looks like::
+
+    DATA_DIR/
+      manifest.json         counts, parameters, schema version, content fingerprint
+      quarantine.csv        every file that could not be read, with the reason
+      train/part-00000.parquet ...
+      val/part-00000.parquet ...
+      holdout/part-00000.parquet ...   read only by promote / evaluate, never by search
+
+Every shard follows :data:`SCHEMA`. Pixels are stored pre-resized as raw uint8 bytes, so no
+image is decoded during training and a batch goes to the device as uint8.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+
+from raycxr.errors import DataError
+
+if TYPE_CHECKING:
+    import ray.data
+
+SCHEMA_VERSION = 1
+SPLITS = ("train", "val", "holdout")
+CLASS_NAMES = ("normal", "pneumonia")
+
+SCHEMA = pa.schema([
+    pa.field("image", pa.binary(), nullable=False,
+             metadata={"doc": "greyscale pixels, uint8, row-major, height*width bytes; air is dark"}),
+    pa.field("height", pa.int32(), nullable=False, metadata={"doc": "stored height in px"}),
+    pa.field("width", pa.int32(), nullable=False, metadata={"doc": "stored width in px"}),
+    pa.field("label", pa.int8(), nullable=False,
+             metadata={"doc": "pneumonia: 1 = present, 0 = absent (normal)"}),
+    pa.field("label_detail", pa.string(), nullable=False,
+             metadata={"doc": "finer class from the source, e.g. normal / bacteria / virus"}),
+    pa.field("source", pa.string(), nullable=False, metadata={"doc": "dataset key, e.g. kermany"}),
+    pa.field("patient_hash", pa.string(), nullable=False,
+             metadata={"doc": "salted SHA-256 of the source's patient key (16 hex); raw IDs are never stored"}),
+    pa.field("split", pa.string(), nullable=False, metadata={"doc": "train, val or holdout (patient-disjoint)"}),
+    pa.field("path", pa.string(), nullable=False,
+             metadata={"doc": "original file path relative to the source root"}),
+    pa.field("content_hash", pa.string(), nullable=False,
+             metadata={"doc": "SHA-256 of the original file's bytes"}),
+    pa.field("orig_height", pa.int32(), nullable=False, metadata={"doc": "decoded height before resizing"}),
+    pa.field("orig_width", pa.int32(), nullable=False, metadata={"doc": "decoded width before resizing"}),
+], metadata={"raycxr_schema_version": str(SCHEMA_VERSION)})
+
+# Columns a training loop needs; the rest stays on disk.
+TRAIN_COLUMNS = ["image", "height", "width", "label"]
+
+
+def read_manifest(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / "manifest.json"
+    if not path.is_file():
+        raise DataError(f"{data_dir} has no manifest.json: create it with `raycxr ingest --source kermany=PATH --out {data_dir}`")
+    manifest = json.loads(path.read_text())
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise DataError(f"{data_dir} was written with schema version {manifest.get('schema_version')}, "
+                        f"this raycxr reads version {SCHEMA_VERSION}: re-run `raycxr ingest`")
+    return manifest
+
+
+def _split_files(data_dir: Path, split: str) -> list[Path]:
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; use one of {SPLITS}")
+    read_manifest(data_dir)
+    files = sorted((data_dir / split).glob("*.parquet"))
+    if not files:
+        raise DataError(f"{data_dir}/{split} holds no shards: the split is empty; ingest more data "
+                        "or change the split fractions")
+    return files
+
+
+def read_split(data_dir: str | Path, split: str, *, columns: list[str] | None = None) -> pa.Table:
+    """Read one split into memory as a pyarrow Table (no Ray), checking the schema."""
+    import pyarrow.parquet as pq
+
+    tables = [pq.read_table(f, columns=columns) for f in _split_files(Path(data_dir), split)]
+    table = pa.concat_tables(tables)
+    expected = SCHEMA if columns is None else pa.schema([SCHEMA.field(c) for c in columns])
+    if not table.schema.remove_metadata().equals(expected.remove_metadata()):
+        raise DataError(f"{data_dir}/{split} does not match the raycxr schema: re-run `raycxr ingest`")
+    return table
+
+
+def open_split(data_dir: str | Path, split: str) -> "ray.data.Dataset":
+    """Open one split as a Ray Dataset of the training columns."""
+    import ray.data
+
+    files = [str(f) for f in _split_files(Path(data_dir), split)]
+    return ray.data.read_parquet(files, columns=TRAIN_COLUMNS)
+
+
+def decode_images(batch: dict) -> np.ndarray:
+    """Raw uint8 bytes of a batch -> (N, 1, H, W) uint8 array. All rows share one size."""
+    heights, widths = np.asarray(batch["height"]), np.asarray(batch["width"])
+    if heights.min() != heights.max() or widths.min() != widths.max():
+        raise DataError("a batch mixes image sizes; ingest writes one size per dataset")
+    h, w = int(heights[0]), int(widths[0])
+    flat = np.frombuffer(b"".join(bytes(b) for b in batch["image"]), dtype=np.uint8)
+    return flat.reshape(len(heights), 1, h, w)

@@ -1,0 +1,112 @@
+"""Clinical metrics for a binary classifier: library calls, bootstrap CIs over patients.
+
+Metrics come from scikit-learn (ROC AUC, confusion matrix, Brier score, calibration curve);
+this module only chooses the threshold, resamples patients, and lays results out per source.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+THRESHOLD_RULES = ("youden", "sensitivity")
+
+
+def choose_threshold(y: np.ndarray, p: np.ndarray, *, rule: str = "youden", target: float = 0.95) -> float:
+    """An operating threshold from validation data only.
+
+    ``youden``: maximises sensitivity + specificity - 1. ``sensitivity``: the highest threshold
+    whose sensitivity reaches ``target``.
+    """
+    from sklearn.metrics import roc_curve
+
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"threshold rule {rule!r} is not one of {THRESHOLD_RULES}")
+    if len(np.unique(y)) < 2:
+        return 0.5
+    fpr, tpr, thr = roc_curve(y, p)
+    thr = np.clip(thr, 0.0, 1.0)  # roc_curve's first threshold is +inf
+    if rule == "youden":
+        return float(thr[int(np.argmax(tpr - fpr))])
+    ok = np.flatnonzero(tpr >= target)
+    return float(thr[ok[0]])
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, *, bins: int = 10) -> float:
+    """ECE over equal-width probability bins: sum over bins of |observed - predicted| x share."""
+    from sklearn.calibration import calibration_curve
+
+    prob_true, prob_pred = calibration_curve(y, p, n_bins=bins, strategy="uniform")
+    counts = np.histogram(p, bins=np.linspace(0, 1, bins + 1))[0]
+    counts = counts[counts > 0]  # calibration_curve drops empty bins too
+    return float(np.sum(np.abs(prob_true - prob_pred) * counts) / len(p))
+
+
+def binary_metrics(y: np.ndarray, p: np.ndarray, *, threshold: float) -> dict:
+    """Point estimates at ``threshold``; AUC is threshold-free. NaN where a class is absent."""
+    from sklearn.metrics import brier_score_loss, confusion_matrix, roc_auc_score
+
+    y = np.asarray(y).astype(int)
+    p = np.asarray(p, dtype=float)
+    pred = (p >= threshold).astype(int)
+    tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
+
+    def ratio(a, b):
+        return float(a / b) if b else float("nan")
+
+    both = len(np.unique(y)) == 2
+    return {
+        "n": int(len(y)), "positives": int(y.sum()), "threshold": float(threshold),
+        "auc": float(roc_auc_score(y, p)) if both else float("nan"),
+        "accuracy": ratio(tp + tn, len(y)),
+        "sensitivity": ratio(tp, tp + fn), "specificity": ratio(tn, tn + fp),
+        "ppv": ratio(tp, tp + fp), "npv": ratio(tn, tn + fn),
+        "brier": float(brier_score_loss(y, p, pos_label=1)) if len(y) else float("nan"),
+        "ece": expected_calibration_error(y, p) if both else float("nan"),
+        "tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn),
+    }
+
+
+CI_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "brier", "ece")
+
+
+def bootstrap_ci(y: np.ndarray, p: np.ndarray, groups: np.ndarray, *, threshold: float, n_boot: int = 1000,
+                 seed: int = 0, level: float = 0.95) -> dict:
+    """Percentile CIs for :data:`CI_METRICS`, resampling *patients* (``groups``) with replacement.
+
+    Images of one patient are correlated; resampling images would make the intervals too narrow.
+    """
+    rng = np.random.default_rng(seed)
+    y, p, groups = np.asarray(y).astype(int), np.asarray(p, dtype=float), np.asarray(groups)
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
+    samples = {m: [] for m in CI_METRICS}
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(uniq), len(uniq))
+        idx = np.concatenate([members[g] for g in pick])
+        if len(np.unique(y[idx])) < 2:
+            continue  # a resample with one class has no AUC; skip it (counted in n_boot_used)
+        m = binary_metrics(y[idx], p[idx], threshold=threshold)
+        for k in CI_METRICS:
+            samples[k].append(m[k])
+    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    out = {}
+    for k, vals in samples.items():
+        vals = np.asarray(vals, dtype=float)
+        vals = vals[~np.isnan(vals)]
+        out[k] = [float(np.percentile(vals, lo)), float(np.percentile(vals, hi))] if len(vals) else [None, None]
+    out["n_boot_used"] = len(samples["auc"])
+    return out
+
+
+def report(y: np.ndarray, p: np.ndarray, *, groups: np.ndarray, sources: np.ndarray, threshold: float,
+           n_boot: int = 1000, seed: int = 0) -> dict:
+    """Pooled and per-source metrics, each with patient-level bootstrap 95% CIs."""
+    out = {"pooled": {**binary_metrics(y, p, threshold=threshold),
+                      "ci95": bootstrap_ci(y, p, groups, threshold=threshold, n_boot=n_boot, seed=seed)}}
+    out["per_source"] = {}
+    for s in sorted(set(sources)):
+        m = np.asarray(sources) == s
+        out["per_source"][s] = {**binary_metrics(y[m], p[m], threshold=threshold),
+                                "ci95": bootstrap_ci(y[m], p[m], groups[m], threshold=threshold,
+                                                     n_boot=n_boot, seed=seed)}
+    return out

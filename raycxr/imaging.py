@@ -1,0 +1,143 @@
+"""Decode any supported file (DICOM, PNG, JPEG) to one greyscale uint8 array, and resize it.
+
+This module is the single place where pixels enter raycxr: ``ingest`` uses it to build shards
+and ``predict`` uses the very same functions, so a promoted model sees exactly the
+preprocessing it was trained with.
+
+DICOM follows the standard's pixel pipeline with pydicom's own functions: modality LUT
+(rescale slope/intercept), then VOI LUT or window, then MONOCHROME1 inversion so that air is
+always dark. Compressed transfer syntaxes decode through pydicom's pixel handlers
+(pylibjpeg / OpenJPEG). Colour and multi-frame images are rejected with a reason.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from raycxr.errors import DecodeError
+
+RESIZE_POLICIES = ("pad", "squash")
+# Pillow warns above MAX_IMAGE_PIXELS and raises above twice that. Chest films are at most
+# ~4300x3500 px (14x17 in at 0.1 mm); 64 MPx leaves room and still stops decompression bombs.
+MAX_PIXELS = 64_000_000
+_DICOM_MAGIC_OFFSET = 128
+
+
+def _is_dicom(path: Path, head: bytes) -> bool:
+    if head[_DICOM_MAGIC_OFFSET:_DICOM_MAGIC_OFFSET + 4] == b"DICM":
+        return True
+    return path.suffix.lower() in {".dcm", ".dicom"}
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Scale any numeric greyscale array to 0..255 by its own range (after LUTs)."""
+    arr = np.asarray(arr, dtype=np.float64)
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi <= lo:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    return np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def _read_dicom(path: Path) -> np.ndarray:
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(path, force=True)
+    except Exception as exc:  # pydicom raises many types for broken files
+        raise DecodeError(f"not a readable DICOM file: {exc}") from exc
+    if "PixelData" not in ds:
+        raise DecodeError("DICOM has no pixel data")
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    if photometric not in {"MONOCHROME1", "MONOCHROME2"}:
+        raise DecodeError(f"unsupported PhotometricInterpretation {photometric or 'missing'}: "
+                          "only greyscale (MONOCHROME1/2) radiographs are supported")
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        raise DecodeError("multi-frame DICOM: a chest radiograph is one frame")
+    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    if rows * cols > MAX_PIXELS:
+        raise DecodeError(f"image too large ({cols}x{rows} px > {MAX_PIXELS} px): possible decompression bomb")
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:
+        raise DecodeError(f"DICOM pixel data could not be decoded "
+                          f"(transfer syntax {ds.file_meta.get('TransferSyntaxUID', '?')}): {exc}") from exc
+    arr = apply_modality_lut(arr, ds)
+    arr = apply_voi_lut(arr, ds, prefer_lut=True)
+    out = _to_uint8(arr)
+    if photometric == "MONOCHROME1":  # MONOCHROME1: high values are dark; invert so air is black.
+        out = 255 - out
+    return out
+
+
+def _read_pillow(path: Path, draft_size: int | None) -> np.ndarray:
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if draft_size and im.format == "JPEG":
+                    # Decode JPEGs at a reduced DCT scale (1/2, 1/4, 1/8) that still covers the
+                    # target size: 3-8x less decode work for original-resolution films.
+                    im.draft("L", (draft_size, draft_size))
+                im.load()
+                if im.mode in {"I;16", "I;16B", "I;16L", "I"}:
+                    return _to_uint8(np.asarray(im))
+                return np.asarray(im.convert("L"))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DecodeError(f"image too large: possible decompression bomb ({exc})") from exc
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+        raise DecodeError(f"not a readable image: {exc}") from exc
+
+
+def read_image(path: str | Path, *, draft_size: int | None = None) -> np.ndarray:
+    """Decode ``path`` to a 2-D uint8 greyscale array in which air is dark.
+
+    ``draft_size`` lets JPEG decoding skip detail finer than a ``draft_size`` square needs.
+
+    Raises :class:`DecodeError` with a one-line reason for anything it cannot read.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_DICOM_MAGIC_OFFSET + 4)
+    except OSError as exc:
+        raise DecodeError(f"cannot open file: {exc.strerror}") from exc
+    if not head:
+        raise DecodeError("empty file (0 bytes)")
+    arr = _read_dicom(path) if _is_dicom(path, head) else _read_pillow(path, draft_size)
+    if arr.ndim != 2 or min(arr.shape) < 8:
+        raise DecodeError(f"unexpected image shape {arr.shape}")
+    return arr
+
+
+def resize(arr: np.ndarray, size: int, *, policy: str = "pad") -> np.ndarray:
+    """Resize a greyscale uint8 array to ``size`` x ``size``.
+
+    ``pad`` keeps the aspect ratio and pads the short side with black (air); ``squash``
+    stretches to a square. Antialiased (Pillow's bilinear with a reducing filter).
+    """
+    from PIL import Image
+
+    if policy not in RESIZE_POLICIES:
+        raise ValueError(f"resize policy {policy!r} is not one of {RESIZE_POLICIES}")
+    im = Image.fromarray(arr)
+    if policy == "squash":
+        return np.asarray(im.resize((size, size), Image.BILINEAR, reducing_gap=3.0))
+    h, w = arr.shape
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    small = im.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
+    canvas = Image.new("L", (size, size), 0)
+    canvas.paste(small, ((size - nw) // 2, (size - nh) // 2))
+    return np.asarray(canvas)
+
+
+def load_for_model(path: str | Path, size: int, *, policy: str) -> np.ndarray:
+    """Read and resize one file exactly as ingest does: what predict feeds a model."""
+    return resize(read_image(path, draft_size=size), size, policy=policy)

@@ -1,0 +1,314 @@
+"""run_search(): Ray Tune (Optuna TPE + ASHA) over Ray Train TorchTrainer trials.
+
+Layout of a run (``runs/RUN/`` by default)::
+
+    run.json          the resolved search: space, data, resources, versions (repeatable)
+    tune/             Ray Tune's experiment (state, per-trial results, TensorBoard events)
+    trials/TRIAL_ID/  Ray Train's storage per trial: the best checkpoint (epoch_NNN/)
+    leaderboard.csv   one row per trial, best validation AUC first
+
+The holdout split is never opened here: only train and val reach the trials.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raycxr.config import SearchSpace, load_space
+from raycxr.errors import ConfigError, NoEligibleTrialError
+from raycxr.train import METRIC
+
+log = logging.getLogger(__name__)
+
+# The Tune function that drives one TorchTrainer needs almost no CPU; Ray refuses 0.
+_TRIAL_DRIVER_CPU = 0.01
+LEADERBOARD_COLUMNS = ["rank", "trial_id", METRIC, "best_epoch", "epochs", "val_accuracy", "val_loss", "model",
+                       "image_size", "augment", "optimizer", "lr", "weight_decay", "batch_size", "imbalance",
+                       "label_smoothing", "warmup_epochs", "drop_rate", "status", "checkpoint"]
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    data: Path
+    space: str
+    name: str | None = None
+    runs_dir: Path = Path("runs")
+    trials: int | None = None          # overrides the space's trial count
+    max_epochs: int | None = None      # overrides the space's max_epochs
+    address: str | None = None         # Ray cluster address; default $RAY_ADDRESS or a local Ray
+    storage: str | None = None         # e.g. s3://bucket/raycxr-runs on a cluster; default runs_dir
+    max_failures: int = 1              # retries of a trial whose worker dies
+    time_budget_min: float | None = None
+    num_cpus: int | None = None        # local Ray only
+
+
+def init_ray(*, address: str | None, num_cpus: int | None = None):
+    """Join a cluster (``address`` or $RAY_ADDRESS) or start a local Ray; return its context.
+
+    The local dashboard is always on (bound to 127.0.0.1): besides showing trials, it serves
+    the state API that Ray Train's placement-group cleaner polls. Without it, the resources of a
+    trial stopped early by ASHA are never released and the next trial waits forever.
+    """
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Fail fast rather than wait forever when workers cannot be placed (see docs/notes on Ray 2.60).
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
+    if ray.is_initialized():
+        return ray.get_runtime_context()
+    kwargs: dict[str, Any] = {"log_to_driver": True, "logging_level": logging.WARNING}
+    if address:
+        ctx = ray.init(address=address, **kwargs)
+    else:
+        ctx = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+    if getattr(ctx, "dashboard_url", None):
+        print(f"Ray dashboard: http://{ctx.dashboard_url}")
+    return ctx
+
+
+def _tune_space(space: SearchSpace) -> dict:
+    """The one place a validated space becomes Tune search objects."""
+    from ray import tune
+
+    make = {"choice": lambda v: tune.choice(list(v)), "loguniform": lambda v: tune.loguniform(*v),
+            "uniform": lambda v: tune.uniform(*v), "randint": lambda v: tune.randint(v[0], v[1] + 1),
+            "value": lambda v: v[0]}
+    return {k: make[p.kind](p.values) for k, p in space.params.items()}
+
+
+def run_trial(config: dict, *, train_ds, val_ds, static: dict) -> None:
+    """One Tune trial: a Ray Train TorchTrainer whose reports reach Tune through a callback."""
+    import ray.train
+    import ray.tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raycxr.train import train_loop_per_worker
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    resources = {"CPU": static["worker_cpu_request"]}
+    if static["gpus_per_worker"]:
+        resources["GPU"] = static["gpus_per_worker"]
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={**static["loop"], **config, "trial_id": trial_id},
+        scaling_config=ray.train.ScalingConfig(num_workers=static["workers"], use_gpu=bool(static["gpus_per_worker"]),
+                                               resources_per_worker=resources),
+        datasets={"train": train_ds, "val": val_ds},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        run_config=ray.train.RunConfig(
+            name=trial_id, storage_path=static["trials_path"], callbacks=[TuneReportCallback()],
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order="max"),
+            # A controller error is most often a worker group that cannot be placed: retry a
+            # few times (autoscaling may add a node), then fail the trial instead of waiting forever.
+            failure_config=ray.train.FailureConfig(max_failures=static["max_failures"], controller_failure_limit=2)),
+    )
+    trainer.fit()
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def _plan_resources(space: SearchSpace, *, trials: int) -> dict:
+    """Per-trial resources and concurrency that fit the cluster, or a ConfigError saying why not."""
+    import ray
+
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    gpw = space.gpus_per_worker
+    if gpw and not gpus:
+        log.warning("the space asks for %s GPU per worker but the cluster has none: training on CPU", gpw)
+        print(f"No GPU in the Ray cluster: the space asks for {gpw} GPU per worker, training on CPU instead.")
+        gpw = 0.0
+    per_trial_cpu = space.workers_per_trial * space.cpus_per_worker + _TRIAL_DRIVER_CPU
+    if per_trial_cpu - _TRIAL_DRIVER_CPU > cpus:
+        raise ConfigError(
+            f"a trial needs {per_trial_cpu:g} CPUs (workers_per_trial {space.workers_per_trial} x cpus_per_worker "
+            f"{space.cpus_per_worker:g}) but the Ray cluster has {cpus:g}: lower resources in the space, "
+            "or add nodes", source="resources")
+    # The trial driver's sliver of CPU is taken out of its workers' request, so that a trial asks
+    # for exactly workers x cpus_per_worker and N such trials fill an N-core machine.
+    concurrent = int(cpus // (per_trial_cpu - _TRIAL_DRIVER_CPU))
+    if gpw:
+        if space.workers_per_trial * gpw > gpus:
+            raise ConfigError(f"a trial needs {space.workers_per_trial * gpw:g} GPUs but the cluster has {gpus:g}",
+                              source="resources")
+        concurrent = min(concurrent, int(gpus // (space.workers_per_trial * gpw)))
+    return {"workers": space.workers_per_trial, "cpus_per_worker": space.cpus_per_worker,
+            "worker_cpu_request": space.cpus_per_worker - _TRIAL_DRIVER_CPU / space.workers_per_trial,
+            "gpus_per_worker": gpw, "concurrent": max(1, min(concurrent, trials)),
+            "cluster_cpus": cpus, "cluster_gpus": gpus}
+
+
+def _run_dir(cfg: SearchConfig, space: SearchSpace) -> tuple[str, Path]:
+    name = cfg.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.runs_dir).resolve() / name
+    if (run_dir / "tune").exists():
+        raise ConfigError(f"run {name!r} already exists in {run_dir.parent}: choose another --name "
+                          f"(or remove {run_dir})", source="--name")
+    return name, run_dir
+
+
+def run_search(cfg: SearchConfig) -> list[dict]:
+    """Run a search and return its leaderboard (best validation AUC first)."""
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from raycxr.data import open_split, read_manifest, read_split
+    from raycxr.models import min_image_size
+
+    space = load_space(cfg.space)
+    manifest = read_manifest(cfg.data)
+    trials = cfg.trials or space.trials
+    max_epochs = cfg.max_epochs or space.max_epochs
+    ingest_size = manifest["params"]["image_size"]
+    sizes = space.values_of("image_size") if "image_size" in space.params else [ingest_size]
+    problems = [f"params.image_size: {s} px is larger than the ingested {ingest_size} px; re-ingest with "
+                f"--image-size {s} or lower it" for s in sizes if s > ingest_size]
+    for m in space.values_of("model"):
+        problems += [f"params.image_size: {m} needs at least {min_image_size(m)} px, got {s}"
+                     for s in sizes if s < min_image_size(m)]
+    if problems:
+        raise ConfigError(problems, source=f"search space {space.name} for this dataset")
+
+    name, run_dir = _run_dir(cfg, space)
+    init_ray(address=cfg.address, num_cpus=cfg.num_cpus)
+    plan = _plan_resources(space, trials=trials)
+    labels = read_split(cfg.data, "train", columns=["label"]).column("label").to_numpy()
+    # Materialise once, shared by every trial: no Parquet read tasks compete with training for
+    # CPUs, and epochs after the first do not re-read anything.
+    train_ds = open_split(cfg.data, "train").materialize()
+    val_ds = open_split(cfg.data, "val").materialize()
+
+    storage = cfg.storage or str(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    static = {
+        "workers": plan["workers"], "worker_cpu_request": plan["worker_cpu_request"],
+        "gpus_per_worker": plan["gpus_per_worker"], "max_failures": cfg.max_failures,
+        "trials_path": storage.rstrip("/") + "/trials",
+        "loop": {"max_epochs": max_epochs, "seed": space.seed, "train_rows": int(len(labels)),
+                 "train_positives": int(labels.sum()), "train_negatives": int(len(labels) - labels.sum()),
+                 "ingest_image_size": ingest_size, "resize": manifest["params"]["resize"],
+                 "cpus_per_worker": plan["cpus_per_worker"], "pretrained": space.pretrained,
+                 "image_size": ingest_size},
+    }
+    record = {"name": name, "space": space.name, "space_config": space.raw, "data": str(Path(cfg.data).resolve()),
+              "data_fingerprint": manifest["fingerprint"], "trials": trials, "max_epochs": max_epochs,
+              "seed": space.seed, "metric": METRIC, "resources": plan, "storage": storage,
+              "versions": _versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (run_dir / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+    gpu = f" + {plan['gpus_per_worker']:g} GPU" if plan["gpus_per_worker"] else ""
+    print(f"Search {name}: {trials} trials x up to {max_epochs} epochs, {plan['concurrent']} at a time "
+          f"({plan['workers']} worker(s) x {plan['cpus_per_worker']:g} CPU{gpu} each)")
+    print(f"TensorBoard: tensorboard --logdir {run_dir / 'tune'}")
+
+    searcher = OptunaSearch(metric=METRIC, mode="max", sampler=optuna.samplers.TPESampler(seed=space.seed))
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_epochs,
+                              grace_period=min(space.grace_period, max_epochs),
+                              reduction_factor=space.reduction_factor)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, train_ds=train_ds, val_ds=val_ds, static=static),
+        {"cpu": _TRIAL_DRIVER_CPU})
+    tuner = tune.Tuner(
+        trainable, param_space=_tune_space(space),
+        tune_config=tune.TuneConfig(
+            metric=METRIC, mode="max", search_alg=searcher, scheduler=scheduler, num_samples=trials,
+            max_concurrent_trials=plan["concurrent"], trial_dirname_creator=_trial_dirname,
+            time_budget_s=cfg.time_budget_min * 60 if cfg.time_budget_min else None),
+        run_config=tune.RunConfig(name="tune", storage_path=storage, verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+    try:
+        results = tuner.fit()
+    except KeyboardInterrupt:
+        print(f"\nSearch interrupted. Its finished trials are kept in {run_dir}.")
+        raise
+    for err in results.errors:
+        log.warning("a trial failed: %s", str(err).splitlines()[0] if str(err) else type(err).__name__)
+    board = leaderboard(run_dir)
+    _write_leaderboard(board, run_dir / "leaderboard.csv")
+    if not any(row["status"] == "ok" for row in board):
+        raise NoEligibleTrialError(f"no trial of {name} reported {METRIC}: see the errors above and "
+                                   f"the trial logs in {run_dir / 'tune'}")
+    return board
+
+
+def _versions() -> dict:
+    import ray
+    import timm
+    import torch
+
+    import raycxr
+
+    return {"raycxr": raycxr.__version__, "ray": ray.__version__, "torch": torch.__version__,
+            "timm": timm.__version__}
+
+
+def leaderboard(run_dir: str | Path) -> list[dict]:
+    """One row per trial of a (running, stopped or finished) search, best validation AUC first.
+
+    A trial's score is its best epoch's validation AUC; ``checkpoint`` is that epoch's
+    checkpoint (the one Ray Train keeps).
+    """
+    from ray.tune import ExperimentAnalysis
+
+    run_dir = Path(run_dir)
+    tune_dir = run_dir / "tune"
+    if not (tune_dir / "experiment_state.json").exists() and not list(tune_dir.glob("experiment_state*.json")):
+        raise NoEligibleTrialError(f"{run_dir} holds no Ray Tune experiment: is it a `raycxr search` run folder?")
+    analysis = ExperimentAnalysis(str(tune_dir))
+    rows = []
+    for trial in analysis.trials:
+        df = analysis.trial_dataframes.get(trial.trial_id)
+        row = {k: trial.config.get(k) for k in LEADERBOARD_COLUMNS if k in trial.config}
+        row.update(trial_id=trial.trial_id, status="no result", epochs=0)
+        if df is not None and METRIC in df and df[METRIC].notna().any():
+            best = df.loc[df[METRIC].idxmax()]
+            row.update({METRIC: float(best[METRIC]), "best_epoch": int(best["epoch"]),
+                        "epochs": int(df["epoch"].max()), "val_accuracy": float(best["val_accuracy"]),
+                        "val_loss": float(best["val_loss"]), "status": "ok",
+                        "checkpoint": best.get("checkpoint_path")})
+        if trial.status == "ERROR":
+            row["status"] = "error" if row["status"] != "ok" else "ok (then failed)"
+        rows.append(row)
+    rows.sort(key=lambda r: (-(r.get(METRIC) if r.get(METRIC) is not None and not math.isnan(r[METRIC]) else -1),
+                             r["trial_id"]))
+    for i, r in enumerate(rows, 1):
+        r["rank"] = i
+    return rows
+
+
+def _write_leaderboard(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=LEADERBOARD_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def format_leaderboard(rows: list[dict], *, top: int = 10) -> str:
+    cols = ["rank", "trial_id", METRIC, "best_epoch", "epochs", "model", "image_size", "augment", "optimizer", "lr",
+            "batch_size", "status"]
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+        return "" if v is None else str(v)
+
+    table = [cols] + [[fmt(r.get(c)) for c in cols] for r in rows[:top]]
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in table)

@@ -1,0 +1,63 @@
+"""Kermany et al. 2018 pediatric pneumonia (Kaggle "Chest X-Ray Images (Pneumonia)").
+
+Layout: any folder tree whose leaf folders are named ``NORMAL`` or ``PNEUMONIA`` (the Kaggle
+``{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg`` layout, or a single such pair). Every image
+found is pooled; the official split folders are ignored because raycxr carves its own
+patient-disjoint splits.
+
+Patient identity comes from the file name:
+- ``IM-NNNN-MMMM[-KKKK].jpeg``        -> normal patient ``IM-NNNN``
+- ``NORMAL2-IM-NNNN-MMMM.jpeg``       -> normal patient ``NORMAL2-NNNN`` (a second series)
+- ``personN_{bacteria,virus}_M.jpeg`` -> patient ``personN`` across both types: the dataset does
+  not say whether the number is per type, so we group conservatively (merging two children
+  into one split group is harmless; splitting one child across splits is a leak).
+A name matching none of these becomes its own patient (its file stem), which is still safe.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Iterator
+
+from raycxr.sources import Record, register
+
+_CLASS_DIRS = {"NORMAL": 0, "PNEUMONIA": 1}
+_NORMAL2 = re.compile(r"^NORMAL2-IM-(\d+)-", re.IGNORECASE)
+_NORMAL = re.compile(r"^IM-(\d+)-", re.IGNORECASE)
+_PERSON = re.compile(r"^person(\d+)_(bacteria|virus)_\d+", re.IGNORECASE)
+
+
+def patient_key(file_name: str) -> str:
+    """Patient identity from a Kermany file name (see the module docstring)."""
+    if m := _NORMAL2.match(file_name):
+        return f"NORMAL2-{int(m.group(1))}"
+    if m := _NORMAL.match(file_name):
+        return f"IM-{int(m.group(1))}"
+    if m := _PERSON.match(file_name):
+        return f"person{int(m.group(1))}"
+    return f"file:{Path(file_name).stem}"
+
+
+def _detail(file_name: str, label: int) -> str:
+    if m := _PERSON.match(file_name):
+        return m.group(2).lower()
+    return "pneumonia" if label else "normal"
+
+
+@register("kermany")
+def scan(root: Path) -> Iterator[Record]:
+    paths = sorted(
+        p for p in root.rglob("*")
+        if p.is_file() and p.parent.name.upper() in _CLASS_DIRS and not p.name.startswith(".")
+    )
+    for path in paths:
+        label = _CLASS_DIRS[path.parent.name.upper()]
+        yield Record(
+            path=path,
+            rel_path=path.relative_to(root).as_posix(),
+            source="kermany",
+            patient_key=patient_key(path.name),
+            label=label,
+            label_detail=_detail(path.name, label),
+        )

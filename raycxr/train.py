@@ -1,0 +1,182 @@
+"""train_loop_per_worker(): one trial's training, run by every Ray Train worker; make_trainer().
+
+The loop reads its shard of the train split through Ray Data (``get_dataset_shard`` ->
+``iter_torch_batches``), gets uint8 batches, augments them on the device, and after each epoch
+rank 0 scores the whole validation split and reports metrics with a checkpoint. A checkpoint
+holds ``model.safetensors`` (weights, loadable without pickle), ``trial.json`` (what is needed
+to rebuild the model) and ``train_state.pt`` (optimiser and schedule, to resume a trial).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+METRIC = "val_auc"
+_PREFETCH_BATCHES = 2
+
+
+def _collate_fn():
+    """A Ray Data collate function: raw pixel bytes -> {"image": uint8 (N,1,H,W), "label": float}."""
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class _Collate(NumpyBatchCollateFn):
+        def __call__(self, batch: dict) -> dict:
+            import torch
+
+            from raycxr.data import decode_images
+
+            return {"image": torch.from_numpy(decode_images(batch).copy()),
+                    "label": torch.from_numpy(np.asarray(batch["label"], dtype=np.float32))}
+
+    return _Collate()
+
+
+def _lr_lambda(step: int, *, warmup: int, total: int) -> float:
+    """Linear warm-up then cosine decay to 1% of the peak, as a multiplier of the peak lr."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def evaluate_batches(model, batches, *, image_size: int, mean: float, std: float, device) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and labels for every batch of ``{"image": uint8, "label": float}``."""
+    import torch
+
+    from raycxr.transforms import to_model_input
+
+    probs, labels = [], []
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            x = to_model_input(batch["image"].to(device), image_size=image_size, mean=mean, std=std)
+            probs.append(torch.sigmoid(model(x).float().squeeze(1)).cpu().numpy())
+            labels.append(batch["label"].cpu().numpy())
+    return np.concatenate(probs), np.concatenate(labels)
+
+
+def save_checkpoint(directory: Path, *, model, trial: dict, train_state: dict | None = None) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / "model.safetensors"))
+    (directory / "trial.json").write_text(json.dumps(trial, indent=2, sort_keys=True))
+    if train_state is not None:
+        torch.save(train_state, directory / "train_state.pt")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    from raycxr.models import create_model, input_stats
+    from raycxr.transforms import train_input
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(config["seed"] * 1000 + rank)
+    gen = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
+    threads = max(1, int(config.get("cpus_per_worker", 1)))
+    torch.set_num_threads(threads)
+
+    model = create_model(config["model"], pretrained=config.get("pretrained", False),
+                         weights_path=config.get("weights_path"), drop_rate=config["drop_rate"])
+    mean, std = input_stats(model)
+    device = ray.train.torch.get_device()
+    model = ray.train.torch.prepare_model(model)
+    bare = model.module if hasattr(model, "module") else model
+    if config["optimizer"] == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9, nesterov=True,
+                              weight_decay=config["weight_decay"])
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    bs = config["batch_size"]
+    steps_per_epoch = max(1, math.ceil(config["train_rows"] / world / bs))
+    total_steps = steps_per_epoch * config["max_epochs"]
+    warmup = int(config["warmup_epochs"] * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_lambda(s, warmup=warmup, total=total_steps))
+    pos_weight = None
+    if config["imbalance"] == "pos_weight":
+        # BCE pos_weight = negatives / positives in the train split: each class weighs the same.
+        pos_weight = torch.tensor([config["train_negatives"] / max(1, config["train_positives"])], device=device)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    smoothing = config["label_smoothing"]
+
+    start_epoch = 0
+    if (ckpt := ray.train.get_checkpoint()) is not None:
+        from safetensors.torch import load_file
+
+        with ckpt.as_directory() as d:
+            bare.load_state_dict(load_file(str(Path(d) / "model.safetensors")))
+            state = torch.load(Path(d) / "train_state.pt", map_location="cpu", weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"]) + 1
+        log.info("resumed from checkpoint at epoch %d", start_epoch)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    size = config["image_size"]
+    trial_meta = {k: config[k] for k in ("model", "image_size", "augment", "optimizer", "lr", "weight_decay",
+                                         "batch_size", "imbalance", "label_smoothing", "warmup_epochs",
+                                         "drop_rate", "seed")}
+    trial_meta.update(mean=mean, std=std, ingest_image_size=config["ingest_image_size"],
+                      resize=config["resize"], trial_id=config.get("trial_id", ""))
+
+    collate = _collate_fn()
+    for epoch in range(start_epoch, config["max_epochs"]):
+        model.train()
+        t0, seen, loss_sum, compute_s = time.perf_counter(), 0, 0.0, 0.0
+        for batch in train_shard.iter_torch_batches(
+                batch_size=bs, collate_fn=collate, local_shuffle_buffer_size=max(4 * bs, 256),
+                local_shuffle_seed=config["seed"] * 1000 + epoch, prefetch_batches=_PREFETCH_BATCHES,
+                drop_last=False):
+            c0 = time.perf_counter()
+            x = train_input(batch["image"].to(device), image_size=size, mean=mean, std=std,
+                            strength=config["augment"], generator=gen)
+            y = batch["label"].to(device)
+            if smoothing:
+                y = y * (1 - smoothing) + 0.5 * smoothing
+            loss = loss_fn(model(x).squeeze(1), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            compute_s += time.perf_counter() - c0
+            seen += len(y)
+            loss_sum += loss.item() * len(y)
+        train_s = time.perf_counter() - t0
+
+        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen),
+                   "lr": sched.get_last_lr()[0], "train_images_per_s": seen * world / max(train_s, 1e-9),
+                   "train_time_s": train_s, "train_compute_s": compute_s}
+        if rank == 0:
+            probs, labels = evaluate_batches(
+                bare, val_shard.iter_torch_batches(batch_size=256, collate_fn=collate),
+                image_size=size, mean=mean, std=std, device=device)
+            both = len(np.unique(labels)) == 2
+            metrics.update(
+                val_auc=float(roc_auc_score(labels, probs)) if both else float("nan"),
+                val_loss=float(log_loss(labels, np.clip(probs, 1e-7, 1 - 1e-7), labels=[0, 1])),
+                val_accuracy=float(np.mean((probs >= 0.5) == labels)),
+                val_images=int(len(labels)))
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(Path(tmp), model=bare, trial=trial_meta, train_state={
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch})
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=f"epoch_{epoch + 1:03d}")
+        else:
+            ray.train.report(metrics)

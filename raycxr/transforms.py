@@ -1,0 +1,70 @@
+"""Batch transforms on uint8 tensors, shared by training, evaluation, promote and predict.
+
+Augmentation runs on whole batches on the training device (GPU when present): per-sample
+random affine (rotation, scale, shift) through one ``affine_grid``/``grid_sample`` call, and
+per-sample brightness/contrast. torchvision v2 transforms draw one set of parameters per call,
+so applied to a batch they would move every image the same way; hence this small module.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+AUGMENTATIONS = ("none", "light", "heavy")
+
+# strength -> (max rotation in degrees, scale range, max shift as a fraction, brightness, contrast)
+_AUGMENT = {
+    "light": (7.0, (0.95, 1.05), 0.04, 0.10, 0.10),
+    "heavy": (15.0, (0.85, 1.15), 0.08, 0.25, 0.25),
+}
+
+
+def _scaled(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """uint8 (N, 1, H, W) -> float in 0..1 at image_size (antialiased bilinear)."""
+    x = images.float().div_(255.0)
+    if x.shape[-1] != image_size or x.shape[-2] != image_size:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+    return x
+
+
+def to_model_input(images: torch.Tensor, *, image_size: int, mean: float, std: float) -> torch.Tensor:
+    """uint8 (N, 1, H, W) -> normalised float (N, 1, image_size, image_size).
+
+    The one preprocessing path: training (before augmentation), validation, promote and
+    predict all call it.
+    """
+    return (_scaled(images, image_size) - mean) / std
+
+
+def augment(x: torch.Tensor, strength: str, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Randomly augment a batch of float images in 0..1 (N, 1, H, W), each sample differently."""
+    if strength == "none":
+        return x
+    if strength not in _AUGMENT:
+        raise ValueError(f"augment {strength!r} is not one of {AUGMENTATIONS}")
+    max_rot, (s_lo, s_hi), max_shift, bright, contrast = _AUGMENT[strength]
+    n, dev = x.shape[0], x.device
+
+    def u(lo, hi):
+        return torch.rand(n, generator=generator, device="cpu").to(dev) * (hi - lo) + lo
+
+    angle = torch.deg2rad(u(-max_rot, max_rot))
+    scale = u(s_lo, s_hi)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([
+        torch.stack([cos, -sin, u(-max_shift, max_shift) * 2], dim=1),
+        torch.stack([sin, cos, u(-max_shift, max_shift) * 2], dim=1),
+    ], dim=1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    c = u(1 - contrast, 1 + contrast).view(n, 1, 1, 1)
+    b = u(-bright, bright).view(n, 1, 1, 1)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return ((x - mean) * c + mean + b).clamp_(0.0, 1.0)
+
+
+def train_input(images: torch.Tensor, *, image_size: int, mean: float, std: float, strength: str,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 batch -> augmented, resized, normalised float batch for a training step."""
+    return (augment(_scaled(images, image_size), strength, generator=generator) - mean) / std
