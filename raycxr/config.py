@@ -102,6 +102,9 @@ class SearchSpace:
         return list(p.values) if p.kind in ("value", "choice") else []
 
 
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string"}
+
+
 def _num(v, typ):
     if typ is int:
         return isinstance(v, int) and not isinstance(v, bool)
@@ -115,7 +118,7 @@ def _parse_param(key: str, spec, problems: list[str]) -> Param | None:
 
     def ok(value, where):
         if not _num(value, typ):
-            problems.append(f"params.{key}{where}: {value!r} is not a {typ.__name__}")
+            problems.append(f"params.{key}{where}: {value!r} is not {_TYPE_NAMES[typ]}")
             return False
         if (msg := check(value)) is not None:
             problems.append(f"params.{key}{where}: {value!r} is invalid; {msg}")
@@ -139,7 +142,10 @@ def _parse_param(key: str, spec, problems: list[str]) -> Param | None:
             problems.append(f"params.{key}.{kind}: needs [low, high] for a numeric parameter")
             return None
         if kind == "randint" and typ is not int:
-            problems.append(f"params.{key}.randint: {key} is a {typ.__name__}; use uniform or loguniform")
+            problems.append(f"params.{key}.randint: {key} is {_TYPE_NAMES[typ]}; use uniform or loguniform")
+            return None
+        if kind != "randint" and typ is int:
+            problems.append(f"params.{key}.{kind}: {key} is an integer; use randint or a list of values")
             return None
         if not all(ok(v, f".{kind}") for v in values):
             return None
@@ -186,9 +192,11 @@ def parse_space(raw: dict, *, name: str) -> SearchSpace:
     }
     for key, (value, typ, lo, hi) in scalars.items():
         if not _num(value, typ) or not lo <= value <= hi:
-            problems.append(f"{key}: {value!r} must be a {typ.__name__} in {lo}..{hi}")
+            problems.append(f"{key}: {value!r} must be {_TYPE_NAMES[typ]} in {lo}..{hi}")
     if not isinstance(raw.get("pretrained", False), bool):
         problems.append("pretrained: must be true or false")
+    if raw.get("weights_dir") is not None and not isinstance(raw["weights_dir"], str):
+        problems.append("weights_dir: must be a folder path holding MODEL.safetensors files (timm weights, offline)")
 
     params_raw = raw.get("params")
     params: dict[str, Param] = {}

@@ -128,14 +128,14 @@ def resize(arr: np.ndarray, size: int, *, policy: str = "pad") -> np.ndarray:
         raise ValueError(f"resize policy {policy!r} is not one of {RESIZE_POLICIES}")
     im = Image.fromarray(arr)
     if policy == "squash":
-        return np.asarray(im.resize((size, size), Image.BILINEAR, reducing_gap=3.0))
+        return np.array(im.resize((size, size), Image.BILINEAR, reducing_gap=3.0))
     h, w = arr.shape
     scale = size / max(h, w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     small = im.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
     canvas = Image.new("L", (size, size), 0)
     canvas.paste(small, ((size - nw) // 2, (size - nh) // 2))
-    return np.asarray(canvas)
+    return np.array(canvas)
 
 
 def load_for_model(path: str | Path, size: int, *, policy: str) -> np.ndarray:

@@ -204,6 +204,7 @@ def run_search(cfg: SearchConfig) -> list[dict]:
                  "train_positives": int(labels.sum()), "train_negatives": int(len(labels) - labels.sum()),
                  "ingest_image_size": ingest_size, "resize": manifest["params"]["resize"],
                  "cpus_per_worker": plan["cpus_per_worker"], "pretrained": space.pretrained,
+                 "weights_dir": space.weights_dir,
                  "image_size": ingest_size},
     }
     record = {"name": name, "space": space.name, "space_config": space.raw, "data": str(Path(cfg.data).resolve()),
@@ -267,7 +268,7 @@ def leaderboard(run_dir: str | Path) -> list[dict]:
     """
     from ray.tune import ExperimentAnalysis
 
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).resolve()  # Tune reads a relative path as a URI without a scheme
     tune_dir = run_dir / "tune"
     if not (tune_dir / "experiment_state.json").exists() and not list(tune_dir.glob("experiment_state*.json")):
         raise NoEligibleTrialError(f"{run_dir} holds no Ray Tune experiment: is it a `raycxr search` run folder?")

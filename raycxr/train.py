@@ -92,8 +92,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     threads = max(1, int(config.get("cpus_per_worker", 1)))
     torch.set_num_threads(threads)
 
-    model = create_model(config["model"], pretrained=config.get("pretrained", False),
-                         weights_path=config.get("weights_path"), drop_rate=config["drop_rate"])
+    weights = Path(config["weights_dir"]) / f"{config['model']}.safetensors" if config.get("weights_dir") else None
+    model = create_model(config["model"], pretrained=config.get("pretrained", False), weights_path=weights,
+                         drop_rate=config["drop_rate"])
     mean, std = input_stats(model)
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(model)

@@ -1,0 +1,64 @@
+import pytest
+
+from raycxr.config import PARAMS, list_spaces, load_space, parse_space
+from raycxr.errors import ConfigError
+
+GOOD = {"trials": 2, "max_epochs": 1, "params": {"model": ["test_resnet"], "lr": {"loguniform": [1e-4, 1e-2]}}}
+
+
+@pytest.mark.parametrize("name", list_spaces())
+def test_shipped_spaces_load(name):
+    space = load_space(name)
+    assert space.trials >= 1 and "model" in space.params and "lr" in space.params
+
+
+def test_shipped_spaces_include_demo_and_default():
+    assert {"demo", "default"} <= set(list_spaces())
+
+
+def test_defaults_fill_unset_params():
+    space = parse_space(GOOD, name="t")
+    assert set(space.params) == set(PARAMS) - {"image_size"}
+    assert space.params["augment"].values == ("light",)
+
+
+@pytest.mark.parametrize("params, expected", [
+    ({"model": ["resnet9000"]}, ["params.model.choice[0]: 'resnet9000' is invalid; allowed: test_resnet"]),
+    ({"augment": "extreme"}, ["params.augment: 'extreme' is invalid; allowed: none, light, heavy"]),
+    ({"optimizer": ["adamw", "lion"]}, ["params.optimizer.choice[1]: 'lion' is invalid; allowed: adamw, sgd"]),
+    ({"lr": {"loguniform": [0, 0.1]}}, ["params.lr.loguniform: 0 is invalid; must be in (0, 1)"]),
+    ({"lr": {"loguniform": [0.1, 0.01]}}, ["params.lr.loguniform: low 0.1 must be below high 0.01"]),
+    ({"batch_size": {"uniform": [8, 64]}}, ["params.batch_size.uniform: batch_size is an integer; use randint"]),
+    ({"lr": {"randint": [1, 2]}}, ["params.lr.randint: lr is a number; use uniform or loguniform"]),
+    ({"momentum": 0.9}, ["params.momentum: unknown hyperparameter; allowed: model, lr"]),
+    ({"image_size": "big"}, ["params.image_size: 'big' is not an integer"]),
+    ({"lr": {"normal": [0, 1]}}, ["params.lr: {'normal': [0, 1]} must be a value, a list, or one of"]),
+])
+def test_param_errors_name_key_and_allowed_values(params, expected):
+    raw = {**GOOD, "params": {**GOOD["params"], **params}}
+    with pytest.raises(ConfigError) as exc:
+        parse_space(raw, name="t")
+    for text in expected:
+        assert any(p.startswith(text) for p in exc.value.problems), exc.value.problems
+
+
+def test_all_problems_reported_at_once():
+    raw = {"trials": 0, "colour": "blue", "resources": {"gpus": 1}, "params": {"model": "nope"}}
+    with pytest.raises(ConfigError) as exc:
+        parse_space(raw, name="t")
+    text = str(exc.value)
+    for fragment in ["trials: 0 must be an integer in 1..10000", "colour: unknown key", "resources.gpus: unknown key",
+                     "params.model: 'nope' is invalid", "params.lr: required"]:
+        assert fragment in text
+
+
+def test_unknown_space_name_lists_known_ones():
+    with pytest.raises(ConfigError, match="one of: .*demo"):
+        load_space("no-such-space")
+
+
+def test_bad_yaml_file(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("params: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_space(f)

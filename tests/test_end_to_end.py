@@ -1,0 +1,134 @@
+"""ingest -> search (real local Ray, Tune + Optuna + ASHA, Train workers) -> promote -> predict.
+
+On the bundled real sample, with timm's tiny test models. About a minute on 2 cores.
+"""
+
+import csv
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from raycxr.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from raycxr.search import init_ray
+
+    init_ray(address=None, num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def _space(tmp_path):
+    f = tmp_path / "tiny.yaml"
+    f.write_text("""
+trials: 2
+max_epochs: 1
+seed: 0
+resources: {workers_per_trial: 1, cpus_per_worker: 1}
+params:
+  model: [test_resnet, test_efficientnet]
+  image_size: 64
+  augment: [none, light]
+  lr: {loguniform: [1.0e-3, 1.0e-2]}
+  batch_size: 32
+""")
+    return f
+
+
+def test_search_refuses_trials_larger_than_the_cluster(ray_local, tmp_path):
+    from raycxr.config import parse_space
+    from raycxr.errors import ConfigError
+    from raycxr.search import _plan_resources
+
+    space = parse_space({"params": {"model": "test_resnet", "lr": 0.01},
+                         "resources": {"workers_per_trial": 2, "cpus_per_worker": 2}}, name="big")
+    with pytest.raises(ConfigError, match="needs 4.01 CPUs .* cluster has 2"):
+        _plan_resources(space, trials=2)
+    fits = parse_space({"params": {"model": "test_resnet", "lr": 0.01}}, name="ok")
+    assert _plan_resources(fits, trials=8)["concurrent"] == 2
+
+
+def test_end_to_end(ray_local, tmp_path, sample_dir, capsys):
+    data, runs, model_dir = tmp_path / "data", tmp_path / "runs", tmp_path / "model"
+    assert main(["ingest", "--source", f"kermany={sample_dir}", "--out", str(data), "--image-size", "64"]) == 0
+
+    # The search must not need the holdout: hide it while searching.
+    hidden = tmp_path / "holdout-hidden"
+    shutil.move(data / "holdout", hidden)
+    assert main(["search", "--data", str(data), "--space", str(_space(tmp_path)), "--name", "e2e",
+                 "--runs-dir", str(runs)]) == 0
+    shutil.move(hidden, data / "holdout")
+    out = capsys.readouterr().out
+    assert "Leaderboard" in out
+
+    board = list(csv.DictReader(open(runs / "e2e" / "leaderboard.csv")))
+    assert len(board) == 2 and all(r["status"] == "ok" for r in board)
+    aucs = [float(r["val_auc"]) for r in board]
+    assert all(0.0 <= a <= 1.0 for a in aucs) and aucs == sorted(aucs, reverse=True)
+    assert all((runs / "e2e" / "trials").joinpath(r["trial_id"]).is_dir() for r in board)
+    assert len(list((runs / "e2e" / "tune").glob("trial_*/events.out.tfevents.*"))) == 2  # TensorBoard
+
+    assert main(["promote", "--run", str(runs / "e2e"), "--out", str(model_dir), "--bootstrap", "200"]) == 0
+    for name in ("model.safetensors", "model.torchscript.pt", "model.onnx", "config.json", "model_card.md",
+                 "metrics.json"):
+        assert (model_dir / name).is_file(), name
+    card = json.loads((model_dir / "metrics.json").read_text())
+    assert card["trial"]["trial_id"] == board[0]["trial_id"]  # best by validation
+    pooled = card["holdout"]["pooled"]
+    assert pooled["n"] == json.loads((data / "manifest.json").read_text())["counts"]["holdout"]["images"]
+    for k in ("auc", "accuracy", "sensitivity", "specificity"):
+        lo, hi = pooled["ci95"][k]
+        assert 0.0 <= lo <= pooled[k] <= hi <= 1.0, k
+    assert len((runs / "e2e" / "holdout_reads.jsonl").read_text().splitlines()) == 1
+    assert "Holdout metrics" in (model_dir / "model_card.md").read_text()
+
+    # Exports agree with the eager model on real images, loaded independently of promote.
+    import onnxruntime as ort
+
+    from raycxr.data import decode_images, read_split
+    from raycxr.predict import load_promoted
+    from raycxr.transforms import to_model_input
+
+    model, cfg = load_promoted(model_dir)
+    rows = read_split(data, "holdout", columns=["image", "height", "width"]).to_pydict()
+    x = to_model_input(torch.from_numpy(decode_images(rows).copy()), image_size=cfg["image_size"],
+                       mean=cfg["mean"], std=cfg["std"])
+    with torch.no_grad():
+        eager = model(x).numpy()
+        scripted = torch.jit.load(str(model_dir / "model.torchscript.pt"))(x).numpy()
+    sess = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert eager.shape == (len(x), 1) and np.abs(eager).max() > 0
+    assert np.abs(scripted - eager).max() <= 1e-4
+    assert np.abs(onnx_out - eager).max() <= 1e-4
+
+    # Predict: real files get the model's probability; a broken file gets an error row and exit 1.
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    good = sorted((sample_dir / "PNEUMONIA").iterdir())[:3]
+    capsys.readouterr()
+    assert main(["predict", "--model", str(model_dir), *map(str, good), str(bad)]) == 1
+    pred = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["file"] for r in pred] == [*map(str, good), str(bad)]
+    assert pred[-1]["error"] and not pred[-1]["probability"]
+    from raycxr.imaging import load_for_model
+
+    for r in pred[:3]:
+        p = float(r["probability"])
+        assert 0.0 <= p <= 1.0 and r["label"] in ("normal", "pneumonia")
+        img = torch.from_numpy(load_for_model(r["file"], cfg["preprocessing"]["stored_size"], policy="pad"))[None, None]
+        with torch.no_grad():
+            expect = torch.sigmoid(model(to_model_input(img, image_size=cfg["image_size"], mean=cfg["mean"],
+                                                        std=cfg["std"]))).item()
+        assert p == pytest.approx(expect, abs=1e-4)
+        assert r["label"] == ("pneumonia" if p >= cfg["threshold"] else "normal")

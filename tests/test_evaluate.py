@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from raycxr.evaluate import binary_metrics, bootstrap_ci, choose_threshold, expected_calibration_error, report
+
+
+def _scores(n, seed=0, sep=1.5):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    logits = rng.normal(0, 1, n) + sep * (2 * y - 1)
+    return y, 1 / (1 + np.exp(-logits))
+
+
+def test_metrics_at_threshold_match_confusion_counts():
+    y = np.array([0, 0, 0, 1, 1, 1, 1])
+    p = np.array([0.1, 0.4, 0.7, 0.2, 0.6, 0.8, 0.9])
+    m = binary_metrics(y, p, threshold=0.5)
+    assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (3, 1, 2, 1)
+    assert m["sensitivity"] == pytest.approx(3 / 4) and m["specificity"] == pytest.approx(2 / 3)
+    assert m["ppv"] == pytest.approx(3 / 4) and m["npv"] == pytest.approx(2 / 3)
+    assert m["auc"] == pytest.approx(roc_auc_score(y, p))
+
+
+@pytest.mark.parametrize("rule, check", [
+    ("youden", lambda m: m["sensitivity"] + m["specificity"] > 1.5),
+    ("sensitivity", lambda m: m["sensitivity"] >= 0.95),
+])
+def test_threshold_rules(rule, check):
+    y, p = _scores(2000)
+    t = choose_threshold(y, p, rule=rule, target=0.95)
+    assert 0 < t < 1 and check(binary_metrics(y, p, threshold=t))
+
+
+def test_ci_contains_estimate_and_shrinks_with_more_patients():
+    widths = []
+    for n in (100, 1600):
+        y, p = _scores(n, seed=n)
+        groups = np.arange(n) // 2  # two images per patient
+        m = binary_metrics(y, p, threshold=0.5)
+        ci = bootstrap_ci(y, p, groups, threshold=0.5, n_boot=400, seed=0)
+        for k in ("auc", "accuracy", "sensitivity", "specificity"):
+            assert ci[k][0] <= m[k] <= ci[k][1], (k, ci[k], m[k])
+        widths.append(ci["auc"][1] - ci["auc"][0])
+    assert widths[1] < widths[0] / 2  # 16x the patients: about 4x narrower
+
+
+def test_per_source_rows_add_up_to_pooled():
+    y, p = _scores(600)
+    sources = np.where(np.arange(600) % 3 == 0, "nih", "kermany")
+    r = report(y, p, groups=np.arange(600), sources=sources, threshold=0.5, n_boot=50)
+    assert sum(m["n"] for m in r["per_source"].values()) == r["pooled"]["n"] == 600
+    for k in ("tp", "fp", "tn", "fn"):
+        assert sum(m[k] for m in r["per_source"].values()) == r["pooled"][k]
+
+
+def test_ece_is_zero_for_calibrated_and_large_for_overconfident():
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0, 1, 200_000)
+    y = (rng.uniform(0, 1, p.size) < p).astype(int)
+    assert expected_calibration_error(y, p) < 0.01
+    assert expected_calibration_error(y, np.where(p > 0.5, 0.999, 0.001)) > 0.2

@@ -1,0 +1,133 @@
+import csv
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from raycxr.data import SCHEMA, SPLITS, decode_images, read_manifest, read_split
+from raycxr.errors import ConfigError, DataError
+from raycxr.ingest import IngestConfig, assign_splits, ingest
+from raycxr.sources.kermany import patient_key
+
+
+def _all_rows(data_dir):
+    return {s: read_split(data_dir, s) for s in SPLITS}
+
+
+def test_patients_never_straddle_splits(dataset, sample_dir):
+    tables = _all_rows(dataset)
+    seen = {}
+    for split, t in tables.items():
+        for ph in set(t.column("patient_hash").to_pylist()):
+            assert ph not in seen, f"patient {ph} in {seen.get(ph)} and {split}"
+            seen[ph] = split
+    # The same holds for the raw keys, which only ingest ever sees: map paths back to names.
+    key_split = {}
+    for split, t in tables.items():
+        for path in t.column("path").to_pylist():
+            key = patient_key(path.split("/")[-1])
+            assert key_split.setdefault(key, split) == split
+    assert sum(t.num_rows for t in tables.values()) == 300
+
+
+def test_shards_follow_schema_and_hold_real_pixels(dataset):
+    t = read_split(dataset, "train")
+    assert t.schema.remove_metadata().equals(SCHEMA.remove_metadata())
+    imgs = decode_images(t.slice(0, 8).to_pydict())
+    assert imgs.shape == (8, 1, 64, 64) and imgs.dtype == np.uint8 and imgs.std() > 10
+    assert set(t.column("split").to_pylist()) == {"train"}
+    assert set(t.column("label").to_pylist()) == {0, 1}
+    m = read_manifest(dataset)
+    assert m["files_in"] == m["rows_written"] + m["quarantined"] == 300
+    # stratified: each split holds both classes, near the pooled 50/50
+    for split in SPLITS:
+        by = m["counts"][split]["by_label"]
+        assert 0.3 < by["1"] / (by["0"] + by["1"]) < 0.7
+
+
+def test_no_raw_identity_in_shards(dataset):
+    for split in SPLITS:
+        t = read_split(dataset, split)
+        hashes = t.column("patient_hash").to_pylist()
+        assert all(len(h) == 16 and "person" not in h for h in hashes)
+
+
+def test_bad_files_are_quarantined_and_counted(sample_copy, tmp_path):
+    cls = sample_copy / "train" / "NORMAL"
+    good = next(cls.iterdir()).read_bytes()
+    (cls / "IM-9001-0001.jpeg").write_bytes(good[: len(good) // 3])  # truncated
+    (cls / "IM-9002-0001.jpeg").write_bytes(b"")                      # zero bytes
+    (cls / "IM-9003-0001.jpeg").write_text("not an image")            # text
+    s = ingest(IngestConfig(sources={"kermany": sample_copy}, out=tmp_path / "out", image_size=32))
+    assert s.files_in == 303 and s.rows_written == 300 and s.quarantined == 3
+    rows = list(csv.DictReader(open(tmp_path / "out" / "quarantine.csv")))
+    reasons = {r["path"].split("/")[-1]: r["reason"] for r in rows}
+    assert set(reasons) == {"IM-9001-0001.jpeg", "IM-9002-0001.jpeg", "IM-9003-0001.jpeg"}
+    assert reasons["IM-9002-0001.jpeg"].startswith("empty file")
+    assert reasons["IM-9003-0001.jpeg"].startswith("not a readable image")
+    assert sum(s.quarantine_reasons.values()) == 3
+
+
+def test_same_input_and_seed_give_identical_shards(sample_dir, tmp_path):
+    outs = []
+    for name in ("a", "b"):
+        ingest(IngestConfig(sources={"kermany": sample_dir}, out=tmp_path / name, image_size=32, seed=3, workers=1))
+        outs.append(tmp_path / name)
+    for split in SPLITS:
+        fa, fb = sorted((outs[0] / split).glob("*.parquet")), sorted((outs[1] / split).glob("*.parquet"))
+        assert [f.read_bytes() for f in fa] == [f.read_bytes() for f in fb]
+    assert json.loads((outs[0] / "manifest.json").read_text()) == json.loads((outs[1] / "manifest.json").read_text())
+    ingest(IngestConfig(sources={"kermany": sample_dir}, out=tmp_path / "c", image_size=32, seed=4, workers=1))
+    assert read_manifest(tmp_path / "c")["fingerprint"] != read_manifest(outs[0])["fingerprint"]
+
+
+def test_byte_identical_images_share_a_split(sample_copy, tmp_path):
+    src = sample_copy / "train"
+    normals = sorted((src / "NORMAL").iterdir())
+    # Copy each of 20 normal images under a new patient's name: copies must follow the original.
+    for i, f in enumerate(normals[:20]):
+        shutil.copyfile(f, src / "NORMAL" / f"IM-{8000 + i}-0001.jpeg")
+    s = ingest(IngestConfig(sources={"kermany": sample_copy}, out=tmp_path / "o", image_size=32))
+    assert s.merged_duplicate_groups == 20
+    split_of = {}
+    for split in SPLITS:
+        t = read_split(tmp_path / "o", split, columns=["content_hash", "split"])
+        for h in t.column("content_hash").to_pylist():
+            assert split_of.setdefault(h, split) == split
+
+
+def test_assign_splits_is_whole_group_and_near_fractions():
+    rng = np.random.default_rng(0)
+    groups = {f"g{i}": (int(rng.integers(1, 4)), int(i % 3 == 0)) for i in range(3000)}
+    out = assign_splits(groups, val_fraction=0.2, holdout_fraction=0.1, seed=1)
+    assert set(out) == set(groups)
+    total = sum(n for n, _ in groups.values())
+    share = {s: sum(groups[g][0] for g in out if out[g] == s) / total for s in SPLITS}
+    assert abs(share["train"] - 0.7) < 0.02 and abs(share["val"] - 0.2) < 0.02 and abs(share["holdout"] - 0.1) < 0.02
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"image_size": 8}, "image_size"),
+    ({"resize": "crop"}, "resize"),
+    ({"val_fraction": 0.5, "holdout_fraction": 0.45}, "at least 10%"),
+    ({"sources": {}}, "--source"),
+])
+def test_ingest_config_errors(tmp_path, sample_dir, kwargs, message):
+    base = {"sources": {"kermany": sample_dir}, "out": tmp_path / "o"}
+    with pytest.raises(ConfigError, match=message):
+        IngestConfig(**{**base, **kwargs})
+
+
+def test_refuses_to_overwrite_foreign_folder(tmp_path, sample_dir):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "precious.txt").write_text("x")
+    with pytest.raises(DataError, match="not a raycxr dataset"):
+        ingest(IngestConfig(sources={"kermany": sample_dir}, out=tmp_path / "o"))
+
+
+def test_parquet_is_readable_without_raycxr(dataset):
+    f = sorted((dataset / "val").glob("*.parquet"))[0]
+    t = pq.read_table(f)
+    assert t.num_rows > 0 and "image" in t.column_names
