@@ -28,8 +28,9 @@ def _ingest(args) -> int:
           f"(files in = rows + quarantined: {s.files_in == s.rows_written + s.quarantined})")
     for split, c in s.counts.items():
         print(f"  {split:8s} {c['images']:6d} images, {c['patients']:5d} patients, by label {c['by_label']}")
-    if s.merged_duplicate_groups:
-        print(f"  {s.merged_duplicate_groups} patient groups merged because they share byte-identical images")
+    if s.exact_duplicates:
+        print(f"  {s.exact_duplicates} images are byte-identical copies of another; "
+              f"{s.merged_duplicate_groups} patient groups were merged so that copies share a split")
     if s.quarantined:
         print(f"  quarantined by reason: {s.quarantine_reasons} (see {s.out / 'quarantine.csv'})")
     print(f"Dataset {s.out} (fingerprint {s.fingerprint})")

@@ -91,11 +91,16 @@ def read_split(data_dir: str | Path, split: str, *, columns: list[str] | None = 
 
 
 def open_split(data_dir: str | Path, split: str) -> "ray.data.Dataset":
-    """Open one split as a Ray Dataset of the training columns."""
+    """One split's training columns as a Ray Dataset, one block per shard.
+
+    The driver reads the shards and puts them in the object store, so the dataset folder need
+    only exist where the search is launched (no shared file system across the cluster), and no
+    Parquet read tasks compete with training workers for CPUs.
+    """
+    import pyarrow.parquet as pq
     import ray.data
 
-    files = [str(f) for f in _split_files(Path(data_dir), split)]
-    return ray.data.read_parquet(files, columns=TRAIN_COLUMNS)
+    return ray.data.from_arrow([pq.read_table(f, columns=TRAIN_COLUMNS) for f in _split_files(Path(data_dir), split)])
 
 
 def decode_images(batch: dict) -> np.ndarray:

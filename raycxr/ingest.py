@@ -74,6 +74,7 @@ class IngestSummary:
     counts: dict = field(default_factory=dict)
     quarantine_reasons: dict = field(default_factory=dict)
     merged_duplicate_groups: int = 0
+    exact_duplicates: int = 0
     fingerprint: str = ""
     out: Path = Path()
 
@@ -217,13 +218,14 @@ def ingest(cfg: IngestConfig) -> IngestSummary:
     # patient (or copy of an image) straddles two splits.
     uf = _UnionFind()
     by_content: dict[str, str] = {}
-    merged = 0
+    merged = duplicates = 0
     hashes = []
     for rec, content_hash, _, _ in kept:
         ph = patient_hash(salt, rec.source, rec.patient_key)
         hashes.append(ph)
         uf.find(ph)
         if content_hash in by_content:
+            duplicates += 1
             merged += uf.union(by_content[content_hash], ph)
         else:
             by_content[content_hash] = ph
@@ -269,7 +271,7 @@ def ingest(cfg: IngestConfig) -> IngestSummary:
     reasons = dict(sorted(Counter(q["reason"].split(":")[0] for q in quarantine).items()))
     summary = IngestSummary(
         files_in=len(records), rows_written=len(kept), quarantined=len(quarantine), counts=counts,
-        quarantine_reasons=reasons, merged_duplicate_groups=merged, fingerprint=fp.hexdigest()[:16], out=out)
+        quarantine_reasons=reasons, merged_duplicate_groups=merged, exact_duplicates=duplicates, fingerprint=fp.hexdigest()[:16], out=out)
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "fingerprint": summary.fingerprint,
@@ -279,6 +281,7 @@ def ingest(cfg: IngestConfig) -> IngestSummary:
         "rows_written": summary.rows_written,
         "quarantined": summary.quarantined,
         "quarantine_reasons": reasons,
+        "exact_duplicates": duplicates,
         "merged_duplicate_groups": merged,
         "split_level": "patient (groups merged across byte-identical images)",
         "counts": counts,

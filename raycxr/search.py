@@ -189,8 +189,7 @@ def run_search(cfg: SearchConfig) -> list[dict]:
     init_ray(address=cfg.address, num_cpus=cfg.num_cpus)
     plan = _plan_resources(space, trials=trials)
     labels = read_split(cfg.data, "train", columns=["label"]).column("label").to_numpy()
-    # Materialise once, shared by every trial: no Parquet read tasks compete with training for
-    # CPUs, and epochs after the first do not re-read anything.
+    # Read once into the object store, shared by every trial: epochs and trials re-read nothing.
     train_ds = open_split(cfg.data, "train").materialize()
     val_ds = open_split(cfg.data, "val").materialize()
 

@@ -90,7 +90,7 @@ def test_byte_identical_images_share_a_split(sample_copy, tmp_path):
     for i, f in enumerate(normals[:20]):
         shutil.copyfile(f, src / "NORMAL" / f"IM-{8000 + i}-0001.jpeg")
     s = ingest(IngestConfig(sources={"kermany": sample_copy}, out=tmp_path / "o", image_size=32))
-    assert s.merged_duplicate_groups == 20
+    assert s.merged_duplicate_groups == 20 and s.exact_duplicates == 20
     split_of = {}
     for split in SPLITS:
         t = read_split(tmp_path / "o", split, columns=["content_hash", "split"])
