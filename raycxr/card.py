@@ -39,7 +39,8 @@ def write_model_card(card: dict, path: Path) -> None:
         f"{_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} |" for s, m in h["per_source"].items())
     text = f"""# Model card: {t['model']} from run `{card['run']}`
 
-Binary classifier of frontal chest radiographs: pneumonia vs normal. Output: P(pneumonia).
+Classifier of frontal chest radiographs. Selected and thresholded for **{card['target']}**
+(output: P({card['target']})); trained on every known finding of the pooled label list, unknown labels masked.
 {warn}
 ## Intended use and limitations
 - Research and model-selection use only; **not a medical device** and not validated for clinical decisions.

@@ -18,21 +18,39 @@ def _source(text: str) -> tuple[str, Path]:
     return key, Path(path).expanduser()
 
 
+def _source_option(text: str) -> tuple[str, str, str]:
+    key, sep, value = text.partition("=")
+    source, dot, name = key.partition(".")
+    if not sep or not dot or not source or not name:
+        raise argparse.ArgumentTypeError(f"expected SOURCE.NAME=VALUE (e.g. mimic.uncertain=zeros), got {text!r}")
+    return source, name, value
+
+
 def _ingest(args) -> int:
     from raycxr.ingest import IngestConfig, ingest
 
+    options: dict[str, dict[str, str]] = {}
+    for key, name, value in args.source_option or []:
+        options.setdefault(key, {})[name] = value
     s = ingest(IngestConfig(sources=dict(args.source), out=args.out, image_size=args.image_size,
                             resize=args.resize, val_fraction=args.val_fraction,
-                            holdout_fraction=args.holdout_fraction, seed=args.seed, workers=args.workers))
+                            holdout_fraction=args.holdout_fraction, seed=args.seed, workers=args.workers,
+                            views=args.views, near_duplicate_bits=args.near_duplicate_bits,
+                            source_options=options))
     print(f"Ingested {s.files_in} files -> {s.rows_written} rows written + {s.quarantined} quarantined "
           f"(files in = rows + quarantined: {s.files_in == s.rows_written + s.quarantined})")
     for split, c in s.counts.items():
         print(f"  {split:8s} {c['images']:6d} images, {c['patients']:5d} patients, by label {c['by_label']}")
-    if s.exact_duplicates:
-        print(f"  {s.exact_duplicates} images are byte-identical copies of another; "
-              f"{s.merged_duplicate_groups} patient groups were merged so that copies share a split")
+    if s.exact_duplicates or s.near_duplicate_pairs:
+        print(f"  {s.exact_duplicates} byte-identical copies and {s.near_duplicate_pairs} near-duplicate pairs; "
+              f"{s.merged_duplicate_groups} patient groups merged so that copies share a split")
     if s.quarantined:
-        print(f"  quarantined by reason: {s.quarantine_reasons} (see {s.out / 'quarantine.csv'})")
+        print(f"  quarantined by reason: {s.quarantine_reasons} (see {s.out / 'quarantine.csv'}"
+              f"{'' if args.list_quarantined else '; --list-quarantined prints the file names here'})")
+    if args.list_quarantined:
+        # The console only: quarantine.csv keeps pseudonyms because file names can carry patient IDs.
+        for source, path, reason in s.quarantined_files:
+            print(f"  quarantined {source}:{path}: {reason}", file=sys.stderr)
     print(f"Dataset {s.out} (fingerprint {s.fingerprint})")
     return 0
 
@@ -43,7 +61,7 @@ def _search(args) -> int:
     board = run_search(SearchConfig(data=args.data, space=args.space, name=args.name, runs_dir=args.runs_dir,
                                     trials=args.trials, max_epochs=args.max_epochs, address=args.address,
                                     storage=args.storage, max_failures=args.max_failures,
-                                    time_budget_min=args.time_budget, num_cpus=args.num_cpus))
+                                    time_budget_min=args.time_budget, num_cpus=args.num_cpus, target=args.target))
     print("\nLeaderboard (validation AUC; the holdout is untouched):")
     print(format_leaderboard(board))
     return 0
@@ -97,7 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("ingest", help="pool X-ray datasets into patient-disjoint Parquet shards")
     i.add_argument("--source", action="append", type=_source, required=True, metavar="KEY=PATH",
-                   help="a dataset root; KEY is the adapter (kermany). Repeat to pool several")
+                   help="a dataset root; KEY is one of kermany, nih, rsna, mimic, openi, montgomery, shenzhen, "
+                        "jsrt, csv (PATH: the manifest file). Repeat to pool several")
+    i.add_argument("--source-option", action="append", type=_source_option, metavar="KEY.NAME=VALUE",
+                   help="adapter options, e.g. mimic.uncertain=zeros, csv.labels=finding, csv.name=kit")
+    i.add_argument("--views", choices=["frontal", "all"], default="frontal",
+                   help="frontal keeps PA/AP (and unknown) views; laterals are listed in quarantine.csv")
+    i.add_argument("--near-duplicate-bits", type=int, default=6,
+                   help="images whose 256-bit dHash differs in at most this many bits share a split (-1: off)")
+    i.add_argument("--list-quarantined", action="store_true",
+                   help="print the real names of quarantined files on this console (never written to disk)")
     i.add_argument("--out", type=Path, required=True, help="dataset folder to write")
     i.add_argument("--image-size", type=int, default=224, help="stored square size in px (default 224)")
     i.add_argument("--resize", choices=["pad", "squash"], default="pad",
@@ -120,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-failures", type=int, default=1, help="retries of a trial whose worker dies")
     s.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop starting trials after this long")
     s.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all cores)")
+    s.add_argument("--target", default="pneumonia",
+                   help="finding whose validation AUC selects trials (default pneumonia); all known findings "
+                        "are trained, unknown labels masked")
     s.set_defaults(fn=_search)
 
     st = sub.add_parser("status", help="leaderboard of a running or finished search")

@@ -23,29 +23,32 @@ import numpy as np
 import pyarrow as pa
 
 from raycxr.errors import DataError
+from raycxr.labels import FINDINGS, index
 
 if TYPE_CHECKING:
     import ray.data
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SPLITS = ("train", "val", "holdout")
-CLASS_NAMES = ("normal", "pneumonia")
 
 SCHEMA = pa.schema([
     pa.field("image", pa.binary(), nullable=False,
              metadata={"doc": "greyscale pixels, uint8, row-major, height*width bytes; air is dark"}),
     pa.field("height", pa.int32(), nullable=False, metadata={"doc": "stored height in px"}),
     pa.field("width", pa.int32(), nullable=False, metadata={"doc": "stored width in px"}),
-    pa.field("label", pa.int8(), nullable=False,
-             metadata={"doc": "pneumonia: 1 = present, 0 = absent (normal)"}),
+    pa.field("labels", pa.list_(pa.int8(), len(FINDINGS)), nullable=False,
+             metadata={"doc": "one value per raycxr.labels.FINDINGS (pneumonia first): 1 present, 0 absent, "
+                              "-1 unknown"}),
     pa.field("label_detail", pa.string(), nullable=False,
              metadata={"doc": "finer class from the source, e.g. normal / bacteria / virus"}),
+    pa.field("view", pa.string(), nullable=False, metadata={"doc": "PA, AP, LATERAL or empty (unknown)"}),
     pa.field("source", pa.string(), nullable=False, metadata={"doc": "dataset key, e.g. kermany"}),
     pa.field("patient_hash", pa.string(), nullable=False,
              metadata={"doc": "salted SHA-256 of the source's patient key (16 hex); raw IDs are never stored"}),
     pa.field("split", pa.string(), nullable=False, metadata={"doc": "train, val or holdout (patient-disjoint)"}),
     pa.field("path", pa.string(), nullable=False,
-             metadata={"doc": "original file path relative to the source root"}),
+             metadata={"doc": "pseudonymised file name: salted hash of the path under the source root + suffix "
+                              "(file names can carry patient IDs)"}),
     pa.field("content_hash", pa.string(), nullable=False,
              metadata={"doc": "SHA-256 of the original file's bytes"}),
     pa.field("orig_height", pa.int32(), nullable=False, metadata={"doc": "decoded height before resizing"}),
@@ -53,7 +56,7 @@ SCHEMA = pa.schema([
 ], metadata={"raycxr_schema_version": str(SCHEMA_VERSION)})
 
 # Columns a training loop needs; the rest stays on disk.
-TRAIN_COLUMNS = ["image", "height", "width", "label"]
+TRAIN_COLUMNS = ["image", "height", "width", "labels"]
 
 
 def read_manifest(data_dir: str | Path) -> dict:
@@ -101,6 +104,18 @@ def open_split(data_dir: str | Path, split: str) -> "ray.data.Dataset":
     import ray.data
 
     return ray.data.from_arrow([pq.read_table(f, columns=TRAIN_COLUMNS) for f in _split_files(Path(data_dir), split)])
+
+
+def label_matrix(labels) -> np.ndarray:
+    """The ``labels`` column (Arrow or a list of lists) -> (N, len(FINDINGS)) int8 array."""
+    if isinstance(labels, (pa.ChunkedArray, pa.Array)):
+        labels = labels.to_pylist()
+    return np.asarray(list(labels), dtype=np.int8).reshape(-1, len(FINDINGS))
+
+
+def target_labels(table: pa.Table, finding: str) -> np.ndarray:
+    """One finding's column of a table: 1, 0, or -1 unknown."""
+    return label_matrix(table.column("labels"))[:, index(finding)]
 
 
 def decode_images(batch: dict) -> np.ndarray:

@@ -95,10 +95,25 @@ def _read_pillow(path: Path, draft_size: int | None) -> np.ndarray:
         raise DecodeError(f"not a readable image: {exc}") from exc
 
 
-def read_image(path: str | Path, *, draft_size: int | None = None) -> np.ndarray:
+JSRT_SIZE = 2048  # JSRT films: 2048 x 2048 px, 12 bits in big-endian 16-bit words, no header
+
+
+def _read_jsrt(path: Path) -> np.ndarray:
+    raw = np.fromfile(path, dtype=">u2")
+    if raw.size != JSRT_SIZE * JSRT_SIZE:
+        raise DecodeError(f"not a JSRT raw film: {raw.size * 2} bytes, expected {JSRT_SIZE * JSRT_SIZE * 2} "
+                          f"(headerless {JSRT_SIZE}x{JSRT_SIZE}, 16-bit big-endian)")
+    # JSRT values grow with film darkness (0 is white bone, 4095 black air): the opposite of
+    # MONOCHROME2, so invert as for MONOCHROME1 (the usual JSRT loaders compute 1 - x/4096).
+    arr = (raw & 0x0FFF).reshape(JSRT_SIZE, JSRT_SIZE)
+    return 255 - _to_uint8(arr)
+
+
+def read_image(path: str | Path, *, draft_size: int | None = None, fmt: str = "") -> np.ndarray:
     """Decode ``path`` to a 2-D uint8 greyscale array in which air is dark.
 
     ``draft_size`` lets JPEG decoding skip detail finer than a ``draft_size`` square needs.
+    ``fmt="jsrt"`` reads a headerless JSRT film.
 
     Raises :class:`DecodeError` with a one-line reason for anything it cannot read.
     """
@@ -110,7 +125,12 @@ def read_image(path: str | Path, *, draft_size: int | None = None) -> np.ndarray
         raise DecodeError(f"cannot open file: {exc.strerror}") from exc
     if not head:
         raise DecodeError("empty file (0 bytes)")
-    arr = _read_dicom(path) if _is_dicom(path, head) else _read_pillow(path, draft_size)
+    if fmt == "jsrt":
+        arr = _read_jsrt(path)
+    elif _is_dicom(path, head):
+        arr = _read_dicom(path)
+    else:
+        arr = _read_pillow(path, draft_size)
     if arr.ndim != 2 or min(arr.shape) < 8:
         raise DecodeError(f"unexpected image shape {arr.shape}")
     return arr
@@ -138,6 +158,6 @@ def resize(arr: np.ndarray, size: int, *, policy: str = "pad") -> np.ndarray:
     return np.array(canvas)
 
 
-def load_for_model(path: str | Path, size: int, *, policy: str) -> np.ndarray:
+def load_for_model(path: str | Path, size: int, *, policy: str, fmt: str = "") -> np.ndarray:
     """Read and resize one file exactly as ingest does: what predict feeds a model."""
-    return resize(read_image(path, draft_size=size), size, policy=policy)
+    return resize(read_image(path, draft_size=size, fmt=fmt), size, policy=policy)

@@ -1,12 +1,13 @@
 """ingest(): image files from dataset adapters -> patient-disjoint Parquet shards + manifest.
 
 Steps: scan every source (adapters in :mod:`raycxr.sources`), decode and resize every file in
-parallel (:mod:`raycxr.imaging`), quarantine what cannot be read, group images by patient (and
-merge groups that share a byte-identical image), assign each group to train / val / holdout
-deterministically from the seed, stratified by label, and write shards following
+parallel (:mod:`raycxr.imaging`), quarantine what cannot be read (with the reason), group
+images by patient and merge groups that share an exact or near-duplicate image, assign each
+group to train / val / holdout deterministically from the seed (stratified by source and
+pneumonia label; official test lists pinned to the holdout), and write shards following
 :data:`raycxr.data.SCHEMA`.
 
-Raw patient keys never leave this module: shards keep only a salted hash.
+Raw patient keys and file names never leave this module: shards keep only salted hashes.
 """
 
 from __future__ import annotations
@@ -20,19 +21,22 @@ import secrets
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raycxr.data import SCHEMA, SCHEMA_VERSION, SPLITS
 from raycxr.errors import ConfigError, DataError, DecodeError
-from raycxr.imaging import RESIZE_POLICIES, load_for_model
+from raycxr.imaging import RESIZE_POLICIES
+from raycxr.labels import FINDINGS, UNKNOWN, to_vector
 from raycxr.sources import Record, scan_source
 
 log = logging.getLogger(__name__)
 
 ROWS_PER_SHARD = 1000
+VIEWS = ("frontal", "all")
 _SALT_ENV = "RAYCXR_SALT"
 _SALT_FILE = Path.home() / ".config" / "raycxr" / "salt"
 
@@ -48,6 +52,9 @@ class IngestConfig:
     seed: int = 0
     workers: int = 0  # 0: one per CPU core
     salt: str | None = None  # default: $RAYCXR_SALT, else a random per-user secret
+    views: str = "frontal"   # frontal: PA, AP and unknown views; all: laterals too
+    near_duplicate_bits: int = 6  # dHash bits (of 256) within which two images count as one; -1: off
+    source_options: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def __post_init__(self):
         problems = []
@@ -55,13 +62,18 @@ class IngestConfig:
             problems.append(f"image_size: {self.image_size} is outside 16..1024 px")
         if self.resize not in RESIZE_POLICIES:
             problems.append(f"resize: {self.resize!r} is not one of {', '.join(RESIZE_POLICIES)}")
+        if self.views not in VIEWS:
+            problems.append(f"views: {self.views!r} is not one of {', '.join(VIEWS)}")
         for name in ("val_fraction", "holdout_fraction"):
             if not 0.0 < getattr(self, name) < 1.0:
                 problems.append(f"{name}: {getattr(self, name)} must be between 0 and 1 (exclusive)")
         if self.val_fraction + self.holdout_fraction >= 0.9:
             problems.append("val_fraction + holdout_fraction must leave at least 10% for train")
         if not self.sources:
-            problems.append("no --source given: pass --source kermany=PATH")
+            problems.append("no --source given: pass --source kermany=PATH (see --help for the keys)")
+        for key in self.source_options:
+            if key not in self.sources:
+                problems.append(f"--source-option {key}.*: no --source {key}=PATH was given")
         if problems:
             raise ConfigError(problems, source="ingest options")
 
@@ -75,8 +87,11 @@ class IngestSummary:
     quarantine_reasons: dict = field(default_factory=dict)
     merged_duplicate_groups: int = 0
     exact_duplicates: int = 0
+    near_duplicate_pairs: int = 0
     fingerprint: str = ""
     out: Path = Path()
+    # (source, path under the source root, reason): for the operator's console only, never written
+    quarantined_files: list = field(default_factory=list, repr=False)
 
 
 def _resolve_salt(salt: str | None) -> str:
@@ -92,40 +107,46 @@ def _resolve_salt(salt: str | None) -> str:
     return _SALT_FILE.read_text().strip()
 
 
-def patient_hash(salt: str, source: str, key: str) -> str:
-    return hashlib.sha256(f"{salt}\x00{source}\x00{key}".encode()).hexdigest()[:16]
+def salted_hash(salt: str, *parts: str) -> str:
+    return hashlib.sha256("\x00".join((salt, *parts)).encode()).hexdigest()[:16]
 
 
-def _decode_one(args: tuple[str, int, str]) -> tuple[str, bytes | None, tuple[int, int], str]:
-    """Worker: read the file once, hash its bytes, decode and resize. Never raises."""
-    path, size, policy = args
+def _pseudonym(salt: str, rec: Record) -> str:
+    """What shards keep of a file's name: a salted hash plus the suffix (names can carry IDs)."""
+    return salted_hash(salt, "path", rec.source, rec.rel_path) + PurePosixPath(rec.rel_path).suffix.lower()
+
+
+def _decode_one(args: tuple[str, int, str, str, bool]) -> tuple:
+    """Worker: read the file once, hash its bytes, decode, resize, dHash. Never raises."""
+    from raycxr.dedup import dhash
+    from raycxr.imaging import read_image, resize
+
+    path, size, policy, fmt, want_hash = args
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
-        return "", None, (0, 0), f"cannot open file: {exc.strerror}"
+        return "", None, (0, 0), None, f"cannot open file: {exc.strerror}"
     content_hash = hashlib.sha256(raw).hexdigest()
     try:
-        from raycxr.imaging import read_image, resize
-
-        arr = read_image(path, draft_size=size)
-        orig = arr.shape
-        return content_hash, resize(arr, size, policy=policy).tobytes(), orig, ""
+        arr = read_image(path, draft_size=size, fmt=fmt)
+        small = resize(arr, size, policy=policy)
+        return content_hash, small.tobytes(), arr.shape, dhash(small) if want_hash else None, ""
     except DecodeError as exc:
-        return content_hash, None, (0, 0), str(exc)
+        return content_hash, None, (0, 0), None, str(exc)
     except Exception as exc:  # an unexpected decoder failure must quarantine, not kill the run
-        return content_hash, None, (0, 0), f"decoder failed: {type(exc).__name__}: {exc}"
+        return content_hash, None, (0, 0), None, f"decoder failed: {type(exc).__name__}: {exc}"
 
 
 def _decode_all(records: list[Record], cfg: IngestConfig) -> list[tuple]:
     from tqdm import tqdm
 
-    jobs = [(str(r.path), cfg.image_size, cfg.resize) for r in records]
+    jobs = [(str(r.path), cfg.image_size, cfg.resize, r.fmt, cfg.near_duplicate_bits >= 0) for r in records]
     workers = cfg.workers or os.cpu_count() or 1
     progress = dict(total=len(jobs), desc="decode", unit="img", disable=None)
     if workers == 1 or len(jobs) < 64:
         return [_decode_one(j) for j in tqdm(jobs, **progress)]
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(tqdm(pool.map(_decode_one, jobs, chunksize=16), **progress))
+        return list(tqdm(pool.map(_decode_one, jobs, chunksize=8), **progress))
 
 
 class _UnionFind:
@@ -148,21 +169,21 @@ class _UnionFind:
         return True
 
 
-def assign_splits(groups: dict[str, tuple[int, int]], *, val_fraction: float,
+def assign_splits(groups: dict[str, tuple[int, object]], *, val_fraction: float,
                   holdout_fraction: float, seed: int) -> dict[str, str]:
-    """Assign each group ``{group_id: (n_images, label)}`` to a split.
+    """Assign each group ``{group_id: (n_images, stratum)}`` to a split.
 
-    Within each label stratum, groups are ordered by a hash of (seed, group id), then laid
-    along the cumulative image count: a group goes to the split whose share of the stratum its
-    midpoint falls in. Deterministic, stratified by label, and whole groups only.
+    Within each stratum, groups are ordered by a hash of (seed, group id), then laid along the
+    cumulative image count: a group goes to the split whose share of the stratum its midpoint
+    falls in. Deterministic, stratified, and whole groups only.
     """
     bounds = [("train", 1.0 - val_fraction - holdout_fraction), ("val", 1.0 - holdout_fraction),
               ("holdout", 1.0)]
-    by_label: dict[int, list[str]] = defaultdict(list)
-    for gid, (_, label) in groups.items():
-        by_label[label].append(gid)
+    strata: dict[object, list[str]] = defaultdict(list)
+    for gid, (_, stratum) in groups.items():
+        strata[stratum].append(gid)
     out = {}
-    for label, gids in by_label.items():
+    for gids in strata.values():
         gids.sort(key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
         total = sum(groups[g][0] for g in gids)
         seen = 0
@@ -174,15 +195,93 @@ def assign_splits(groups: dict[str, tuple[int, int]], *, val_fraction: float,
     return out
 
 
+def _scan(cfg: IngestConfig) -> list[Record]:
+    records: list[Record] = []
+    for key, root in cfg.sources.items():
+        found = list(scan_source(key, Path(root), **cfg.source_options.get(key, {})))
+        log.info("source %s: %d files under %s", key, len(found), root)
+        if not found:
+            raise DataError(f"source {key}: no files found under {root}; check the layout "
+                            "(the README's dataset table lists what each source expects)")
+        records.extend(found)
+    return records
+
+
+def _screen(records: list[Record], cfg: IngestConfig) -> tuple[list[Record], list[dict]]:
+    """Records worth decoding, and quarantine rows for the rest (adapter errors, excluded views)."""
+    keep, quarantine = [], []
+    for r in records:
+        reason = r.error
+        if not reason and cfg.views == "frontal" and r.view == "LATERAL":
+            reason = "excluded: lateral view (pass --views all to keep laterals)"
+        if reason:
+            quarantine.append({"source": r.source, "record": r, "reason": reason})
+        else:
+            keep.append(r)
+    return keep, quarantine
+
+
+def _groups(kept: list[tuple], salt: str, cfg: IngestConfig) -> tuple[list[str], _UnionFind, dict]:
+    """Patient hash per row and the union-find of groups; merges exact and near duplicates."""
+    from raycxr.dedup import near_duplicate_pairs
+
+    uf = _UnionFind()
+    hashes, first_with_content = [], {}
+    stats = {"exact_duplicates": 0, "merged_duplicate_groups": 0, "near_duplicate_pairs": 0}
+    for i, (rec, content_hash, *_rest) in enumerate(kept):
+        ph = salted_hash(salt, rec.source, rec.patient_key)
+        hashes.append(ph)
+        uf.find(ph)
+        if content_hash in first_with_content:
+            stats["exact_duplicates"] += 1
+            stats["merged_duplicate_groups"] += uf.union(hashes[first_with_content[content_hash]], ph)
+        else:
+            first_with_content[content_hash] = i
+    if cfg.near_duplicate_bits >= 0 and kept:
+        dh = np.stack([k[4] for k in kept])
+        for i, j in near_duplicate_pairs(dh, max_bits=cfg.near_duplicate_bits):
+            if kept[i][1] != kept[j][1]:  # exact copies are counted above
+                stats["near_duplicate_pairs"] += 1
+                stats["merged_duplicate_groups"] += uf.union(hashes[i], hashes[j])
+    return hashes, uf, stats
+
+
+def _split_of_groups(kept, hashes, uf, cfg) -> dict[str, str]:
+    members: dict[str, list[int]] = defaultdict(list)
+    for i, ph in enumerate(hashes):
+        members[uf.find(ph)].append(i)
+    pinned, free = {}, {}
+    for g, ix in members.items():
+        fixed = {kept[i][0].fixed_split for i in ix} - {None}
+        if fixed:  # an official test list wins for the whole group (patient-disjoint by design)
+            pinned[g] = "holdout" if "holdout" in fixed else sorted(fixed)[0]
+            continue
+        pneumonia = max(kept[i][0].labels.get("pneumonia", UNKNOWN) for i in ix)
+        free[g] = (len(ix), (kept[ix[0]][0].source, pneumonia))
+    # An official holdout replaces ours: the rest is split into train and val only.
+    holdout = 0.0 if pinned else cfg.holdout_fraction
+    return {**pinned, **assign_splits(free, val_fraction=cfg.val_fraction, holdout_fraction=holdout, seed=cfg.seed)}
+
+
 def _write_split(rows: list[dict], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows.sort(key=lambda r: (r["patient_hash"], r["source"], r["path"]))
-    for i in range(0, max(len(rows), 1), ROWS_PER_SHARD):
-        chunk = rows[i:i + ROWS_PER_SHARD]
-        if not chunk:
-            break
-        table = pa.Table.from_pylist(chunk, schema=SCHEMA)
+    for i in range(0, len(rows), ROWS_PER_SHARD):
+        table = pa.Table.from_pylist(rows[i:i + ROWS_PER_SHARD], schema=SCHEMA)
         pq.write_table(table, out_dir / f"part-{i // ROWS_PER_SHARD:05d}.parquet", compression="zstd")
+
+
+def _counts(rows: list[dict]) -> dict:
+    findings = {}
+    for k, f in enumerate(FINDINGS):
+        c = Counter(r["labels"][k] for r in rows)
+        if c.get(1) or c.get(0):
+            findings[f] = {"1": c.get(1, 0), "0": c.get(0, 0), "unknown": c.get(UNKNOWN, 0)}
+    return {"images": len(rows), "patients": len({r["patient_hash"] for r in rows}),
+            "by_label": dict(sorted(Counter(str(r["labels"][0]) for r in rows).items())),
+            "by_source": dict(sorted(Counter(r["source"] for r in rows).items())),
+            "by_view": dict(sorted(Counter(r["view"] or "unknown" for r in rows).items())),
+            "findings": findings}
 
 
 def ingest(cfg: IngestConfig) -> IngestSummary:
@@ -196,96 +295,65 @@ def ingest(cfg: IngestConfig) -> IngestSummary:
                 f.unlink()
     salt = _resolve_salt(cfg.salt)
 
-    records: list[Record] = []
-    for key, root in cfg.sources.items():
-        found = list(scan_source(key, Path(root)))
-        log.info("source %s: %d files under %s", key, len(found), root)
-        if not found:
-            raise DataError(f"source {key}: no files found under {root}; check the layout "
-                            f"(see `raycxr ingest --help` and the README's dataset table)")
-        records.extend(found)
-
-    decoded = _decode_all(records, cfg)
-
-    quarantine, kept = [], []
-    for rec, (content_hash, pixels, orig, reason) in zip(records, decoded):
+    records = _scan(cfg)
+    to_decode, quarantine = _screen(records, cfg)
+    kept = []
+    for rec, (content_hash, pixels, orig, dh, reason) in zip(to_decode, _decode_all(to_decode, cfg)):
         if pixels is None:
-            quarantine.append({"source": rec.source, "path": rec.rel_path, "reason": reason})
+            quarantine.append({"source": rec.source, "record": rec, "reason": reason})
         else:
-            kept.append((rec, content_hash, pixels, orig))
-
-    # Group images by patient, then merge groups that share a byte-identical image, so that no
-    # patient (or copy of an image) straddles two splits.
-    uf = _UnionFind()
-    by_content: dict[str, str] = {}
-    merged = duplicates = 0
-    hashes = []
-    for rec, content_hash, _, _ in kept:
-        ph = patient_hash(salt, rec.source, rec.patient_key)
-        hashes.append(ph)
-        uf.find(ph)
-        if content_hash in by_content:
-            duplicates += 1
-            merged += uf.union(by_content[content_hash], ph)
-        else:
-            by_content[content_hash] = ph
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, ph in enumerate(hashes):
-        groups[uf.find(ph)].append(i)
-    group_info = {g: (len(ix), max(kept[i][0].label for i in ix)) for g, ix in groups.items()}
-    split_of = assign_splits(group_info, val_fraction=cfg.val_fraction,
-                             holdout_fraction=cfg.holdout_fraction, seed=cfg.seed)
+            kept.append((rec, content_hash, pixels, orig, dh))
+    hashes, uf, dup_stats = _groups(kept, salt, cfg)
+    split_of = _split_of_groups(kept, hashes, uf, cfg)
 
     rows_by_split: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    for i, (rec, content_hash, pixels, orig) in enumerate(kept):
+    for i, (rec, content_hash, pixels, orig, _) in enumerate(kept):
         split = split_of[uf.find(hashes[i])]
         rows_by_split[split].append({
             "image": pixels, "height": cfg.image_size, "width": cfg.image_size,
-            "label": rec.label, "label_detail": rec.label_detail, "source": rec.source,
-            "patient_hash": hashes[i], "split": split, "path": rec.rel_path,
+            "labels": to_vector(rec.labels), "label_detail": rec.label_detail, "view": rec.view,
+            "source": rec.source, "patient_hash": hashes[i], "split": split, "path": _pseudonym(salt, rec),
             "content_hash": content_hash, "orig_height": orig[0], "orig_width": orig[1],
         })
 
     out.mkdir(parents=True, exist_ok=True)
     for split, rows in rows_by_split.items():
         _write_split(rows, out / split)
-    with open(out / "quarantine.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["source", "path", "reason"])
-        writer.writeheader()
-        writer.writerows(sorted(quarantine, key=lambda q: (q["source"], q["path"])))
+    _write_quarantine(quarantine, out / "quarantine.csv", salt)
 
-    counts = {split: {
-        "images": len(rows),
-        "patients": len({r["patient_hash"] for r in rows}),
-        "by_label": dict(sorted(Counter(str(r["label"]) for r in rows).items())),
-        "by_source": dict(sorted(Counter(r["source"] for r in rows).items())),
-    } for split, rows in rows_by_split.items()}
+    counts = {split: _counts(rows) for split, rows in rows_by_split.items()}
+    params = {"image_size": cfg.image_size, "resize": cfg.resize, "val_fraction": cfg.val_fraction,
+              "holdout_fraction": cfg.holdout_fraction, "seed": cfg.seed, "views": cfg.views,
+              "near_duplicate_bits": cfg.near_duplicate_bits, "source_options": cfg.source_options,
+              "salt_id": hashlib.sha256(salt.encode()).hexdigest()[:8]}
     fp = hashlib.sha256()
     for split in SPLITS:
         for r in sorted(rows_by_split[split], key=lambda r: (r["patient_hash"], r["path"])):
-            fp.update(f"{split}\t{r['source']}\t{r['path']}\t{r['content_hash']}\t{r['label']}\n".encode())
-    params = {"image_size": cfg.image_size, "resize": cfg.resize, "val_fraction": cfg.val_fraction,
-              "holdout_fraction": cfg.holdout_fraction, "seed": cfg.seed,
-              "salt_id": hashlib.sha256(salt.encode()).hexdigest()[:8]}
+            fp.update(f"{split}\t{r['source']}\t{r['path']}\t{r['content_hash']}\t{r['labels']}\n".encode())
     fp.update(json.dumps(params, sort_keys=True).encode())
     reasons = dict(sorted(Counter(q["reason"].split(":")[0] for q in quarantine).items()))
     summary = IngestSummary(
         files_in=len(records), rows_written=len(kept), quarantined=len(quarantine), counts=counts,
-        quarantine_reasons=reasons, merged_duplicate_groups=merged, exact_duplicates=duplicates, fingerprint=fp.hexdigest()[:16], out=out)
+        quarantine_reasons=reasons, fingerprint=fp.hexdigest()[:16], out=out, **dup_stats,
+        quarantined_files=[(q["source"], q["record"].rel_path, q["reason"]) for q in quarantine])
     manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "fingerprint": summary.fingerprint,
-        "params": params,
-        "sources": {k: {"files": sum(r.source == k for r in records)} for k in cfg.sources},
-        "files_in": summary.files_in,
-        "rows_written": summary.rows_written,
-        "quarantined": summary.quarantined,
-        "quarantine_reasons": reasons,
-        "exact_duplicates": duplicates,
-        "merged_duplicate_groups": merged,
-        "split_level": "patient (groups merged across byte-identical images)",
-        "counts": counts,
+        "schema_version": SCHEMA_VERSION, "fingerprint": summary.fingerprint, "params": params,
+        "sources": {name: {"files": n} for name, n in sorted(Counter(r.source for r in records).items())},
+        "files_in": summary.files_in, "rows_written": summary.rows_written, "quarantined": summary.quarantined,
+        "quarantine_reasons": reasons, **dup_stats,
+        "split_level": "patient (groups merged across exact and near-duplicate images)",
+        "findings": list(FINDINGS), "counts": counts,
         "schema": {f.name: f.metadata[b"doc"].decode() for f in SCHEMA},
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return summary
+
+
+def _write_quarantine(quarantine: list[dict], path: Path, salt: str) -> None:
+    """``quarantine.csv``: source, pseudonymised path, reason. Every skipped file is listed."""
+    rows = [{"source": q["source"], "path": _pseudonym(salt, q["record"]), "reason": q["reason"]}
+            for q in quarantine]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["source", "path", "reason"])
+        writer.writeheader()
+        writer.writerows(sorted(rows, key=lambda q: (q["source"], q["path"])))

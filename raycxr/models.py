@@ -46,8 +46,8 @@ def _check(name: str) -> None:
 
 
 def create_model(name: str, *, pretrained: bool = False, weights_path: str | Path | None = None,
-                 drop_rate: float = 0.0) -> "torch.nn.Module":
-    """A timm model with one input channel and one output logit (pneumonia).
+                 drop_rate: float = 0.0, num_classes: int = 1) -> "torch.nn.Module":
+    """A timm model with one input channel and ``num_classes`` logits (one per pooled finding).
 
     ``pretrained=True`` downloads ImageNet weights through timm (online users);
     ``weights_path`` loads them from a local file instead (offline clusters). timm adapts the
@@ -63,7 +63,7 @@ def create_model(name: str, *, pretrained: bool = False, weights_path: str | Pat
                                     f"weights for {name} (.safetensors or .pth) and pass that path")
         kwargs["pretrained_cfg_overlay"] = {"file": str(weights_path)}
         pretrained = True
-    return timm.create_model(name, pretrained=pretrained, num_classes=1, in_chans=1,
+    return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=1,
                              drop_rate=drop_rate, **kwargs)
 
 
@@ -81,6 +81,6 @@ def load_model(directory: str | Path, meta: dict) -> "torch.nn.Module":
     weights = Path(directory) / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing: is {directory} a raycxr checkpoint or promoted model?")
-    model = create_model(meta["model"], drop_rate=meta.get("drop_rate", 0.0))
+    model = create_model(meta["model"], drop_rate=meta.get("drop_rate", 0.0), num_classes=len(meta["findings"]))
     model.load_state_dict(load_file(str(weights)))
     return model.eval()

@@ -65,8 +65,8 @@ def predict(model_dir: str | Path, paths: list[str | Path], *, batch_size: int =
             return
         x = torch.from_numpy(np.stack([a for _, a in pending])[:, None])
         with torch.no_grad():
-            probs = torch.sigmoid(model(to_model_input(x, image_size=cfg["image_size"], mean=cfg["mean"],
-                                                       std=cfg["std"])).squeeze(1)).numpy()
+            logits = model(to_model_input(x, image_size=cfg["image_size"], mean=cfg["mean"], std=cfg["std"]))
+            probs = torch.sigmoid(logits[:, cfg["findings"].index(cfg["target"])]).numpy()
         for (i, _), prob in zip(pending, probs):
             results[i].probability = float(prob)
             results[i].label = cfg["class_names"][int(prob >= cfg["threshold"])]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from raycxr.errors import ConfigError, DataError, NoEligibleTrialError
 
@@ -35,21 +36,25 @@ class PromoteConfig:
 
 
 def predict_split(model, meta: dict, data_dir: Path, split: str, *, batch_size: int = 128) -> tuple:
-    """(probabilities, labels, patient hashes, sources) for every row of one split."""
+    """(probabilities, labels, patient hashes, sources) of the target finding, for every row of
+    one split where the target is known."""
     import torch
 
-    from raycxr.data import decode_images, read_split
+    from raycxr.data import decode_images, read_split, target_labels
     from raycxr.transforms import to_model_input
 
-    table = read_split(data_dir, split, columns=["image", "height", "width", "label", "source", "patient_hash"])
+    t = meta["findings"].index(meta["target"])
+    table = read_split(data_dir, split, columns=["image", "height", "width", "labels", "source", "patient_hash"])
+    labels = target_labels(table, meta["target"])
+    table = table.filter(pa.array(labels >= 0))
     probs = []
     with torch.no_grad():
         for batch in table.to_batches(max_chunksize=batch_size):
             cols = batch.to_pydict()
             x = to_model_input(torch.from_numpy(decode_images(cols).copy()), image_size=meta["image_size"],
                                mean=meta["mean"], std=meta["std"])
-            probs.append(torch.sigmoid(model(x).squeeze(1)).numpy())
-    return (np.concatenate(probs), table.column("label").to_numpy().astype(int),
+            probs.append(torch.sigmoid(model(x)[:, t]).numpy())
+    return (np.concatenate(probs) if probs else np.zeros(0), labels[labels >= 0].astype(int),
             table.column("patient_hash").to_numpy(zero_copy_only=False),
             table.column("source").to_numpy(zero_copy_only=False))
 
@@ -104,7 +109,7 @@ def _holdout_reads(run_dir: Path) -> list[dict]:
 
 def promote(cfg: PromoteConfig) -> dict:
     """Promote the best trial of ``cfg.run`` into ``cfg.out``; return the model card's data."""
-    from raycxr.data import CLASS_NAMES, read_manifest
+    from raycxr.data import read_manifest
     from raycxr.evaluate import binary_metrics, choose_threshold, report
     from raycxr.models import load_model
     from raycxr.card import write_model_card
@@ -155,22 +160,24 @@ def promote(cfg: PromoteConfig) -> dict:
     export_diffs = _export(model, meta, out, _model_inputs(data_dir, "val", meta, n=16))
 
     config = {
-        "architecture": meta["model"], "image_size": meta["image_size"], "class_names": list(CLASS_NAMES),
-        "positive_class": "pneumonia", "threshold": threshold, "threshold_rule": cfg.threshold_rule,
+        "architecture": meta["model"], "image_size": meta["image_size"],
+        "findings": meta["findings"], "target": meta["target"],
+        "class_names": [f"not_{meta['target']}", meta["target"]],
+        "threshold": threshold, "threshold_rule": cfg.threshold_rule,
         "preprocessing": {
             "decode": "greyscale, air dark (DICOM: modality LUT, VOI LUT, MONOCHROME1 inverted)",
             "resize": meta["resize"], "stored_size": meta["ingest_image_size"],
             "model_input": f"float32 (N,1,{meta['image_size']},{meta['image_size']}) = "
                            "(bilinear antialiased resize of pixels/255 - mean) / std",
             "mean": meta["mean"], "std": meta["std"]},
-        "output": "one logit; sigmoid(logit) = P(pneumonia)",
+        "output": "one logit per finding (order: findings); sigmoid(logit[target]) = P(target)",
         "files": {"weights": "model.safetensors", "torchscript": "model.torchscript.pt", "onnx": "model.onnx"},
         "trial": meta, "drop_rate": meta.get("drop_rate", 0.0), "model": meta["model"],
         "ingest_image_size": meta["ingest_image_size"], "mean": meta["mean"], "std": meta["std"],
     }
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     card = {
-        "run": run["name"], "trial": best, "threshold": threshold, "threshold_rule": cfg.threshold_rule,
+        "run": run["name"], "trial": best, "target": meta["target"], "threshold": threshold, "threshold_rule": cfg.threshold_rule,
         "validation": val_metrics, "holdout": holdout, "export_max_abs_diff": export_diffs,
         "holdout_previously_read": len(previous_reads), "data": {
             "dir": str(data_dir), "fingerprint": manifest["fingerprint"], "counts": manifest["counts"],

@@ -47,6 +47,7 @@ class SearchConfig:
     storage: str | None = None         # e.g. s3://bucket/raycxr-runs on a cluster; default runs_dir
     max_failures: int = 1              # retries of a trial whose worker dies
     time_budget_min: float | None = None
+    target: str = "pneumonia"          # the finding whose validation AUC selects trials
     num_cpus: int | None = None        # local Ray only
 
 
@@ -168,7 +169,8 @@ def run_search(cfg: SearchConfig) -> list[dict]:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from raycxr.data import open_split, read_manifest, read_split
+    from raycxr.data import label_matrix, open_split, read_manifest, read_split
+    from raycxr.labels import FINDINGS
     from raycxr.models import min_image_size
 
     space = load_space(cfg.space)
@@ -188,7 +190,8 @@ def run_search(cfg: SearchConfig) -> list[dict]:
     name, run_dir = _run_dir(cfg, space)
     init_ray(address=cfg.address, num_cpus=cfg.num_cpus)
     plan = _plan_resources(space, trials=trials)
-    labels = read_split(cfg.data, "train", columns=["label"]).column("label").to_numpy()
+    labels = label_matrix(read_split(cfg.data, "train", columns=["labels"]).column("labels"))
+    _check_target(cfg, labels)
     # Read once into the object store, shared by every trial: epochs and trials re-read nothing.
     train_ds = open_split(cfg.data, "train").materialize()
     val_ds = open_split(cfg.data, "val").materialize()
@@ -200,13 +203,13 @@ def run_search(cfg: SearchConfig) -> list[dict]:
         "gpus_per_worker": plan["gpus_per_worker"], "max_failures": cfg.max_failures,
         "trials_path": storage.rstrip("/") + "/trials",
         "loop": {"max_epochs": max_epochs, "seed": space.seed, "train_rows": int(len(labels)),
-                 "train_positives": int(labels.sum()), "train_negatives": int(len(labels) - labels.sum()),
+                 "findings": list(FINDINGS), "target": cfg.target, "pos_weight": _pos_weight(labels),
                  "ingest_image_size": ingest_size, "resize": manifest["params"]["resize"],
                  "cpus_per_worker": plan["cpus_per_worker"], "pretrained": space.pretrained,
                  "weights_dir": space.weights_dir,
                  "image_size": ingest_size},
     }
-    record = {"name": name, "space": space.name, "space_config": space.raw, "data": str(Path(cfg.data).resolve()),
+    record = {"name": name, "space": space.name, "target": cfg.target, "space_config": space.raw, "data": str(Path(cfg.data).resolve()),
               "data_fingerprint": manifest["fingerprint"], "trials": trials, "max_epochs": max_epochs,
               "seed": space.seed, "metric": METRIC, "resources": plan, "storage": storage,
               "versions": _versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -246,6 +249,27 @@ def run_search(cfg: SearchConfig) -> list[dict]:
         raise NoEligibleTrialError(f"no trial of {name} reported {METRIC}: see the errors above and "
                                    f"the trial logs in {run_dir / 'tune'}")
     return board
+
+
+def _pos_weight(labels) -> list[float]:
+    """negatives / positives per finding over known train labels (1.0 where a class is missing)."""
+    pos, neg = (labels == 1).sum(axis=0), (labels == 0).sum(axis=0)
+    return [float(n / p) if p and n else 1.0 for p, n in zip(pos, neg)]
+
+
+def _check_target(cfg: SearchConfig, train_labels) -> None:
+    from raycxr.data import label_matrix, read_split
+    from raycxr.labels import FINDINGS, index
+
+    if cfg.target not in FINDINGS:
+        raise ConfigError(f"unknown finding {cfg.target!r}; use one of: {', '.join(FINDINGS)}", source="--target")
+    t = index(cfg.target)
+    val = label_matrix(read_split(cfg.data, "val", columns=["labels"]).column("labels"))[:, t]
+    for split, col in (("train", train_labels[:, t]), ("val", val)):
+        if not ((col == 1).any() and (col == 0).any()):
+            raise ConfigError(f"the {split} split has no known positive and negative {cfg.target} labels "
+                              f"(positives {(col == 1).sum()}, negatives {(col == 0).sum()}): ingest a source "
+                              f"that labels {cfg.target}, or choose another --target", source="--target")
 
 
 def _versions() -> dict:

@@ -26,17 +26,17 @@ _PREFETCH_BATCHES = 2
 
 
 def _collate_fn():
-    """A Ray Data collate function: raw pixel bytes -> {"image": uint8 (N,1,H,W), "label": float}."""
+    """A Ray Data collate function: raw bytes -> {"image": uint8 (N,1,H,W), "labels": float (N,K), -1 unknown}."""
     from ray.data.collate_fn import NumpyBatchCollateFn
 
     class _Collate(NumpyBatchCollateFn):
         def __call__(self, batch: dict) -> dict:
             import torch
 
-            from raycxr.data import decode_images
+            from raycxr.data import decode_images, label_matrix
 
             return {"image": torch.from_numpy(decode_images(batch).copy()),
-                    "label": torch.from_numpy(np.asarray(batch["label"], dtype=np.float32))}
+                    "labels": torch.from_numpy(label_matrix(batch["labels"]).astype(np.float32))}
 
     return _Collate()
 
@@ -49,8 +49,20 @@ def _lr_lambda(step: int, *, warmup: int, total: int) -> float:
     return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def masked_bce(logits, targets, *, pos_weight=None, smoothing: float = 0.0):
+    """Mean BCE over the known entries of (N, K) targets (-1 = unknown, masked out)."""
+    import torch.nn.functional as F
+
+    known = targets >= 0
+    y = targets.clamp(min=0)
+    if smoothing:
+        y = y * (1 - smoothing) + 0.5 * smoothing
+    loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight, reduction="none")
+    return (loss * known).sum() / known.sum().clamp(min=1)
+
+
 def evaluate_batches(model, batches, *, image_size: int, mean: float, std: float, device) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities and labels for every batch of ``{"image": uint8, "label": float}``."""
+    """(N, K) probabilities and (N, K) labels (-1 unknown) for batches of ``{"image", "labels"}``."""
     import torch
 
     from raycxr.transforms import to_model_input
@@ -60,8 +72,8 @@ def evaluate_batches(model, batches, *, image_size: int, mean: float, std: float
     with torch.no_grad():
         for batch in batches:
             x = to_model_input(batch["image"].to(device), image_size=image_size, mean=mean, std=std)
-            probs.append(torch.sigmoid(model(x).float().squeeze(1)).cpu().numpy())
-            labels.append(batch["label"].cpu().numpy())
+            probs.append(torch.sigmoid(model(x).float()).cpu().numpy())
+            labels.append(batch["labels"].cpu().numpy())
     return np.concatenate(probs), np.concatenate(labels)
 
 
@@ -93,8 +105,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(threads)
 
     weights = Path(config["weights_dir"]) / f"{config['model']}.safetensors" if config.get("weights_dir") else None
+    findings = config["findings"]
+    target = findings.index(config["target"])
     model = create_model(config["model"], pretrained=config.get("pretrained", False), weights_path=weights,
-                         drop_rate=config["drop_rate"])
+                         drop_rate=config["drop_rate"], num_classes=len(findings))
     mean, std = input_stats(model)
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(model)
@@ -111,10 +125,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_lambda(s, warmup=warmup, total=total_steps))
     pos_weight = None
     if config["imbalance"] == "pos_weight":
-        # BCE pos_weight = negatives / positives in the train split: each class weighs the same.
-        pos_weight = torch.tensor([config["train_negatives"] / max(1, config["train_positives"])], device=device)
-    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-    smoothing = config["label_smoothing"]
+        # Per finding, BCE pos_weight = negatives / positives among the train split's known labels.
+        pos_weight = torch.tensor(config["pos_weight"], dtype=torch.float32, device=device)
 
     start_epoch = 0
     if (ckpt := ray.train.get_checkpoint()) is not None:
@@ -133,7 +145,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     size = config["image_size"]
     trial_meta = {k: config[k] for k in ("model", "image_size", "augment", "optimizer", "lr", "weight_decay",
                                          "batch_size", "imbalance", "label_smoothing", "warmup_epochs",
-                                         "drop_rate", "seed")}
+                                         "drop_rate", "seed", "findings", "target")}
     trial_meta.update(mean=mean, std=std, ingest_image_size=config["ingest_image_size"],
                       resize=config["resize"], trial_id=config.get("trial_id", ""))
 
@@ -148,10 +160,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             c0 = time.perf_counter()
             x = train_input(batch["image"].to(device), image_size=size, mean=mean, std=std,
                             strength=config["augment"], generator=gen)
-            y = batch["label"].to(device)
-            if smoothing:
-                y = y * (1 - smoothing) + 0.5 * smoothing
-            loss = loss_fn(model(x).squeeze(1), y)
+            y = batch["labels"].to(device)
+            loss = masked_bce(model(x), y, pos_weight=pos_weight, smoothing=config["label_smoothing"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -168,6 +178,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             probs, labels = evaluate_batches(
                 bare, val_shard.iter_torch_batches(batch_size=256, collate_fn=collate),
                 image_size=size, mean=mean, std=std, device=device)
+            known = labels[:, target] >= 0  # validation scores the target finding where it is known
+            probs, labels = probs[known, target], labels[known, target]
             both = len(np.unique(labels)) == 2
             metrics.update(
                 val_auc=float(roc_auc_score(labels, probs)) if both else float("nan"),

@@ -1,4 +1,5 @@
 import csv
+import hashlib
 import json
 import shutil
 
@@ -6,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from raycxr.data import SCHEMA, SPLITS, decode_images, read_manifest, read_split
+from raycxr.data import SCHEMA, SPLITS, decode_images, read_manifest, read_split, target_labels
 from raycxr.errors import ConfigError, DataError
 from raycxr.ingest import IngestConfig, assign_splits, ingest
 from raycxr.sources.kermany import patient_key
@@ -23,12 +24,13 @@ def test_patients_never_straddle_splits(dataset, sample_dir):
         for ph in set(t.column("patient_hash").to_pylist()):
             assert ph not in seen, f"patient {ph} in {seen.get(ph)} and {split}"
             seen[ph] = split
-    # The same holds for the raw keys, which only ingest ever sees: map paths back to names.
+    # The same holds for the raw keys, which shards never hold: map files back by content hash.
+    name_of = {hashlib.sha256(p.read_bytes()).hexdigest(): p.name for p in sample_dir.rglob("*.jpeg")}
     key_split = {}
     for split, t in tables.items():
-        for path in t.column("path").to_pylist():
-            key = patient_key(path.split("/")[-1])
-            assert key_split.setdefault(key, split) == split
+        for h in t.column("content_hash").to_pylist():
+            key = patient_key(name_of[h])
+            assert key_split.setdefault(key, split) == split, key
     assert sum(t.num_rows for t in tables.values()) == 300
 
 
@@ -38,7 +40,8 @@ def test_shards_follow_schema_and_hold_real_pixels(dataset):
     imgs = decode_images(t.slice(0, 8).to_pydict())
     assert imgs.shape == (8, 1, 64, 64) and imgs.dtype == np.uint8 and imgs.std() > 10
     assert set(t.column("split").to_pylist()) == {"train"}
-    assert set(t.column("label").to_pylist()) == {0, 1}
+    assert set(target_labels(t, "pneumonia").tolist()) == {0, 1}
+    assert set(t.column("view").to_pylist()) == {"AP"}
     m = read_manifest(dataset)
     assert m["files_in"] == m["rows_written"] + m["quarantined"] == 300
     # stratified: each split holds both classes, near the pooled 50/50
@@ -63,10 +66,12 @@ def test_bad_files_are_quarantined_and_counted(sample_copy, tmp_path):
     s = ingest(IngestConfig(sources={"kermany": sample_copy}, out=tmp_path / "out", image_size=32))
     assert s.files_in == 303 and s.rows_written == 300 and s.quarantined == 3
     rows = list(csv.DictReader(open(tmp_path / "out" / "quarantine.csv")))
-    reasons = {r["path"].split("/")[-1]: r["reason"] for r in rows}
+    assert len(rows) == 3 and not any("IM-900" in r["path"] for r in rows)  # names pseudonymised
+    reasons = {path.split("/")[-1]: reason for _, path, reason in s.quarantined_files}
     assert set(reasons) == {"IM-9001-0001.jpeg", "IM-9002-0001.jpeg", "IM-9003-0001.jpeg"}
     assert reasons["IM-9002-0001.jpeg"].startswith("empty file")
     assert reasons["IM-9003-0001.jpeg"].startswith("not a readable image")
+    assert sorted(r["reason"] for r in rows) == sorted(reasons.values())
     assert sum(s.quarantine_reasons.values()) == 3
 
 
@@ -83,14 +88,16 @@ def test_same_input_and_seed_give_identical_shards(sample_dir, tmp_path):
     assert read_manifest(tmp_path / "c")["fingerprint"] != read_manifest(outs[0])["fingerprint"]
 
 
-def test_byte_identical_images_share_a_split(sample_copy, tmp_path):
+def test_byte_identical_images_share_a_split(sample_copy, tmp_path, dataset):
+    already = read_manifest(dataset)["exact_duplicates"]  # the sample holds one within-patient copy
     src = sample_copy / "train"
     normals = sorted((src / "NORMAL").iterdir())
     # Copy each of 20 normal images under a new patient's name: copies must follow the original.
     for i, f in enumerate(normals[:20]):
         shutil.copyfile(f, src / "NORMAL" / f"IM-{8000 + i}-0001.jpeg")
     s = ingest(IngestConfig(sources={"kermany": sample_copy}, out=tmp_path / "o", image_size=32))
-    assert s.merged_duplicate_groups == 20 and s.exact_duplicates == 20
+    assert already == 1
+    assert s.merged_duplicate_groups == 20 and s.exact_duplicates == already + 20
     split_of = {}
     for split in SPLITS:
         t = read_split(tmp_path / "o", split, columns=["content_hash", "split"])
@@ -100,7 +107,7 @@ def test_byte_identical_images_share_a_split(sample_copy, tmp_path):
 
 def test_assign_splits_is_whole_group_and_near_fractions():
     rng = np.random.default_rng(0)
-    groups = {f"g{i}": (int(rng.integers(1, 4)), int(i % 3 == 0)) for i in range(3000)}
+    groups = {f"g{i}": (int(rng.integers(1, 4)), ("src", int(i % 3 == 0))) for i in range(3000)}
     out = assign_splits(groups, val_fraction=0.2, holdout_fraction=0.1, seed=1)
     assert set(out) == set(groups)
     total = sum(n for n, _ in groups.values())

@@ -21,8 +21,8 @@ def test_kermany_patient_key(name, key):
 def test_kermany_scan_reads_labels_and_details(sample_dir):
     records = list(scan_source("kermany", sample_dir))
     assert len(records) == 300
-    assert {r.label for r in records if "NORMAL" in r.rel_path} == {0}
-    assert {r.label for r in records if "PNEUMONIA" in r.rel_path} == {1}
+    assert all(r.labels == {"pneumonia": 0, "no_finding": 1} for r in records if "NORMAL" in r.rel_path)
+    assert all(r.labels == {"pneumonia": 1, "no_finding": 0} for r in records if "PNEUMONIA" in r.rel_path)
     assert {r.label_detail for r in records} == {"normal", "bacteria", "virus"}
     assert all(not r.rel_path.startswith("/") for r in records)
 

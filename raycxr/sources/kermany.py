@@ -1,9 +1,12 @@
-"""Kermany et al. 2018 pediatric pneumonia (Kaggle "Chest X-Ray Images (Pneumonia)").
+"""Kermany et al. 2018 pediatric pneumonia (Kaggle "Chest X-Ray Images (Pneumonia)", Mendeley).
 
-Layout: any folder tree whose leaf folders are named ``NORMAL`` or ``PNEUMONIA`` (the Kaggle
-``{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg`` layout, or a single such pair). Every image
+Layout: any folder tree whose leaf folders are named ``NORMAL`` or ``PNEUMONIA``: the Kaggle
+``chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg`` layout and the Mendeley V2
+``ChestXRay2017/chest_xray/{train,test}/{NORMAL,PNEUMONIA}/*.jpeg`` layout alike. Every image
 found is pooled; the official split folders are ignored because raycxr carves its own
-patient-disjoint splits.
+patient-disjoint splits. Labels: PNEUMONIA -> pneumonia 1, no_finding 0; NORMAL -> pneumonia 0,
+no_finding 1; ``bacteria`` / ``virus`` from the file name kept as ``label_detail``. All views are
+frontal (AP, children).
 
 Patient identity comes from the file name:
 - ``IM-NNNN-MMMM[-KKKK].jpeg``        -> normal patient ``IM-NNNN``
@@ -46,7 +49,7 @@ def _detail(file_name: str, label: int) -> str:
 
 
 @register("kermany")
-def scan(root: Path) -> Iterator[Record]:
+def scan(root: Path, **_) -> Iterator[Record]:
     paths = sorted(
         p for p in root.rglob("*")
         if p.is_file() and p.parent.name.upper() in _CLASS_DIRS and not p.name.startswith(".")
@@ -58,6 +61,7 @@ def scan(root: Path) -> Iterator[Record]:
             rel_path=path.relative_to(root).as_posix(),
             source="kermany",
             patient_key=patient_key(path.name),
-            label=label,
+            labels={"pneumonia": label, "no_finding": 1 - label},
             label_detail=_detail(path.name, label),
+            view="AP",
         )
