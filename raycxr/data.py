@@ -41,7 +41,7 @@ SCHEMA = pa.schema([
                               "-1 unknown"}),
     pa.field("label_detail", pa.string(), nullable=False,
              metadata={"doc": "finer class from the source, e.g. normal / bacteria / virus"}),
-    pa.field("view", pa.string(), nullable=False, metadata={"doc": "PA, AP, LATERAL or empty (unknown)"}),
+    pa.field("view", pa.string(), nullable=False, metadata={"doc": "PA, AP, FRONTAL (PA or AP, unstated), LATERAL, or empty (unknown)"}),
     pa.field("source", pa.string(), nullable=False, metadata={"doc": "dataset key, e.g. kermany"}),
     pa.field("patient_hash", pa.string(), nullable=False,
              metadata={"doc": "salted SHA-256 of the source's patient key (16 hex); raw IDs are never stored"}),

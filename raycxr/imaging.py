@@ -29,7 +29,8 @@ _DICOM_MAGIC_OFFSET = 128
 def _is_dicom(path: Path, head: bytes) -> bool:
     if head[_DICOM_MAGIC_OFFSET:_DICOM_MAGIC_OFFSET + 4] == b"DICM":
         return True
-    return path.suffix.lower() in {".dcm", ".dicom"}
+    # No preamble (older writers): the data set starts with a group 0x0002 or 0x0008 tag.
+    return path.suffix.lower() in {".dcm", ".dicom"} or head[:2] in (b"\x02\x00", b"\x08\x00")
 
 
 def _to_uint8(arr: np.ndarray) -> np.ndarray:

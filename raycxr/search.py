@@ -220,7 +220,9 @@ def run_search(cfg: SearchConfig) -> list[dict]:
           f"({plan['workers']} worker(s) x {plan['cpus_per_worker']:g} CPU{gpu} each)")
     print(f"TensorBoard: tensorboard --logdir {run_dir / 'tune'}")
 
-    searcher = OptunaSearch(metric=METRIC, mode="max", sampler=optuna.samplers.TPESampler(seed=space.seed))
+    searcher = None  # a space with every value fixed has nothing to search: plain repeated trials
+    if any(p.kind != "value" for p in space.params.values()):
+        searcher = OptunaSearch(metric=METRIC, mode="max", sampler=optuna.samplers.TPESampler(seed=space.seed))
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_epochs,
                               grace_period=min(space.grace_period, max_epochs),
                               reduction_factor=space.reduction_factor)

@@ -47,3 +47,15 @@ def sample_copy(tmp_path, sample_dir) -> Path:
     dst = tmp_path / "chest_xray" / "train"
     shutil.copytree(sample_dir, dst)
     return dst.parent
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray (2 CPUs, dashboard on 127.0.0.1) shared by every test that searches."""
+    import ray
+
+    from raycxr.search import init_ray
+
+    init_ray(address=None, num_cpus=2)
+    yield
+    ray.shutdown()

@@ -74,3 +74,112 @@ def test_jpeg2000_matches_uncompressed():
 
 def test_load_for_model_size(sample_dir):
     assert load_for_model(next((sample_dir / "PNEUMONIA").iterdir()), 48, policy="pad").shape == (48, 48)
+
+
+# --- DICOM branches on generated files (no real file exists for each branch) -----------------
+
+def _ramp(lo=0, hi=4095, dtype=np.uint16):
+    return np.linspace(lo, hi, 64 * 64).reshape(64, 64).astype(dtype)
+
+
+def test_dicom_monochrome1_is_the_inverse_of_monochrome2(tmp_path, sample_dir):
+    from tests.builders import dicom_from_array
+
+    arr = np.asarray(Image.open(next((sample_dir / "NORMAL").iterdir())).convert("L"))
+    m2 = read_image(dicom_from_array(tmp_path / "m2.dcm", arr))
+    m1 = read_image(dicom_from_array(tmp_path / "m1.dcm", 255 - arr, photometric="MONOCHROME1"))
+    assert np.abs(m1.astype(int) - m2.astype(int)).max() <= 1
+    assert np.corrcoef(m2.ravel(), arr.ravel())[0, 1] > 0.999  # same picture, contrast stretched to 0..255
+
+
+def test_dicom_voi_window_is_applied(tmp_path):
+    from tests.builders import dicom_from_array
+
+    f = dicom_from_array(tmp_path / "w.dcm", _ramp(), bits_stored=12, WindowCenter=1024, WindowWidth=512)
+    out = read_image(f).ravel()
+    ramp = _ramp().ravel()
+    assert (out[ramp < 760] == 0).all() and (out[ramp > 1290] == 255).all()  # saturated outside the window
+    inside = out[(ramp > 800) & (ramp < 1250)]
+    assert (np.diff(inside.astype(int)) >= 0).all() and inside.min() < 60 and inside.max() > 200
+
+
+def test_dicom_modality_lut_and_signed_pixels(tmp_path):
+    from tests.builders import dicom_from_array
+
+    signed = _ramp(-1000, 1000, np.int16)
+    a = read_image(dicom_from_array(tmp_path / "s.dcm", signed, bits_stored=16, signed=True))
+    b = read_image(dicom_from_array(tmp_path / "r.dcm", (signed + 1000).astype(np.uint16), bits_stored=16,
+                                    RescaleSlope=1, RescaleIntercept=-1000))
+    assert a[0, 0] == 0 and a[-1, -1] == 255 and np.array_equal(a, b)
+
+
+def test_dicom_12_bit_stored(tmp_path):
+    from tests.builders import dicom_from_array
+
+    out = read_image(dicom_from_array(tmp_path / "b.dcm", _ramp(), bits_stored=12))
+    assert out.min() == 0 and out.max() == 255 and out[0, 0] < out[32, 32] < out[-1, -1]
+
+
+def test_dicom_without_preamble_or_suffix(tmp_path):
+    from tests.builders import dicom_from_array
+
+    f = dicom_from_array(tmp_path / "np.dcm", _ramp(0, 255, np.uint8), preamble=False)
+    renamed = f.rename(tmp_path / "IMG0001")  # many PACS exports have no suffix
+    assert read_image(renamed).shape == (64, 64)
+
+
+def test_dicom_rle_compressed_matches_uncompressed(tmp_path, sample_dir):
+    import pydicom
+    from pydicom.uid import RLELossless
+
+    from tests.builders import dicom_from_array
+
+    arr = np.asarray(Image.open(next((sample_dir / "PNEUMONIA").iterdir())).convert("L"))
+    f = dicom_from_array(tmp_path / "u.dcm", arr)
+    ds = pydicom.dcmread(f)
+    ds.compress(RLELossless)
+    ds.save_as(tmp_path / "rle.dcm")
+    assert pydicom.dcmread(tmp_path / "rle.dcm").file_meta.TransferSyntaxUID == RLELossless
+    assert np.array_equal(read_image(tmp_path / "rle.dcm"), read_image(f))
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"PhotometricInterpretation": "RGB"}, "unsupported PhotometricInterpretation RGB"),
+    ({"NumberOfFrames": 2}, "multi-frame"),
+    ({"Rows": 30000, "Columns": 30000}, "too large"),
+    ({"drop": "PixelData"}, "no pixel data"),
+])
+def test_dicom_rejections(tmp_path, change, reason):
+    import pydicom
+
+    from tests.builders import dicom_from_array
+
+    f = dicom_from_array(tmp_path / "x.dcm", _ramp(0, 255, np.uint8))
+    ds = pydicom.dcmread(f)
+    for k, v in change.items():
+        if k == "drop":
+            del ds[v]
+        else:
+            setattr(ds, k, v)
+    ds.save_as(f)
+    with pytest.raises(DecodeError, match=reason):
+        read_image(f)
+
+
+def test_jsrt_raw_film_decodes_with_air_dark(tmp_path, sample_dir):
+    from tests.builders import jsrt_raw
+
+    arr = np.asarray(Image.open(next((sample_dir / "NORMAL").iterdir())).convert("L"))
+    (tmp_path / "JPCNN001.IMG").write_bytes(jsrt_raw(arr))
+    out = resize(read_image(tmp_path / "JPCNN001.IMG", fmt="jsrt"), 128, policy="squash")
+    assert np.corrcoef(out.ravel(), arr.ravel())[0, 1] > 0.95  # same orientation of grey levels
+    (tmp_path / "short.IMG").write_bytes(b"\0" * 1000)
+    with pytest.raises(DecodeError, match="not a JSRT raw film"):
+        read_image(tmp_path / "short.IMG", fmt="jsrt")
+
+
+def test_decompression_bomb_png_is_refused(tmp_path):
+    # A 9000 x 9000 1-bit PNG is tiny on disk but 81 MPx decoded: above the 64 MPx cap.
+    Image.new("1", (9000, 9000)).save(tmp_path / "bomb.png")
+    with pytest.raises(DecodeError, match="decompression bomb"):
+        read_image(tmp_path / "bomb.png")

@@ -3,13 +3,17 @@ import hashlib
 import json
 import shutil
 
+from collections import Counter
+
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raycxr.data import SCHEMA, SPLITS, decode_images, read_manifest, read_split, target_labels
+from raycxr.data import SCHEMA, SPLITS, decode_images, label_matrix, read_manifest, read_split, target_labels
 from raycxr.errors import ConfigError, DataError
 from raycxr.ingest import IngestConfig, assign_splits, ingest
+from raycxr.labels import FINDINGS, UNKNOWN
 from raycxr.sources.kermany import patient_key
 
 
@@ -138,3 +142,86 @@ def test_parquet_is_readable_without_raycxr(dataset):
     f = sorted((dataset / "val").glob("*.parquet"))[0]
     t = pq.read_table(f)
     assert t.num_rows > 0 and "image" in t.column_names
+
+
+# --- every adapter pooled into one dataset ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pooled(tmp_path_factory):
+    from tests.builders import build_all
+
+    base = tmp_path_factory.mktemp("pool")
+    fixtures = build_all(base / "src")
+    summary = ingest(IngestConfig(sources=fixtures, out=base / "data", image_size=32, workers=1,
+                                  source_options={"csv": {"name": "kit"}}))
+    return fixtures, summary, base / "data"
+
+
+def test_pooled_dataset_holds_every_source(pooled):
+    _, s, data = pooled
+    m = read_manifest(data)
+    assert set(m["sources"]) == {"kermany", "nih", "rsna", "mimic", "openi", "montgomery", "shenzhen", "jsrt", "kit"}
+    assert m["files_in"] == m["rows_written"] + m["quarantined"]
+    written = Counter()
+    for split in SPLITS:
+        written.update(read_split(data, split, columns=["source"]).column("source").to_pylist())
+    assert written == {"kermany": 300, "nih": 18, "rsna": 8, "mimic": 4, "openi": 3, "montgomery": 6,
+                       "shenzhen": 6, "jsrt": 4, "kit": 8}
+    # one lateral (MIMIC) and one Open-I lateral excluded; bad rows quarantined with their reasons
+    assert m["quarantine_reasons"] == {"excluded": 2, "missing file": 1, "no labels": 2, "unknown label": 1}
+
+
+def test_pooled_labels_unknown_where_a_source_is_silent(pooled):
+    _, _, data = pooled
+    t = pa.concat_tables([read_split(data, s, columns=["source", "labels"]) for s in SPLITS])
+    labels, sources = label_matrix(t.column("labels")), np.array(t.column("source").to_pylist())
+    pneu, tb, nodule = (FINDINGS.index(f) for f in ("pneumonia", "tuberculosis", "nodule"))
+    assert (labels[sources == "montgomery", pneu] == UNKNOWN).all()
+    assert set(labels[sources == "montgomery", tb]) == {0, 1}
+    assert (labels[sources == "kermany", tb] == UNKNOWN).all()
+    assert set(labels[sources == "jsrt", nodule]) == {0, 1}
+    assert set(labels[sources == "nih", pneu]) == {0, 1}
+
+
+def test_pooled_patients_disjoint_and_official_test_list_in_holdout(pooled):
+    fixtures, _, data = pooled
+    seen = {}
+    for split in SPLITS:
+        for ph in set(read_split(data, split, columns=["patient_hash"]).column("patient_hash").to_pylist()):
+            assert seen.setdefault(ph, split) == split
+    test_names = (fixtures["nih"] / "test_list.txt").read_text().split()
+    test_hashes = {hashlib.sha256(p.read_bytes()).hexdigest() for p in fixtures["nih"].rglob("*.png")
+                   if p.name in test_names}
+    holdout = set(read_split(data, "holdout", columns=["content_hash"]).column("content_hash").to_pylist())
+    assert test_hashes and test_hashes <= holdout
+    others = set(read_split(data, "train", columns=["content_hash"]).column("content_hash").to_pylist())
+    assert not test_hashes & others
+
+
+def test_no_planted_phi_in_any_dataset_artefact(pooled):
+    from tests.builders import find_phi
+
+    _, _, data = pooled
+    assert find_phi(data) == []
+
+
+def test_near_duplicates_are_merged_into_one_split(sample_copy, tmp_path):
+    from PIL import Image
+
+    src = sample_copy / "train" / "NORMAL"
+    originals = sorted(src.iterdir())[:12]
+    for i, f in enumerate(originals):  # re-encoded, slightly brighter copies under new patients
+        im = Image.open(f).convert("L").point(lambda v: min(255, v + 3))
+        im.save(src / f"IM-{7000 + i}-0001.jpeg", quality=70)
+    s = ingest(IngestConfig(sources={"kermany": sample_copy}, out=tmp_path / "o", image_size=64))
+    assert s.near_duplicate_pairs >= 12
+    off = ingest(IngestConfig(sources={"kermany": sample_copy}, out=tmp_path / "off", image_size=64,
+                              near_duplicate_bits=-1))
+    assert off.near_duplicate_pairs == 0 and off.merged_duplicate_groups < s.merged_duplicate_groups
+    pairs = {hashlib.sha256(f.read_bytes()).hexdigest(): hashlib.sha256((src / f"IM-{7000 + i}-0001.jpeg").read_bytes()).hexdigest()
+             for i, f in enumerate(originals)}
+    split_of = {}
+    for split in SPLITS:
+        for h in read_split(tmp_path / "o", split, columns=["content_hash"]).column("content_hash").to_pylist():
+            split_of[h] = split
+    assert all(split_of[a] == split_of[b] for a, b in pairs.items())

@@ -1,8 +1,14 @@
 import pytest
 
-from raycxr.errors import DataError
-from raycxr.sources import list_sources, scan_source
+from raycxr.errors import ConfigError, DataError
+from raycxr.sources import list_sources, normalise_view, scan_source
 from raycxr.sources.kermany import patient_key
+from tests import builders
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory):
+    return builders.build_all(tmp_path_factory.mktemp("fixtures"))
 
 
 @pytest.mark.parametrize("name, key", [
@@ -27,8 +33,95 @@ def test_kermany_scan_reads_labels_and_details(sample_dir):
     assert all(not r.rel_path.startswith("/") for r in records)
 
 
+def _by_name(records):
+    return {r.path.name: r for r in records}
+
+
+def test_nih_labels_identity_views_and_official_split(fixtures):
+    recs = _by_name(scan_source("nih", fixtures["nih"]))
+    assert len(recs) == 18 and not any(r.error for r in recs.values())
+    r = recs["00000013_010.png"]
+    assert r.labels["pneumonia"] == r.labels["effusion"] == r.labels["pneumothorax"] == 1
+    assert r.labels["cardiomegaly"] == 0 and r.labels["no_finding"] == 0 and r.view == "AP"
+    nf = recs["00000002_000.png"].labels
+    assert nf["no_finding"] == 1 and nf["pneumonia"] == 0 and "tuberculosis" not in nf
+    assert {recs[n].patient_key for n in recs if n.startswith("00000003_")} == {"3"}
+    assert recs["00000003_000.png"].fixed_split == "holdout" and recs["00000001_000.png"].fixed_split is None
+
+
+def test_rsna_collapses_boxes_and_reads_view_from_dicom(fixtures):
+    recs = {r.patient_key: r for r in scan_source("rsna", fixtures["rsna"])}
+    assert len(recs) == 8
+    assert recs["00436515-870c-4b36-a041-de91049b9ab4"].labels == {"pneumonia": 1, "no_finding": 0}
+    assert recs["003d8fa0-6bf1-40ed-b54c-ac657f8495c5"].labels == {"pneumonia": 0, "no_finding": 1}
+    assert recs["0004cfab-14fd-4e49-80ba-63a80b6bddd6"].labels == {"pneumonia": 0, "no_finding": 0}
+    assert {r.view for r in recs.values()} == {"PA", "AP"}
+
+
+@pytest.mark.parametrize("policy, expected", [("ignore", None), ("zeros", 0), ("ones", 1)])
+def test_mimic_uncertain_policy(fixtures, policy, expected):
+    recs = list(scan_source("mimic", fixtures["mimic"], uncertain=policy))
+    assert len(recs) == 5 and {r.patient_key for r in recs} == {"10000001", "10000002", "10000003"}
+    uncertain = next(r for r in recs if r.patient_key == "10000002")
+    assert uncertain.labels.get("pneumonia") == expected and uncertain.labels["effusion"] == 1
+    normal = next(r for r in recs if r.path.name.startswith("aaaa0001"))
+    assert normal.labels["no_finding"] == 1 and normal.labels["pneumonia"] == 0
+    assert [r.view for r in recs].count("LATERAL") == 1
+
+
+def test_mimic_rejects_unknown_policy(fixtures):
+    with pytest.raises(ConfigError, match="allowed: ignore, zeros, ones"):
+        list(scan_source("mimic", fixtures["mimic"], uncertain="maybe"))
+
+
+def test_openi_labels_from_mesh_and_problems(fixtures):
+    recs = list(scan_source("openi", fixtures["openi"]))
+    by_uid = {}
+    for r in recs:
+        by_uid.setdefault(r.patient_key, []).append(r)
+    assert by_uid["1"][0].labels == {"pneumonia": 0, "no_finding": 1}
+    assert {r.view for r in by_uid["1"]} == {"FRONTAL", "LATERAL"}
+    assert by_uid["2"][0].labels == {"pneumonia": 1, "no_finding": 0}
+    assert by_uid["3"][0].labels == {"pneumonia": 0, "no_finding": 0}
+    assert by_uid["4"][0].error.startswith("no labels") and by_uid["5"][0].error.startswith("no labels")
+
+
+@pytest.mark.parametrize("key", ["montgomery", "shenzhen"])
+def test_tuberculosis_sets_leave_pneumonia_unknown(fixtures, key):
+    recs = list(scan_source(key, fixtures[key]))
+    assert len(recs) == 6 and all("pneumonia" not in r.labels for r in recs)
+    assert sorted(r.labels["tuberculosis"] for r in recs) == [0, 0, 0, 1, 1, 1]
+    assert all(r.labels["no_finding"] == 1 - r.labels["tuberculosis"] for r in recs)
+
+
+def test_jsrt_names_and_format(fixtures):
+    recs = list(scan_source("jsrt", fixtures["jsrt"]))
+    assert sorted(r.labels["nodule"] for r in recs) == [0, 0, 1, 1] and {r.fmt for r in recs} == {"jsrt"}
+
+
+def test_csv_manifest_maps_columns_and_flags_bad_rows(fixtures):
+    recs = list(scan_source("csv", fixtures["csv"], name="kit"))
+    good = [r for r in recs if not r.error]
+    assert len(good) == 8 and {r.source for r in recs} == {"kit"}
+    assert {tuple(sorted(r.labels.items())) for r in good} == {
+        (("pneumonia", 1),), (("no_finding", 1), ("pneumonia", 0))}
+    errors = sorted(r.error.split(":")[0] for r in recs if r.error)
+    assert errors == ["missing file", "unknown label"]
+
+
+def test_csv_manifest_names_missing_columns(fixtures):
+    with pytest.raises(DataError, match="lacks column.*patient.*--source-option"):
+        list(scan_source("csv", fixtures["csv"], patient_id="patient"))
+
+
+@pytest.mark.parametrize("raw, view", [("PA", "PA"), ("AP", "AP"), ("LL", "LATERAL"), ("Lateral", "LATERAL"),
+                                       ("Frontal", "FRONTAL"), ("", ""), (None, "")])
+def test_normalise_view(raw, view):
+    assert normalise_view(raw) == view
+
+
 def test_unknown_source_and_missing_root(tmp_path):
-    assert "kermany" in list_sources()
+    assert {"kermany", "nih", "rsna", "mimic", "openi", "montgomery", "shenzhen", "jsrt", "csv"} <= set(list_sources())
     with pytest.raises(DataError, match="use one of: .*kermany"):
         scan_source("nope", tmp_path)
     with pytest.raises(DataError, match="is not a folder"):

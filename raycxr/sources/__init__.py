@@ -24,7 +24,7 @@ class Record:
     ``patient_key`` is the raw identity (never stored: ingest keeps only a salted hash).
     ``labels`` maps pooled findings (:data:`raycxr.labels.FINDINGS`) to 1 or 0; a finding left
     out is unknown. ``label_detail`` keeps the source's finer class (Kermany: ``normal``,
-    ``bacteria`` or ``virus``). ``view`` is ``PA``, ``AP``, ``LATERAL`` or ``""`` (unknown).
+    ``bacteria`` or ``virus``). ``view`` is ``PA``, ``AP``, ``FRONTAL`` (PA or AP, unstated), ``LATERAL`` or ``""``.
     ``fmt`` names a special pixel format (``jsrt`` raw files). ``fixed_split`` pins an official
     split (NIH's ``test_list.txt`` -> ``holdout``).
     """
@@ -77,8 +77,8 @@ def normalise_view(value) -> str:
         return v[:2]
     if v in {"LL", "LATERAL", "RL", "LAT", "L"} or "LAT" in v:
         return "LATERAL"
-    if v in {"FRONTAL"}:
-        return "PA"
+    if v == "FRONTAL":
+        return "FRONTAL"  # PA or AP, the source does not say which
     return ""
 
 

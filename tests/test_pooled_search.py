@@ -1,0 +1,50 @@
+"""Every adapter pooled -> a search trained with masked labels -> promote; no PHI anywhere."""
+
+import json
+
+import pytest
+import torch
+
+from raycxr.labels import FINDINGS
+from raycxr.train import masked_bce
+
+pytestmark = pytest.mark.slow
+
+
+def test_masked_bce_ignores_unknown_labels():
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.3, 4.0, -2.0]])
+    known = torch.tensor([[1.0, 0.0, -1.0], [0.0, -1.0, -1.0]])
+    flipped = known.clone()
+    flipped[known < 0] = -1.0
+    logits_changed = logits.clone()
+    logits_changed[known < 0] = -50.0  # whatever the model says about unknowns...
+    assert masked_bce(logits, known) == pytest.approx(masked_bce(logits_changed, flipped).item())  # ...costs nothing
+    expect = torch.nn.functional.binary_cross_entropy_with_logits(
+        torch.tensor([2.0, -1.0, 0.3]), torch.tensor([1.0, 0.0, 0.0]))
+    assert masked_bce(logits, known).item() == pytest.approx(expect.item())
+
+
+def test_pooled_sources_search_and_promote_without_phi(ray_local, tmp_path):
+    from raycxr.cli import main
+    from tests.builders import build_all, find_phi
+
+    sources = build_all(tmp_path / "src")
+    data, runs, model = tmp_path / "data", tmp_path / "runs", tmp_path / "model"
+    argv = ["ingest", "--out", str(data), "--image-size", "32", "--source-option", "csv.name=kit"]
+    for key, path in sources.items():
+        argv += ["--source", f"{key}={path}"]
+    assert main(argv) == 0
+    space = tmp_path / "s.yaml"
+    space.write_text("trials: 1\nmax_epochs: 1\nparams: {model: test_resnet, image_size: 32, lr: 0.003}\n")
+    assert main(["search", "--data", str(data), "--space", str(space), "--name", "pool", "--runs-dir", str(runs)]) == 0
+    assert main(["promote", "--run", str(runs / "pool"), "--out", str(model), "--bootstrap", "50"]) == 0
+
+    card = json.loads((model / "metrics.json").read_text())
+    per_source = card["holdout"]["per_source"]
+    # pneumonia is scored only where a source labels it: no TB-only or JSRT rows in the metrics
+    assert not {"montgomery", "shenzhen", "jsrt"} & set(per_source)
+    assert sum(m["n"] for m in per_source.values()) == card["holdout"]["pooled"]["n"]
+    cfg = json.loads((model / "config.json").read_text())
+    assert cfg["findings"] == list(FINDINGS) and cfg["target"] == "pneumonia"
+    for folder in (data, runs, model):
+        assert find_phi(folder) == [], folder
