@@ -74,14 +74,16 @@ def _read_dicom(path: Path) -> np.ndarray:
     return out
 
 
-def _read_pillow(path: Path, draft_size: int | None) -> np.ndarray:
+def _read_pillow(path: Path, draft_size: int | None, data: bytes | None = None) -> np.ndarray:
+    import io
+
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(io.BytesIO(data) if data is not None else path) as im:
                 if draft_size and im.format == "JPEG":
                     # Decode JPEGs at a reduced DCT scale (1/2, 1/4, 1/8) that still covers the
                     # target size: 3-8x less decode work for original-resolution films.
@@ -110,20 +112,24 @@ def _read_jsrt(path: Path) -> np.ndarray:
     return 255 - _to_uint8(arr)
 
 
-def read_image(path: str | Path, *, draft_size: int | None = None, fmt: str = "") -> np.ndarray:
+def read_image(path: str | Path, *, draft_size: int | None = None, fmt: str = "",
+               data: bytes | None = None) -> np.ndarray:
     """Decode ``path`` to a 2-D uint8 greyscale array in which air is dark.
 
     ``draft_size`` lets JPEG decoding skip detail finer than a ``draft_size`` square needs.
-    ``fmt="jsrt"`` reads a headerless JSRT film.
+    ``fmt="jsrt"`` reads a headerless JSRT film. ``data``: the file's bytes, if already read.
 
     Raises :class:`DecodeError` with a one-line reason for anything it cannot read.
     """
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(_DICOM_MAGIC_OFFSET + 4)
-    except OSError as exc:
-        raise DecodeError(f"cannot open file: {exc.strerror}") from exc
+    if data is not None:
+        head = data[:_DICOM_MAGIC_OFFSET + 4]
+    else:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(_DICOM_MAGIC_OFFSET + 4)
+        except OSError as exc:
+            raise DecodeError(f"cannot open file: {exc.strerror}") from exc
     if not head:
         raise DecodeError("empty file (0 bytes)")
     if fmt == "jsrt":
@@ -131,7 +137,7 @@ def read_image(path: str | Path, *, draft_size: int | None = None, fmt: str = ""
     elif _is_dicom(path, head):
         arr = _read_dicom(path)
     else:
-        arr = _read_pillow(path, draft_size)
+        arr = _read_pillow(path, draft_size, data)
     if arr.ndim != 2 or min(arr.shape) < 8:
         raise DecodeError(f"unexpected image shape {arr.shape}")
     return arr

@@ -128,7 +128,7 @@ def _decode_one(args: tuple[str, int, str, str, bool]) -> tuple:
         return "", None, (0, 0), None, f"cannot open file: {exc.strerror}"
     content_hash = hashlib.sha256(raw).hexdigest()
     try:
-        arr = read_image(path, draft_size=size, fmt=fmt)
+        arr = read_image(path, draft_size=size, fmt=fmt, data=raw)
         small = resize(arr, size, policy=policy)
         return content_hash, small.tobytes(), arr.shape, dhash(small) if want_hash else None, ""
     except DecodeError as exc:
