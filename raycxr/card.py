@@ -49,12 +49,15 @@ Classifier of frontal chest radiographs. Selected and thresholded for **{card['t
 - The holdout is carved from the same sources as training (patient-disjoint), so it estimates
   internal, not external, validity.
 
-## Operating threshold
-{card['threshold']:.4f}, chosen on the **validation** split by rule `{card['threshold_rule']}`
-before the holdout was read (validation at this threshold: sensitivity {_fmt(card['validation']['sensitivity'])},
+## Operating threshold and calibration
+{card['threshold']:.4f} on temperature-scaled probabilities (temperature {card['temperature']:.3f}, fitted on
+validation). Chosen by: {card['threshold_stability']['how']}. Everything here was fixed on the **validation**
+split before the holdout was read (validation at this threshold: sensitivity {_fmt(card['validation']['sensitivity'])},
 specificity {_fmt(card['validation']['specificity'])}, AUC {_fmt(card['validation']['auc'])}).
 
 ## Holdout metrics (read once, by promote)
+![ROC](roc.png) ![Reliability](reliability.png)
+
 {_metric_table(h['pooled'])}
 
 ### Per source
@@ -77,7 +80,7 @@ Trial `{t['trial_id']}`: validation AUC {_fmt(t['val_auc'])} at epoch {t['best_e
 | --- | --- |
 """ + "\n".join(f"| {k} | {v} |" for k, v in hp.items()) + f"""
 
-Search space `{card['search_space'].get('description', '').strip() or 'see run.json'}`: see `metrics.json` for
+Search space `{card['search_space'].get('description', '').strip() or 'see run.json'}`: see `model_card.json` for
 the whole space and the top of the leaderboard.
 
 ## Exports

@@ -10,6 +10,8 @@ import logging
 import sys
 from pathlib import Path
 
+from raycxr.errors import ConfigError
+
 
 def _source(text: str) -> tuple[str, Path]:
     key, sep, path = text.partition("=")
@@ -56,8 +58,15 @@ def _ingest(args) -> int:
 
 
 def _search(args) -> int:
-    from raycxr.search import SearchConfig, format_leaderboard, run_search
+    from raycxr.search import SearchConfig, format_leaderboard, resume_search, run_search
 
+    if args.resume:
+        board = resume_search(args.resume, address=args.address, num_cpus=args.num_cpus)
+        print("\nLeaderboard (validation AUC; the holdout is untouched):")
+        print(format_leaderboard(board))
+        return 0
+    if not args.data or not args.space:
+        raise ConfigError("a new search needs --data and --space (or --resume runs/NAME)", source="raycxr search")
     board = run_search(SearchConfig(data=args.data, space=args.space, name=args.name, runs_dir=args.runs_dir,
                                     trials=args.trials, max_epochs=args.max_epochs, address=args.address,
                                     storage=args.storage, max_failures=args.max_failures,
@@ -81,27 +90,54 @@ def _promote(args) -> int:
                                  target_sensitivity=args.target_sensitivity, n_boot=args.bootstrap,
                                  force=args.force))
     h = card["holdout"]["pooled"]
-    ci = h["ci95"]
     print(f"Promoted trial {card['trial']['trial_id']} ({card['trial']['model']}, val AUC "
           f"{card['trial']['val_auc']:.4f}) -> {args.out}")
     print(f"Threshold {card['threshold']:.4f} (rule {card['threshold_rule']}, chosen on validation)")
     print(f"Holdout ({h['n']} images, read once):")
-    for k in ("auc", "accuracy", "sensitivity", "specificity", "brier"):
-        print(f"  {k:12s} {h[k]:.3f}  95% CI {ci[k][0]:.3f} - {ci[k][1]:.3f}")
-    print(f"Model card: {Path(args.out) / 'model_card.md'}")
+    _print_metrics(h)
+    print(f"Model card: {Path(args.out) / 'model_card.md'}   Report with plots: {Path(args.out) / 'report.html'}")
+    return 0
+
+
+def _print_metrics(m: dict) -> None:
+    ci = m["ci95"]
+    for k in ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "brier", "ece"):
+        lo, hi = ci[k]
+        span = f"95% CI {lo:.3f} - {hi:.3f}" if lo is not None else "95% CI n/a"
+        print(f"  {k:12s} {m[k]:.3f}  {span}")
+
+
+def _evaluate(args) -> int:
+    from raycxr.promote import evaluate_model
+
+    r = evaluate_model(args.model, args.data, split=args.split, n_boot=args.bootstrap)
+    pooled = r["metrics"]["pooled"]
+    print(f"{args.model} on {args.data} ({args.split}, {pooled['n']} images with a known {r['target']} label), "
+          f"threshold {r['threshold']:.4f}:")
+    _print_metrics(pooled)
+    for source, m in r["metrics"]["per_source"].items():
+        print(f"  {source}: n {m['n']}, AUC {m['auc']:.3f}, sensitivity {m['sensitivity']:.3f}, "
+              f"specificity {m['specificity']:.3f}")
+    print(f"Written to {r['written_to']}")
     return 0
 
 
 def _predict(args) -> int:
     import csv
+    import dataclasses
+    import json
 
     from raycxr.predict import predict
 
-    rows = predict(args.model, args.files)
-    w = csv.writer(sys.stdout)
-    w.writerow(["file", "probability", "label", "error"])
-    for r in rows:
-        w.writerow([r.file, "" if r.probability is None else f"{r.probability:.4f}", r.label or "", r.error])
+    rows = predict(args.model, args.files, saliency_dir=args.saliency)
+    if args.format == "json":
+        print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
+    else:
+        w = csv.writer(sys.stdout)
+        w.writerow(["file", "probability", "label", "error", "warning", "saliency"])
+        for r in rows:
+            w.writerow([r.file, "" if r.probability is None else f"{r.probability:.4f}", r.label or "", r.error,
+                        r.warning, r.saliency])
     failed = sum(bool(r.error) for r in rows)
     if failed:
         print(f"{failed} of {len(rows)} files could not be read", file=sys.stderr)
@@ -136,8 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(fn=_ingest)
 
     s = sub.add_parser("search", help="Ray Tune search (Optuna TPE + ASHA) over Ray Train trials")
-    s.add_argument("--data", type=Path, required=True, help="a folder written by `raycxr ingest`")
-    s.add_argument("--space", required=True, help="a name in search_spaces/ (demo, default) or a YAML path")
+    s.add_argument("--data", type=Path, help="a folder written by `raycxr ingest`")
+    s.add_argument("--space", help="a name in search_spaces/ (demo, cpu, default) or a YAML path")
+    s.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                   help="continue a stopped or killed search (runs/NAME): finished trials are kept")
     s.add_argument("--trials", type=int, help="override the space's number of trials")
     s.add_argument("--max-epochs", type=int, help="override the space's max_epochs")
     s.add_argument("--name", help="run name (default SPACE-DATE-TIME)")
@@ -166,9 +204,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--force", action="store_true", help="replace an existing --out folder")
     pr.set_defaults(fn=_promote)
 
+    ev = sub.add_parser("evaluate", help="score a promoted model on any ingested dataset (external validation)")
+    ev.add_argument("--model", type=Path, required=True, help="a folder written by `raycxr promote`")
+    ev.add_argument("--data", type=Path, required=True, help="a folder written by `raycxr ingest`")
+    ev.add_argument("--split", choices=["train", "val", "holdout", "all"], default="holdout")
+    ev.add_argument("--bootstrap", type=int, default=1000)
+    ev.set_defaults(fn=_evaluate)
+
     pd = sub.add_parser("predict", help="classify DICOM/PNG/JPEG files or folders; CSV to stdout")
     pd.add_argument("--model", type=Path, required=True, help="a folder written by `raycxr promote`")
     pd.add_argument("files", nargs="+", help="files or folders")
+    pd.add_argument("--format", choices=["csv", "json"], default="csv", help="output on stdout (default csv)")
+    pd.add_argument("--saliency", type=Path, metavar="DIR", help="write a Grad-CAM overlay PNG per image to DIR")
     pd.set_defaults(fn=_predict)
     return p
 

@@ -91,11 +91,6 @@ class SearchSpace:
     weights_dir: str | None = None
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
-    def fixed(self, key: str):
-        """The default for ``key`` if the space leaves it out (None when it has no default)."""
-        p = self.params.get(key)
-        return p.values[0] if p is not None and p.kind == "value" else None
-
     def values_of(self, key: str) -> list:
         """Every value ``key`` can take where that is a finite set (choice or fixed)."""
         p = self.params[key]

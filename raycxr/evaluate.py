@@ -31,6 +31,75 @@ def choose_threshold(y: np.ndarray, p: np.ndarray, *, rule: str = "youden", targ
     return float(thr[ok[0]])
 
 
+def fit_temperature(y: np.ndarray, p: np.ndarray) -> float:
+    """Temperature T minimising the validation log loss of sigmoid(logit(p) / T) (Guo et al. 2017)."""
+    from scipy.optimize import minimize_scalar
+    from sklearn.metrics import log_loss
+
+    z = _logit(p)
+
+    def nll(log_t):
+        return log_loss(y, _sigmoid(z / np.exp(log_t)), labels=[0, 1])
+
+    if len(np.unique(y)) < 2:
+        return 1.0
+    return float(np.exp(minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded").x))
+
+
+def apply_temperature(p: np.ndarray, temperature: float) -> np.ndarray:
+    return _sigmoid(_logit(p) / temperature)
+
+
+def _logit(p):
+    p = np.clip(np.asarray(p, dtype=float), 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+# A threshold whose bootstrap 95% range is wider than this (in probability) is "unstable": the
+# validation split cannot pin it down (typical when validation is nearly separable).
+UNSTABLE_THRESHOLD_RANGE = 0.2
+
+
+def threshold_stability(y: np.ndarray, p: np.ndarray, groups: np.ndarray, *, rule: str, target: float = 0.95,
+                        n_boot: int = 500, seed: int = 0) -> dict:
+    """Bootstrap (over patients) the threshold ``rule`` picks on validation.
+
+    Returns the point threshold, the bootstrap median and 95% range, and whether it is unstable.
+    When it is, :func:`choose_operating_threshold` uses the bootstrap median ("bagged"
+    threshold), which varies far less between resamples than one arg-max on a noisy curve.
+    """
+    rng = np.random.default_rng(seed)
+    y, p, groups = np.asarray(y).astype(int), np.asarray(p, dtype=float), np.asarray(groups)
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
+    draws = []
+    for _ in range(n_boot):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+        if len(np.unique(y[idx])) == 2:
+            draws.append(choose_threshold(y[idx], p[idx], rule=rule, target=target))
+    draws = np.asarray(draws) if draws else np.array([choose_threshold(y, p, rule=rule, target=target)])
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return {"point": choose_threshold(y, p, rule=rule, target=target), "bootstrap_median": float(np.median(draws)),
+            "ci95": [float(lo), float(hi)], "unstable": bool(hi - lo > UNSTABLE_THRESHOLD_RANGE),
+            "n_boot_used": int(len(draws))}
+
+
+def choose_operating_threshold(y, p, groups, *, rule: str, target: float = 0.95, seed: int = 0) -> tuple[float, dict]:
+    """The rule's threshold on validation, or the bagged threshold when that is unstable."""
+    stab = threshold_stability(y, p, groups, rule=rule, target=target, seed=seed)
+    chosen = stab["bootstrap_median"] if stab["unstable"] else stab["point"]
+    stab["chosen"] = float(chosen)
+    stab["how"] = (f"{rule} on validation; unstable (95% bootstrap range {stab['ci95'][0]:.3f}-{stab['ci95'][1]:.3f} "
+                   f"> {UNSTABLE_THRESHOLD_RANGE}), so the median of {stab['n_boot_used']} patient-bootstrap "
+                   "thresholds is used" if stab["unstable"] else
+                   f"{rule} on validation (95% bootstrap range {stab['ci95'][0]:.3f}-{stab['ci95'][1]:.3f})")
+    return float(chosen), stab
+
+
 def expected_calibration_error(y: np.ndarray, p: np.ndarray, *, bins: int = 10) -> float:
     """ECE over equal-width probability bins: sum over bins of |observed - predicted| x share."""
     from sklearn.calibration import calibration_curve

@@ -2,8 +2,11 @@
 
 Loads ``config.json`` and ``model.safetensors`` (never a pickle) and reads each file with
 the same functions ingest used (:func:`raycxr.imaging.load_for_model`), then the same model
-input transform as training (:func:`raycxr.transforms.to_model_input`). A file that cannot be
-read gets an error row; every other file is still predicted.
+input transform as training (:func:`raycxr.transforms.to_model_input`), the model's
+temperature and its validation-chosen threshold. A file that cannot be read gets an error row;
+every other file is still predicted. Warnings flag inputs unlike the training data (a lateral
+view, another body part, a small image). ``saliency_dir`` writes a Grad-CAM overlay per image
+(captum's LayerGradCam on the last convolution).
 """
 
 from __future__ import annotations
@@ -25,6 +28,77 @@ class Prediction:
     probability: float | None
     label: str | None
     error: str = ""
+    warning: str = ""
+    saliency: str = ""
+
+
+def _warnings(path: Path, cfg: dict) -> str:
+    """Why this input may not be like the training data ('' if nothing)."""
+    out = []
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return ""
+    if head[128:132] == b"DICM" or path.suffix.lower() in {".dcm", ".dicom"}:
+        import pydicom
+
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        except Exception:
+            return ""
+        from raycxr.sources import normalise_view
+
+        if normalise_view(ds.get("ViewPosition")) == "LATERAL":
+            out.append("lateral view: the model was trained on frontal films")
+        part = str(ds.get("BodyPartExamined", "") or "").upper()
+        if part and part not in {"CHEST", "THORAX", "LUNG"}:
+            out.append(f"body part {part}, not chest")
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    else:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                cols, rows = im.size
+        except Exception:
+            return ""
+    if rows and cols and min(rows, cols) < cfg["preprocessing"]["stored_size"]:
+        out.append(f"small image ({cols}x{rows} px) upsampled to {cfg['preprocessing']['stored_size']} px")
+    return "; ".join(out)
+
+
+def _last_conv(model):
+    import torch
+
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    return convs[-1]
+
+
+def _write_saliency(model, x, target: int, images: np.ndarray, names: list[str], out_dir: Path) -> list[str]:
+    """Grad-CAM heat maps (captum) over the input images, as PNG overlays."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch.nn.functional as F
+    from captum.attr import LayerGradCam
+
+    cam = LayerGradCam(model, _last_conv(model)).attribute(x, target=target, relu_attributions=True)
+    cam = F.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False).detach().numpy()[:, 0]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for img, heat, name in zip(images, cam, names):
+        heat = heat / heat.max() if heat.max() > 0 else heat
+        fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+        ax.imshow(img, cmap="gray")
+        ax.imshow(heat, cmap="jet", alpha=0.35)
+        ax.set_axis_off()
+        path = out_dir / f"{Path(name).stem}_saliency.png"
+        fig.savefig(path, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(str(path))
+    return paths
 
 
 def _expand(paths: list[str | Path]) -> list[Path]:
@@ -49,7 +123,8 @@ def load_promoted(model_dir: str | Path):
     return load_model(model_dir, config), config
 
 
-def predict(model_dir: str | Path, paths: list[str | Path], *, batch_size: int = 32) -> list[Prediction]:
+def predict(model_dir: str | Path, paths: list[str | Path], *, batch_size: int = 32,
+            saliency_dir: str | Path | None = None) -> list[Prediction]:
     import torch
 
     from raycxr.imaging import load_for_model
@@ -63,19 +138,26 @@ def predict(model_dir: str | Path, paths: list[str | Path], *, batch_size: int =
     def flush():
         if not pending:
             return
-        x = torch.from_numpy(np.stack([a for _, a in pending])[:, None])
+        images = np.stack([a for _, a in pending])
+        x = to_model_input(torch.from_numpy(images[:, None]), image_size=cfg["image_size"], mean=cfg["mean"],
+                           std=cfg["std"])
+        target = cfg["findings"].index(cfg["target"])
         with torch.no_grad():
-            logits = model(to_model_input(x, image_size=cfg["image_size"], mean=cfg["mean"], std=cfg["std"]))
-            probs = torch.sigmoid(logits[:, cfg["findings"].index(cfg["target"])]).numpy()
+            probs = torch.sigmoid(model(x)[:, target] / cfg["temperature"]).numpy()
         for (i, _), prob in zip(pending, probs):
             results[i].probability = float(prob)
             results[i].label = cfg["class_names"][int(prob >= cfg["threshold"])]
+        if saliency_dir is not None:
+            maps = _write_saliency(model, x, target, images, [results[i].file for i, _ in pending], Path(saliency_dir))
+            for (i, _), path in zip(pending, maps):
+                results[i].saliency = path
         pending.clear()
 
     for f in _expand(paths):
         results.append(Prediction(file=str(f), probability=None, label=None))
         try:
             pending.append((len(results) - 1, load_for_model(f, size, policy=policy)))
+            results[-1].warning = _warnings(f, cfg)
         except DecodeError as exc:
             results[-1].error = str(exc)
         if len(pending) >= batch_size:

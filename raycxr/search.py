@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 _TRIAL_DRIVER_CPU = 0.01
 LEADERBOARD_COLUMNS = ["rank", "trial_id", METRIC, "best_epoch", "epochs", "val_accuracy", "val_loss", "model",
                        "image_size", "augment", "optimizer", "lr", "weight_decay", "batch_size", "imbalance",
-                       "label_smoothing", "warmup_epochs", "drop_rate", "status", "checkpoint"]
+                       "label_smoothing", "warmup_epochs", "drop_rate", "status", "tune_status", "resumed_from_epoch",
+                       "checkpoint"]
 
 
 @dataclass(frozen=True)
@@ -169,8 +170,7 @@ def run_search(cfg: SearchConfig) -> list[dict]:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from raycxr.data import label_matrix, open_split, read_manifest, read_split
-    from raycxr.labels import FINDINGS
+    from raycxr.data import read_manifest
     from raycxr.models import min_image_size
 
     space = load_space(cfg.space)
@@ -190,29 +190,14 @@ def run_search(cfg: SearchConfig) -> list[dict]:
     name, run_dir = _run_dir(cfg, space)
     init_ray(address=cfg.address, num_cpus=cfg.num_cpus)
     plan = _plan_resources(space, trials=trials)
-    labels = label_matrix(read_split(cfg.data, "train", columns=["labels"]).column("labels"))
-    _check_target(cfg, labels)
-    # Read once into the object store, shared by every trial: epochs and trials re-read nothing.
-    train_ds = open_split(cfg.data, "train").materialize()
-    val_ds = open_split(cfg.data, "val").materialize()
-
     storage = cfg.storage or str(run_dir)
+    record = {"name": name, "space": space.name, "target": cfg.target, "space_config": space.raw,
+              "data": str(Path(cfg.data).resolve()), "data_fingerprint": manifest["fingerprint"], "trials": trials,
+              "max_epochs": max_epochs, "seed": space.seed, "metric": METRIC, "resources": plan, "storage": storage,
+              "max_failures": cfg.max_failures, "versions": _versions(),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    trainable = _trainable(record, space, plan, manifest)
     run_dir.mkdir(parents=True, exist_ok=True)
-    static = {
-        "workers": plan["workers"], "worker_cpu_request": plan["worker_cpu_request"],
-        "gpus_per_worker": plan["gpus_per_worker"], "max_failures": cfg.max_failures,
-        "trials_path": storage.rstrip("/") + "/trials",
-        "loop": {"max_epochs": max_epochs, "seed": space.seed, "train_rows": int(len(labels)),
-                 "findings": list(FINDINGS), "target": cfg.target, "pos_weight": _pos_weight(labels),
-                 "ingest_image_size": ingest_size, "resize": manifest["params"]["resize"],
-                 "cpus_per_worker": plan["cpus_per_worker"], "pretrained": space.pretrained,
-                 "weights_dir": space.weights_dir,
-                 "image_size": ingest_size},
-    }
-    record = {"name": name, "space": space.name, "target": cfg.target, "space_config": space.raw, "data": str(Path(cfg.data).resolve()),
-              "data_fingerprint": manifest["fingerprint"], "trials": trials, "max_epochs": max_epochs,
-              "seed": space.seed, "metric": METRIC, "resources": plan, "storage": storage,
-              "versions": _versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (run_dir / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
 
     gpu = f" + {plan['gpus_per_worker']:g} GPU" if plan["gpus_per_worker"] else ""
@@ -223,30 +208,99 @@ def run_search(cfg: SearchConfig) -> list[dict]:
     searcher = None  # a space with every value fixed has nothing to search: plain repeated trials
     if any(p.kind != "value" for p in space.params.values()):
         searcher = OptunaSearch(metric=METRIC, mode="max", sampler=optuna.samplers.TPESampler(seed=space.seed))
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_epochs,
-                              grace_period=min(space.grace_period, max_epochs),
+    # ASHA's clock is the epoch each trial reports, not Tune's iteration count: a trial resumed
+    # from a checkpoint after a failure keeps its true position on the rungs.
+    scheduler = ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=min(space.grace_period, max_epochs),
                               reduction_factor=space.reduction_factor)
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, train_ds=train_ds, val_ds=val_ds, static=static),
-        {"cpu": _TRIAL_DRIVER_CPU})
     tuner = tune.Tuner(
         trainable, param_space=_tune_space(space),
         tune_config=tune.TuneConfig(
             metric=METRIC, mode="max", search_alg=searcher, scheduler=scheduler, num_samples=trials,
             max_concurrent_trials=plan["concurrent"], trial_dirname_creator=_trial_dirname,
             time_budget_s=cfg.time_budget_min * 60 if cfg.time_budget_min else None),
+        # Tune retries a trial whose driver died (a lost node); the retried trial's TorchTrainer
+        # finds its own checkpoints in storage and resumes from the latest one.
         run_config=tune.RunConfig(name="tune", storage_path=storage, verbose=1,
-                                  failure_config=tune.FailureConfig(max_failures=0)),
+                                  failure_config=tune.FailureConfig(max_failures=cfg.max_failures)),
     )
+    return _fit(tuner, run_dir, name)
+
+
+def resume_search(run_dir: str | Path, *, address: str | None = None, num_cpus: int | None = None) -> list[dict]:
+    """Continue a stopped or killed search: finished trials are kept, unfinished and errored
+    ones restart from their last checkpoint, and the Optuna searcher keeps its history."""
+    from ray import tune
+
+    from raycxr.config import parse_space
+    from raycxr.data import read_manifest
+
+    run_dir = Path(run_dir).resolve()
+    if not (run_dir / "run.json").is_file():
+        raise ConfigError(f"{run_dir} is not a raycxr run folder (no run.json): pass --resume runs/NAME",
+                          source="--resume")
+    record = json.loads((run_dir / "run.json").read_text())
+    manifest = read_manifest(record["data"])
+    if manifest["fingerprint"] != record["data_fingerprint"]:
+        raise ConfigError(f"{record['data']} changed since the search started (fingerprint {manifest['fingerprint']}"
+                          f" != {record['data_fingerprint']}): a resumed search must see the same data",
+                          source="--resume")
+    space = parse_space(record["space_config"], name=record["space"])
+    init_ray(address=address, num_cpus=num_cpus)
+    plan = _plan_resources(space, trials=record["trials"])
+    tune_path = record["storage"].rstrip("/") + "/tune"
+    if not tune.Tuner.can_restore(tune_path):
+        raise ConfigError(f"nothing to resume at {tune_path}: the search stopped before Tune saved its state; "
+                          "start it again", source="--resume")
+    print(f"Resuming search {record['name']} from {tune_path}")
+    tuner = tune.Tuner.restore(tune_path, trainable=_trainable(record, space, plan, manifest),
+                               resume_unfinished=True, resume_errored=True)
+    return _fit(tuner, run_dir, record["name"])
+
+
+def _trainable(record: dict, space: SearchSpace, plan: dict, manifest: dict):
+    """The Tune trainable of a search: ``run_trial`` with the shared datasets and settings.
+
+    Built the same way for a new search and a resumed one (Tuner.restore needs the same trainable).
+    """
+    from ray import tune
+
+    from raycxr.data import label_matrix, open_split, read_split
+    from raycxr.labels import FINDINGS
+
+    data = record["data"]
+    labels = label_matrix(read_split(data, "train", columns=["labels"]).column("labels"))
+    _check_target(Path(data), record["target"], labels)
+    # Read once into the object store, shared by every trial: epochs and trials re-read nothing.
+    train_ds = open_split(data, "train").materialize()
+    val_ds = open_split(data, "val").materialize()
+    ingest_size = manifest["params"]["image_size"]
+    static = {
+        "workers": plan["workers"], "worker_cpu_request": plan["worker_cpu_request"],
+        "gpus_per_worker": plan["gpus_per_worker"], "max_failures": record["max_failures"],
+        "trials_path": record["storage"].rstrip("/") + "/trials",
+        "loop": {"max_epochs": record["max_epochs"], "seed": space.seed, "train_rows": int(len(labels)),
+                 "findings": list(FINDINGS), "target": record["target"], "pos_weight": _pos_weight(labels),
+                 "ingest_image_size": ingest_size, "resize": manifest["params"]["resize"],
+                 "cpus_per_worker": plan["cpus_per_worker"], "pretrained": space.pretrained,
+                 "weights_dir": space.weights_dir, "image_size": ingest_size},
+    }
+    return tune.with_resources(tune.with_parameters(run_trial, train_ds=train_ds, val_ds=val_ds, static=static),
+                               {"cpu": _TRIAL_DRIVER_CPU})
+
+
+def _fit(tuner, run_dir: Path, name: str) -> list[dict]:
+    hint = f"resume it with: raycxr search --resume {run_dir}"
     try:
         results = tuner.fit()
     except KeyboardInterrupt:
-        print(f"\nSearch interrupted. Its finished trials are kept in {run_dir}.")
+        print(f"\nSearch {name} interrupted; finished trials are kept in {run_dir}. To continue, {hint}")
         raise
     for err in results.errors:
         log.warning("a trial failed: %s", str(err).splitlines()[0] if str(err) else type(err).__name__)
     board = leaderboard(run_dir)
     _write_leaderboard(board, run_dir / "leaderboard.csv")
+    if any(r["tune_status"] in ("PENDING", "RUNNING", "PAUSED") for r in board):
+        print(f"Search {name} stopped before every trial finished; {hint}")
     if not any(row["status"] == "ok" for row in board):
         raise NoEligibleTrialError(f"no trial of {name} reported {METRIC}: see the errors above and "
                                    f"the trial logs in {run_dir / 'tune'}")
@@ -259,19 +313,19 @@ def _pos_weight(labels) -> list[float]:
     return [float(n / p) if p and n else 1.0 for p, n in zip(pos, neg)]
 
 
-def _check_target(cfg: SearchConfig, train_labels) -> None:
+def _check_target(data: Path, target: str, train_labels) -> None:
     from raycxr.data import label_matrix, read_split
     from raycxr.labels import FINDINGS, index
 
-    if cfg.target not in FINDINGS:
-        raise ConfigError(f"unknown finding {cfg.target!r}; use one of: {', '.join(FINDINGS)}", source="--target")
-    t = index(cfg.target)
-    val = label_matrix(read_split(cfg.data, "val", columns=["labels"]).column("labels"))[:, t]
+    if target not in FINDINGS:
+        raise ConfigError(f"unknown finding {target!r}; use one of: {', '.join(FINDINGS)}", source="--target")
+    t = index(target)
+    val = label_matrix(read_split(data, "val", columns=["labels"]).column("labels"))[:, t]
     for split, col in (("train", train_labels[:, t]), ("val", val)):
         if not ((col == 1).any() and (col == 0).any()):
-            raise ConfigError(f"the {split} split has no known positive and negative {cfg.target} labels "
+            raise ConfigError(f"the {split} split has no known positive and negative {target} labels "
                               f"(positives {(col == 1).sum()}, negatives {(col == 0).sum()}): ingest a source "
-                              f"that labels {cfg.target}, or choose another --target", source="--target")
+                              f"that labels {target}, or choose another --target", source="--target")
 
 
 def _versions() -> dict:
@@ -302,12 +356,13 @@ def leaderboard(run_dir: str | Path) -> list[dict]:
     for trial in analysis.trials:
         df = analysis.trial_dataframes.get(trial.trial_id)
         row = {k: trial.config.get(k) for k in LEADERBOARD_COLUMNS if k in trial.config}
-        row.update(trial_id=trial.trial_id, status="no result", epochs=0)
+        row.update(trial_id=trial.trial_id, status="no result", epochs=0, tune_status=trial.status)
         if df is not None and METRIC in df and df[METRIC].notna().any():
             best = df.loc[df[METRIC].idxmax()]
             row.update({METRIC: float(best[METRIC]), "best_epoch": int(best["epoch"]),
                         "epochs": int(df["epoch"].max()), "val_accuracy": float(best["val_accuracy"]),
                         "val_loss": float(best["val_loss"]), "status": "ok",
+                        "resumed_from_epoch": int(df["resumed_from_epoch"].max()) if "resumed_from_epoch" in df else 0,
                         "checkpoint": best.get("checkpoint_path")})
         if trial.status == "ERROR":
             row["status"] = "error" if row["status"] != "ok" else "ok (then failed)"

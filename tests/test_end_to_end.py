@@ -69,9 +69,16 @@ def test_end_to_end(ray_local, tmp_path, sample_dir, capsys):
 
     assert main(["promote", "--run", str(runs / "e2e"), "--out", str(model_dir), "--bootstrap", "200"]) == 0
     for name in ("model.safetensors", "model.torchscript.pt", "model.onnx", "config.json", "model_card.md",
-                 "metrics.json"):
+                 "model_card.json", "report.html", "roc.png", "pr.png", "reliability.png", "confusion.png",
+                 "learning_curves.png", "search_history.png"):
         assert (model_dir / name).is_file(), name
-    card = json.loads((model_dir / "metrics.json").read_text())
+    from PIL import Image
+
+    for png in model_dir.glob("*.png"):
+        with Image.open(png) as im:
+            assert im.size[0] > 300 and np.asarray(im.convert("L")).std() > 5, png  # a drawn figure
+    assert (model_dir / "report.html").read_text().count("data:image/png;base64,") == 6
+    card = json.loads((model_dir / "model_card.json").read_text())
     assert card["trial"]["trial_id"] == board[0]["trial_id"]  # best by validation
     pooled = card["holdout"]["pooled"]
     assert pooled["n"] == json.loads((data / "manifest.json").read_text())["counts"]["holdout"]["images"]
@@ -80,6 +87,23 @@ def test_end_to_end(ray_local, tmp_path, sample_dir, capsys):
         assert 0.0 <= lo <= pooled[k] <= hi <= 1.0, k
     assert len((runs / "e2e" / "holdout_reads.jsonl").read_text().splitlines()) == 1
     assert "Holdout metrics" in (model_dir / "model_card.md").read_text()
+
+    # The threshold and temperature come from validation alone: recompute them from val predictions.
+    from raycxr.evaluate import apply_temperature, choose_operating_threshold, fit_temperature
+    from raycxr.promote import predict_split
+
+    model_v, cfg_v = load_promoted(model_dir)
+    vp, vy, vg, _ = predict_split(model_v, {**cfg_v["trial"], **cfg_v}, data, "val")
+    temp = fit_temperature(vy, vp)
+    thr, _ = choose_operating_threshold(vy, apply_temperature(vp, temp), vg, rule="youden")
+    assert cfg_v["temperature"] == pytest.approx(temp) and cfg_v["threshold"] == pytest.approx(thr)
+
+    # External validation: the same metrics on any ingested split, written next to the model.
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(model_dir), "--data", str(data), "--split", "val", "--bootstrap", "100"]) == 0
+    evaluation = json.loads(next((model_dir / "evaluations").glob("*-val.json")).read_text())
+    assert evaluation["metrics"]["pooled"]["n"] == len(vy)
+    assert evaluation["metrics"]["pooled"]["auc"] == pytest.approx(card["validation"]["auc"])
 
     # Exports agree with the eager model on real images, loaded independently of promote.
     import onnxruntime as ort
@@ -121,6 +145,20 @@ def test_end_to_end(ray_local, tmp_path, sample_dir, capsys):
             expect = torch.sigmoid(logits[0, cfg["findings"].index("pneumonia")]).item()
         assert p == pytest.approx(expect, abs=1e-4)
         assert r["label"] == ("pneumonia" if p >= cfg["threshold"] else "not_pneumonia")
+
+    # JSON output, Grad-CAM overlays, and a warning for a lateral DICOM.
+    from tests.builders import dicom_from_array
+
+    lateral = dicom_from_array(tmp_path / "lateral.dcm", np.asarray(Image.open(good[0]).convert("L")), view="LL",
+                               phi=False)
+    capsys.readouterr()
+    assert main(["predict", "--model", str(model_dir), "--format", "json", "--saliency", str(tmp_path / "sal"),
+                 str(good[0]), str(lateral)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["warning"] == "" and "lateral view" in rows[1]["warning"]
+    for r in rows:
+        with Image.open(r["saliency"]) as im:
+            assert im.size[0] > 100
 
     # No file name (Kermany names carry patient numbers) reaches any artefact of the run or model.
     stems = [p.stem for p in sample_dir.rglob("*.jpeg")]

@@ -60,3 +60,34 @@ def test_ece_is_zero_for_calibrated_and_large_for_overconfident():
     y = (rng.uniform(0, 1, p.size) < p).astype(int)
     assert expected_calibration_error(y, p) < 0.01
     assert expected_calibration_error(y, np.where(p > 0.5, 0.999, 0.001)) > 0.2
+
+
+def test_temperature_scaling_fixes_overconfidence():
+    from sklearn.metrics import log_loss
+
+    from raycxr.evaluate import apply_temperature, fit_temperature
+
+    rng = np.random.default_rng(3)
+    z = rng.normal(0, 2, 4000)
+    y = (rng.uniform(size=z.size) < 1 / (1 + np.exp(-z))).astype(int)  # sigmoid(z) is calibrated
+    overconfident = 1 / (1 + np.exp(-3 * z))  # the same ranking, three times too sharp
+    t = fit_temperature(y, overconfident)
+    assert 2.4 < t < 3.6
+    fixed = apply_temperature(overconfident, t)
+    assert log_loss(y, fixed) < log_loss(y, overconfident)
+    assert roc_auc_score(y, fixed) == pytest.approx(roc_auc_score(y, overconfident))  # ranking unchanged
+
+
+def test_unstable_threshold_falls_back_to_the_bagged_median():
+    from raycxr.evaluate import choose_operating_threshold, threshold_stability
+
+    # a small validation split: Youden's arg-max jumps between resamples
+    y, p = _scores(40, seed=7, sep=0.7)
+    stab = threshold_stability(y, p, np.arange(40), rule="youden", n_boot=300)
+    assert stab["unstable"], stab
+    t, info = choose_operating_threshold(y, p, np.arange(40), rule="youden")
+    assert t == pytest.approx(stab["bootstrap_median"]) and "unstable" in info["how"]
+    # plenty of overlapping data: the threshold is pinned down and used as is
+    y2, p2 = _scores(3000, seed=5, sep=0.8)
+    t2, info2 = choose_operating_threshold(y2, p2, np.arange(3000), rule="youden")
+    assert not info2["unstable"] and t2 == pytest.approx(info2["point"])

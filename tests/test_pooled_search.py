@@ -39,7 +39,7 @@ def test_pooled_sources_search_and_promote_without_phi(ray_local, tmp_path):
     assert main(["search", "--data", str(data), "--space", str(space), "--name", "pool", "--runs-dir", str(runs)]) == 0
     assert main(["promote", "--run", str(runs / "pool"), "--out", str(model), "--bootstrap", "50"]) == 0
 
-    card = json.loads((model / "metrics.json").read_text())
+    card = json.loads((model / "model_card.json").read_text())
     per_source = card["holdout"]["per_source"]
     # pneumonia is scored only where a source labels it: no TB-only or JSRT rows in the metrics
     assert not {"montgomery", "shenzhen", "jsrt"} & set(per_source)

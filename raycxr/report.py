@@ -1,0 +1,169 @@
+"""Plots and a self-contained HTML report for a promoted model.
+
+PNG files (matplotlib, Agg): ROC and precision-recall curves with the operating point,
+a reliability diagram, the confusion matrix at the threshold, learning curves of the top
+trials, and the search history (validation AUC by trial start time). ``report.html`` embeds
+them (base64) beside the model card's tables, so it can be mailed or archived as one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+
+_PLOTS = ("roc", "pr", "reliability", "confusion", "learning_curves", "search_history")
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 4.6), dpi=110)
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def plot_roc(y, p, threshold: float, auc_ci, path: Path) -> Path:
+    from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
+
+    fpr, tpr, _ = roc_curve(y, p)
+    tn, fp, fn, tp = confusion_matrix(y, p >= threshold, labels=[0, 1]).ravel()
+    fig, ax = _figure()
+    ax.plot(fpr, tpr, lw=2, label=f"AUC {roc_auc_score(y, p):.3f} (95% CI {auc_ci[0]:.3f}-{auc_ci[1]:.3f})")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+    ax.scatter([fp / max(1, fp + tn)], [tp / max(1, tp + fn)], s=70, c="crimson", zorder=3,
+               label=f"threshold {threshold:.3f}: sens {tp / max(1, tp + fn):.2f}, spec {tn / max(1, tn + fp):.2f}")
+    ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity (true positive rate)",
+           title="ROC, holdout", xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_pr(y, p, threshold: float, path: Path) -> Path:
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    prec, rec, _ = precision_recall_curve(y, p)
+    pred = p >= threshold
+    fig, ax = _figure()
+    ax.plot(rec, prec, lw=2, label=f"average precision {average_precision_score(y, p):.3f}")
+    ax.axhline(np.mean(y), ls="--", c="grey", lw=1, label=f"prevalence {np.mean(y):.2f}")
+    if pred.any():
+        ax.scatter([np.mean(pred[y == 1])], [np.mean(y[pred] == 1)], s=70, c="crimson", zorder=3,
+                   label=f"threshold {threshold:.3f}")
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title="Precision-recall, holdout",
+           xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower left", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_reliability(y, p, ece: float, path: Path, *, bins: int = 10) -> Path:
+    from sklearn.calibration import calibration_curve
+
+    prob_true, prob_pred = calibration_curve(y, p, n_bins=bins, strategy="uniform")
+    fig, ax = _figure()
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="perfectly calibrated")
+    ax.plot(prob_pred, prob_true, marker="o", lw=2, label=f"model (ECE {ece:.3f})")
+    ax2 = ax.twinx()
+    ax2.hist(p, bins=np.linspace(0, 1, bins + 1), alpha=0.2, color="grey")
+    ax2.set_ylabel("images per bin", color="grey")
+    ax.set(xlabel="predicted probability", ylabel="observed frequency", title="Reliability, holdout",
+           xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_confusion(m: dict, target: str, path: Path) -> Path:
+    cells = np.array([[m["tn"], m["fp"]], [m["fn"], m["tp"]]])
+    fig, ax = _figure()
+    ax.grid(False)
+    ax.imshow(cells, cmap="Blues")
+    names = [f"not {target}", target]
+    for i in range(2):
+        for j in range(2):
+            ax.text(j, i, f"{cells[i, j]}\n({cells[i, j] / max(1, cells[i].sum()):.0%} of row)", ha="center",
+                    va="center", color="white" if cells[i, j] > cells.max() / 2 else "black", fontsize=11)
+    ax.set_xticks([0, 1], names)
+    ax.set_yticks([0, 1], names)
+    ax.set(xlabel="predicted", ylabel="true", title=f"Confusion at threshold {m['threshold']:.3f}, holdout")
+    return _save(fig, path)
+
+
+def _trial_frames(run_dir: Path):
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(Path(run_dir).resolve() / "tune"))
+    return analysis.trial_dataframes
+
+
+def plot_learning_curves(run_dir: Path, top_ids: list[str], path: Path) -> Path:
+    frames = _trial_frames(run_dir)
+    fig, ax = _figure()
+    for tid in top_ids:
+        df = frames.get(tid)
+        if df is not None and "val_auc" in df:
+            ax.plot(df["epoch"], df["val_auc"], marker="o", label=f"{tid} val AUC")
+    ax.set(xlabel="epoch", ylabel="validation AUC", title="Learning curves of the top trials")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_search_history(run_dir: Path, path: Path) -> Path:
+    frames = _trial_frames(run_dir)
+    starts, best, order = [], [], []
+    for tid, df in frames.items():
+        if "val_auc" in df and df["val_auc"].notna().any():
+            order.append((float(df["timestamp"].min()), float(df["val_auc"].max()), tid))
+    order.sort()
+    fig, ax = _figure()
+    if order:
+        t0 = order[0][0]
+        starts = [(t - t0) / 60 for t, _, _ in order]
+        best = np.maximum.accumulate([a for _, a, _ in order])
+        ax.scatter(starts, [a for _, a, _ in order], label="trial's best val AUC")
+        ax.step(starts, best, where="post", c="crimson", label="best so far")
+    ax.set(xlabel="trial start (minutes into the search)", ylabel="validation AUC", title="Search history")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def write_report(out: Path, *, card: dict, holdout_y, holdout_p, run_dir: Path) -> dict[str, Path]:
+    """Write every plot as PNG and ``report.html``; return {plot name: path}."""
+    pooled = card["holdout"]["pooled"]
+    top = [r["trial_id"] for r in card["leaderboard_top"][:5]]
+    plots = {
+        "roc": plot_roc(holdout_y, holdout_p, card["threshold"], pooled["ci95"]["auc"], out / "roc.png"),
+        "pr": plot_pr(holdout_y, holdout_p, card["threshold"], out / "pr.png"),
+        "reliability": plot_reliability(holdout_y, holdout_p, pooled["ece"], out / "reliability.png"),
+        "confusion": plot_confusion(pooled, card["target"], out / "confusion.png"),
+        "learning_curves": plot_learning_curves(run_dir, top, out / "learning_curves.png"),
+        "search_history": plot_search_history(run_dir, out / "search_history.png"),
+    }
+    md = (out / "model_card.md").read_text() if (out / "model_card.md").exists() else ""
+    imgs = "\n".join(f'<figure><img alt="{k}" src="data:image/png;base64,{base64.b64encode(v.read_bytes()).decode()}">'
+                     f"<figcaption>{k.replace('_', ' ')}</figcaption></figure>" for k, v in plots.items())
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>raycxr report: {html.escape(card['run'])}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}}
+figure{{display:inline-block;margin:0.5em;text-align:center}} img{{max-width:520px}}
+pre{{white-space:pre-wrap;background:#f6f6f6;padding:1em}}</style></head><body>
+<h1>Model report: run {html.escape(card['run'])}, target {html.escape(card['target'])}</h1>
+{imgs}
+<h2>Model card</h2><pre>{html.escape(md)}</pre>
+<h2>All figures (JSON)</h2><pre>{html.escape(json.dumps(card['holdout'], indent=1, default=str))}</pre>
+</body></html>"""
+    (out / "report.html").write_text(page)
+    return plots

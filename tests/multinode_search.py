@@ -1,0 +1,56 @@
+"""Run a raycxr search on a two-node local Ray cluster (one machine), for tests/test_faults.py.
+
+usage: python tests/multinode_search.py {ddp|remove-node} DATA_DIR WORK_DIR
+Prints one JSON line: the leaderboard, the world sizes the trials reported, the node count.
+"""
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import ray
+from ray.cluster_utils import Cluster
+
+from raycxr.search import SearchConfig, leaderboard, run_search
+
+mode, data, work = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
+                                                         "dashboard_host": "127.0.0.1"})
+second = cluster.add_node(num_cpus=1)
+cluster.wait_for_nodes()
+ray.init(address=cluster.address)
+
+space = work / "space.yaml"
+if mode == "ddp":  # one trial whose two workers (1 CPU each) must land on both nodes
+    space.write_text("trials: 1\nmax_epochs: 2\nresources: {workers_per_trial: 2, cpus_per_worker: 1}\n"
+                     "params: {model: test_resnet, image_size: 64, lr: 0.003, batch_size: 16}\n")
+else:  # two 1-worker trials, one per node; the second node disappears mid-search
+    space.write_text("trials: 2\nmax_epochs: 3\nseed: 2\nscheduler: {grace_period: 3}\n"
+                     "params: {model: test_resnet, image_size: 64, lr: [0.003, 0.005], batch_size: 16}\n")
+
+removed = []
+
+
+def remove_second_node():
+    trials = work / "runs" / "mn" / "trials"
+    end = time.time() + 300
+    while time.time() < end and not any(trials.glob("*/epoch_*")):
+        time.sleep(0.5)
+    cluster.remove_node(second)
+    removed.append(time.time())
+
+
+if mode == "remove-node":
+    threading.Thread(target=remove_second_node, daemon=True).start()
+run_search(SearchConfig(data=data, space=str(space), name="mn", runs_dir=work / "runs", max_failures=3))
+
+from ray.tune import ExperimentAnalysis  # noqa: E402
+
+analysis = ExperimentAnalysis(str(work / "runs" / "mn" / "tune"))
+world = sorted({int(w) for df in analysis.trial_dataframes.values() for w in df["world_size"].dropna()})
+board = [{k: r.get(k) for k in ("trial_id", "status", "epochs", "val_auc")} for r in leaderboard(work / "runs" / "mn")]
+print(json.dumps({"board": board, "world_sizes": world, "nodes": 2, "removed": bool(removed)}))
+ray.shutdown()
+cluster.shutdown()

@@ -1,0 +1,155 @@
+"""A search that survives: a killed Ray Train worker, a killed driver, then --resume.
+
+Each search runs as its own `raycxr search` process (a second driver) on the test session's
+local Ray, so that the test can SIGKILL workers and the driver for real.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+RAYCXR = [sys.executable, "-m", "raycxr.cli"]
+
+
+def _pids(fragment: str) -> list[int]:
+    """PIDs whose command line contains ``fragment`` (Ray sets titles such as ray::RayTrainWorker)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if fragment.encode() in (d / "cmdline").read_bytes():
+                    out.append(int(d.name))
+            except OSError:
+                continue
+    return out
+
+
+def _wait_for(predicate, timeout: float, what: str, proc=None):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"search exited ({proc.returncode}) before {what}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _space(tmp_path: Path, *, trials: int, epochs: int) -> Path:
+    f = tmp_path / "space.yaml"
+    # grace_period = max_epochs: ASHA stops nothing, so every trial must reach the last epoch.
+    f.write_text(f"""
+trials: {trials}
+max_epochs: {epochs}
+seed: 1
+scheduler: {{grace_period: {epochs}}}
+params:
+  model: test_resnet
+  image_size: 64
+  lr: {{loguniform: [1.0e-3, 1.0e-2]}}
+  batch_size: 16
+""")
+    return f
+
+
+def _search(args: list[str], tmp_path: Path) -> subprocess.Popen:
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    log = open(tmp_path / f"search-{len(list(tmp_path.glob('search-*.log')))}.log", "w")
+    return subprocess.Popen([*RAYCXR, "search", *args, "--address", address], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _epochs_reported(run: Path) -> dict[str, list[int]]:
+    """Per Tune trial directory: the epochs its result.json holds, in order."""
+    out = {}
+    for f in sorted((run / "tune").glob("trial_*/result.json")):
+        out[f.parent.name] = [json.loads(line)["epoch"] for line in f.read_text().splitlines() if line.strip()]
+    return out
+
+
+def _board(run: Path) -> list[dict]:
+    return list(csv.DictReader(open(run / "leaderboard.csv")))
+
+
+def test_killed_train_worker_resumes_from_its_checkpoint(ray_local, dataset, tmp_path):
+    runs = tmp_path / "runs"
+    proc = _search(["--data", str(dataset), "--space", str(_space(tmp_path, trials=2, epochs=4)), "--name", "wk",
+                    "--runs-dir", str(runs), "--max-failures", "2"], tmp_path)
+    _wait_for(lambda: any((runs / "wk" / "trials").glob("*/epoch_*")), 240, "a first checkpoint", proc)
+    victims = _pids("ray::RayTrainWorker")
+    assert victims, "no Ray Train worker process found to kill"
+    os.kill(victims[0], signal.SIGKILL)
+    assert proc.wait(timeout=400) == 0, (tmp_path / "search-0.log").read_text()[-3000:]
+    board = _board(runs / "wk")
+    assert len(board) == 2 and all(r["status"] == "ok" and r["epochs"] == "4" for r in board)
+    resumed = [int(r["resumed_from_epoch"]) for r in board]
+    assert max(resumed) >= 1, f"no trial resumed from a checkpoint: {resumed}"
+    # the resumed trial did not start again from epoch 1
+    for epochs in _epochs_reported(runs / "wk").values():
+        assert epochs.count(1) == 1, epochs
+
+
+def test_killed_driver_then_resume_loses_and_repeats_nothing(ray_local, dataset, tmp_path):
+    runs = tmp_path / "runs"
+    run = runs / "dk"
+    space = _space(tmp_path, trials=3, epochs=3)
+    proc = _search(["--data", str(dataset), "--space", str(space), "--name", "dk", "--runs-dir", str(runs)], tmp_path)
+    _wait_for(lambda: any(e and e[-1] == 3 for e in _epochs_reported(run).values()) and
+              list((run / "tune").glob("experiment_state*.json")), 300, "a finished trial", proc)
+    time.sleep(1.0)
+    finished_before = {k: v for k, v in _epochs_reported(run).items() if v and v[-1] == 3}
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+    resumed = _search(["--resume", str(run)], tmp_path)
+    assert resumed.wait(timeout=400) == 0, (tmp_path / "search-1.log").read_text()[-3000:]
+    board = _board(run)
+    assert len(board) == 3 and all(r["status"] == "ok" and r["epochs"] == "3" for r in board), board
+    after = _epochs_reported(run)
+    for trial, epochs in finished_before.items():
+        assert after[trial] == epochs, f"finished trial {trial} was re-run: {epochs} -> {after[trial]}"
+
+    # The restored searcher is still Optuna and knows every finished trial (Optuna's study is
+    # not public API; the pinned Ray version's OptunaSearch keeps it as _ot_study).
+    from ray.tune.search.optuna import OptunaSearch
+
+    searcher = OptunaSearch(metric="val_auc", mode="max")
+    searcher.restore_from_dir(str(run / "tune"))
+    completed = [t for t in searcher._ot_study.trials if t.state.name == "COMPLETE"]
+    assert len(completed) == 3
+
+
+MULTINODE = Path(__file__).with_name("multinode_search.py")
+
+
+@pytest.mark.parametrize("mode", ["ddp", "remove-node"])
+def test_two_node_cluster(dataset, tmp_path, mode, request):
+    """In a fresh two-node local cluster (ray.cluster_utils.Cluster, its own process): one trial's
+    TorchTrainer spans both nodes over gloo, or a node is removed mid-search and its trial is
+    rescheduled on the other and still finishes."""
+    import ray
+
+    if ray.is_initialized():  # the session's Ray must not hold the CPUs these nodes claim
+        ray.shutdown()
+    out = subprocess.run([sys.executable, str(MULTINODE), mode, str(dataset), str(tmp_path)], capture_output=True,
+                         text=True, timeout=540, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if mode == "ddp":
+        assert result["world_sizes"] == [2] and result["nodes"] == 2
+        assert result["board"][0]["status"] == "ok" and result["board"][0]["epochs"] == 2
+    else:
+        assert result["removed"] and all(r["status"] == "ok" and r["epochs"] == 3 for r in result["board"])
+        assert len(result["board"]) == 2
