@@ -12,6 +12,7 @@ always dark. Compressed transfer syntaxes decode through pydicom's pixel handler
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 
@@ -112,16 +113,31 @@ def _read_jsrt(path: Path) -> np.ndarray:
     return 255 - _to_uint8(arr)
 
 
+@functools.lru_cache(maxsize=2)
+def _npz(path: str) -> dict:
+    with np.load(path) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def _read_npz(path: Path, fmt: str) -> np.ndarray:
+    _, key, index = fmt.split(":")
+    arr = _npz(str(path))[key][int(index)]
+    return arr if arr.ndim == 2 else arr[..., 0]
+
+
 def read_image(path: str | Path, *, draft_size: int | None = None, fmt: str = "",
                data: bytes | None = None) -> np.ndarray:
     """Decode ``path`` to a 2-D uint8 greyscale array in which air is dark.
 
     ``draft_size`` lets JPEG decoding skip detail finer than a ``draft_size`` square needs.
-    ``fmt="jsrt"`` reads a headerless JSRT film. ``data``: the file's bytes, if already read.
+    ``fmt="jsrt"`` reads a headerless JSRT film; ``fmt="npz:KEY:INDEX"`` one image of a MedMNIST
+    ``.npz`` archive. ``data``: the file's bytes, if already read.
 
     Raises :class:`DecodeError` with a one-line reason for anything it cannot read.
     """
     path = Path(path)
+    if fmt.startswith("npz:"):
+        return _read_npz(path, fmt)
     if data is not None:
         head = data[:_DICOM_MAGIC_OFFSET + 4]
     else:

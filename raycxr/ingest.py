@@ -122,13 +122,18 @@ def _decode_one(args: tuple[str, int, str, str, bool]) -> tuple:
     from raycxr.imaging import read_image, resize
 
     path, size, policy, fmt, want_hash = args
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        return "", None, (0, 0), None, f"cannot open file: {exc.strerror}"
-    content_hash = hashlib.sha256(raw).hexdigest()
+    raw = None
+    if fmt.startswith("npz:"):  # one image of an archive: hash the image, not the whole archive
+        content_hash = ""
+    else:
+        try:
+            raw = Path(path).read_bytes()
+        except OSError as exc:
+            return "", None, (0, 0), None, f"cannot open file: {exc.strerror}"
+        content_hash = hashlib.sha256(raw).hexdigest()
     try:
         arr = read_image(path, draft_size=size, fmt=fmt, data=raw)
+        content_hash = content_hash or hashlib.sha256(arr.tobytes()).hexdigest()
         small = resize(arr, size, policy=policy)
         return content_hash, small.tobytes(), arr.shape, dhash(small) if want_hash else None, ""
     except DecodeError as exc:
@@ -258,9 +263,10 @@ def _split_of_groups(kept, hashes, uf, cfg) -> dict[str, str]:
             continue
         pneumonia = max(kept[i][0].labels.get("pneumonia", UNKNOWN) for i in ix)
         free[g] = (len(ix), (kept[ix[0]][0].source, pneumonia))
-    # An official holdout replaces ours: the rest is split into train and val only.
-    holdout = 0.0 if pinned else cfg.holdout_fraction
-    return {**pinned, **assign_splits(free, val_fraction=cfg.val_fraction, holdout_fraction=holdout, seed=cfg.seed)}
+    # An official split replaces ours: free groups go only to the splits nobody pinned.
+    holdout = 0.0 if "holdout" in pinned.values() else cfg.holdout_fraction
+    val = 0.0 if "val" in pinned.values() else cfg.val_fraction
+    return {**pinned, **assign_splits(free, val_fraction=val, holdout_fraction=holdout, seed=cfg.seed)}
 
 
 def _write_split(rows: list[dict], out_dir: Path) -> None:

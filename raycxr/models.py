@@ -16,12 +16,13 @@ if TYPE_CHECKING:
 _MODELS: dict[str, tuple[str, int]] = {
     "test_resnet": ("timm's tiny test ResNet (~0.1M params): tests and CPU demos", 16),
     "test_efficientnet": ("timm's tiny test EfficientNet: tests and CPU demos", 16),
-    "resnet10t": ("small ResNet (4.9M params): fast on a CPU", 32),
-    "mobilenetv3_small_100": ("MobileNetV3-Small (1.5M params): fast on a CPU", 32),
-    "resnet18": ("ResNet-18 (11M params)", 32),
-    "resnet50": ("ResNet-50 (23M params)", 32),
+    # 16 px: these end in global pooling, so 28 px (MedMNIST) still runs, on 1x1 final maps
+    "resnet10t": ("small ResNet (4.9M params): fast on a CPU", 16),
+    "mobilenetv3_small_100": ("MobileNetV3-Small (1.5M params): fast on a CPU", 16),
+    "resnet18": ("ResNet-18 (11M params)", 16),
+    "resnet50": ("ResNet-50 (23M params)", 16),
     "densenet121": ("DenseNet-121 (CheXNet's architecture, 7M params)", 32),
-    "efficientnet_b0": ("EfficientNet-B0 (4M params)", 32),
+    "efficientnet_b0": ("EfficientNet-B0 (4M params)", 16),
     "vgg16_bn": ("VGG-16 with batch norm (134M params)", 32),
     "inception_v3": ("Inception-v3 (22M params); needs at least 75 px", 75),
 }

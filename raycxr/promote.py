@@ -110,10 +110,10 @@ def _holdout_reads(run_dir: Path) -> list[dict]:
 def promote(cfg: PromoteConfig) -> dict:
     """Promote the best trial of ``cfg.run`` into ``cfg.out``; return the model card's data."""
     from raycxr.data import read_manifest
-    from raycxr.evaluate import apply_temperature, binary_metrics, choose_operating_threshold, fit_temperature, report
-    from raycxr.report import write_report
-    from raycxr.models import load_model
     from raycxr.card import write_model_card
+    from raycxr.evaluate import apply_temperature, binary_metrics, choose_operating_threshold, fit_temperature, report
+    from raycxr.models import load_model
+    from raycxr.report import write_report
     from raycxr.search import leaderboard
 
     run_dir = Path(cfg.run)
@@ -143,8 +143,7 @@ def promote(cfg: PromoteConfig) -> dict:
     meta = json.loads((ckpt / "trial.json").read_text())
     model = load_model(ckpt, meta)
 
-    # 1. Threshold on validation only, before the holdout is touched.
-    # Temperature scaling and the threshold are fitted on validation only, before the holdout.
+    # 1. Temperature scaling and the threshold: fitted on validation only, before the holdout.
     vp, vy, vg, vs = predict_split(model, meta, data_dir, "val")
     temperature = fit_temperature(vy, vp)
     vp = apply_temperature(vp, temperature)
@@ -186,8 +185,9 @@ def promote(cfg: PromoteConfig) -> dict:
     }
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     card = {
-        "run": run["name"], "trial": best, "target": meta["target"], "threshold": threshold, "threshold_rule": cfg.threshold_rule,
-        "threshold_stability": stability, "temperature": temperature, "validation": val_metrics, "holdout": holdout, "export_max_abs_diff": export_diffs,
+        "run": run["name"], "trial": best, "target": meta["target"], "threshold": threshold,
+        "threshold_rule": cfg.threshold_rule, "threshold_stability": stability, "temperature": temperature,
+        "validation": val_metrics, "holdout": holdout, "export_max_abs_diff": export_diffs,
         "holdout_previously_read": len(previous_reads), "data": {
             "dir": str(data_dir), "fingerprint": manifest["fingerprint"], "counts": manifest["counts"],
             "split_level": manifest["split_level"], "params": manifest["params"]},
@@ -209,6 +209,10 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path, *, split: str = 
 
     model, cfg = load_promoted(model_dir)
     manifest = read_manifest(data_dir)
+    card = json.loads((Path(model_dir) / "model_card.json").read_text())
+    if manifest["fingerprint"] == card["data"]["fingerprint"] and split in ("holdout", "all"):
+        print("Warning: this is the model's own holdout, already read by promote; figures from repeated holdout "
+              "reads are optimistic. Use another dataset for external validation.")
     splits = list(SPLITS) if split == "all" else [split]
     parts = [predict_split(model, {**cfg["trial"], **cfg}, Path(data_dir), s) for s in splits]
     p, y, g, src = (np.concatenate([part[i] for part in parts]) for i in range(4))

@@ -65,6 +65,10 @@ def init_ray(*, address: str | None, num_cpus: int | None = None):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Fail fast rather than wait forever when workers cannot be placed (see docs/notes on Ray 2.60).
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
+    # Save Tune's experiment state every 2 s (default: every 10 s or more), so a killed driver
+    # loses at most that much bookkeeping; a finished trial restarted by --resume finds its last
+    # checkpoint at the final epoch and trains nothing.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     if ray.is_initialized():
         return ray.get_runtime_context()
     kwargs: dict[str, Any] = {"log_to_driver": True, "logging_level": logging.WARNING}

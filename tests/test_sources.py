@@ -126,3 +126,26 @@ def test_unknown_source_and_missing_root(tmp_path):
         scan_source("nope", tmp_path)
     with pytest.raises(DataError, match="is not a folder"):
         scan_source("kermany", tmp_path / "missing")
+
+
+def test_pneumoniamnist_npz_keeps_medmnist_splits(tmp_path, sample_dir):
+    import numpy as np
+    from PIL import Image
+
+    from raycxr.data import read_split, target_labels
+    from raycxr.ingest import IngestConfig, ingest
+
+    files = sorted(sample_dir.rglob("*.jpeg"))[::10]  # 30 real films at 28 px, both classes
+    imgs = np.stack([np.asarray(Image.open(f).convert("L").resize((28, 28))) for f in files])
+    labels = np.array([[int("PNEUMONIA" in str(f))] for f in files], dtype=np.uint8)
+    np.savez(tmp_path / "pneumoniamnist.npz", train_images=imgs[:20], train_labels=labels[:20],
+             val_images=imgs[20:], val_labels=labels[20:])
+    recs = list(scan_source("pneumoniamnist", tmp_path))
+    assert len(recs) == 30 and sum(r.fixed_split == "val" for r in recs) == 10
+    s = ingest(IngestConfig(sources={"pneumoniamnist": tmp_path}, out=tmp_path / "o", image_size=28,
+                            near_duplicate_bits=-1))
+    assert s.counts["val"]["images"] == 10 and s.counts["train"]["images"] + s.counts["holdout"]["images"] == 20
+    assert s.counts["holdout"]["images"] > 0
+    val = read_split(tmp_path / "o", "val")
+    got = sorted(target_labels(val, "pneumonia").tolist())
+    assert got == sorted(labels[20:, 0].tolist())

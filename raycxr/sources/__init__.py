@@ -61,7 +61,7 @@ def scan_source(key: str, root: Path, **options) -> Iterator[Record]:
 
     if key not in _ADAPTERS:
         raise DataError(f"unknown source {key!r}; use one of: {', '.join(list_sources())}")
-    if not root.exists() or (key != "csv" and not root.is_dir()):
+    if not root.exists() or (key not in ("csv", "pneumoniamnist") and not root.is_dir()):
         raise DataError(f"source {key}: {root} is not a folder; pass --source {key}=PATH_TO_DATASET_ROOT")
     return _ADAPTERS[key](root, **options)
 
@@ -83,4 +83,4 @@ def normalise_view(value) -> str:
 
 
 # Importing the adapter modules registers them.
-from raycxr.sources import csv_manifest, jsrt, kermany, mimic, nih, openi, rsna, tb  # noqa: E402,F401
+from raycxr.sources import csv_manifest, jsrt, kermany, medmnist, mimic, nih, openi, rsna, tb  # noqa: E402,F401
