@@ -70,7 +70,8 @@ def _search(args) -> int:
     board = run_search(SearchConfig(data=args.data, space=args.space, name=args.name, runs_dir=args.runs_dir,
                                     trials=args.trials, max_epochs=args.max_epochs, address=args.address,
                                     storage=args.storage, max_failures=args.max_failures,
-                                    time_budget_min=args.time_budget, num_cpus=args.num_cpus, target=args.target))
+                                    time_budget_min=args.time_budget, num_cpus=args.num_cpus, target=args.target,
+                                    searcher=args.searcher, early_stopping=not args.no_early_stopping))
     print("\nLeaderboard (validation AUC; the holdout is untouched):")
     print(format_leaderboard(board))
     return 0
@@ -188,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target", default="pneumonia",
                    help="finding whose validation AUC selects trials (default pneumonia); all known findings "
                         "are trained, unknown labels masked")
+    s.add_argument("--searcher", choices=["tpe", "random"], default="tpe",
+                   help="Optuna sampler: tpe (default) or random (a baseline to compare searches against)")
+    s.add_argument("--no-early-stopping", action="store_true",
+                   help="run every trial to max_epochs (FIFO) instead of letting ASHA stop weak ones")
     s.set_defaults(fn=_search)
 
     st = sub.add_parser("status", help="leaderboard of a running or finished search")

@@ -180,7 +180,7 @@ def parse_space(raw: dict, *, name: str) -> SearchSpace:
         "max_epochs": (raw.get("max_epochs", 2), int, 1, 1_000),
         "seed": (raw.get("seed", 0), int, 0, 2**31 - 1),
         "resources.workers_per_trial": (res.get("workers_per_trial", 1), int, 1, 1024),
-        "resources.cpus_per_worker": (res.get("cpus_per_worker", 1), float, 0.01, 256),
+        "resources.cpus_per_worker": (res.get("cpus_per_worker", 1), float, 0.1, 256),
         "resources.gpus_per_worker": (res.get("gpus_per_worker", 0), float, 0, 16),
         "scheduler.grace_period": (sched.get("grace_period", 1), int, 1, 1_000),
         "scheduler.reduction_factor": (sched.get("reduction_factor", 2), int, 2, 100),

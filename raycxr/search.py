@@ -29,7 +29,11 @@ from raycxr.train import METRIC
 log = logging.getLogger(__name__)
 
 # The Tune function that drives one TorchTrainer needs almost no CPU; Ray refuses 0.
-_TRIAL_DRIVER_CPU = 0.01
+_TRIAL_DRIVER_CPU = 0.001
+# Each Train worker asks for this much less than cpus_per_worker, so that the drivers of up to
+# ten trials (Tune places them before their workers, often on one node) never leave a node a
+# sliver short of a whole worker: N trials still fill N cores, and no trial waits on its own driver.
+_WORKER_CPU_SLACK = 0.01
 LEADERBOARD_COLUMNS = ["rank", "trial_id", METRIC, "best_epoch", "epochs", "val_accuracy", "val_loss", "model",
                        "image_size", "augment", "optimizer", "lr", "weight_decay", "batch_size", "imbalance",
                        "label_smoothing", "warmup_epochs", "drop_rate", "status", "tune_status", "resumed_from_epoch",
@@ -50,6 +54,8 @@ class SearchConfig:
     time_budget_min: float | None = None
     target: str = "pneumonia"          # the finding whose validation AUC selects trials
     num_cpus: int | None = None        # local Ray only
+    searcher: str = "tpe"              # Optuna sampler: "tpe" or "random" (a baseline)
+    early_stopping: bool = True        # ASHA; False runs every trial to max_epochs (FIFO)
 
 
 def init_ray(*, address: str | None, num_cpus: int | None = None):
@@ -75,7 +81,10 @@ def init_ray(*, address: str | None, num_cpus: int | None = None):
     if address:
         ctx = ray.init(address=address, **kwargs)
     else:
-        ctx = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+        # "local": a new Ray of our own, never a cluster that /tmp/ray/ray_current_cluster still
+        # names after it crashed (ray.init would wait for that dead cluster forever).
+        ctx = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                       **kwargs)
     if getattr(ctx, "dashboard_url", None):
         print(f"Ray dashboard: http://{ctx.dashboard_url}")
     return ctx
@@ -122,6 +131,16 @@ def run_trial(config: dict, *, train_ds, val_ds, static: dict) -> None:
     trainer.fit()
 
 
+def _sampler(cls, *, seed: int, trials: int):
+    """An Optuna sampler; TPE starts modelling after a quarter of the trials (3 to 10) instead of
+    Optuna's fixed 10, which would leave a short search entirely random."""
+    import optuna
+
+    if cls is optuna.samplers.TPESampler:
+        return cls(seed=seed, n_startup_trials=min(10, max(3, trials // 4)))
+    return cls(seed=seed)
+
+
 def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
@@ -137,22 +156,20 @@ def _plan_resources(space: SearchSpace, *, trials: int) -> dict:
         log.warning("the space asks for %s GPU per worker but the cluster has none: training on CPU", gpw)
         print(f"No GPU in the Ray cluster: the space asks for {gpw} GPU per worker, training on CPU instead.")
         gpw = 0.0
-    per_trial_cpu = space.workers_per_trial * space.cpus_per_worker + _TRIAL_DRIVER_CPU
-    if per_trial_cpu - _TRIAL_DRIVER_CPU > cpus:
+    per_trial_cpu = space.workers_per_trial * space.cpus_per_worker
+    if per_trial_cpu > cpus:
         raise ConfigError(
             f"a trial needs {per_trial_cpu:g} CPUs (workers_per_trial {space.workers_per_trial} x cpus_per_worker "
             f"{space.cpus_per_worker:g}) but the Ray cluster has {cpus:g}: lower resources in the space, "
             "or add nodes", source="resources")
-    # The trial driver's sliver of CPU is taken out of its workers' request, so that a trial asks
-    # for exactly workers x cpus_per_worker and N such trials fill an N-core machine.
-    concurrent = int(cpus // (per_trial_cpu - _TRIAL_DRIVER_CPU))
+    concurrent = int(cpus // per_trial_cpu)
     if gpw:
         if space.workers_per_trial * gpw > gpus:
             raise ConfigError(f"a trial needs {space.workers_per_trial * gpw:g} GPUs but the cluster has {gpus:g}",
                               source="resources")
         concurrent = min(concurrent, int(gpus // (space.workers_per_trial * gpw)))
     return {"workers": space.workers_per_trial, "cpus_per_worker": space.cpus_per_worker,
-            "worker_cpu_request": space.cpus_per_worker - _TRIAL_DRIVER_CPU / space.workers_per_trial,
+            "worker_cpu_request": space.cpus_per_worker - _WORKER_CPU_SLACK,
             "gpus_per_worker": gpw, "concurrent": max(1, min(concurrent, trials)),
             "cluster_cpus": cpus, "cluster_gpus": gpus}
 
@@ -171,12 +188,15 @@ def run_search(cfg: SearchConfig) -> list[dict]:
     import optuna
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     from raycxr.data import read_manifest
     from raycxr.models import min_image_size
 
+    samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
+    if cfg.searcher not in samplers:
+        raise ConfigError(f"unknown searcher {cfg.searcher!r}; choose one of {sorted(samplers)}", source="searcher")
     space = load_space(cfg.space)
     manifest = read_manifest(cfg.data)
     trials = cfg.trials or space.trials
@@ -198,7 +218,8 @@ def run_search(cfg: SearchConfig) -> list[dict]:
     record = {"name": name, "space": space.name, "target": cfg.target, "space_config": space.raw,
               "data": str(Path(cfg.data).resolve()), "data_fingerprint": manifest["fingerprint"], "trials": trials,
               "max_epochs": max_epochs, "seed": space.seed, "metric": METRIC, "resources": plan, "storage": storage,
-              "max_failures": cfg.max_failures, "versions": _versions(),
+              "max_failures": cfg.max_failures, "searcher": cfg.searcher, "early_stopping": cfg.early_stopping,
+              "versions": _versions(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     trainable = _trainable(record, space, plan, manifest)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -211,11 +232,14 @@ def run_search(cfg: SearchConfig) -> list[dict]:
 
     searcher = None  # a space with every value fixed has nothing to search: plain repeated trials
     if any(p.kind != "value" for p in space.params.values()):
-        searcher = OptunaSearch(metric=METRIC, mode="max", sampler=optuna.samplers.TPESampler(seed=space.seed))
+        searcher = OptunaSearch(metric=METRIC, mode="max", sampler=_sampler(samplers[cfg.searcher], seed=space.seed, trials=trials))
     # ASHA's clock is the epoch each trial reports, not Tune's iteration count: a trial resumed
     # from a checkpoint after a failure keeps its true position on the rungs.
-    scheduler = ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=min(space.grace_period, max_epochs),
-                              reduction_factor=space.reduction_factor)
+    scheduler = FIFOScheduler()
+    if cfg.early_stopping:
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=max_epochs,
+                                  grace_period=min(space.grace_period, max_epochs),
+                                  reduction_factor=space.reduction_factor)
     tuner = tune.Tuner(
         trainable, param_space=_tune_space(space),
         tune_config=tune.TuneConfig(

@@ -50,12 +50,20 @@ def sample_copy(tmp_path, sample_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray (2 CPUs, dashboard on 127.0.0.1) shared by every test that searches."""
+def _ray_session():
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(_ray_session):
+    """One local Ray (2 CPUs, dashboard on 127.0.0.1) shared by the tests that search; started
+    again if a test (the two-node cluster ones) had to shut it down."""
     import ray
 
     from raycxr.search import init_ray
 
-    init_ray(address=None, num_cpus=2)
-    yield
-    ray.shutdown()
+    if not ray.is_initialized():
+        init_ray(address=None, num_cpus=2)

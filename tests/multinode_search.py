@@ -1,7 +1,8 @@
 """Run a raycxr search on a two-node local Ray cluster (one machine), for tests/test_faults.py.
 
 usage: python tests/multinode_search.py {ddp|remove-node} DATA_DIR WORK_DIR
-Prints one JSON line: the leaderboard, the world sizes the trials reported, the node count.
+Writes WORK_DIR/result.json: the leaderboard, the world sizes the trials reported, the node count
+(a file, not stdout, which Ray's own log lines share).
 """
 
 import json
@@ -51,6 +52,7 @@ from ray.tune import ExperimentAnalysis  # noqa: E402
 analysis = ExperimentAnalysis(str(work / "runs" / "mn" / "tune"))
 world = sorted({int(w) for df in analysis.trial_dataframes.values() for w in df["world_size"].dropna()})
 board = [{k: r.get(k) for k in ("trial_id", "status", "epochs", "val_auc")} for r in leaderboard(work / "runs" / "mn")]
-print(json.dumps({"board": board, "world_sizes": world, "nodes": 2, "removed": bool(removed)}))
+(work / "result.json").write_text(json.dumps({"board": board, "world_sizes": world, "nodes": 2,
+                                             "removed": bool(removed)}))
 ray.shutdown()
 cluster.shutdown()

@@ -51,3 +51,14 @@ def test_every_command_has_help():
         with pytest.raises(SystemExit) as exc:
             parser.parse_args([cmd, "--help"])
         assert exc.value.code == 0
+
+
+def test_search_baseline_flags_parse_and_an_unknown_searcher_is_refused(tmp_path):
+    args = build_parser().parse_args(["search", "--data", "d", "--space", "demo", "--searcher", "random",
+                                      "--no-early-stopping"])
+    assert (args.searcher, args.no_early_stopping) == ("random", True)
+    from raycxr.errors import ConfigError
+    from raycxr.search import SearchConfig, run_search
+
+    with pytest.raises(ConfigError, match="unknown searcher 'grid'"):  # refused before Ray starts
+        run_search(SearchConfig(data=tmp_path, space="demo", searcher="grid"))

@@ -45,14 +45,15 @@ def _wait_for(predicate, timeout: float, what: str, proc=None):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _space(tmp_path: Path, *, trials: int, epochs: int) -> Path:
+def _space(tmp_path: Path, *, trials: int, epochs: int, asha: bool = True) -> Path:
     f = tmp_path / "space.yaml"
     # grace_period = max_epochs: ASHA stops nothing, so every trial must reach the last epoch.
+    scheduler = f"scheduler: {{grace_period: {epochs}}}" if asha else ""
     f.write_text(f"""
 trials: {trials}
 max_epochs: {epochs}
 seed: 1
-scheduler: {{grace_period: {epochs}}}
+{scheduler}
 params:
   model: test_resnet
   image_size: 64
@@ -85,9 +86,14 @@ def _board(run: Path) -> list[dict]:
 
 def test_killed_train_worker_resumes_from_its_checkpoint(ray_local, dataset, tmp_path):
     runs = tmp_path / "runs"
-    proc = _search(["--data", str(dataset), "--space", str(_space(tmp_path, trials=2, epochs=4)), "--name", "wk",
-                    "--runs-dir", str(runs), "--max-failures", "2"], tmp_path)
-    _wait_for(lambda: any((runs / "wk" / "trials").glob("*/epoch_*")), 240, "a first checkpoint", proc)
+    # Random search without early stopping (the baseline options): every trial must reach epoch 4.
+    proc = _search(["--data", str(dataset), "--space", str(_space(tmp_path, trials=2, epochs=4, asha=False)),
+                    "--name", "wk", "--runs-dir", str(runs), "--max-failures", "2", "--searcher", "random",
+                    "--no-early-stopping"], tmp_path)
+    # A checkpoint folder on disk is not yet a registered checkpoint: wait until Tune has each
+    # trial's first report (the controller has registered its checkpoint by then).
+    _wait_for(lambda: (lambda e: len(e) == 2 and all(e.values()))(_epochs_reported(runs / "wk")), 240,
+              "both trials' first reported epoch", proc)
     victims = _pids("ray::RayTrainWorker")
     assert victims, "no Ray Train worker process found to kill"
     os.kill(victims[0], signal.SIGKILL)
@@ -96,6 +102,8 @@ def test_killed_train_worker_resumes_from_its_checkpoint(ray_local, dataset, tmp
     assert len(board) == 2 and all(r["status"] == "ok" and r["epochs"] == "4" for r in board)
     resumed = [int(r["resumed_from_epoch"]) for r in board]
     assert max(resumed) >= 1, f"no trial resumed from a checkpoint: {resumed}"
+    record = json.loads((runs / "wk" / "run.json").read_text())
+    assert record["searcher"] == "random" and record["early_stopping"] is False
     # the resumed trial did not start again from epoch 1
     for epochs in _epochs_reported(runs / "wk").values():
         assert epochs.count(1) == 1, epochs
@@ -146,7 +154,7 @@ def test_two_node_cluster(dataset, tmp_path, mode, request):
     out = subprocess.run([sys.executable, str(MULTINODE), mode, str(dataset), str(tmp_path)], capture_output=True,
                          text=True, timeout=540, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads((tmp_path / "result.json").read_text())
     if mode == "ddp":
         assert result["world_sizes"] == [2] and result["nodes"] == 2
         assert result["board"][0]["status"] == "ok" and result["board"][0]["epochs"] == 2
