@@ -50,12 +50,12 @@ Classifier of frontal chest radiographs. Selected and thresholded for **{card['t
   internal, not external, validity.
 
 ## Operating threshold and calibration
-{card['threshold']:.4f} on temperature-scaled probabilities (temperature {card['temperature']:.3f}, fitted on
-validation). Chosen by: {card['threshold_stability']['how']}. Everything here was fixed on the **validation**
+{card['threshold']:.4f} on Platt-calibrated probabilities (P = sigmoid({card['calibration']['scale']:.3f} x logit
+{card['calibration']['bias']:+.3f}), fitted on validation). Chosen by: {card['threshold_stability']['how']}. Everything here was fixed on the **validation**
 split before the holdout was read (validation at this threshold: sensitivity {_fmt(card['validation']['sensitivity'])},
 specificity {_fmt(card['validation']['specificity'])}, AUC {_fmt(card['validation']['auc'])}).
 
-## Holdout metrics (read once, by promote)
+## Holdout metrics ({'read once' if not card['holdout_previously_read'] else 'a repeated read'}, by promote)
 ![ROC](roc.png) ![Reliability](reliability.png)
 
 {_metric_table(h['pooled'])}

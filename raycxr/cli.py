@@ -94,7 +94,9 @@ def _promote(args) -> int:
     print(f"Promoted trial {card['trial']['trial_id']} ({card['trial']['model']}, val AUC "
           f"{card['trial']['val_auc']:.4f}) -> {args.out}")
     print(f"Threshold {card['threshold']:.4f} (rule {card['threshold_rule']}, chosen on validation)")
-    print(f"Holdout ({h['n']} images, read once):")
+    prior = card["holdout_previously_read"]
+    how = "read once" if not prior else f"read again after {prior} earlier read(s): optimistic, see the card"
+    print(f"Holdout ({h['n']} images, {how}):")
     _print_metrics(h)
     print(f"Model card: {Path(args.out) / 'model_card.md'}   Report with plots: {Path(args.out) / 'report.html'}")
     return 0

@@ -31,23 +31,27 @@ def choose_threshold(y: np.ndarray, p: np.ndarray, *, rule: str = "youden", targ
     return float(thr[ok[0]])
 
 
-def fit_temperature(y: np.ndarray, p: np.ndarray) -> float:
-    """Temperature T minimising the validation log loss of sigmoid(logit(p) / T) (Guo et al. 2017)."""
-    from scipy.optimize import minimize_scalar
-    from sklearn.metrics import log_loss
+IDENTITY_CALIBRATION = {"method": "platt", "scale": 1.0, "bias": 0.0}
 
-    z = _logit(p)
 
-    def nll(log_t):
-        return log_loss(y, _sigmoid(z / np.exp(log_t)), labels=[0, 1])
+def fit_calibration(y: np.ndarray, p: np.ndarray) -> dict:
+    """Platt scaling: P = sigmoid(scale * logit(p) + bias), fitted by logistic regression on the
+    validation logits (Platt 1999; Guo et al. 2017 call the bias-free case temperature scaling).
+
+    The bias matters here: class weighting (``imbalance: pos_weight``) or label smoothing shift
+    every logit, which a temperature alone cannot undo. A light L2 penalty keeps the scale finite
+    when validation is (nearly) separable.
+    """
+    from sklearn.linear_model import LogisticRegression
 
     if len(np.unique(y)) < 2:
-        return 1.0
-    return float(np.exp(minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded").x))
+        return dict(IDENTITY_CALIBRATION)
+    lr = LogisticRegression(C=100.0).fit(_logit(p)[:, None], np.asarray(y, dtype=int))
+    return {"method": "platt", "scale": float(lr.coef_[0, 0]), "bias": float(lr.intercept_[0])}
 
 
-def apply_temperature(p: np.ndarray, temperature: float) -> np.ndarray:
-    return _sigmoid(_logit(p) / temperature)
+def apply_calibration(p: np.ndarray, calibration: dict) -> np.ndarray:
+    return _sigmoid(calibration["scale"] * _logit(p) + calibration["bias"])
 
 
 def _logit(p):

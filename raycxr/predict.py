@@ -3,7 +3,7 @@
 Loads ``config.json`` and ``model.safetensors`` (never a pickle) and reads each file with
 the same functions ingest used (:func:`raycxr.imaging.load_for_model`), then the same model
 input transform as training (:func:`raycxr.transforms.to_model_input`), the model's
-temperature and its validation-chosen threshold. A file that cannot be read gets an error row;
+calibration and its validation-chosen threshold. A file that cannot be read gets an error row;
 every other file is still predicted. Warnings flag inputs unlike the training data (a lateral
 view, another body part, a small image). ``saliency_dir`` writes a Grad-CAM overlay per image
 (captum's LayerGradCam on the last convolution).
@@ -143,7 +143,8 @@ def predict(model_dir: str | Path, paths: list[str | Path], *, batch_size: int =
                            std=cfg["std"])
         target = cfg["findings"].index(cfg["target"])
         with torch.no_grad():
-            probs = torch.sigmoid(model(x)[:, target] / cfg["temperature"]).numpy()
+            cal = cfg["calibration"]
+            probs = torch.sigmoid(model(x)[:, target] * cal["scale"] + cal["bias"]).numpy()
         for (i, _), prob in zip(pending, probs):
             results[i].probability = float(prob)
             results[i].label = cfg["class_names"][int(prob >= cfg["threshold"])]

@@ -111,7 +111,7 @@ def promote(cfg: PromoteConfig) -> dict:
     """Promote the best trial of ``cfg.run`` into ``cfg.out``; return the model card's data."""
     from raycxr.data import read_manifest
     from raycxr.card import write_model_card
-    from raycxr.evaluate import apply_temperature, binary_metrics, choose_operating_threshold, fit_temperature, report
+    from raycxr.evaluate import apply_calibration, binary_metrics, choose_operating_threshold, fit_calibration, report
     from raycxr.models import load_model
     from raycxr.report import write_report
     from raycxr.search import leaderboard
@@ -143,10 +143,10 @@ def promote(cfg: PromoteConfig) -> dict:
     meta = json.loads((ckpt / "trial.json").read_text())
     model = load_model(ckpt, meta)
 
-    # 1. Temperature scaling and the threshold: fitted on validation only, before the holdout.
+    # 1. Calibration (Platt scaling) and the threshold: fitted on validation only, before the holdout.
     vp, vy, vg, vs = predict_split(model, meta, data_dir, "val")
-    temperature = fit_temperature(vy, vp)
-    vp = apply_temperature(vp, temperature)
+    calibration = fit_calibration(vy, vp)
+    vp = apply_calibration(vp, calibration)
     threshold, stability = choose_operating_threshold(vy, vp, vg, rule=cfg.threshold_rule,
                                                       target=cfg.target_sensitivity, seed=cfg.seed)
     if stability["unstable"]:
@@ -156,7 +156,7 @@ def promote(cfg: PromoteConfig) -> dict:
     # 2. The holdout, once.
     previous_reads = _holdout_reads(run_dir)
     hp, hy, hg, hs = predict_split(model, meta, data_dir, "holdout")
-    hp = apply_temperature(hp, temperature)
+    hp = apply_calibration(hp, calibration)
     with open(run_dir / "holdout_reads.jsonl", "a") as f:
         f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "trial_id": best["trial_id"],
                             "out": str(out.resolve())}) + "\n")
@@ -170,15 +170,15 @@ def promote(cfg: PromoteConfig) -> dict:
         "architecture": meta["model"], "image_size": meta["image_size"],
         "findings": meta["findings"], "target": meta["target"],
         "class_names": [f"not_{meta['target']}", meta["target"]],
-        "threshold": threshold, "threshold_rule": cfg.threshold_rule, "temperature": temperature,
+        "threshold": threshold, "threshold_rule": cfg.threshold_rule, "calibration": calibration,
         "preprocessing": {
             "decode": "greyscale, air dark (DICOM: modality LUT, VOI LUT, MONOCHROME1 inverted)",
             "resize": meta["resize"], "stored_size": meta["ingest_image_size"],
             "model_input": f"float32 (N,1,{meta['image_size']},{meta['image_size']}) = "
                            "(bilinear antialiased resize of pixels/255 - mean) / std",
             "mean": meta["mean"], "std": meta["std"]},
-        "output": "one logit per finding (order: findings); P(target) = sigmoid(logit[target] / temperature), "
-                  "compared with threshold",
+        "output": "one logit per finding (order: findings); P(target) = sigmoid(calibration.scale * "
+                  "logit[target] + calibration.bias), compared with threshold",
         "files": {"weights": "model.safetensors", "torchscript": "model.torchscript.pt", "onnx": "model.onnx"},
         "trial": meta, "drop_rate": meta.get("drop_rate", 0.0), "model": meta["model"],
         "ingest_image_size": meta["ingest_image_size"], "mean": meta["mean"], "std": meta["std"],
@@ -186,7 +186,7 @@ def promote(cfg: PromoteConfig) -> dict:
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     card = {
         "run": run["name"], "trial": best, "target": meta["target"], "threshold": threshold,
-        "threshold_rule": cfg.threshold_rule, "threshold_stability": stability, "temperature": temperature,
+        "threshold_rule": cfg.threshold_rule, "threshold_stability": stability, "calibration": calibration,
         "validation": val_metrics, "holdout": holdout, "export_max_abs_diff": export_diffs,
         "holdout_previously_read": len(previous_reads), "data": {
             "dir": str(data_dir), "fingerprint": manifest["fingerprint"], "counts": manifest["counts"],
@@ -202,9 +202,9 @@ def promote(cfg: PromoteConfig) -> dict:
 def evaluate_model(model_dir: str | Path, data_dir: str | Path, *, split: str = "holdout", n_boot: int = 1000,
                    seed: int = 0) -> dict:
     """Score a promoted model on any ingested dataset (external validation), with the model's own
-    temperature and threshold; written to ``MODEL/evaluations/FINGERPRINT-SPLIT.json``."""
+    calibration and threshold; written to ``MODEL/evaluations/FINGERPRINT-SPLIT.json``."""
     from raycxr.data import SPLITS, read_manifest
-    from raycxr.evaluate import apply_temperature, report
+    from raycxr.evaluate import apply_calibration, report
     from raycxr.predict import load_promoted
 
     model, cfg = load_promoted(model_dir)
@@ -219,8 +219,8 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path, *, split: str = 
     if len(y) == 0:
         raise DataError(f"{data_dir} ({split}) has no images with a known {cfg['target']} label to score")
     result = {"data": str(Path(data_dir).resolve()), "fingerprint": manifest["fingerprint"], "split": split,
-              "target": cfg["target"], "threshold": cfg["threshold"], "temperature": cfg["temperature"],
-              "metrics": report(y, apply_temperature(p, cfg["temperature"]), groups=g, sources=src,
+              "target": cfg["target"], "threshold": cfg["threshold"], "calibration": cfg["calibration"],
+              "metrics": report(y, apply_calibration(p, cfg["calibration"]), groups=g, sources=src,
                                 threshold=cfg["threshold"], n_boot=n_boot, seed=seed)}
     out = Path(model_dir) / "evaluations" / f"{manifest['fingerprint']}-{split}.json"
     out.parent.mkdir(exist_ok=True)

@@ -31,7 +31,7 @@ def _figure():
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")  # keeps long tick labels (the confusion matrix's) whole
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -74,10 +74,19 @@ def plot_pr(y, p, threshold: float, path: Path) -> Path:
 def plot_reliability(y, p, ece: float, path: Path, *, bins: int = 10) -> Path:
     from sklearn.calibration import calibration_curve
 
+    from scipy.stats import binomtest
+
     prob_true, prob_pred = calibration_curve(y, p, n_bins=bins, strategy="uniform")
+    # the same bins as calibration_curve's "uniform" strategy, to put a Wilson 95% CI on each point:
+    # a bin of three images says little, and the bar shows it
+    ids = np.searchsorted(np.linspace(0, 1, bins + 1)[1:-1], p)
+    y = np.asarray(y, dtype=int)
+    cis = np.array([binomtest(int(y[ids == b].sum()), int((ids == b).sum())).proportion_ci(method="wilson")
+                    for b in np.unique(ids)])
     fig, ax = _figure()
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="perfectly calibrated")
-    ax.plot(prob_pred, prob_true, marker="o", lw=2, label=f"model (ECE {ece:.3f})")
+    ax.errorbar(prob_pred, prob_true, yerr=[prob_true - cis[:, 0], cis[:, 1] - prob_true], marker="o", lw=2,
+                capsize=3, label=f"model (ECE {ece:.3f}), 95% CI per bin")
     ax2 = ax.twinx()
     ax2.hist(p, bins=np.linspace(0, 1, bins + 1), alpha=0.2, color="grey")
     ax2.set_ylabel("images per bin", color="grey")
@@ -117,6 +126,9 @@ def plot_learning_curves(run_dir: Path, top_ids: list[str], path: Path) -> Path:
         df = frames.get(tid)
         if df is not None and "val_auc" in df:
             ax.plot(df["epoch"], df["val_auc"], marker="o", label=f"{tid} val AUC")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
     ax.set(xlabel="epoch", ylabel="validation AUC", title="Learning curves of the top trials")
     ax.legend(fontsize=8)
     return _save(fig, path)

@@ -47,7 +47,7 @@ def test_search_refuses_trials_larger_than_the_cluster(ray_local, tmp_path):
     assert _plan_resources(fits, trials=8)["concurrent"] == 2
 
 
-def test_end_to_end(ray_local, tmp_path, sample_dir, capsys):
+def test_end_to_end(ray_local, tmp_path, sample_dir, capsys, monkeypatch):
     data, runs, model_dir = tmp_path / "data", tmp_path / "runs", tmp_path / "model"
     assert main(["ingest", "--source", f"kermany={sample_dir}", "--out", str(data), "--image-size", "64"]) == 0
 
@@ -88,16 +88,26 @@ def test_end_to_end(ray_local, tmp_path, sample_dir, capsys):
     assert len((runs / "e2e" / "holdout_reads.jsonl").read_text().splitlines()) == 1
     assert "Holdout metrics" in (model_dir / "model_card.md").read_text()
 
-    # The threshold and temperature come from validation alone: recompute them from val predictions.
-    from raycxr.evaluate import apply_temperature, choose_operating_threshold, fit_temperature
+    # The threshold and calibration come from validation alone: recompute them from val predictions.
+    from raycxr.evaluate import apply_calibration, choose_operating_threshold, fit_calibration
     from raycxr.predict import load_promoted
     from raycxr.promote import predict_split
 
-    model_v, cfg_v = load_promoted(model_dir)
+    # Loading a promoted model never unpickles: every unpickling entry point fails while it loads.
+    import pickle
+
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("a promoted model must load without unpickling")
+
+    with monkeypatch.context() as m:
+        for mod, name in ((pickle, "load"), (pickle, "loads"), (torch, "load")):
+            m.setattr(mod, name, no_pickle)
+        model_v, cfg_v = load_promoted(model_dir)
     vp, vy, vg, _ = predict_split(model_v, {**cfg_v["trial"], **cfg_v}, data, "val")
-    temp = fit_temperature(vy, vp)
-    thr, _ = choose_operating_threshold(vy, apply_temperature(vp, temp), vg, rule="youden")
-    assert cfg_v["temperature"] == pytest.approx(temp) and cfg_v["threshold"] == pytest.approx(thr)
+    cal = fit_calibration(vy, vp)
+    thr, _ = choose_operating_threshold(vy, apply_calibration(vp, cal), vg, rule="youden")
+    assert cfg_v["calibration"]["scale"] == pytest.approx(cal["scale"])
+    assert cfg_v["calibration"]["bias"] == pytest.approx(cal["bias"]) and cfg_v["threshold"] == pytest.approx(thr)
 
     # External validation: the same metrics on any ingested split, written next to the model.
     capsys.readouterr()
@@ -142,8 +152,9 @@ def test_end_to_end(ray_local, tmp_path, sample_dir, capsys):
         img = torch.from_numpy(load_for_model(r["file"], cfg["preprocessing"]["stored_size"], policy="pad"))[None, None]
         with torch.no_grad():
             logits = model(to_model_input(img, image_size=cfg["image_size"], mean=cfg["mean"], std=cfg["std"]))
-            # the calibrated probability: the logit over the temperature fitted on validation
-            expect = torch.sigmoid(logits[0, cfg["findings"].index("pneumonia")] / cfg["temperature"]).item()
+            # the calibrated probability: Platt scaling of the logit, fitted on validation
+            cal = cfg["calibration"]
+            expect = torch.sigmoid(logits[0, cfg["findings"].index("pneumonia")] * cal["scale"] + cal["bias"]).item()
         assert p == pytest.approx(expect, abs=1e-4)
         assert r["label"] == ("pneumonia" if p >= cfg["threshold"] else "not_pneumonia")
 

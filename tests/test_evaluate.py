@@ -62,20 +62,28 @@ def test_ece_is_zero_for_calibrated_and_large_for_overconfident():
     assert expected_calibration_error(y, np.where(p > 0.5, 0.999, 0.001)) > 0.2
 
 
-def test_temperature_scaling_fixes_overconfidence():
+def test_platt_scaling_fixes_overconfidence_and_a_shifted_prior():
     from sklearn.metrics import log_loss
 
-    from raycxr.evaluate import apply_temperature, fit_temperature
+    from raycxr.evaluate import apply_calibration, expected_calibration_error, fit_calibration
 
     rng = np.random.default_rng(3)
     z = rng.normal(0, 2, 4000)
     y = (rng.uniform(size=z.size) < 1 / (1 + np.exp(-z))).astype(int)  # sigmoid(z) is calibrated
     overconfident = 1 / (1 + np.exp(-3 * z))  # the same ranking, three times too sharp
-    t = fit_temperature(y, overconfident)
-    assert 2.4 < t < 3.6
-    fixed = apply_temperature(overconfident, t)
+    cal = fit_calibration(y, overconfident)
+    assert 1 / 3.6 < cal["scale"] < 1 / 2.4 and abs(cal["bias"]) < 0.2
+    fixed = apply_calibration(overconfident, cal)
     assert log_loss(y, fixed) < log_loss(y, overconfident)
     assert roc_auc_score(y, fixed) == pytest.approx(roc_auc_score(y, overconfident))  # ranking unchanged
+
+    # What class weighting does: every logit pushed down by 1.5. A temperature cannot undo a
+    # shift; Platt's bias does.
+    shifted = 1 / (1 + np.exp(-(z - 1.5)))
+    cal = fit_calibration(y, shifted)
+    assert 1.2 < cal["bias"] < 1.8 and 0.85 < cal["scale"] < 1.15
+    assert expected_calibration_error(y, shifted) > 0.15
+    assert expected_calibration_error(y, apply_calibration(shifted, cal)) < 0.03
 
 
 def test_unstable_threshold_falls_back_to_the_bagged_median():
