@@ -232,7 +232,8 @@ def run_search(cfg: SearchConfig) -> list[dict]:
 
     searcher = None  # a space with every value fixed has nothing to search: plain repeated trials
     if any(p.kind != "value" for p in space.params.values()):
-        searcher = OptunaSearch(metric=METRIC, mode="max", sampler=_sampler(samplers[cfg.searcher], seed=space.seed, trials=trials))
+        sampler = _sampler(samplers[cfg.searcher], seed=space.seed, trials=trials)
+        searcher = OptunaSearch(metric=METRIC, mode="max", sampler=sampler)
     # ASHA's clock is the epoch each trial reports, not Tune's iteration count: a trial resumed
     # from a checkpoint after a failure keeps its true position on the rungs.
     scheduler = FIFOScheduler()
