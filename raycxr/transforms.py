@@ -37,6 +37,21 @@ def to_model_input(images: torch.Tensor, *, image_size: int, mean: float, std: f
     return (_scaled(images, image_size) - mean) / std
 
 
+def affine_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``F.affine_grid(theta, (N, C, h, w), align_corners=False)``, computed by broadcasting.
+
+    Same values (tested against torch's), about 10x faster on a CPU for a batch: torch's version
+    builds an (N, h, w, 3) base grid and multiplies it batch by batch, which cost more than the
+    sampling itself and capped the CPU data path (scripts/bench/data_loader.py).
+    """
+    xs = ((torch.arange(w, dtype=theta.dtype, device=theta.device) * 2 + 1) / w - 1).view(1, 1, w)
+    ys = ((torch.arange(h, dtype=theta.dtype, device=theta.device) * 2 + 1) / h - 1).view(1, h, 1)
+    t = theta[:, :, :, None, None]  # (N, 2, 3, 1, 1)
+    gx = torch.addcmul(t[:, 0, 2], t[:, 0, 0], xs) + t[:, 0, 1] * ys  # (N, h, w)
+    gy = torch.addcmul(t[:, 1, 2], t[:, 1, 0], xs) + t[:, 1, 1] * ys
+    return torch.stack([gx, gy], dim=-1)  # contiguous (N, h, w, 2): grid_sample is 3x slower on a strided grid
+
+
 def augment(x: torch.Tensor, strength: str, *, generator: torch.Generator | None = None) -> torch.Tensor:
     """Randomly augment a batch of float images in 0..1 (N, 1, H, W), each sample differently."""
     if strength == "none":
@@ -56,8 +71,8 @@ def augment(x: torch.Tensor, strength: str, *, generator: torch.Generator | None
         torch.stack([cos, -sin, u(-max_shift, max_shift) * 2], dim=1),
         torch.stack([sin, cos, u(-max_shift, max_shift) * 2], dim=1),
     ], dim=1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    x = F.grid_sample(x, affine_grid(theta, x.shape[-2], x.shape[-1]), mode="bilinear", padding_mode="zeros",
+                      align_corners=False)
     c = u(1 - contrast, 1 + contrast).view(n, 1, 1, 1)
     b = u(-bright, bright).view(n, 1, 1, 1)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from raycxr.transforms import augment, to_model_input, train_input
@@ -26,3 +27,16 @@ def test_train_input_is_seeded():
     a = train_input(x, image_size=32, mean=0.5, std=0.25, strength="light", generator=torch.Generator().manual_seed(1))
     b = train_input(x, image_size=32, mean=0.5, std=0.25, strength="light", generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and a.shape == (3, 1, 32, 32)
+
+
+@pytest.mark.parametrize("shape", [(5, 64, 64), (3, 48, 80)])
+def test_affine_grid_matches_torch(shape):
+    import torch.nn.functional as F
+
+    from raycxr.transforms import affine_grid
+
+    n, h, w = shape
+    theta = torch.randn(n, 2, 3, generator=torch.Generator().manual_seed(1))
+    expect = F.affine_grid(theta, [n, 1, h, w], align_corners=False)
+    assert affine_grid(theta, h, w).shape == expect.shape
+    assert torch.allclose(affine_grid(theta, h, w), expect, atol=1e-5)
