@@ -148,6 +148,8 @@ def _predict(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from raycxr.search import SEARCHERS
+
     p = argparse.ArgumentParser(prog="raycxr", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True)
@@ -191,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target", default="pneumonia",
                    help="finding whose validation AUC selects trials (default pneumonia); all known findings "
                         "are trained, unknown labels masked")
-    s.add_argument("--searcher", choices=["tpe", "random"], default="tpe",
+    s.add_argument("--searcher", choices=SEARCHERS, default="tpe",
                    help="Optuna sampler: tpe (default) or random (a baseline to compare searches against)")
     s.add_argument("--no-early-stopping", action="store_true",
                    help="run every trial to max_epochs (FIFO) instead of letting ASHA stop weak ones")

@@ -50,8 +50,13 @@ def fit_calibration(y: np.ndarray, p: np.ndarray) -> dict:
     return {"method": "platt", "scale": float(lr.coef_[0, 0]), "bias": float(lr.intercept_[0])}
 
 
+def calibrate_logits(z: np.ndarray, calibration: dict) -> np.ndarray:
+    """Calibrated probabilities from raw logits: sigmoid(scale * z + bias)."""
+    return _sigmoid(calibration["scale"] * np.asarray(z, dtype=float) + calibration["bias"])
+
+
 def apply_calibration(p: np.ndarray, calibration: dict) -> np.ndarray:
-    return _sigmoid(calibration["scale"] * _logit(p) + calibration["bias"])
+    return calibrate_logits(_logit(p), calibration)
 
 
 def _logit(p):

@@ -127,6 +127,7 @@ def predict(model_dir: str | Path, paths: list[str | Path], *, batch_size: int =
             saliency_dir: str | Path | None = None) -> list[Prediction]:
     import torch
 
+    from raycxr.evaluate import calibrate_logits
     from raycxr.imaging import load_for_model
     from raycxr.transforms import to_model_input
 
@@ -143,8 +144,7 @@ def predict(model_dir: str | Path, paths: list[str | Path], *, batch_size: int =
                            std=cfg["std"])
         target = cfg["findings"].index(cfg["target"])
         with torch.no_grad():
-            cal = cfg["calibration"]
-            probs = torch.sigmoid(model(x)[:, target] * cal["scale"] + cal["bias"]).numpy()
+            probs = calibrate_logits(model(x)[:, target].numpy(), cfg["calibration"])
         for (i, _), prob in zip(pending, probs):
             results[i].probability = float(prob)
             results[i].label = cfg["class_names"][int(prob >= cfg["threshold"])]

@@ -34,6 +34,7 @@ _TRIAL_DRIVER_CPU = 0.001
 # ten trials (Tune places them before their workers, often on one node) never leave a node a
 # sliver short of a whole worker: N trials still fill N cores, and no trial waits on its own driver.
 _WORKER_CPU_SLACK = 0.01
+SEARCHERS = ("tpe", "random")  # Optuna samplers; random is the baseline to compare searches against
 LEADERBOARD_COLUMNS = ["rank", "trial_id", METRIC, "best_epoch", "epochs", "val_accuracy", "val_loss", "model",
                        "image_size", "augment", "optimizer", "lr", "weight_decay", "batch_size", "imbalance",
                        "label_smoothing", "warmup_epochs", "drop_rate", "status", "tune_status", "resumed_from_epoch",
@@ -131,14 +132,14 @@ def run_trial(config: dict, *, train_ds, val_ds, static: dict) -> None:
     trainer.fit()
 
 
-def _sampler(cls, *, seed: int, trials: int):
-    """An Optuna sampler; TPE starts modelling after a quarter of the trials (3 to 10) instead of
-    Optuna's fixed 10, which would leave a short search entirely random."""
+def _sampler(name: str, *, seed: int, trials: int):
+    """The Optuna sampler named ``name``; TPE starts modelling after a quarter of the trials (3 to
+    10) instead of Optuna's fixed 10, which would leave a short search entirely random."""
     import optuna
 
-    if cls is optuna.samplers.TPESampler:
-        return cls(seed=seed, n_startup_trials=min(10, max(3, trials // 4)))
-    return cls(seed=seed)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(3, trials // 4)))
+    return optuna.samplers.RandomSampler(seed=seed)
 
 
 def _trial_dirname(trial) -> str:
@@ -185,7 +186,6 @@ def _run_dir(cfg: SearchConfig, space: SearchSpace) -> tuple[str, Path]:
 
 def run_search(cfg: SearchConfig) -> list[dict]:
     """Run a search and return its leaderboard (best validation AUC first)."""
-    import optuna
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -194,9 +194,8 @@ def run_search(cfg: SearchConfig) -> list[dict]:
     from raycxr.data import read_manifest
     from raycxr.models import min_image_size
 
-    samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
-    if cfg.searcher not in samplers:
-        raise ConfigError(f"unknown searcher {cfg.searcher!r}; choose one of {sorted(samplers)}", source="searcher")
+    if cfg.searcher not in SEARCHERS:
+        raise ConfigError(f"unknown searcher {cfg.searcher!r}; choose one of {list(SEARCHERS)}", source="searcher")
     space = load_space(cfg.space)
     manifest = read_manifest(cfg.data)
     trials = cfg.trials or space.trials
@@ -232,7 +231,7 @@ def run_search(cfg: SearchConfig) -> list[dict]:
 
     searcher = None  # a space with every value fixed has nothing to search: plain repeated trials
     if any(p.kind != "value" for p in space.params.values()):
-        sampler = _sampler(samplers[cfg.searcher], seed=space.seed, trials=trials)
+        sampler = _sampler(cfg.searcher, seed=space.seed, trials=trials)
         searcher = OptunaSearch(metric=METRIC, mode="max", sampler=sampler)
     # ASHA's clock is the epoch each trial reports, not Tune's iteration count: a trial resumed
     # from a checkpoint after a failure keeps its true position on the rungs.

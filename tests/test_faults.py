@@ -92,8 +92,11 @@ def test_killed_train_worker_resumes_from_its_checkpoint(ray_local, dataset, tmp
                     "--no-early-stopping"], tmp_path)
     # A checkpoint folder on disk is not yet a registered checkpoint: wait until Tune has each
     # trial's first report (the controller has registered its checkpoint by then).
-    _wait_for(lambda: (lambda e: len(e) == 2 and all(e.values()))(_epochs_reported(runs / "wk")), 240,
-              "both trials' first reported epoch", proc)
+    def both_reported():
+        epochs = _epochs_reported(runs / "wk")
+        return len(epochs) == 2 and all(epochs.values())
+
+    _wait_for(both_reported, 240, "both trials' first reported epoch", proc)
     victims = _pids("ray::RayTrainWorker")
     assert victims, "no Ray Train worker process found to kill"
     os.kill(victims[0], signal.SIGKILL)

@@ -66,10 +66,10 @@ for seed in seeds:
                             "--runs-dir", str(work / "runs"), "--time-budget", str(minutes), *flags],
                            check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
         run = work / "runs" / name
-        results[(seed, method)] = {"curve": curve(run, t0), "wall": time.time() - t0,
-                                   "trials": len(list((run / "tune").glob("trial_*/result.json")))}
-        print(f"seed {seed} {method:9s}: {results[(seed, method)]['trials']} trials, best val AUC "
-              f"{results[(seed, method)]['curve'][-1][1]:.4f}, wall {results[(seed, method)]['wall']:.0f} s", flush=True)
+        r = results[(seed, method)] = {"curve": curve(run, t0), "wall": time.time() - t0,
+                                       "trials": len(list((run / "tune").glob("trial_*/result.json")))}
+        print(f"seed {seed} {method:9s}: {r['trials']} trials, best val AUC {r['curve'][-1][1]:.4f}, "
+              f"wall {r['wall']:.0f} s", flush=True)
 
 budget = minutes * 60
 print(f"\nbudget {budget:.0f} s per search; machine: {os.cpu_count()} cores; date {time.strftime('%Y-%m-%d')}")
