@@ -23,13 +23,22 @@ def _metric_table(m: dict) -> str:
     return "\n".join(lines)
 
 
+def _tta_line(tta: dict) -> str:
+    if "val_auc_with" not in tta:
+        return "Test-time augmentation: off."
+    views = ", ".join(f"{v['rotation_deg']:+g} deg x{v['scale']:g}" for v in tta["views"])
+    return (f"Test-time augmentation: **{'on' if tta['used'] else 'off'}** (`--tta {tta['mode']}`; validation AUC "
+            f"{_fmt(tta['val_auc_without'])} without, {_fmt(tta['val_auc_with'])} with the mean logit over views "
+            f"{views}).")
+
+
 def write_model_card(card: dict, path: Path) -> None:
     t = card["trial"]
     h = card["holdout"]
     data = card["data"]
     counts = data["counts"]
     hp = {k: t.get(k) for k in ("model", "image_size", "augment", "optimizer", "lr", "weight_decay", "batch_size",
-                                "imbalance", "label_smoothing", "warmup_epochs", "drop_rate")}
+                                "imbalance", "label_smoothing", "warmup_epochs", "drop_rate", "ema_decay", "mixup")}
     warn = ""
     if card["holdout_previously_read"]:
         warn = (f"\n> **Note:** this run's holdout had already been read {card['holdout_previously_read']} time(s) "
@@ -54,6 +63,7 @@ Classifier of frontal chest radiographs. Selected and thresholded for **{card['t
 {card['calibration']['bias']:+.3f}), fitted on validation). Chosen by: {card['threshold_stability']['how']}. Everything here was fixed on the **validation**
 split before the holdout was read (validation at this threshold: sensitivity {_fmt(card['validation']['sensitivity'])},
 specificity {_fmt(card['validation']['specificity'])}, AUC {_fmt(card['validation']['auc'])}).
+{_tta_line(card.get('tta', {}))}
 
 ## Holdout metrics ({'read once' if not card['holdout_previously_read'] else 'a repeated read'}, by promote)
 ![ROC](roc.png) ![Reliability](reliability.png)

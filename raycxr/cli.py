@@ -89,11 +89,14 @@ def _promote(args) -> int:
 
     card = promote(PromoteConfig(run=args.run, out=args.out, threshold_rule=args.threshold_rule,
                                  target_sensitivity=args.target_sensitivity, n_boot=args.bootstrap,
-                                 force=args.force))
+                                 force=args.force, tta=args.tta))
     h = card["holdout"]["pooled"]
     print(f"Promoted trial {card['trial']['trial_id']} ({card['trial']['model']}, val AUC "
           f"{card['trial']['val_auc']:.4f}) -> {args.out}")
     print(f"Threshold {card['threshold']:.4f} (rule {card['threshold_rule']}, chosen on validation)")
+    if "val_auc_with" in (tta := card["tta"]):
+        print(f"Test-time augmentation {'on' if tta['used'] else 'off'} (validation AUC "
+              f"{tta['val_auc_without']:.4f} without, {tta['val_auc_with']:.4f} with; --tta {tta['mode']})")
     prior = card["holdout_previously_read"]
     how = "read once" if not prior else f"read again after {prior} earlier read(s): optimistic, see the card"
     print(f"Holdout ({h['n']} images, {how}):")
@@ -211,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--target-sensitivity", type=float, default=0.95, help="for --threshold-rule sensitivity")
     pr.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs (default 1000)")
     pr.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    pr.add_argument("--tta", choices=["auto", "on", "off"], default="auto",
+                    help="test-time augmentation (mean logit over 4 views): auto keeps it if it raises the "
+                         "validation AUC (default)")
     pr.set_defaults(fn=_promote)
 
     ev = sub.add_parser("evaluate", help="score a promoted model on any ingested dataset (external validation)")

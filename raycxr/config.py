@@ -63,6 +63,10 @@ PARAMS: dict[str, tuple[type, Any, Any]] = {
     "label_smoothing": (float, lambda v: None if 0 <= v < 0.5 else "must be in [0, 0.5)", 0.0),
     "warmup_epochs": (float, lambda v: None if 0 <= v <= 10 else "must be in 0..10", 0.0),
     "drop_rate": (float, lambda v: None if 0 <= v < 1 else "must be in [0, 1)", 0.0),
+    # weight EMA (timm's ModelEmaV3 with decay warm-up); validation and checkpoints use the average
+    "ema_decay": (float, lambda v: None if v == 0 or 0.9 <= v < 1 else "must be 0 (off) or in [0.9, 1)", 0.0),
+    # mixup's Beta(alpha, alpha) parameter; 0 turns mixup off
+    "mixup": (float, lambda v: None if 0 <= v <= 2 else "must be in 0..2 (0: off)", 0.0),
 }
 
 

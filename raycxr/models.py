@@ -76,7 +76,11 @@ def input_stats(model: "torch.nn.Module") -> tuple[float, float]:
 
 
 def load_model(directory: str | Path, meta: dict) -> "torch.nn.Module":
-    """Rebuild ``meta["model"]`` and load ``directory/model.safetensors`` (no pickle), in eval mode."""
+    """Rebuild ``meta["model"]`` and load ``directory/model.safetensors`` (no pickle), in eval mode.
+
+    When ``meta["tta"]`` is true (promote chose test-time augmentation on validation), the model
+    comes wrapped in :class:`raycxr.transforms.TestTimeAugment`.
+    """
     from safetensors.torch import load_file
 
     weights = Path(directory) / "model.safetensors"
@@ -84,4 +88,8 @@ def load_model(directory: str | Path, meta: dict) -> "torch.nn.Module":
         raise FileNotFoundError(f"{weights} is missing: is {directory} a raycxr checkpoint or promoted model?")
     model = create_model(meta["model"], drop_rate=meta.get("drop_rate", 0.0), num_classes=len(meta["findings"]))
     model.load_state_dict(load_file(str(weights)))
+    if meta.get("tta"):
+        from raycxr.transforms import TestTimeAugment
+
+        model = TestTimeAugment(model, image_size=meta["image_size"], mean=meta["mean"], std=meta["std"])
     return model.eval()

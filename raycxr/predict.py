@@ -84,6 +84,7 @@ def _write_saliency(model, x, target: int, images: np.ndarray, names: list[str],
     import torch.nn.functional as F
     from captum.attr import LayerGradCam
 
+    model = getattr(model, "model", model)  # Grad-CAM of the network itself, not of the averaged TTA views
     cam = LayerGradCam(model, _last_conv(model)).attribute(x, target=target, relu_attributions=True)
     cam = F.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False).detach().numpy()[:, 0]
     out_dir.mkdir(parents=True, exist_ok=True)

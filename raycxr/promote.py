@@ -33,6 +33,7 @@ class PromoteConfig:
     n_boot: int = 1000
     seed: int = 0
     force: bool = False  # overwrite an existing --out folder
+    tta: str = "auto"    # test-time augmentation: auto (kept if it raises validation AUC), on, off
 
 
 def predict_split(model, meta: dict, data_dir: Path, split: str, *, batch_size: int = 128) -> tuple:
@@ -102,6 +103,28 @@ def _model_inputs(data_dir: Path, split: str, meta: dict, *, n: int) -> np.ndarr
     return to_model_input(x, image_size=meta["image_size"], mean=meta["mean"], std=meta["std"]).numpy()
 
 
+def _choose_tta(model, meta: dict, data_dir: Path, vy: np.ndarray, vp: np.ndarray, *, mode: str) -> tuple:
+    """(model, validation probabilities, what was decided) for test-time augmentation.
+
+    ``auto`` keeps TTA only if it raises the validation AUC (a tie leaves it off: it costs 4x);
+    ``on`` and ``off`` force it. Both AUCs are recorded either way, except with ``off``.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    from raycxr.transforms import TTA_VIEWS, TestTimeAugment
+
+    if mode == "off":
+        return model, vp, {"used": False, "mode": mode}
+    wrapped = TestTimeAugment(model, image_size=meta["image_size"], mean=meta["mean"], std=meta["std"]).eval()
+    wp = predict_split(wrapped, meta, data_dir, "val")[0]
+    both = len(np.unique(vy)) == 2
+    without, with_tta = (roc_auc_score(vy, vp), roc_auc_score(vy, wp)) if both else (float("nan"),) * 2
+    used = mode == "on" or bool(with_tta > without)
+    info = {"used": used, "mode": mode, "val_auc_without": float(without), "val_auc_with": float(with_tta),
+            "views": [{"rotation_deg": r, "scale": sc} for r, sc in TTA_VIEWS]}
+    return (wrapped, wp, info) if used else (model, vp, info)
+
+
 def _holdout_reads(run_dir: Path) -> list[dict]:
     path = run_dir / "holdout_reads.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -143,8 +166,10 @@ def promote(cfg: PromoteConfig) -> dict:
     meta = json.loads((ckpt / "trial.json").read_text())
     model = load_model(ckpt, meta)
 
-    # 1. Calibration (Platt scaling) and the threshold: fitted on validation only, before the holdout.
+    # 1. Test-time augmentation, calibration (Platt scaling) and the threshold: chosen on
+    # validation only, before the holdout.
     vp, vy, vg, vs = predict_split(model, meta, data_dir, "val")
+    model, vp, tta = _choose_tta(model, meta, data_dir, vy, vp, mode=cfg.tta)
     calibration = fit_calibration(vy, vp)
     vp = apply_calibration(vp, calibration)
     threshold, stability = choose_operating_threshold(vy, vp, vg, rule=cfg.threshold_rule,
@@ -171,6 +196,7 @@ def promote(cfg: PromoteConfig) -> dict:
         "findings": meta["findings"], "target": meta["target"],
         "class_names": [f"not_{meta['target']}", meta["target"]],
         "threshold": threshold, "threshold_rule": cfg.threshold_rule, "calibration": calibration,
+        "tta": tta["used"],
         "preprocessing": {
             "decode": "greyscale, air dark (DICOM: modality LUT, VOI LUT, MONOCHROME1 inverted)",
             "resize": meta["resize"], "stored_size": meta["ingest_image_size"],
@@ -187,6 +213,7 @@ def promote(cfg: PromoteConfig) -> dict:
     card = {
         "run": run["name"], "trial": best, "target": meta["target"], "threshold": threshold,
         "threshold_rule": cfg.threshold_rule, "threshold_stability": stability, "calibration": calibration,
+        "tta": tta,
         "validation": val_metrics, "holdout": holdout, "export_max_abs_diff": export_diffs,
         "holdout_previously_read": len(previous_reads), "data": {
             "dir": str(data_dir), "fingerprint": manifest["fingerprint"], "counts": manifest["counts"],

@@ -37,8 +37,8 @@ _WORKER_CPU_SLACK = 0.01
 SEARCHERS = ("tpe", "random")  # Optuna samplers; random is the baseline to compare searches against
 LEADERBOARD_COLUMNS = ["rank", "trial_id", METRIC, "best_epoch", "epochs", "val_accuracy", "val_loss", "model",
                        "image_size", "augment", "optimizer", "lr", "weight_decay", "batch_size", "imbalance",
-                       "label_smoothing", "warmup_epochs", "drop_rate", "status", "tune_status", "resumed_from_epoch",
-                       "checkpoint"]
+                       "label_smoothing", "warmup_epochs", "drop_rate", "ema_decay", "mixup", "status", "tune_status",
+                       "resumed_from_epoch", "checkpoint"]
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@
 The loop reads its shard of the train split through Ray Data (``get_dataset_shard`` ->
 ``iter_torch_batches``), gets uint8 batches, augments them on the device, and after each epoch
 rank 0 scores the whole validation split and reports metrics with a checkpoint. A checkpoint
-holds ``model.safetensors`` (weights, loadable without pickle), ``trial.json`` (what is needed
-to rebuild the model) and ``train_state.pt`` (optimiser and schedule, to resume a trial).
+holds ``model.safetensors`` (the evaluated weights: the EMA average when ``ema_decay`` is set;
+loadable without pickle), ``trial.json`` (what is needed to rebuild the model) and
+``train_state.pt`` (optimiser, schedule and, with EMA, the raw weights: to resume a trial).
 """
 
 from __future__ import annotations
@@ -93,14 +94,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
     from sklearn.metrics import log_loss, roc_auc_score
+    from timm.utils import ModelEmaV3
 
     from raycxr.models import create_model, input_stats
-    from raycxr.transforms import train_input
+    from raycxr.transforms import mixup, train_input
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(config["seed"] * 1000 + rank)
     gen = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
+    rng = np.random.default_rng(config["seed"] * 1000 + rank)  # mixup's Beta draws
     threads = max(1, int(config.get("cpus_per_worker", 1)))
     torch.set_num_threads(threads)
 
@@ -135,13 +138,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Per finding, BCE pos_weight = negatives / positives among the train split's known labels.
         pos_weight = torch.tensor(config["pos_weight"], dtype=torch.float32, device=device)
 
+    # Weight EMA: validation, checkpoints and promote use the averaged weights; the decay warms up
+    # (timm's ModelEmaV3), so short CPU trials average over their later steps rather than the init.
+    ema_decay, alpha = config.get("ema_decay", 0.0), config.get("mixup", 0.0)  # absent from older runs' configs
+    ema = ModelEmaV3(bare, decay=ema_decay, use_warmup=True) if ema_decay else None
+    evaluated = ema.module if ema is not None else bare
+
     start_epoch = 0
     if (ckpt := ray.train.get_checkpoint()) is not None:
         from safetensors.torch import load_file
 
         with ckpt.as_directory() as d:
-            bare.load_state_dict(load_file(str(Path(d) / "model.safetensors")))
+            evaluated.load_state_dict(load_file(str(Path(d) / "model.safetensors")))
             state = torch.load(Path(d) / "train_state.pt", map_location="cpu", weights_only=True)
+        if ema is not None:  # the checkpoint's safetensors hold the average; the raw weights are here
+            bare.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"]) + 1
@@ -150,9 +161,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     size = config["image_size"]
-    trial_meta = {k: config[k] for k in ("model", "image_size", "augment", "optimizer", "lr", "weight_decay",
+    trial_meta = {k: config.get(k) for k in ("model", "image_size", "augment", "optimizer", "lr", "weight_decay",
                                          "batch_size", "imbalance", "label_smoothing", "warmup_epochs",
-                                         "drop_rate", "seed", "findings", "target")}
+                                         "drop_rate", "ema_decay", "mixup", "seed", "findings", "target")}
     trial_meta.update(mean=mean, std=std, ingest_image_size=config["ingest_image_size"],
                       resize=config["resize"], trial_id=config.get("trial_id", ""))
 
@@ -170,6 +181,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = batch["labels"].to(device, non_blocking=True)
+            if alpha:
+                x, y = mixup(x, y, lam=float(rng.beta(alpha, alpha)), generator=gen)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 logits = model(x)
             loss = masked_bce(logits.float(), y, pos_weight=pos_weight, smoothing=config["label_smoothing"])
@@ -178,6 +191,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             scaler.step(opt)
             scaler.update()
             sched.step()
+            if ema is not None:
+                ema.update(bare, step=sched.last_epoch)
             compute_s += time.perf_counter() - c0
             seen += len(y)
             loss_sum += loss.item() * len(y)
@@ -189,7 +204,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "train_time_s": train_s, "train_compute_s": compute_s}
         if rank == 0:
             probs, labels = evaluate_batches(
-                bare, val_shard.iter_torch_batches(batch_size=256, collate_fn=collate),
+                evaluated, val_shard.iter_torch_batches(batch_size=256, collate_fn=collate),
                 image_size=size, mean=mean, std=std, device=device)
             known = labels[:, target] >= 0  # validation scores the target finding where it is known
             probs, labels = probs[known, target], labels[known, target]
@@ -200,8 +215,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 val_accuracy=float(np.mean((probs >= 0.5) == labels)),
                 val_images=int(len(labels)))
             with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(Path(tmp), model=bare, trial=trial_meta, train_state={
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch})
+                train_state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch}
+                if ema is not None:
+                    train_state["model"] = {k: v.detach().cpu() for k, v in bare.state_dict().items()}
+                save_checkpoint(Path(tmp), model=evaluated, trial=trial_meta, train_state=train_state)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"epoch_{epoch + 1:03d}")
         else:

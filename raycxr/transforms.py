@@ -4,6 +4,7 @@ Augmentation runs on whole batches on the training device (GPU when present): pe
 random affine (rotation, scale, shift) through one ``affine_grid``/``grid_sample`` call, and
 per-sample brightness/contrast. torchvision v2 transforms draw one set of parameters per call,
 so applied to a batch they would move every image the same way; hence this small module.
+Also here: batch mixup, and :class:`TestTimeAugment`, the averaged-views wrapper promote may choose.
 """
 
 from __future__ import annotations
@@ -83,3 +84,48 @@ def train_input(images: torch.Tensor, *, image_size: int, mean: float, std: floa
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """uint8 batch -> augmented, resized, normalised float batch for a training step."""
     return (augment(_scaled(images, image_size), strength, generator=generator) - mean) / std
+
+
+def mixup(x: torch.Tensor, y: torch.Tensor, *, lam: float, generator: torch.Generator | None = None) -> tuple:
+    """Mixup (Zhang et al. 2018) of a batch with weight ``lam`` (draw it from Beta(alpha, alpha)).
+
+    Each sample is mixed with a random partner from the same batch. Labels are (N, K) with -1 for
+    unknown; a mixed label is known only where both partners' labels are, so unknown findings
+    stay masked out of the loss.
+    """
+    perm = torch.randperm(x.shape[0], generator=generator).to(x.device)
+    known = (y >= 0) & (y[perm] >= 0)
+    mixed_y = torch.where(known, lam * y + (1 - lam) * y[perm], torch.full_like(y, -1.0))
+    return lam * x + (1 - lam) * x[perm], mixed_y
+
+
+# Test-time augmentation views: (rotation in degrees, scale), inside the "light" training range;
+# the first is the image itself.
+TTA_VIEWS = ((0.0, 1.0), (-5.0, 1.0), (5.0, 1.0), (0.0, 1.05))
+
+
+class TestTimeAugment(torch.nn.Module):
+    """A model whose logit is the mean over fixed views of its input (``TTA_VIEWS``).
+
+    Takes and returns what the wrapped model does (normalised (N, 1, S, S) in, logits out), so
+    evaluation, predict and the TorchScript/ONNX exports use it unchanged. The views' sampling
+    grids are built once for ``image_size``; padding is black, as in training's augmentation.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, image_size: int, mean: float, std: float):
+        super().__init__()
+        self.model, self.mean, self.std = model, float(mean), float(std)
+        angles = torch.deg2rad(torch.tensor([a for a, _ in TTA_VIEWS[1:]], dtype=torch.float32))
+        scales = torch.tensor([s for _, s in TTA_VIEWS[1:]], dtype=torch.float32)
+        cos, sin, zero = torch.cos(angles) / scales, torch.sin(angles) / scales, torch.zeros_like(angles)
+        theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+        self.register_buffer("grids", affine_grid(theta, image_size, image_size), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = [self.model(x)]
+        pixels = x * self.std + self.mean
+        for grid in self.grids.unbind(0):  # a fixed number of views
+            view = F.grid_sample(pixels, grid.expand(x.shape[0], -1, -1, -1), mode="bilinear", padding_mode="zeros",
+                                 align_corners=False)
+            logits.append(self.model((view - self.mean) / self.std))
+        return torch.stack(logits).mean(0)

@@ -33,6 +33,8 @@ def test_defaults_fill_unset_params():
     ({"momentum": 0.9}, ["params.momentum: unknown hyperparameter; allowed: model, lr"]),
     ({"image_size": "big"}, ["params.image_size: 'big' is not an integer"]),
     ({"lr": {"normal": [0, 1]}}, ["params.lr: {'normal': [0, 1]} must be a value, a list, or one of"]),
+    ({"ema_decay": [0.0, 0.5]}, ["params.ema_decay.choice[1]: 0.5 is invalid; must be 0 (off) or in [0.9, 1)"]),
+    ({"mixup": -0.2}, ["params.mixup: -0.2 is invalid; must be in 0..2 (0: off)"]),
 ])
 def test_param_errors_name_key_and_allowed_values(params, expected):
     raw = {**GOOD, "params": {**GOOD["params"], **params}}

@@ -30,6 +30,7 @@ params:
   augment: [none, light]
   lr: {loguniform: [1.0e-3, 1.0e-2]}
   batch_size: 32
+  ema_decay: 0.99
 """)
     return f
 
@@ -67,7 +68,16 @@ def test_end_to_end(ray_local, tmp_path, sample_dir, capsys, monkeypatch):
     assert all((runs / "e2e" / "trials").joinpath(r["trial_id"]).is_dir() for r in board)
     assert len(list((runs / "e2e" / "tune").glob("trial_*/events.out.tfevents.*"))) == 2  # TensorBoard
 
-    assert main(["promote", "--run", str(runs / "e2e"), "--out", str(model_dir), "--bootstrap", "200"]) == 0
+    # Checkpoints hold the EMA average for evaluation and the raw weights to resume from.
+    from safetensors.torch import load_file
+
+    ckpt = next((runs / "e2e" / "trials" / board[0]["trial_id"]).rglob("model.safetensors")).parent
+    averaged, raw = load_file(str(ckpt / "model.safetensors")), torch.load(ckpt / "train_state.pt")["model"]
+    assert averaged.keys() == raw.keys() and any(not torch.equal(averaged[k], raw[k]) for k in raw)
+
+    # --tta on: the promoted model (and its exports, checked below) averages the views.
+    assert main(["promote", "--run", str(runs / "e2e"), "--out", str(model_dir), "--bootstrap", "200",
+                 "--tta", "on"]) == 0
     for name in ("model.safetensors", "model.torchscript.pt", "model.onnx", "config.json", "model_card.md",
                  "model_card.json", "report.html", "roc.png", "pr.png", "reliability.png", "confusion.png",
                  "learning_curves.png", "search_history.png"):
@@ -80,6 +90,7 @@ def test_end_to_end(ray_local, tmp_path, sample_dir, capsys, monkeypatch):
     assert (model_dir / "report.html").read_text().count("data:image/png;base64,") == 6
     card = json.loads((model_dir / "model_card.json").read_text())
     assert card["trial"]["trial_id"] == board[0]["trial_id"]  # best by validation
+    assert card["tta"]["used"] and 0 <= card["tta"]["val_auc_with"] <= 1 and 0 <= card["tta"]["val_auc_without"] <= 1
     pooled = card["holdout"]["pooled"]
     assert pooled["n"] == json.loads((data / "manifest.json").read_text())["counts"]["holdout"]["images"]
     for k in ("auc", "accuracy", "sensitivity", "specificity"):
@@ -103,6 +114,9 @@ def test_end_to_end(ray_local, tmp_path, sample_dir, capsys, monkeypatch):
         for mod, name in ((pickle, "load"), (pickle, "loads"), (torch, "load")):
             m.setattr(mod, name, no_pickle)
         model_v, cfg_v = load_promoted(model_dir)
+    from raycxr.transforms import TestTimeAugment
+
+    assert isinstance(model_v, TestTimeAugment) and cfg_v["tta"] is True
     vp, vy, vg, _ = predict_split(model_v, {**cfg_v["trial"], **cfg_v}, data, "val")
     cal = fit_calibration(vy, vp)
     thr, _ = choose_operating_threshold(vy, apply_calibration(vp, cal), vg, rule="youden")

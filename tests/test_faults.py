@@ -59,6 +59,8 @@ params:
   image_size: 64
   lr: {{loguniform: [1.0e-3, 1.0e-2]}}
   batch_size: 16
+  ema_decay: 0.99   # a resumed trial must restore both the raw and the averaged weights
+  mixup: 0.2
 """)
     return f
 
