@@ -42,6 +42,26 @@ def _collate_fn():
     return _Collate()
 
 
+def keep_freed_memory() -> None:
+    """Make glibc keep freed memory for reuse instead of handing it back to the OS at once.
+
+    A batch, its augmentation and the activations are CPU tensors of a few MB, which glibc
+    otherwise maps and unmaps on every step, so every step page-faults them in again: on the
+    2-core machine that more than doubled the augmentation's time per batch and made the data
+    path's speed swing from run to run (scripts/bench/data_loader.py, BENCHMARKS.md). Each
+    training worker calls this once. glibc (Linux) only; elsewhere it does nothing.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD: blocks under 32 MB (glibc's maximum) come from the heap
+    mallopt(-1, 2**30)       # M_TRIM_THRESHOLD: keep up to 1 GB of freed heap for reuse
+
+
 def _lr_lambda(step: int, *, warmup: int, total: int) -> float:
     """Linear warm-up then cosine decay to 1% of the peak, as a multiplier of the peak lr."""
     if step < warmup:
@@ -94,11 +114,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
     from sklearn.metrics import log_loss, roc_auc_score
-    from timm.utils import ModelEmaV3
 
     from raycxr.models import create_model, input_stats
     from raycxr.transforms import mixup, train_input
 
+    keep_freed_memory()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(config["seed"] * 1000 + rank)
@@ -141,7 +161,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Weight EMA: validation, checkpoints and promote use the averaged weights; the decay warms up
     # (timm's ModelEmaV3), so short CPU trials average over their later steps rather than the init.
     ema_decay, alpha = config.get("ema_decay", 0.0), config.get("mixup", 0.0)  # absent from older runs' configs
-    ema = ModelEmaV3(bare, decay=ema_decay, use_warmup=True) if ema_decay else None
+    ema = None
+    if ema_decay:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(bare, decay=ema_decay, use_warmup=True)
     evaluated = ema.module if ema is not None else bare
 
     start_epoch = 0
@@ -170,11 +194,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     collate = _collate_fn()
     for epoch in range(start_epoch, config["max_epochs"]):
         model.train()
-        t0, seen, loss_sum, compute_s = time.perf_counter(), 0, 0.0, 0.0
+        t0, seen, compute_s = time.perf_counter(), 0, 0.0
+        loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
+        # Ray moves each collated batch to the training device in its prefetch thread (pinned
+        # host memory first on a GPU), so the loop below finds it there.
         for batch in train_shard.iter_torch_batches(
                 batch_size=bs, collate_fn=collate, local_shuffle_buffer_size=max(4 * bs, 256),
                 local_shuffle_seed=config["seed"] * 1000 + epoch, prefetch_batches=_PREFETCH_BATCHES,
-                drop_last=False):
+                drop_last=False, pin_memory=cuda):
             c0 = time.perf_counter()
             x = train_input(batch["image"].to(device, non_blocking=True), image_size=size, mean=mean, std=std,
                             strength=config["augment"], generator=gen)
@@ -195,11 +222,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ema.update(bare, step=sched.last_epoch)
             compute_s += time.perf_counter() - c0
             seen += len(y)
-            loss_sum += loss.item() * len(y)
+            loss_sum += loss.detach() * len(y)
+        if cuda:
+            torch.cuda.synchronize(device)
         train_s = time.perf_counter() - t0
 
-        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "resumed_from_epoch": start_epoch,
-                   "world_size": world,
+        metrics = {"epoch": epoch + 1, "train_loss": loss_sum.item() / max(1, seen), "resumed_from_epoch": start_epoch,
+                   "world_size": world, "device": device.type,
+                   "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32"),
+                   "channels_last": cuda,
                    "lr": sched.get_last_lr()[0], "train_images_per_s": seen * world / max(train_s, 1e-9),
                    "train_time_s": train_s, "train_compute_s": compute_s}
         if rank == 0:

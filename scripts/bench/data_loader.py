@@ -55,13 +55,14 @@ def raycxr_path() -> list[float]:
 
     from raycxr.data import open_split
     from raycxr.ingest import IngestConfig, ingest
-    from raycxr.train import _collate_fn
+    from raycxr.train import _collate_fn, keep_freed_memory
     from raycxr.transforms import train_input
 
     work = Path(tempfile.mkdtemp(prefix="raycxr-loader-"))
     ingest(IngestConfig(sources={"kermany": src}, out=work / "data", image_size=size, val_fraction=0.01,
                         holdout_fraction=0.01, near_duplicate_bits=-1))
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    keep_freed_memory()  # what every training worker does first; this process plays the worker here
     gen = torch.Generator().manual_seed(0)
     collate = _collate_fn()
     rates = []
