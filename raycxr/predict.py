@@ -84,7 +84,10 @@ def _write_saliency(model, x, target: int, images: np.ndarray, names: list[str],
     import torch.nn.functional as F
     from captum.attr import LayerGradCam
 
-    model = getattr(model, "model", model)  # Grad-CAM of the network itself, not of the averaged TTA views
+    from raycxr.transforms import TestTimeAugment
+
+    if isinstance(model, TestTimeAugment):  # Grad-CAM of the network itself, not of the averaged views
+        model = model.model
     cam = LayerGradCam(model, _last_conv(model)).attribute(x, target=target, relu_attributions=True)
     cam = F.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False).detach().numpy()[:, 0]
     out_dir.mkdir(parents=True, exist_ok=True)
