@@ -70,6 +70,13 @@ def init_ray(*, address: str | None, num_cpus: int | None = None):
 
     address = address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray Data's per-epoch progress bars, printed by every trial's workers and dataset
+    # coordinators, reach the driver's output as broken lines between Tune's status tables, which
+    # already show the search's progress. RAY_DATA_DISABLE_PROGRESS_BARS=0 brings them back.
+    if os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1") != "0":
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
     # Fail fast rather than wait forever when workers cannot be placed (see docs/notes on Ray 2.60).
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
     # Save Tune's experiment state every 2 s (default: every 10 s or more), so a killed driver
