@@ -53,6 +53,16 @@ def affine_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return torch.stack([gx, gy], dim=-1)  # contiguous (N, h, w, 2): grid_sample is 3x slower on a strided grid
 
 
+def similarity_theta(degrees: torch.Tensor, scale: torch.Tensor, shift_x: torch.Tensor,
+                     shift_y: torch.Tensor) -> torch.Tensor:
+    """(N, 2, 3) affine matrices for ``affine_grid``: rotate by ``degrees``, zoom by ``scale`` (>1
+    enlarges the content), shift by fractions of the image, per sample."""
+    angle = torch.deg2rad(degrees)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    return torch.stack([torch.stack([cos, -sin, shift_x * 2], dim=1),
+                        torch.stack([sin, cos, shift_y * 2], dim=1)], dim=1)
+
+
 def augment(x: torch.Tensor, strength: str, *, generator: torch.Generator | None = None) -> torch.Tensor:
     """Randomly augment a batch of float images in 0..1 (N, 1, H, W), each sample differently."""
     if strength == "none":
@@ -65,13 +75,9 @@ def augment(x: torch.Tensor, strength: str, *, generator: torch.Generator | None
     def u(lo, hi):
         return torch.rand(n, generator=generator, device="cpu").to(dev) * (hi - lo) + lo
 
-    angle = torch.deg2rad(u(-max_rot, max_rot))
-    scale = u(s_lo, s_hi)
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([
-        torch.stack([cos, -sin, u(-max_shift, max_shift) * 2], dim=1),
-        torch.stack([sin, cos, u(-max_shift, max_shift) * 2], dim=1),
-    ], dim=1)
+    degrees, scale = u(-max_rot, max_rot), u(s_lo, s_hi)
+    shift_x, shift_y = u(-max_shift, max_shift), u(-max_shift, max_shift)
+    theta = similarity_theta(degrees, scale, shift_x, shift_y)
     x = F.grid_sample(x, affine_grid(theta, x.shape[-2], x.shape[-1]), mode="bilinear", padding_mode="zeros",
                       align_corners=False)
     c = u(1 - contrast, 1 + contrast).view(n, 1, 1, 1)
@@ -115,10 +121,9 @@ class TestTimeAugment(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, *, image_size: int, mean: float, std: float):
         super().__init__()
         self.model, self.mean, self.std = model, float(mean), float(std)
-        angles = torch.deg2rad(torch.tensor([a for a, _ in TTA_VIEWS[1:]], dtype=torch.float32))
-        scales = torch.tensor([s for _, s in TTA_VIEWS[1:]], dtype=torch.float32)
-        cos, sin, zero = torch.cos(angles) / scales, torch.sin(angles) / scales, torch.zeros_like(angles)
-        theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+        degrees, scales = torch.tensor(TTA_VIEWS[1:], dtype=torch.float32).unbind(1)
+        no_shift = torch.zeros_like(degrees)
+        theta = similarity_theta(degrees, scales, no_shift, no_shift)
         self.register_buffer("grids", affine_grid(theta, image_size, image_size), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -122,7 +122,7 @@ if __name__ == "__main__":
     ceiling = model_only()
     rows = raycxr_trial(Path(tempfile.mkdtemp(prefix="raycxr-gpu-throughput-")))
     rates = [r["train_images_per_s"] for r in rows]
-    steady = sum(rates[1:]) / max(1, len(rates[1:])) if len(rates) > 1 else rates[0]
+    steady = sum(rates[1:]) / len(rates[1:]) if len(rates) > 1 else rates[0]
     summary = {"card": card, "model": MODEL, "image_size": SIZE, "batch": BATCH, "images": IMAGES,
                "model_only_images_per_s": ceiling, "raycxr_images_per_s_per_epoch": rates,
                "ratio_epochs_2plus": steady / ceiling, "precision": rows[-1].get("precision"),
