@@ -71,7 +71,8 @@ def _search(args) -> int:
                                     trials=args.trials, max_epochs=args.max_epochs, address=args.address,
                                     storage=args.storage, max_failures=args.max_failures,
                                     time_budget_min=args.time_budget, num_cpus=args.num_cpus, target=args.target,
-                                    searcher=args.searcher, early_stopping=not args.no_early_stopping))
+                                    searcher=args.searcher, early_stopping=not args.no_early_stopping,
+                                    objective=args.objective, weights_dir=args.weights_dir))
     print("\nLeaderboard (validation AUC; the holdout is untouched):")
     print(format_leaderboard(board))
     return 0
@@ -88,11 +89,19 @@ def _promote(args) -> int:
     from raycxr.promote import PromoteConfig, promote
 
     card = promote(PromoteConfig(run=args.run, out=args.out, threshold_rule=args.threshold_rule,
-                                 target_sensitivity=args.target_sensitivity, n_boot=args.bootstrap,
-                                 force=args.force, tta=args.tta))
+                                 target_sensitivity=args.target_sensitivity,
+                                 target_specificity=args.target_specificity, prevalence=args.prevalence,
+                                 n_boot=args.bootstrap, force=args.force, tta=args.tta, select=args.select,
+                                 finalists=args.finalists, ensemble=args.ensemble,
+                                 fastest_within=args.fastest_within))
     h = card["holdout"]["pooled"]
-    print(f"Promoted trial {card['trial']['trial_id']} ({card['trial']['model']}, val AUC "
-          f"{card['trial']['val_auc']:.4f}) -> {args.out}")
+    ids = ", ".join(f"{r['trial_id']} (val AUC {r['val_auc']:.4f})" for r in card["members"])
+    print(f"Promoted {card['architecture']}: trial {ids} -> {args.out}")
+    print(f"Selection ({card['selection']['rule']}): {card['selection']['why']}")
+    for f in card["selection"].get("finalists", []):
+        print(f"  finalist {f['trial_id']} {f['model']}@{f['image_size']}px: val AUC {f['val_auc']:.4f}, shift AUC "
+              f"{f['shift_auc']:.4f}{' (tied with the best)' if f['tied_with_best'] else ''}, "
+              f"{'n/a' if f['latency_ms'] is None else format(f['latency_ms'], '.1f')} ms")
     print(f"Threshold {card['threshold']:.4f} (rule {card['threshold_rule']}, chosen on validation)")
     if "val_auc_with" in (tta := card["tta"]):
         print(f"Test-time augmentation {'on' if tta['used'] else 'off'} (validation AUC "
@@ -101,6 +110,9 @@ def _promote(args) -> int:
     how = "read once" if not prior else f"read again after {prior} earlier read(s): optimistic, see the card"
     print(f"Holdout ({h['n']} images, {how}):")
     _print_metrics(h)
+    print("Operating points (thresholds fixed on validation; holdout sensitivity / specificity):")
+    for name, pt in card["operating_points"].items():
+        print(f"  {name:12s} threshold {pt['threshold']:.4f}: {pt['sensitivity']:.3f} / {pt['specificity']:.3f}")
     print(f"Model card: {Path(args.out) / 'model_card.md'}   Report with plots: {Path(args.out) / 'report.html'}")
     return 0
 
@@ -151,7 +163,7 @@ def _predict(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from raycxr.search import SEARCHERS
+    from raycxr.search import OBJECTIVES, SEARCHERS
 
     p = argparse.ArgumentParser(prog="raycxr", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -198,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "are trained, unknown labels masked")
     s.add_argument("--searcher", choices=SEARCHERS, default="tpe",
                    help="Optuna sampler: tpe (default) or random (a baseline to compare searches against)")
+    s.add_argument("--objective", choices=list(OBJECTIVES), default="auc",
+                   help="auc (default): maximise validation AUC; auc-latency: a Pareto search of validation AUC "
+                        "against the batch-1 CPU latency of each trial's ONNX export (for CPU-only clinics)")
+    s.add_argument("--weights-dir", type=Path, metavar="DIR",
+                   help="offline pretrained weights: DIR/MODEL.safetensors for `pretrained: imagenet` (overrides the "
+                        "space's weights_dir; scripts/convert_weights.py makes EfficientNet-Lite's)")
     s.add_argument("--no-early-stopping", action="store_true",
                    help="run every trial to max_epochs (FIFO) instead of letting ASHA stop weak ones")
     s.set_defaults(fn=_search)
@@ -210,8 +228,24 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("promote", help="best trial by validation -> holdout once -> exports and model card")
     pr.add_argument("--run", type=Path, required=True, help="runs/NAME")
     pr.add_argument("--out", type=Path, required=True, help="folder for the promoted model")
-    pr.add_argument("--threshold-rule", choices=["youden", "sensitivity"], default="youden")
-    pr.add_argument("--target-sensitivity", type=float, default=0.95, help="for --threshold-rule sensitivity")
+    pr.add_argument("--threshold-rule", choices=["youden", "sensitivity", "specificity", "bayes"], default="youden",
+                    help="which validation operating point the exported model uses (default youden); the card "
+                         "shows the holdout metrics at every one")
+    pr.add_argument("--target-sensitivity", type=float, default=0.95, help="for the sensitivity operating point")
+    pr.add_argument("--target-specificity", type=float, default=0.95, help="for the specificity operating point")
+    pr.add_argument("--prevalence", type=float, metavar="P",
+                    help="the clinic's share of positives (e.g. 0.3): probabilities, PPV and NPV are corrected "
+                         "from the training pool's prevalence to P (prior shift); adds the bayes operating point")
+    pr.add_argument("--select", choices=["shift-auc", "val-auc"], default="shift-auc",
+                    help="shift-auc (default): finalists scored on validation under acquisition shifts, ties by "
+                         "patient bootstrap, then an ensemble or the fastest tied model; val-auc: plain arg-max")
+    pr.add_argument("--finalists", type=int, default=4, help="trials compared by --select shift-auc (default 4)")
+    pr.add_argument("--ensemble", choices=["auto", "on", "off"], default="auto",
+                    help="mean-logit ensemble of the tied finalists: auto keeps it if its shift AUC beats the "
+                         "best single model (default)")
+    pr.add_argument("--fastest-within", type=float, metavar="AUC_DELTA",
+                    help="promote the quickest trial (batch-1 ONNX CPU latency) whose validation AUC is within "
+                         "AUC_DELTA of the best, e.g. 0.005")
     pr.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs (default 1000)")
     pr.add_argument("--force", action="store_true", help="replace an existing --out folder")
     pr.add_argument("--tta", choices=["auto", "on", "off"], default="auto",

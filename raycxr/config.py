@@ -67,7 +67,20 @@ PARAMS: dict[str, tuple[type, Any, Any]] = {
     "ema_decay": (float, lambda v: None if v == 0 or 0.9 <= v < 1 else "must be 0 (off) or in [0.9, 1)", 0.0),
     # mixup's Beta(alpha, alpha) parameter; 0 turns mixup off
     "mixup": (float, lambda v: None if 0 <= v <= 2 else "must be in 0..2 (0: off)", 0.0),
+    # where a trial's starting weights come from (raycxr.models.create_model): none (from scratch),
+    # imagenet (timm's, or weights_dir/MODEL.safetensors offline), tag:..., hf-hub:..., file:...
+    "pretrained": (str, lambda v: _check_pretrained(v), "none"),
 }
+
+# The hyperparameters a trial reports, in the order tables show them: the leaderboard, each
+# checkpoint's trial.json and the model card all derive from PARAMS, so adding one is one edit.
+HYPERPARAMETERS = tuple(PARAMS)
+
+
+def _check_pretrained(v):
+    from raycxr.models import check_pretrained
+
+    return check_pretrained(v)
 
 
 @dataclass(frozen=True)
@@ -193,7 +206,7 @@ def parse_space(raw: dict, *, name: str) -> SearchSpace:
         if not _num(value, typ) or not lo <= value <= hi:
             problems.append(f"{key}: {value!r} must be {_TYPE_NAMES[typ]} in {lo}..{hi}")
     if not isinstance(raw.get("pretrained", False), bool):
-        problems.append("pretrained: must be true or false")
+        problems.append("pretrained: must be true or false (or search it: params.pretrained: [none, imagenet])")
     if raw.get("weights_dir") is not None and not isinstance(raw["weights_dir"], str):
         problems.append("weights_dir: must be a folder path holding MODEL.safetensors files (timm weights, offline)")
 
@@ -208,8 +221,10 @@ def parse_space(raw: dict, *, name: str) -> SearchSpace:
             continue
         if (p := _parse_param(key, spec, problems)) is not None:
             params[key] = p
+    if raw.get("pretrained") is True and "pretrained" not in params_raw:
+        params["pretrained"] = Param("value", ("imagenet",))  # the older top-level switch
     for key, (_, _, default) in PARAMS.items():
-        if key in params_raw:
+        if key in params_raw or key in params:
             continue
         if default is _REQUIRED:
             problems.append(f"params.{key}: required")

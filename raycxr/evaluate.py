@@ -8,14 +8,28 @@ from __future__ import annotations
 
 import numpy as np
 
-THRESHOLD_RULES = ("youden", "sensitivity")
+THRESHOLD_RULES = ("youden", "sensitivity", "specificity")
+
+
+def patient_resamples(groups: np.ndarray, *, n_boot: int, seed: int):
+    """Yield ``n_boot`` bootstrap index arrays that resample *patients* (``groups``) with replacement.
+
+    Images of one patient are correlated; resampling images would make intervals too narrow.
+    Every bootstrap in raycxr (CIs, threshold stability, model selection) draws from here.
+    """
+    rng = np.random.default_rng(seed)
+    uniq, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
+    for _ in range(n_boot):
+        yield np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
 
 
 def choose_threshold(y: np.ndarray, p: np.ndarray, *, rule: str = "youden", target: float = 0.95) -> float:
     """An operating threshold from validation data only.
 
     ``youden``: maximises sensitivity + specificity - 1. ``sensitivity``: the highest threshold
-    whose sensitivity reaches ``target``.
+    whose sensitivity reaches ``target``. ``specificity``: the lowest threshold whose specificity
+    reaches ``target`` (the most sensitive operating point that keeps false alarms that rare).
     """
     from sklearn.metrics import roc_curve
 
@@ -27,6 +41,9 @@ def choose_threshold(y: np.ndarray, p: np.ndarray, *, rule: str = "youden", targ
     thr = np.clip(thr, 0.0, 1.0)  # roc_curve's first threshold is +inf
     if rule == "youden":
         return float(thr[int(np.argmax(tpr - fpr))])
+    if rule == "specificity":
+        ok = np.flatnonzero(fpr <= 1 - target)
+        return float(thr[ok[-1]])
     ok = np.flatnonzero(tpr >= target)
     return float(thr[ok[0]])
 
@@ -34,9 +51,9 @@ def choose_threshold(y: np.ndarray, p: np.ndarray, *, rule: str = "youden", targ
 IDENTITY_CALIBRATION = {"method": "platt", "scale": 1.0, "bias": 0.0}
 
 
-def fit_calibration(y: np.ndarray, p: np.ndarray) -> dict:
-    """Platt scaling: P = sigmoid(scale * logit(p) + bias), fitted by logistic regression on the
-    validation logits (Platt 1999; Guo et al. 2017 call the bias-free case temperature scaling).
+def fit_calibration(y: np.ndarray, z: np.ndarray) -> dict:
+    """Platt scaling: P = sigmoid(scale * z + bias) on the model's raw logits ``z``, fitted by logistic
+    regression on validation (Platt 1999; Guo et al. 2017 call the bias-free case temperature scaling).
 
     The bias matters here: class weighting (``imbalance: pos_weight``) or label smoothing shift
     every logit, which a temperature alone cannot undo. A light L2 penalty keeps the scale finite
@@ -46,26 +63,42 @@ def fit_calibration(y: np.ndarray, p: np.ndarray) -> dict:
 
     if len(np.unique(y)) < 2:
         return dict(IDENTITY_CALIBRATION)
-    lr = LogisticRegression(C=100.0).fit(_logit(p)[:, None], np.asarray(y, dtype=int))
+    lr = LogisticRegression(C=100.0).fit(np.asarray(z, dtype=float)[:, None], np.asarray(y, dtype=int))
     return {"method": "platt", "scale": float(lr.coef_[0, 0]), "bias": float(lr.intercept_[0])}
 
 
 def calibrate_logits(z: np.ndarray, calibration: dict) -> np.ndarray:
-    """Calibrated probabilities from raw logits: sigmoid(scale * z + bias)."""
-    return _sigmoid(calibration["scale"] * np.asarray(z, dtype=float) + calibration["bias"])
+    """Calibrated probabilities from raw logits: sigmoid(scale * z + bias). The only place a
+    calibration is applied (promote, evaluate and predict all call it, on logits)."""
+    from scipy.special import expit
+
+    return expit(calibration["scale"] * np.asarray(z, dtype=float) + calibration["bias"])
 
 
-def apply_calibration(p: np.ndarray, calibration: dict) -> np.ndarray:
-    return calibrate_logits(_logit(p), calibration)
+def prior_shift(calibration: dict, *, fitted_prevalence: float, target_prevalence: float) -> dict:
+    """The calibration moved to another prevalence: the bias gains logit(target) - logit(fitted).
+
+    Platt scaling on validation gives probabilities for the validation split's prevalence (the
+    training pool's, stratified). Bayes' rule for a label shift (Saerens et al. 2002) changes only
+    the prior odds, so ranking, AUC and each threshold's sensitivity and specificity stay as they
+    are; the probabilities, PPV and NPV follow the clinic's prevalence.
+    """
+    from scipy.special import logit
+
+    for name, v in (("fitted", fitted_prevalence), ("target", target_prevalence)):
+        if not 0 < v < 1:
+            raise ValueError(f"{name} prevalence {v} must be in (0, 1)")
+    shift = float(logit(target_prevalence) - logit(fitted_prevalence))
+    return {**calibration, "bias": calibration["bias"] + shift,
+            "prior_shift": {"fitted_prevalence": float(fitted_prevalence),
+                            "target_prevalence": float(target_prevalence), "bias_shift": shift}}
 
 
-def _logit(p):
-    p = np.clip(np.asarray(p, dtype=float), 1e-7, 1 - 1e-7)
-    return np.log(p / (1 - p))
-
-
-def _sigmoid(z):
-    return 1.0 / (1.0 + np.exp(-z))
+def predictive_values(sensitivity: float, specificity: float, prevalence: float) -> tuple[float, float]:
+    """(PPV, NPV) at ``prevalence`` from sensitivity and specificity (Bayes' rule)."""
+    tp, fp = sensitivity * prevalence, (1 - specificity) * (1 - prevalence)
+    tn, fn = specificity * (1 - prevalence), (1 - sensitivity) * prevalence
+    return (tp / (tp + fp) if tp + fp else float("nan"), tn / (tn + fn) if tn + fn else float("nan"))
 
 
 # A threshold whose bootstrap 95% range is wider than this (in probability) is "unstable": the
@@ -81,13 +114,9 @@ def threshold_stability(y: np.ndarray, p: np.ndarray, groups: np.ndarray, *, rul
     When it is, :func:`choose_operating_threshold` uses the bootstrap median ("bagged"
     threshold), which varies far less between resamples than one arg-max on a noisy curve.
     """
-    rng = np.random.default_rng(seed)
-    y, p, groups = np.asarray(y).astype(int), np.asarray(p, dtype=float), np.asarray(groups)
-    uniq, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
+    y, p = np.asarray(y).astype(int), np.asarray(p, dtype=float)
     draws = []
-    for _ in range(n_boot):
-        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+    for idx in patient_resamples(groups, n_boot=n_boot, seed=seed):
         if len(np.unique(y[idx])) == 2:
             draws.append(choose_threshold(y[idx], p[idx], rule=rule, target=target))
     draws = np.asarray(draws) if draws else np.array([choose_threshold(y, p, rule=rule, target=target)])
@@ -153,14 +182,9 @@ def bootstrap_ci(y: np.ndarray, p: np.ndarray, groups: np.ndarray, *, threshold:
 
     Images of one patient are correlated; resampling images would make the intervals too narrow.
     """
-    rng = np.random.default_rng(seed)
-    y, p, groups = np.asarray(y).astype(int), np.asarray(p, dtype=float), np.asarray(groups)
-    uniq, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
+    y, p = np.asarray(y).astype(int), np.asarray(p, dtype=float)
     samples = {m: [] for m in CI_METRICS}
-    for _ in range(n_boot):
-        pick = rng.integers(0, len(uniq), len(uniq))
-        idx = np.concatenate([members[g] for g in pick])
+    for idx in patient_resamples(groups, n_boot=n_boot, seed=seed):
         if len(np.unique(y[idx])) < 2:
             continue  # a resample with one class has no AUC; skip it (counted in n_boot_used)
         m = binary_metrics(y[idx], p[idx], threshold=threshold)
@@ -188,3 +212,25 @@ def report(y: np.ndarray, p: np.ndarray, *, groups: np.ndarray, sources: np.ndar
                                 "ci95": bootstrap_ci(y[m], p[m], groups[m], threshold=threshold,
                                                      n_boot=n_boot, seed=seed)}
     return out
+
+
+def operating_points(y: np.ndarray, p: np.ndarray, groups: np.ndarray, *, target_sensitivity: float = 0.95,
+                     target_specificity: float = 0.95, bayes: bool = False, seed: int = 0) -> dict:
+    """Thresholds fixed on validation for each way a clinic may want to operate.
+
+    ``youden`` (balanced), ``sensitivity`` (rule-out: misses at most 1 - target of positives),
+    ``specificity`` (rule-in: false alarms on at most 1 - target of negatives), each bootstrapped
+    over patients as :func:`choose_operating_threshold` does; with ``bayes`` (probabilities
+    corrected to a stated prevalence, see :func:`prior_shift`), also ``bayes``: P >= 0.5, the
+    fewest expected errors at that prevalence.
+    """
+    targets = {"youden": 0.0, "sensitivity": target_sensitivity, "specificity": target_specificity}
+    points = {}
+    for rule, target in targets.items():
+        threshold, stability = choose_operating_threshold(y, p, groups, rule=rule, target=target, seed=seed)
+        points[rule] = {"threshold": threshold, "target": target if rule != "youden" else None,
+                        "how": stability["how"], "stability": stability}
+    if bayes:
+        points["bayes"] = {"threshold": 0.5, "target": None, "how": "P >= 0.5 at the stated prevalence",
+                           "stability": None}
+    return points

@@ -133,6 +133,7 @@ def predict(model_dir: str | Path, paths: list[str | Path], *, batch_size: int =
 
     from raycxr.evaluate import calibrate_logits
     from raycxr.imaging import load_for_model
+    from raycxr.models import predict_logits
     from raycxr.transforms import to_model_input
 
     model, cfg = load_promoted(model_dir)
@@ -144,15 +145,15 @@ def predict(model_dir: str | Path, paths: list[str | Path], *, batch_size: int =
         if not pending:
             return
         images = np.stack([a for _, a in pending])
-        x = to_model_input(torch.from_numpy(images[:, None]), image_size=cfg["image_size"], mean=cfg["mean"],
-                           std=cfg["std"])
         target = cfg["findings"].index(cfg["target"])
-        with torch.no_grad():
-            probs = calibrate_logits(model(x)[:, target].numpy(), cfg["calibration"])
+        z = predict_logits(model, images, image_size=cfg["image_size"], mean=cfg["mean"], std=cfg["std"])
+        probs = calibrate_logits(z[:, target], cfg["calibration"])
         for (i, _), prob in zip(pending, probs):
             results[i].probability = float(prob)
             results[i].label = cfg["class_names"][int(prob >= cfg["threshold"])]
         if saliency_dir is not None:
+            x = to_model_input(torch.from_numpy(images[:, None]), image_size=cfg["image_size"], mean=cfg["mean"],
+                               std=cfg["std"])
             maps = _write_saliency(model, x, target, images, [results[i].file for i, _ in pending], Path(saliency_dir))
             for (i, _), path in zip(pending, maps):
                 results[i].saliency = path

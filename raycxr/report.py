@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-_PLOTS = ("roc", "pr", "reliability", "confusion", "learning_curves", "search_history")
+_PLOTS = ("roc", "pr", "reliability", "confusion", "learning_curves", "search_history", "pareto")
 
 
 def _figure():
@@ -153,6 +153,35 @@ def plot_search_history(run_dir: Path, path: Path) -> Path:
     return _save(fig, path)
 
 
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the (AUC, latency) points no other point beats on both (higher AUC, lower latency)."""
+    return [i for i, (a, t) in enumerate(points)
+            if not any((a2 >= a and t2 <= t) and (a2 > a or t2 < t) for a2, t2 in points)]
+
+
+def plot_pareto(rows: list[dict], chosen: list[str], path: Path) -> Path:
+    """Validation AUC against batch-1 ONNX CPU latency for every trial, the Pareto front drawn."""
+    rows = [r for r in rows if r.get("latency_ms") is not None and r["latency_ms"] == r["latency_ms"]]
+    pts = [(r["val_auc"], r["latency_ms"]) for r in rows]
+    front = sorted(pareto_front(pts), key=lambda i: pts[i][1])
+    fig, ax = _figure()
+    for model in sorted({f"{r['model']}@{r['image_size']}px" for r in rows}):
+        sel = [i for i, r in enumerate(rows) if f"{r['model']}@{r['image_size']}px" == model]
+        ax.scatter([pts[i][1] for i in sel], [pts[i][0] for i in sel], s=30, label=model, alpha=0.8)
+    if front:
+        ax.step([pts[i][1] for i in front], [pts[i][0] for i in front], where="post", c="black", lw=1,
+                label="Pareto front")
+    picked = [i for i, r in enumerate(rows) if r["trial_id"] in chosen]
+    if picked:
+        ax.scatter([pts[i][1] for i in picked], [pts[i][0] for i in picked], s=140, facecolors="none",
+                   edgecolors="crimson", lw=2, label="promoted")
+    ax.set_xscale("log")
+    ax.set(xlabel="batch-1 latency of the ONNX export on CPU, ms (log)", ylabel="validation AUC (best epoch)",
+           title="Accuracy against CPU cost, every trial")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def write_report(out: Path, *, card: dict, holdout_y, holdout_p, run_dir: Path) -> dict[str, Path]:
     """Write every plot as PNG and ``report.html``; return {plot name: path}."""
     pooled = card["holdout"]["pooled"]
@@ -164,6 +193,8 @@ def write_report(out: Path, *, card: dict, holdout_y, holdout_p, run_dir: Path) 
         "confusion": plot_confusion(pooled, card["target"], out / "confusion.png"),
         "learning_curves": plot_learning_curves(run_dir, top, out / "learning_curves.png"),
         "search_history": plot_search_history(run_dir, out / "search_history.png"),
+        "pareto": plot_pareto(card.get("pareto", []), [m["trial_id"] for m in card.get("members", [])],
+                              out / "pareto.png"),
     }
     md = (out / "model_card.md").read_text() if (out / "model_card.md").exists() else ""
     imgs = "\n".join(f'<figure><img alt="{k}" src="data:image/png;base64,{base64.b64encode(v.read_bytes()).decode()}">'

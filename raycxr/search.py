@@ -13,6 +13,7 @@ The holdout split is never opened here: only train and val reach the trials.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raycxr.config import SearchSpace, load_space
+from raycxr.config import HYPERPARAMETERS, SearchSpace, load_space
 from raycxr.errors import ConfigError, NoEligibleTrialError
 from raycxr.train import METRIC
 
@@ -35,10 +36,11 @@ _TRIAL_DRIVER_CPU = 0.001
 # sliver short of a whole worker: N trials still fill N cores, and no trial waits on its own driver.
 _WORKER_CPU_SLACK = 0.01
 SEARCHERS = ("tpe", "random")  # Optuna samplers; random is the baseline to compare searches against
-LEADERBOARD_COLUMNS = ["rank", "trial_id", METRIC, "best_epoch", "epochs", "val_accuracy", "val_loss", "model",
-                       "image_size", "augment", "optimizer", "lr", "weight_decay", "batch_size", "imbalance",
-                       "label_smoothing", "warmup_epochs", "drop_rate", "ema_decay", "mixup", "status", "tune_status",
-                       "resumed_from_epoch", "checkpoint"]
+# What the searcher optimises: validation AUC alone, or (multi-objective) AUC against the batch-1
+# CPU latency of the model's ONNX export, for clinics that run the model on a CPU box.
+OBJECTIVES = {"auc": ([METRIC], ["max"]), "auc-latency": (["val_auc_best", "latency_ms"], ["max", "min"])}
+LEADERBOARD_COLUMNS = ["rank", "trial_id", METRIC, "best_epoch", "epochs", "val_accuracy", "val_loss", "latency_ms",
+                       *HYPERPARAMETERS, "status", "tune_status", "resumed_from_epoch", "checkpoint"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ class SearchConfig:
     num_cpus: int | None = None        # local Ray only
     searcher: str = "tpe"              # Optuna sampler: "tpe" or "random" (a baseline)
     early_stopping: bool = True        # ASHA; False runs every trial to max_epochs (FIFO)
+    objective: str = "auc"             # "auc", or "auc-latency": Pareto search of AUC against CPU latency
+    weights_dir: Path | None = None    # overrides the space's weights_dir (offline pretrained weights)
 
 
 def init_ray(*, address: str | None, num_cpus: int | None = None):
@@ -153,6 +157,20 @@ def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
+def _check_weights(space: SearchSpace) -> list[str]:
+    """Problems with the space's pretrained weights that can be seen before any trial starts:
+    a ``file:`` that is missing, or ``imagenet`` with a ``weights_dir`` that lacks a model's file."""
+    pretrained = space.values_of("pretrained") if "pretrained" in space.params else []
+    problems = [f"params.pretrained: {p}: no such file" for p in pretrained
+                if p.startswith("file:") and not Path(p[5:]).expanduser().is_file()]
+    if "imagenet" in pretrained and space.weights_dir:
+        folder = Path(space.weights_dir).expanduser()
+        problems += [f"weights_dir: {folder / (m + '.safetensors')} is missing (offline ImageNet weights for {m}; "
+                     "scripts/convert_weights.py makes EfficientNet-Lite's)" for m in space.values_of("model")
+                     if not (folder / f"{m}.safetensors").is_file()]
+    return problems
+
+
 def _plan_resources(space: SearchSpace, *, trials: int) -> dict:
     """Per-trial resources and concurrency that fit the cluster, or a ConfigError saying why not."""
     import ray
@@ -203,7 +221,12 @@ def run_search(cfg: SearchConfig) -> list[dict]:
 
     if cfg.searcher not in SEARCHERS:
         raise ConfigError(f"unknown searcher {cfg.searcher!r}; choose one of {list(SEARCHERS)}", source="searcher")
+    if cfg.objective not in OBJECTIVES:
+        raise ConfigError(f"unknown objective {cfg.objective!r}; choose one of {list(OBJECTIVES)}", source="objective")
     space = load_space(cfg.space)
+    if cfg.weights_dir is not None:  # recorded in the space's own data, so --resume finds it again
+        folder = str(Path(cfg.weights_dir).expanduser().resolve())
+        space = dataclasses.replace(space, weights_dir=folder, raw={**space.raw, "weights_dir": folder})
     manifest = read_manifest(cfg.data)
     trials = cfg.trials or space.trials
     max_epochs = cfg.max_epochs or space.max_epochs
@@ -214,6 +237,7 @@ def run_search(cfg: SearchConfig) -> list[dict]:
     for m in space.values_of("model"):
         problems += [f"params.image_size: {m} needs at least {min_image_size(m)} px, got {s}"
                      for s in sizes if s < min_image_size(m)]
+    problems += _check_weights(space)
     if problems:
         raise ConfigError(problems, source=f"search space {space.name} for this dataset")
 
@@ -225,6 +249,7 @@ def run_search(cfg: SearchConfig) -> list[dict]:
               "data": str(Path(cfg.data).resolve()), "data_fingerprint": manifest["fingerprint"], "trials": trials,
               "max_epochs": max_epochs, "seed": space.seed, "metric": METRIC, "resources": plan, "storage": storage,
               "max_failures": cfg.max_failures, "searcher": cfg.searcher, "early_stopping": cfg.early_stopping,
+              "objective": cfg.objective,
               "versions": _versions(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     trainable = _trainable(record, space, plan, manifest)
@@ -237,20 +262,27 @@ def run_search(cfg: SearchConfig) -> list[dict]:
     print(f"TensorBoard: tensorboard --logdir {run_dir / 'tune'}")
 
     searcher = None  # a space with every value fixed has nothing to search: plain repeated trials
+    metrics, modes = OBJECTIVES[cfg.objective]
     if any(p.kind != "value" for p in space.params.values()):
         sampler = _sampler(cfg.searcher, seed=space.seed, trials=trials)
-        searcher = OptunaSearch(metric=METRIC, mode="max", sampler=sampler)
+        # Several objectives: Optuna's TPE models the Pareto front (MOTPE). Tune's own metric stays
+        # unset then, or Tune would overwrite the searcher's list with a single metric.
+        searcher = OptunaSearch(metric=metrics if len(metrics) > 1 else METRIC,
+                                mode=modes if len(modes) > 1 else "max", sampler=sampler)
+    tune_metric = (METRIC, "max") if len(metrics) == 1 else (None, None)
     # ASHA's clock is the epoch each trial reports, not Tune's iteration count: a trial resumed
     # from a checkpoint after a failure keeps its true position on the rungs.
     scheduler = FIFOScheduler()
     if cfg.early_stopping:
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=max_epochs,
-                                  grace_period=min(space.grace_period, max_epochs),
-                                  reduction_factor=space.reduction_factor)
+        # ASHA always stops on validation AUC; it is told so itself only when Tune's metric is unset
+        # (multi-objective), since Tune refuses a metric given to both.
+        own = {} if tune_metric[0] else {"metric": METRIC, "mode": "max"}
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=min(space.grace_period, max_epochs),
+                                  reduction_factor=space.reduction_factor, **own)
     tuner = tune.Tuner(
         trainable, param_space=_tune_space(space),
         tune_config=tune.TuneConfig(
-            metric=METRIC, mode="max", search_alg=searcher, scheduler=scheduler, num_samples=trials,
+            metric=tune_metric[0], mode=tune_metric[1], search_alg=searcher, scheduler=scheduler, num_samples=trials,
             max_concurrent_trials=plan["concurrent"], trial_dirname_creator=_trial_dirname,
             time_budget_s=cfg.time_budget_min * 60 if cfg.time_budget_min else None),
         # Tune retries a trial whose driver died (a lost node); the retried trial's TorchTrainer
@@ -316,8 +348,9 @@ def _trainable(record: dict, space: SearchSpace, plan: dict, manifest: dict):
         "loop": {"max_epochs": record["max_epochs"], "seed": space.seed, "train_rows": int(len(labels)),
                  "findings": list(FINDINGS), "target": record["target"], "pos_weight": _pos_weight(labels),
                  "ingest_image_size": ingest_size, "resize": manifest["params"]["resize"],
-                 "cpus_per_worker": plan["cpus_per_worker"], "pretrained": space.pretrained,
-                 "weights_dir": space.weights_dir, "image_size": ingest_size},
+                 "cpus_per_worker": plan["cpus_per_worker"],
+                 "weights_dir": str(Path(space.weights_dir).expanduser().resolve()) if space.weights_dir else None,
+                 "image_size": ingest_size},
     }
     return tune.with_resources(tune.with_parameters(run_trial, train_ds=train_ds, val_ds=val_ds, static=static),
                                {"cpu": _TRIAL_DRIVER_CPU})
@@ -397,6 +430,7 @@ def leaderboard(run_dir: str | Path) -> list[dict]:
             row.update({METRIC: float(best[METRIC]), "best_epoch": int(best["epoch"]),
                         "epochs": int(df["epoch"].max()), "val_accuracy": float(best["val_accuracy"]),
                         "val_loss": float(best["val_loss"]), "status": "ok",
+                        "latency_ms": float(best["latency_ms"]) if "latency_ms" in best else None,
                         "resumed_from_epoch": int(df["resumed_from_epoch"].max()) if "resumed_from_epoch" in df else 0,
                         "checkpoint": best.get("checkpoint_path")})
         if trial.status == "ERROR":

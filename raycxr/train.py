@@ -115,7 +115,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
     from sklearn.metrics import log_loss, roc_auc_score
 
-    from raycxr.models import create_model, input_stats
+    from raycxr.config import HYPERPARAMETERS
+    from raycxr.models import create_model, input_stats, onnx_cpu_latency_ms
     from raycxr.transforms import mixup, train_input
 
     keep_freed_memory()
@@ -127,11 +128,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     threads = max(1, int(config.get("cpus_per_worker", 1)))
     torch.set_num_threads(threads)
 
-    weights = Path(config["weights_dir"]) / f"{config['model']}.safetensors" if config.get("weights_dir") else None
     findings = config["findings"]
     target = findings.index(config["target"])
-    model = create_model(config["model"], pretrained=config.get("pretrained", False), weights_path=weights,
-                         drop_rate=config["drop_rate"], num_classes=len(findings))
+    model = create_model(config["model"], pretrained=config.get("pretrained", "none"),
+                         weights_dir=config.get("weights_dir"), drop_rate=config["drop_rate"],
+                         num_classes=len(findings))
     mean, std = input_stats(model)
     device = ray.train.torch.get_device()
     cuda = device.type == "cuda"
@@ -168,7 +169,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ema = ModelEmaV3(bare, decay=ema_decay, use_warmup=True)
     evaluated = ema.module if ema is not None else bare
 
-    start_epoch = 0
+    start_epoch, best_val_auc = 0, float("nan")
     if (ckpt := ray.train.get_checkpoint()) is not None:
         from safetensors.torch import load_file
 
@@ -180,18 +181,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"]) + 1
+        best_val_auc = float(state.get("best_val_auc", float("nan")))
         log.info("resumed from checkpoint at epoch %d", start_epoch)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     size = config["image_size"]
-    trial_meta = {k: config.get(k) for k in ("model", "image_size", "augment", "optimizer", "lr", "weight_decay",
-                                         "batch_size", "imbalance", "label_smoothing", "warmup_epochs",
-                                         "drop_rate", "ema_decay", "mixup", "seed", "findings", "target")}
+    trial_meta = {k: config.get(k) for k in (*HYPERPARAMETERS, "seed", "findings", "target")}
     trial_meta.update(mean=mean, std=std, ingest_image_size=config["ingest_image_size"],
                       resize=config["resize"], trial_id=config.get("trial_id", ""))
 
     collate = _collate_fn()
+    latency_ms = None  # of the model's ONNX export on this machine's CPU, measured once after the first epoch
     for epoch in range(start_epoch, config["max_epochs"]):
         model.train()
         t0, seen, compute_s = time.perf_counter(), 0, 0.0
@@ -240,13 +241,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             known = labels[:, target] >= 0  # validation scores the target finding where it is known
             probs, labels = probs[known, target], labels[known, target]
             both = len(np.unique(labels)) == 2
+            val_auc = float(roc_auc_score(labels, probs)) if both else float("nan")
+            best_val_auc = val_auc if not best_val_auc >= val_auc else best_val_auc  # NaN-safe running max
+            if latency_ms is None:
+                try:
+                    latency_ms = onnx_cpu_latency_ms(evaluated, size)
+                except Exception as exc:  # a missing latency must not cost the trial its training
+                    log.warning("could not measure the ONNX latency of %s: %s", config["model"], exc)
+                    latency_ms = float("nan")
             metrics.update(
-                val_auc=float(roc_auc_score(labels, probs)) if both else float("nan"),
+                val_auc=val_auc, val_auc_best=best_val_auc, latency_ms=latency_ms,
                 val_loss=float(log_loss(labels, np.clip(probs, 1e-7, 1 - 1e-7), labels=[0, 1])),
                 val_accuracy=float(np.mean((probs >= 0.5) == labels)),
                 val_images=int(len(labels)))
             with tempfile.TemporaryDirectory() as tmp:
-                train_state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch}
+                train_state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
+                               "best_val_auc": best_val_auc}
                 if ema is not None:
                     train_state["model"] = {k: v.detach().cpu() for k, v in bare.state_dict().items()}
                 save_checkpoint(Path(tmp), model=evaluated, trial=trial_meta, train_state=train_state)

@@ -4,10 +4,14 @@ Augmentation runs on whole batches on the training device (GPU when present): pe
 random affine (rotation, scale, shift) through one ``affine_grid``/``grid_sample`` call, and
 per-sample brightness/contrast. torchvision v2 transforms draw one set of parameters per call,
 so applied to a batch they would move every image the same way; hence this small module.
-Also here: batch mixup, and :class:`TestTimeAugment`, the averaged-views wrapper promote may choose.
+Also here: batch mixup; :class:`TestTimeAugment`, the averaged-views wrapper promote may choose;
+:class:`Ensemble`, the mean logit of several trained models as one module; and the acquisition
+shifts (:func:`acquisition_shift`) that promote's model selection scores validation under.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +25,16 @@ _AUGMENT = {
 }
 
 
-def _scaled(images: torch.Tensor, image_size: int) -> torch.Tensor:
-    """uint8 (N, 1, H, W) -> float in 0..1 at image_size (antialiased bilinear)."""
-    x = images.float().div_(255.0)
+def _resized(x: torch.Tensor, image_size: int) -> torch.Tensor:
+    """float (N, 1, H, W) -> (N, 1, image_size, image_size), antialiased bilinear (a no-op at that size)."""
     if x.shape[-1] != image_size or x.shape[-2] != image_size:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
     return x
+
+
+def _scaled(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """uint8 (N, 1, H, W) -> float in 0..1 at image_size (antialiased bilinear)."""
+    return _resized(images.float().div_(255.0), image_size)
 
 
 def to_model_input(images: torch.Tensor, *, image_size: int, mean: float, std: float) -> torch.Tensor:
@@ -134,3 +142,61 @@ class TestTimeAugment(torch.nn.Module):
                                  align_corners=False)
             logits.append(self.model((view - self.mean) / self.std))
         return torch.stack(logits).mean(0)
+
+
+class Ensemble(torch.nn.Module):
+    """The mean logit of several trained models, as one module (and one exported graph).
+
+    Its input is the stored image as pixels/255, (N, 1, S, S) at the ingested size S (that is,
+    ``to_model_input`` with ``image_size=S, mean=0, std=1``). Each member then resizes and
+    normalises it exactly as it was trained, so members of different input sizes and
+    normalisations combine; the antialiased resize exports to ONNX unchanged.
+    """
+
+    def __init__(self, members: list[torch.nn.Module], *, image_sizes: list[int], means: list[float],
+                 stds: list[float]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+        self.inputs = [(int(s), float(m), float(d)) for s, m, d in zip(image_sizes, means, stds)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = [member((_resized(x, size) - mean) / std)
+                  for member, (size, mean, std) in zip(self.members, self.inputs)]
+        return torch.stack(logits).mean(0)
+
+
+# Acquisition shifts of validation images for model selection (raycxr.select): each a plausible
+# difference between one hospital's films and another's, of a size a radiologist would still
+# read without trouble. name -> what it does to a float image in 0..1 at the stored size S.
+ACQUISITION_SHIFTS = ("contrast_0.7", "gamma_0.7", "gamma_1.5", "blur", "noise", "crop_0.85", "lowres_0.5")
+
+
+def acquisition_shift(x: torch.Tensor, name: str, *, seed: int = 0) -> torch.Tensor:
+    """One of :data:`ACQUISITION_SHIFTS` applied to a float batch in 0..1 (N, 1, S, S); deterministic.
+
+    contrast_0.7: contrast reduced to 70% (a flatter exposure); gamma_0.7 / gamma_1.5: a
+    brighter / darker tone curve (another detector's look-up table); blur: Gaussian, sigma
+    S/128 px (softer detector or motion); noise: Gaussian, sd 0.03 (a noisier, lower-dose
+    film; seeded); crop_0.85: the central 85% enlarged to S (tighter collimation); lowres_0.5:
+    down to S/2 and back (a lower-resolution source).
+    """
+    import torchvision.transforms.v2.functional as TF
+
+    size = x.shape[-1]
+    if name == "contrast_0.7":
+        out = TF.adjust_contrast(x, 0.7)
+    elif name.startswith("gamma_"):
+        out = TF.adjust_gamma(x, float(name.split("_")[1]))
+    elif name == "blur":
+        sigma = size / 128
+        out = TF.gaussian_blur(x, kernel_size=2 * math.ceil(3 * sigma) + 1, sigma=sigma)
+    elif name == "noise":
+        gen = torch.Generator().manual_seed(seed)
+        out = x + 0.03 * torch.randn(x.shape, generator=gen).to(x.device)
+    elif name == "crop_0.85":
+        out = _resized(TF.center_crop(x, [round(size * 0.85)] * 2), size)
+    elif name == "lowres_0.5":
+        out = _resized(_resized(x, size // 2), size)
+    else:
+        raise ValueError(f"unknown acquisition shift {name!r}; use one of {ACQUISITION_SHIFTS}")
+    return out.clamp(0.0, 1.0)

@@ -64,3 +64,33 @@ def test_bad_yaml_file(tmp_path):
     f.write_text("params: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_space(f)
+
+
+@pytest.mark.parametrize("spec,ok", [
+    ("none", True), ("imagenet", True), ("tag:a1_in1k", True), ("hf-hub:timm/resnet18.a1_in1k", True),
+    ("file:/w/resnet10t.safetensors", True), ("yes", False), ("tag:", False), ("http://x", False)])
+def test_pretrained_is_a_searchable_parameter(spec, ok):
+    from raycxr.config import parse_space
+    from raycxr.errors import ConfigError
+
+    raw = {"params": {"model": "resnet10t", "lr": 0.01, "pretrained": ["none", spec]}}
+    if ok:
+        assert parse_space(raw, name="p").values_of("pretrained") == ["none", spec]
+    else:
+        with pytest.raises(ConfigError, match="params.pretrained.choice"):
+            parse_space(raw, name="p")
+
+
+def test_old_top_level_pretrained_switch_and_missing_offline_weights(tmp_path):
+    from raycxr.config import parse_space
+    from raycxr.search import _check_weights
+
+    old = parse_space({"pretrained": True, "params": {"model": "resnet10t", "lr": 0.01}}, name="old")
+    assert old.values_of("pretrained") == ["imagenet"]
+    assert parse_space({"params": {"model": "resnet10t", "lr": 0.01}}, name="d").values_of("pretrained") == ["none"]
+    (tmp_path / "resnet10t.safetensors").write_bytes(b"")
+    space = parse_space({"weights_dir": str(tmp_path), "params": {"model": ["resnet10t", "resnet18"], "lr": 0.01,
+                                                                  "pretrained": ["imagenet", "file:/nope.pth"]}},
+                        name="w")
+    problems = _check_weights(space)
+    assert len(problems) == 2 and "resnet18.safetensors is missing" in problems[1] and "/nope.pth" in problems[0]

@@ -87,9 +87,19 @@ def test_end_to_end(ray_local, tmp_path, sample_dir, capsys, monkeypatch):
     for png in model_dir.glob("*.png"):
         with Image.open(png) as im:
             assert im.size[0] > 300 and np.asarray(im.convert("L")).std() > 5, png  # a drawn figure
-    assert (model_dir / "report.html").read_text().count("data:image/png;base64,") == 6
+    assert (model_dir / "report.html").read_text().count("data:image/png;base64,") == 7
     card = json.loads((model_dir / "model_card.json").read_text())
-    assert card["trial"]["trial_id"] == board[0]["trial_id"]  # best by validation
+    # Noise-aware selection among the finalists (both trials here), on validation only.
+    sel = card["selection"]
+    assert sel["rule"] == "shift-auc" and [f["trial_id"] for f in sel["finalists"]] == [r["trial_id"] for r in board]
+    assert {m["trial_id"] for m in card["members"]} <= {r["trial_id"] for r in board}
+    assert sel["finalists"][0]["tied_with_best"] or sel["finalists"][1]["tied_with_best"]
+    for f in sel["finalists"]:
+        lo, hi = f["shift_auc_ci95"]
+        assert 0 <= lo <= f["shift_auc"] <= hi <= 1 and f["latency_ms"] > 0
+    if sel["kind"] == "single":  # the fastest of the tied finalists
+        tied = [f for f in sel["finalists"] if f["tied_with_best"]]
+        assert card["trial"]["trial_id"] == min(tied, key=lambda f: f["latency_ms"])["trial_id"]
     assert card["tta"]["used"] and 0 <= card["tta"]["val_auc_with"] <= 1 and 0 <= card["tta"]["val_auc_without"] <= 1
     pooled = card["holdout"]["pooled"]
     assert pooled["n"] == json.loads((data / "manifest.json").read_text())["counts"]["holdout"]["images"]
@@ -100,9 +110,9 @@ def test_end_to_end(ray_local, tmp_path, sample_dir, capsys, monkeypatch):
     assert "Holdout metrics" in (model_dir / "model_card.md").read_text()
 
     # The threshold and calibration come from validation alone: recompute them from val predictions.
-    from raycxr.evaluate import apply_calibration, choose_operating_threshold, fit_calibration
+    from raycxr.evaluate import calibrate_logits, choose_operating_threshold, fit_calibration
     from raycxr.predict import load_promoted
-    from raycxr.promote import predict_split
+    from raycxr.promote import split_arrays, target_logits
 
     # Loading a promoted model never unpickles: every unpickling entry point fails while it loads.
     import pickle
@@ -117,9 +127,10 @@ def test_end_to_end(ray_local, tmp_path, sample_dir, capsys, monkeypatch):
     from raycxr.transforms import TestTimeAugment
 
     assert isinstance(model_v, TestTimeAugment) and cfg_v["tta"] is True
-    vp, vy, vg, _ = predict_split(model_v, {**cfg_v["trial"], **cfg_v}, data, "val")
-    cal = fit_calibration(vy, vp)
-    thr, _ = choose_operating_threshold(vy, apply_calibration(vp, cal), vg, rule="youden")
+    val = split_arrays(data, "val", "pneumonia")
+    vz, vy, vg = target_logits(model_v, cfg_v, val.images), val.y, val.groups
+    cal = fit_calibration(vy, vz)
+    thr, _ = choose_operating_threshold(vy, calibrate_logits(vz, cal), vg, rule="youden")
     assert cfg_v["calibration"]["scale"] == pytest.approx(cal["scale"])
     assert cfg_v["calibration"]["bias"] == pytest.approx(cal["bias"]) and cfg_v["threshold"] == pytest.approx(thr)
 
@@ -193,3 +204,68 @@ def test_end_to_end(ray_local, tmp_path, sample_dir, capsys, monkeypatch):
             if f.is_file() and f.stat().st_size < 50_000_000:
                 blob = f.read_bytes()
                 assert not [s for s in stems if s.encode() in blob], f
+
+    # Promote again from the same run: an ensemble of both trials, a clinic's prevalence and a
+    # specificity operating point. The ensemble is one graph (exports checked within 1e-4 inside
+    # promote) that loads back and scores exactly the mean of its members' logits.
+    ens_dir = tmp_path / "model-ensemble"
+    assert main(["promote", "--run", str(runs / "e2e"), "--out", str(ens_dir), "--bootstrap", "100", "--tta", "off",
+                 "--ensemble", "on", "--prevalence", "0.3", "--threshold-rule", "specificity",
+                 "--target-specificity", "0.9"]) == 0
+    ens_card = json.loads((ens_dir / "model_card.json").read_text())
+    ens, ens_cfg = load_promoted(ens_dir)
+    assert ens_card["selection"]["kind"] == "ensemble" and len(ens_cfg["members"]) == 2
+    assert ens_cfg["calibration"]["prior_shift"]["target_prevalence"] == 0.3
+    assert set(ens_card["operating_points"]) == {"youden", "sensitivity", "specificity", "bayes"}
+    assert ens_cfg["threshold"] == ens_card["operating_points"]["specificity"]["threshold"]
+    assert ens_card["operating_points"]["specificity"]["val_specificity"] >= 0.9
+    from raycxr.models import load_model
+
+    members = [load_model(next((runs / "e2e" / "trials" / m["trial_id"]).rglob("model.safetensors")).parent,
+                          {**m, "findings": ens_cfg["findings"]}) for m in ens_cfg["members"]]
+    from raycxr.models import predict_logits
+
+    imgs = val.images[:12]
+    expect = np.mean([predict_logits(m, imgs, image_size=spec["image_size"], mean=spec["mean"], std=spec["std"])
+                      for m, spec in zip(members, ens_cfg["members"])], axis=0)
+    got = predict_logits(ens, imgs, image_size=ens_cfg["image_size"], mean=ens_cfg["mean"], std=ens_cfg["std"])
+    assert np.abs(got - expect).max() < 1e-5
+    md = (ens_dir / "model_card.md").read_text()
+    assert "PPV at 30%" in md and "specificity (exported)" in md and "Ensemble of the tied finalists" in md
+
+    # --fastest-within: the quickest trial whose validation AUC is within the delta of the best.
+    fast_dir = tmp_path / "model-fast"
+    assert main(["promote", "--run", str(runs / "e2e"), "--out", str(fast_dir), "--bootstrap", "100", "--tta", "off",
+                 "--fastest-within", "1.0"]) == 0
+    fast = json.loads((fast_dir / "model_card.json").read_text())
+    lat = {r["trial_id"]: float(r["latency_ms"]) for r in board}
+    assert fast["trial"]["trial_id"] == min(lat, key=lat.get) and fast["selection"]["rule"] == "fastest-within"
+
+    # External validation lands in the card: another ingested dataset (here a re-ingest of the
+    # sample at another size, a different fingerprint) is compared with the internal holdout.
+    other = tmp_path / "other"
+    assert main(["ingest", "--source", f"kermany={sample_dir}", "--out", str(other), "--image-size", "80"]) == 0
+    assert main(["evaluate", "--model", str(fast_dir), "--data", str(other), "--split", "all", "--bootstrap", "50"]) == 0
+    fast = json.loads((fast_dir / "model_card.json").read_text())
+    assert len(fast["external"]) == 1 and fast["external"][0]["n"] == 300
+    assert "measured for this model, holdout AUC" in (fast_dir / "model_card.md").read_text()
+
+
+def test_multi_objective_search_reports_latency_to_optuna(ray_local, tmp_path, sample_dir):
+    """--objective auc-latency: Optuna's study receives (best validation AUC, ONNX CPU latency) per
+    trial, the same values the leaderboard shows."""
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    assert main(["ingest", "--source", f"kermany={sample_dir}", "--out", str(data), "--image-size", "64"]) == 0
+    assert main(["search", "--data", str(data), "--space", str(_space(tmp_path)), "--name", "mo",
+                 "--runs-dir", str(runs), "--objective", "auc-latency", "--no-early-stopping"]) == 0
+    board = list(csv.DictReader(open(runs / "mo" / "leaderboard.csv")))
+    assert len(board) == 2 and all(float(r["latency_ms"]) > 0 for r in board)
+    assert json.loads((runs / "mo" / "run.json").read_text())["objective"] == "auc-latency"
+    # The searcher's saved state holds the Optuna study (Tune pickles it; this test reads its own run).
+    import pickle
+
+    state = pickle.loads(next((runs / "mo" / "tune").glob("searcher-state-*.pkl")).read_bytes())
+    study = state["_ot_study"] if isinstance(state, dict) else state._ot_study
+    values = sorted(tuple(round(v, 6) for v in t.values) for t in study.trials if t.values)
+    expect = sorted((round(float(r["val_auc"]), 6), round(float(r["latency_ms"]), 6)) for r in board)
+    assert values == expect

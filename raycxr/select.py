@@ -1,0 +1,151 @@
+"""choose(): which trial (or ensemble of trials) promote exports, decided on validation only.
+
+Validation AUC alone saturates on single-hospital data (0.997-0.999 for every good trial of the
+Kermany search, on 783 images), so its arg-max picks among models the split cannot tell apart.
+The rule here, in this order, is what every model card states:
+
+1. **Finalists**: the ``k`` best trials by validation AUC (their best epoch; ``--finalists``).
+2. **Shift AUC**: each finalist scores the validation split as stored and under seven
+   acquisition shifts (:data:`raycxr.transforms.ACQUISITION_SHIFTS`: contrast, two tone curves,
+   blur, noise, tighter collimation, lower resolution); its selection score is the mean AUC over
+   these eight views. A model whose ranking survives another detector's look is more likely to
+   survive another hospital's.
+3. **Ties**: a finalist is tied with the best when the paired patient-bootstrap 95% interval of
+   (best - finalist) shift AUC includes 0 (the same resampled patients score both models).
+4. **Ensemble**: with ``ensemble="auto"`` and two or more tied finalists, the mean logit of the
+   (up to three) best tied finalists is promoted if its shift AUC is above the best single
+   model's. ``"on"`` promotes it whenever two or more are tied, ``"off"`` never.
+5. **Otherwise the fastest tied finalist** (batch-1 ONNX CPU latency measured in its trial):
+   within noise, the cheaper model is preferred.
+
+``fastest_within=D`` replaces the rule: the quickest trial of the whole search whose validation
+AUC is within ``D`` of the best. ``rule="val-auc"`` is the plain arg-max, kept for comparison.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+SELECTION_RULES = ("shift-auc", "val-auc")
+ENSEMBLE_MODES = ("auto", "on", "off")
+MAX_ENSEMBLE = 3
+
+
+def views_of(images: np.ndarray, *, seed: int = 0, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """The validation images as stored ("clean") and under each acquisition shift, as uint8 (N, 1, S, S)."""
+    import torch
+
+    from raycxr.transforms import ACQUISITION_SHIFTS, acquisition_shift
+
+    views = {"clean": images}
+    for name in ACQUISITION_SHIFTS:
+        parts = []
+        for i in range(0, len(images), batch_size):  # bounded memory at any split size
+            x = torch.from_numpy(np.array(images[i:i + batch_size])).float().div_(255.0)  # a writable copy
+            parts.append(acquisition_shift(x, name, seed=seed + i).mul_(255.0).round_().to(torch.uint8).numpy())
+        views[name] = np.concatenate(parts)
+    return views
+
+
+def rank_auc(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """ROC AUC of each row of ``scores`` (..., N) against labels ``y`` (N,), from ranks
+    (the Mann-Whitney U statistic; ties count half, as in scikit-learn's roc_auc_score)."""
+    from scipy.stats import rankdata
+
+    y = np.asarray(y).astype(bool)
+    pos, neg = int(y.sum()), int((~y).sum())
+    ranks = rankdata(scores, axis=-1)
+    return (ranks[..., y].sum(axis=-1) - pos * (pos + 1) / 2) / (pos * neg)
+
+
+def shift_auc_bootstrap(y: np.ndarray, groups: np.ndarray, logits: np.ndarray, *, n_boot: int = 1000,
+                        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(point (M,), bootstrap draws (B, M)) of the mean-over-views AUC of ``logits`` (M, V, N).
+
+    Each draw resamples patients once for every model, so differences between models are paired.
+    """
+    from raycxr.evaluate import patient_resamples
+
+    y = np.asarray(y).astype(int)
+    point = rank_auc(y, logits).mean(axis=-1)
+    draws = [rank_auc(y[idx], logits[..., idx]).mean(axis=-1)
+             for idx in patient_resamples(groups, n_boot=n_boot, seed=seed) if 0 < y[idx].sum() < len(idx)]
+    return point, np.asarray(draws).reshape(-1, logits.shape[0])
+
+
+def choose(finalists: list[dict], logits: np.ndarray, y: np.ndarray, groups: np.ndarray, *, ensemble: str = "auto",
+           n_boot: int = 1000, seed: int = 0) -> dict:
+    """Apply the rule (steps 2-5 above) to ``finalists`` (leaderboard rows, best validation AUC
+    first, each with ``latency_ms``) whose validation logits under every view are ``logits`` (M, V, N).
+
+    Returns what was chosen (``members``: indices into ``finalists``; ``kind``: single or
+    ensemble), why, and every finalist's figures for the model card.
+    """
+    if ensemble not in ENSEMBLE_MODES:
+        raise ValueError(f"ensemble {ensemble!r} is not one of {ENSEMBLE_MODES}")
+    point, draws = shift_auc_bootstrap(y, groups, logits, n_boot=n_boot, seed=seed)
+    best = int(np.argmax(point))
+    diffs = draws[:, [best]] - draws  # (B, M): how far each finalist falls below the best, per resample
+    lo, hi = np.percentile(diffs, [2.5, 97.5], axis=0) if len(draws) else (np.zeros(len(point)),) * 2
+    ci = np.percentile(draws, [2.5, 97.5], axis=0) if len(draws) else np.full((2, len(point)), np.nan)
+    tied = [i for i in range(len(point)) if i == best or lo[i] <= 0]
+    table = [{"trial_id": f["trial_id"], "model": f.get("model"), "image_size": f.get("image_size"),
+              "pretrained": f.get("pretrained"), "val_auc": f.get("val_auc"), "latency_ms": f.get("latency_ms"),
+              "shift_auc": float(point[i]), "shift_auc_ci95": [float(ci[0, i]), float(ci[1, i])],
+              "below_best_ci95": [float(lo[i]), float(hi[i])], "tied_with_best": i in tied}
+             for i, f in enumerate(finalists)]
+    out = {"rule": "shift-auc", "finalists": table, "n_boot_used": int(len(draws)), "ensemble_mode": ensemble,
+           "views": ["clean", *_shift_names()]}
+
+    ranked_tied = sorted(tied, key=lambda i: -point[i])
+    if ensemble != "off" and len(tied) >= 2:
+        members = ranked_tied[:MAX_ENSEMBLE]
+        ens_point = float(rank_auc(y, logits[members].mean(axis=0)).mean())
+        out["ensemble"] = {"members": [finalists[i]["trial_id"] for i in members], "shift_auc": ens_point,
+                           "best_single_shift_auc": float(point[best])}
+        if ensemble == "on" or ens_point > point[best]:
+            out.update(kind="ensemble", members=members,
+                       why=(f"{len(tied)} finalists tied with the best within the patient bootstrap; the mean logit of "
+                            f"{len(members)} of them scored shift AUC {ens_point:.4f} against the best single model's "
+                            f"{point[best]:.4f}" + (" (--ensemble on)" if ensemble == "on" and
+                                                     ens_point <= point[best] else "")))
+            return out
+
+    def latency(i):
+        return r_latency(finalists[i])
+
+    fastest = min(ranked_tied, key=lambda i: (latency(i), -point[i]))
+    why = (f"best shift AUC {point[best]:.4f}" if fastest == best and len(tied) == 1 else
+           f"{len(tied)} finalists tied with the best (shift AUC {point[best]:.4f}) within the patient bootstrap; "
+           f"the fastest of them was chosen ({_ms(latency(fastest))} batch-1 ONNX on CPU)")
+    out.update(kind="single", members=[fastest], why=why)
+    return out
+
+
+def fastest_within(eligible: list[dict], delta: float) -> tuple[int, str]:
+    """(index into ``eligible``, why) of the quickest trial whose validation AUC is within ``delta`` of the best."""
+    if delta < 0:
+        raise ValueError("--fastest-within takes an AUC difference >= 0, e.g. 0.005")
+    best = max(r["val_auc"] for r in eligible)
+    near = [i for i, r in enumerate(eligible) if r["val_auc"] >= best - delta]
+    timed = [i for i in near if r_latency(eligible[i]) < math.inf]
+    pick = min(timed or near, key=lambda i: (r_latency(eligible[i]), -eligible[i]["val_auc"]))
+    return pick, (f"--fastest-within {delta:g}: the quickest of {len(near)} trials with validation AUC >= "
+                  f"{best - delta:.4f} ({_ms(r_latency(eligible[pick]))} batch-1 ONNX on CPU)")
+
+
+def r_latency(row: dict) -> float:
+    v = row.get("latency_ms")
+    return v if v is not None and not math.isnan(v) else math.inf
+
+
+def _ms(v: float) -> str:
+    return "latency unknown" if v == math.inf else f"{v:.1f} ms"
+
+
+def _shift_names():
+    from raycxr.transforms import ACQUISITION_SHIFTS
+
+    return list(ACQUISITION_SHIFTS)
