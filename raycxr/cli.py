@@ -38,6 +38,7 @@ def _ingest(args) -> int:
                             resize=args.resize, val_fraction=args.val_fraction,
                             holdout_fraction=args.holdout_fraction, seed=args.seed, workers=args.workers,
                             views=args.views, near_duplicate_bits=args.near_duplicate_bits,
+                            allow_empty_splits=args.allow_empty_splits,
                             source_options=options))
     print(f"Ingested {s.files_in} files -> {s.rows_written} rows written + {s.quarantined} quarantined "
           f"(files in = rows + quarantined: {s.files_in == s.rows_written + s.quarantined})")
@@ -52,7 +53,8 @@ def _ingest(args) -> int:
     if args.list_quarantined:
         # The console only: quarantine.csv keeps pseudonyms because file names can carry patient IDs.
         for source, path, reason in s.quarantined_files:
-            print(f"  quarantined {source}:{path}: {reason}", file=sys.stderr)
+            shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")  # names need not be UTF-8
+            print(f"  quarantined {source}:{shown}: {reason}", file=sys.stderr)
     print(f"Dataset {s.out} (fingerprint {s.fingerprint})")
     return 0
 
@@ -179,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frontal keeps PA/AP (and unknown) views; laterals are listed in quarantine.csv")
     i.add_argument("--near-duplicate-bits", type=int, default=6,
                    help="images whose 256-bit dHash differs in at most this many bits share a split (-1: off)")
+    i.add_argument("--allow-empty-splits", action="store_true",
+                   help="write the dataset even if train, val or holdout ends up empty (default: refuse, saying why)")
     i.add_argument("--list-quarantined", action="store_true",
                    help="print the real names of quarantined files on this console (never written to disk)")
     i.add_argument("--out", type=Path, required=True, help="dataset folder to write")
@@ -241,8 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "patient bootstrap, then an ensemble or the fastest tied model; val-auc: plain arg-max")
     pr.add_argument("--finalists", type=int, default=4, help="trials compared by --select shift-auc (default 4)")
     pr.add_argument("--ensemble", choices=["auto", "on", "off"], default="auto",
-                    help="mean-logit ensemble of the tied finalists: auto keeps it if its shift AUC beats the "
-                         "best single model (default)")
+                    help="mean-logit ensemble: auto (default) promotes the tied finalists' ensemble if its shift AUC "
+                         "beats the best single model; on forces an ensemble of the best finalists; off never")
     pr.add_argument("--fastest-within", type=float, metavar="AUC_DELTA",
                     help="promote the quickest trial (batch-1 ONNX CPU latency) whose validation AUC is within "
                          "AUC_DELTA of the best, e.g. 0.005")

@@ -13,12 +13,15 @@ always dark. Compressed transfer syntaxes decode through pydicom's pixel handler
 from __future__ import annotations
 
 import functools
+import logging
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from raycxr.errors import DecodeError
+
+log = logging.getLogger(__name__)
 
 RESIZE_POLICIES = ("pad", "squash")
 # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that. Chest films are at most
@@ -35,22 +38,69 @@ def _is_dicom(path: Path, head: bytes) -> bool:
 
 
 def _to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Scale any numeric greyscale array to 0..255 by its own range (after LUTs)."""
-    arr = np.asarray(arr, dtype=np.float64)
-    lo, hi = float(arr.min()), float(arr.max())
+    """Scale any numeric greyscale array to 0..255 by its own range (after LUTs).
+
+    In float32, in place: a 4000x4000 film stays at 64 MB of temporaries instead of float64's 128 MB
+    per copy (decoding near the pixel cap peaked at 1.66 GB per worker with float64).
+    """
+    lo, hi = float(np.min(arr)), float(np.max(arr))
     if hi <= lo:
-        return np.zeros(arr.shape, dtype=np.uint8)
-    return np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+        return np.zeros(np.shape(arr), dtype=np.uint8)
+    out = np.asarray(arr, dtype=np.float32).copy() if np.asarray(arr).dtype != np.float32 else np.array(arr)
+    out -= lo
+    out *= 255.0 / (hi - lo)
+    np.rint(out, out=out)
+    return out.astype(np.uint8)
+
+
+def blank_reason(arr: np.ndarray) -> str:
+    """Why an image carries no picture ("" if it does): every pixel (nearly) the same value."""
+    lo, hi = int(arr.min()), int(arr.max())
+    return f"blank image: every pixel is within {hi - lo} grey level(s) of {lo}" if hi - lo < 4 else ""
+
+
+def _infer_transfer_syntax(ds) -> None:
+    """Give a data set read without its file meta group the transfer syntax its bytes were parsed
+    with (what dcmtk and pydicom's ``force=True`` users do): implicit or explicit VR, little or big
+    endian. Only uncompressed pixel data can be stored that way."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = getattr(ds, "original_encoding", (True, True))
+    ds.file_meta = meta if meta is not None else FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                      ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
 
 def _read_dicom(path: Path) -> np.ndarray:
     import pydicom
+
+    with warnings.catch_warnings(record=True) as caught:  # pydicom's warnings name files and quote values
+        warnings.simplefilter("always")
+        try:
+            ds = pydicom.dcmread(path, force=True)
+        except Exception as exc:  # pydicom raises many types for broken files
+            raise DecodeError(f"not a readable DICOM file ({type(exc).__name__})") from exc
+        try:
+            _infer_transfer_syntax(ds)
+            out = _dicom_pixels(ds)
+        except DecodeError:
+            raise
+        except Exception as exc:  # a malformed LUT, window or count: this file, not the run, fails
+            raise DecodeError(f"DICOM pixel pipeline failed ({type(exc).__name__}): a malformed attribute "
+                              "(LUT, window, frame count or bit depth)") from exc
+    if caught:
+        log.debug("pydicom warned %d time(s) while reading a DICOM (%s)", len(caught),
+                  ", ".join(sorted({w.category.__name__ for w in caught})))
+    return out
+
+
+def _dicom_pixels(ds) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    try:
-        ds = pydicom.dcmread(path, force=True)
-    except Exception as exc:  # pydicom raises many types for broken files
-        raise DecodeError(f"not a readable DICOM file: {exc}") from exc
     if "PixelData" not in ds:
         raise DecodeError("DICOM has no pixel data")
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
@@ -65,34 +115,43 @@ def _read_dicom(path: Path) -> np.ndarray:
     try:
         arr = ds.pixel_array
     except Exception as exc:
-        raise DecodeError(f"DICOM pixel data could not be decoded "
-                          f"(transfer syntax {ds.file_meta.get('TransferSyntaxUID', '?')}): {exc}") from exc
+        raise DecodeError(f"DICOM pixel data could not be decoded (transfer syntax "
+                          f"{ds.file_meta.get('TransferSyntaxUID', '?')}, {type(exc).__name__})") from exc
     arr = apply_modality_lut(arr, ds)
-    arr = apply_voi_lut(arr, ds, prefer_lut=True)
+    arr = apply_voi_lut(arr.astype(np.float32) if arr.dtype == np.float64 else arr, ds, prefer_lut=True)
     out = _to_uint8(arr)
     if photometric == "MONOCHROME1":  # MONOCHROME1: high values are dark; invert so air is black.
         out = 255 - out
     return out
 
 
-def _read_pillow(path: Path, draft_size: int | None, data: bytes | None = None) -> np.ndarray:
+# The only formats Pillow may open: what the datasets ship (Pillow's JPEG plugin also opens the MPO
+# variant some cameras write). Not EPS (Ghostscript), GIF, TIFF, WebP or the dozens of others
+# Pillow knows, whatever the file's name says.
+PILLOW_FORMATS = ("PNG", "JPEG")
+
+
+def _read_pillow(path: Path, draft_size: int | None, data: bytes | None = None) -> tuple[np.ndarray, tuple]:
     import io
 
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data) if data is not None else path) as im:
+            with Image.open(io.BytesIO(data) if data is not None else path, formats=PILLOW_FORMATS) as im:
+                original = (im.size[1], im.size[0])  # before draft() shrinks it
                 if draft_size and im.format == "JPEG":
                     # Decode JPEGs at a reduced DCT scale (1/2, 1/4, 1/8) that still covers the
                     # target size: 3-8x less decode work for original-resolution films.
                     im.draft("L", (draft_size, draft_size))
                 im.load()
                 if im.mode in {"I;16", "I;16B", "I;16L", "I"}:
-                    return _to_uint8(np.asarray(im))
-                return np.asarray(im.convert("L"))
+                    return _to_uint8(np.asarray(im)), original
+                return np.asarray(im.convert("L")), original
+    except UnidentifiedImageError as exc:
+        raise DecodeError("not a PNG, JPEG or DICOM file (its bytes say otherwise, whatever its name)") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DecodeError(f"image too large: possible decompression bomb ({exc})") from exc
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for broken files
@@ -135,9 +194,16 @@ def read_image(path: str | Path, *, draft_size: int | None = None, fmt: str = ""
 
     Raises :class:`DecodeError` with a one-line reason for anything it cannot read.
     """
+    return decode(path, draft_size=draft_size, fmt=fmt, data=data)[0]
+
+
+def decode(path: str | Path, *, draft_size: int | None = None, fmt: str = "",
+           data: bytes | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """:func:`read_image`, and the file's true (height, width) (a JPEG drafted smaller keeps its own)."""
     path = Path(path)
     if fmt.startswith("npz:"):
-        return _read_npz(path, fmt)
+        arr = _read_npz(path, fmt)
+        return arr, arr.shape
     if data is not None:
         head = data[:_DICOM_MAGIC_OFFSET + 4]
     else:
@@ -150,13 +216,15 @@ def read_image(path: str | Path, *, draft_size: int | None = None, fmt: str = ""
         raise DecodeError("empty file (0 bytes)")
     if fmt == "jsrt":
         arr = _read_jsrt(path)
+        original = arr.shape
     elif _is_dicom(path, head):
         arr = _read_dicom(path)
+        original = arr.shape
     else:
-        arr = _read_pillow(path, draft_size, data)
+        arr, original = _read_pillow(path, draft_size, data)
     if arr.ndim != 2 or min(arr.shape) < 8:
         raise DecodeError(f"unexpected image shape {arr.shape}")
-    return arr
+    return arr, tuple(int(v) for v in original)
 
 
 def resize(arr: np.ndarray, size: int, *, policy: str = "pad") -> np.ndarray:

@@ -55,6 +55,7 @@ class IngestConfig:
     views: str = "frontal"   # frontal: PA, AP and unknown views; all: laterals too
     near_duplicate_bits: int = 6  # dHash bits (of 256) within which two images count as one; -1: off
     source_options: dict[str, dict[str, str]] = field(default_factory=dict)
+    allow_empty_splits: bool = False  # write a dataset whose train, val or holdout ends up empty (warns)
 
     def __post_init__(self):
         problems = []
@@ -108,18 +109,24 @@ def _resolve_salt(salt: str | None) -> str:
 
 
 def salted_hash(salt: str, *parts: str) -> str:
-    return hashlib.sha256("\x00".join((salt, *parts)).encode()).hexdigest()[:16]
+    # surrogateescape: a file name that is not UTF-8 hashes by its raw bytes (os.fsencode's rule)
+    return hashlib.sha256("\x00".join((salt, *parts)).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+_KEPT_SUFFIXES = {".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".img", ".npz"}
 
 
 def _pseudonym(salt: str, rec: Record) -> str:
-    """What shards keep of a file's name: a salted hash plus the suffix (names can carry IDs)."""
-    return salted_hash(salt, "path", rec.source, rec.rel_path) + PurePosixPath(rec.rel_path).suffix.lower()
+    """What shards keep of a file's name: a salted hash plus the suffix (names can carry IDs), the
+    suffix only when it is a known image suffix (``Doe.John-MRN998877`` keeps nothing)."""
+    suffix = PurePosixPath(rec.rel_path).suffix.lower()
+    return salted_hash(salt, "path", rec.source, rec.rel_path) + (suffix if suffix in _KEPT_SUFFIXES else "")
 
 
 def _decode_one(args: tuple[str, int, str, str, bool]) -> tuple:
     """Worker: read the file once, hash its bytes, decode, resize, dHash. Never raises."""
     from raycxr.dedup import dhash
-    from raycxr.imaging import read_image, resize
+    from raycxr.imaging import blank_reason, decode, resize
 
     path, size, policy, fmt, want_hash = args
     raw = None
@@ -132,26 +139,72 @@ def _decode_one(args: tuple[str, int, str, str, bool]) -> tuple:
             return "", None, (0, 0), None, f"cannot open file: {exc.strerror}"
         content_hash = hashlib.sha256(raw).hexdigest()
     try:
-        arr = read_image(path, draft_size=size, fmt=fmt, data=raw)
+        arr, original = decode(path, draft_size=size, fmt=fmt, data=raw)
+        if blank := blank_reason(arr):
+            return content_hash, None, (0, 0), None, blank
         content_hash = content_hash or hashlib.sha256(arr.tobytes()).hexdigest()
         small = resize(arr, size, policy=policy)
-        return content_hash, small.tobytes(), arr.shape, dhash(small) if want_hash else None, ""
+        return content_hash, small.tobytes(), original, dhash(small) if want_hash else None, ""
     except DecodeError as exc:
         return content_hash, None, (0, 0), None, str(exc)
     except Exception as exc:  # an unexpected decoder failure must quarantine, not kill the run
         return content_hash, None, (0, 0), None, f"decoder failed: {type(exc).__name__}: {exc}"
 
 
+_DIED = "decoder process died on this file (out of memory, or a crash in a decoding library)"
+
+
+def _decode_alone(job: tuple) -> tuple:
+    """Decode one file in a process of its own: a file that kills its decoder costs only itself."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        with ProcessPoolExecutor(max_workers=1) as pool:
+            return pool.submit(_decode_one, job).result()
+    except BrokenProcessPool:
+        return "", None, (0, 0), None, _DIED
+
+
 def _decode_all(records: list[Record], cfg: IngestConfig) -> list[tuple]:
+    """Decode every record in parallel (one process per core), in order.
+
+    A worker that dies (the OOM killer, a crash in a native decoder) breaks Python's process pool
+    and every file in flight with it. The files that were running then are the first unfinished
+    ones (the pool hands work out in order, at most one queued beyond its workers): each is
+    decoded again in a process of its own, so only a file that kills its decoder by itself is
+    quarantined, and the rest of the ingest goes on in a fresh pool.
+    """
+    from concurrent.futures import as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
     from tqdm import tqdm
 
     jobs = [(str(r.path), cfg.image_size, cfg.resize, r.fmt, cfg.near_duplicate_bits >= 0) for r in records]
     workers = cfg.workers or os.cpu_count() or 1
-    progress = dict(total=len(jobs), desc="decode", unit="img", disable=None)
+    bar = tqdm(total=len(jobs), desc="decode", unit="img", disable=None)
+    results: dict[int, tuple] = {}
     if workers == 1 or len(jobs) < 64:
-        return [_decode_one(j) for j in tqdm(jobs, **progress)]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(tqdm(pool.map(_decode_one, jobs, chunksize=8), **progress))
+        for i, job in enumerate(jobs):
+            results[i] = _decode_one(job)
+            bar.update()
+    todo = [i for i in range(len(jobs)) if i not in results]
+    while todo:
+        try:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                futures = {pool.submit(_decode_one, jobs[i]): i for i in todo}
+                for fut in as_completed(futures):
+                    results[futures[fut]] = fut.result()
+                    bar.update()
+        except BrokenProcessPool:
+            unfinished = [i for i in todo if i not in results]
+            log.warning("a decode worker died; decoding the %d file(s) it may have held one at a time",
+                        min(len(unfinished), workers + 1))
+            for i in unfinished[:workers + 1]:
+                results[i] = _decode_alone(jobs[i])
+                bar.update()
+        todo = [i for i in todo if i not in results]
+    bar.close()
+    return [results[i] for i in range(len(jobs))]
 
 
 class _UnionFind:
@@ -255,18 +308,28 @@ def _split_of_groups(kept, hashes, uf, cfg) -> dict[str, str]:
     members: dict[str, list[int]] = defaultdict(list)
     for i, ph in enumerate(hashes):
         members[uf.find(ph)].append(i)
-    pinned, free = {}, {}
+    pinned, free = {}, defaultdict(dict)
+    pinned_by_source: dict[str, set] = defaultdict(set)  # which splits each source's own list fixes
     for g, ix in members.items():
         fixed = {kept[i][0].fixed_split for i in ix} - {None}
         if fixed:  # an official test list wins for the whole group (patient-disjoint by design)
             pinned[g] = "holdout" if "holdout" in fixed else sorted(fixed)[0]
+            for i in ix:
+                if kept[i][0].fixed_split:
+                    pinned_by_source[kept[i][0].source].add(kept[i][0].fixed_split)
             continue
+        source = kept[ix[0]][0].source
         pneumonia = max(kept[i][0].labels.get("pneumonia", UNKNOWN) for i in ix)
-        free[g] = (len(ix), (kept[ix[0]][0].source, pneumonia))
-    # An official split replaces ours: free groups go only to the splits nobody pinned.
-    holdout = 0.0 if "holdout" in pinned.values() else cfg.holdout_fraction
-    val = 0.0 if "val" in pinned.values() else cfg.val_fraction
-    return {**pinned, **assign_splits(free, val_fraction=val, holdout_fraction=holdout, seed=cfg.seed)}
+        free[source][g] = (len(ix), (source, pneumonia))
+    # A source's official split replaces ours for that source only: its free groups go only to the
+    # splits its list does not fix; every other source is split by the fractions asked for.
+    out = dict(pinned)
+    for source, groups in free.items():
+        fixed = pinned_by_source.get(source, set())
+        out.update(assign_splits(groups, val_fraction=0.0 if "val" in fixed else cfg.val_fraction,
+                                 holdout_fraction=0.0 if "holdout" in fixed else cfg.holdout_fraction,
+                                 seed=cfg.seed))
+    return out
 
 
 def _write_split(rows: list[dict], out_dir: Path) -> None:
@@ -283,22 +346,52 @@ def _counts(rows: list[dict]) -> dict:
         c = Counter(r["labels"][k] for r in rows)
         if c.get(1) or c.get(0):
             findings[f] = {"1": c.get(1, 0), "0": c.get(0, 0), "unknown": c.get(UNKNOWN, 0)}
+    patients: dict[str, set] = defaultdict(set)
+    for r in rows:
+        patients[r["source"]].add(r["patient_hash"])
     return {"images": len(rows), "patients": len({r["patient_hash"] for r in rows}),
             "by_label": dict(sorted(Counter(str(r["labels"][0]) for r in rows).items())),
             "by_source": dict(sorted(Counter(r["source"] for r in rows).items())),
+            "patients_by_source": {k: len(v) for k, v in sorted(patients.items())},
             "by_view": dict(sorted(Counter(r["view"] or "unknown" for r in rows).items())),
             "findings": findings}
 
 
+def _unusable_sources(records: list[Record], kept: list[tuple], quarantine: list[dict]) -> list[str]:
+    """Why each source with files but no row written gave nothing (its most common reasons)."""
+    used = Counter(k[0].source for k in kept)
+    problems = []
+    for source, n in sorted(Counter(r.source for r in records).items()):
+        if used[source]:
+            continue
+        reasons = Counter(q["reason"].split(" (")[0] for q in quarantine if q["source"] == source).most_common(3)
+        why = "; ".join(f"{c} x {r}" for r, c in reasons)
+        problems.append(f"source {source}: none of its {n} files or rows could be used ({why}). "
+                        "Check the layout and that the images were downloaded beside the labels")
+    return problems
+
+
+def _check_splits(rows_by_split: dict[str, list[dict]], cfg: IngestConfig) -> list[str]:
+    """Splits that ended up empty, said with what there was to split."""
+    total = sum(len(r) for r in rows_by_split.values())
+    patients = len({r["patient_hash"] for rows in rows_by_split.values() for r in rows})
+    return [f"split {split} has no images ({total} images of {patients} patient group(s) in all, val "
+            f"{cfg.val_fraction:g} and holdout {cfg.holdout_fraction:g}): add data, or pass --allow-empty-splits "
+            "to write it anyway" for split, rows in rows_by_split.items() if not rows]
+
+
 def ingest(cfg: IngestConfig) -> IngestSummary:
-    """Build a dataset directory from ``cfg.sources``; see the module docstring."""
+    """Build a dataset directory from ``cfg.sources``; see the module docstring.
+
+    The dataset is written into a temporary folder beside ``cfg.out`` and renamed into place at the
+    end, so a failed or interrupted ingest leaves an older dataset at ``cfg.out`` as it was.
+    """
+    import shutil
+    import tempfile
+
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()):
-        if not (out / "manifest.json").exists():
-            raise DataError(f"{out} exists and is not a raycxr dataset: choose an empty or new --out folder")
-        for split in SPLITS:  # re-ingest over an old dataset: drop its shards first
-            for f in (out / split).glob("*.parquet"):
-                f.unlink()
+    if out.exists() and any(out.iterdir()) and not (out / "manifest.json").exists():
+        raise DataError(f"{out} exists and is not a raycxr dataset: choose an empty or new --out folder")
     salt = _resolve_salt(cfg.salt)
 
     records = _scan(cfg)
@@ -309,6 +402,8 @@ def ingest(cfg: IngestConfig) -> IngestSummary:
             quarantine.append({"source": rec.source, "record": rec, "reason": reason})
         else:
             kept.append((rec, content_hash, pixels, orig, dh))
+    if problems := _unusable_sources(records, kept, quarantine):
+        raise DataError("nothing usable from a source:\n  " + "\n  ".join(problems))
     hashes, uf, dup_stats = _groups(kept, salt, cfg)
     split_of = _split_of_groups(kept, hashes, uf, cfg)
 
@@ -321,12 +416,42 @@ def ingest(cfg: IngestConfig) -> IngestSummary:
             "source": rec.source, "patient_hash": hashes[i], "split": split, "path": _pseudonym(salt, rec),
             "content_hash": content_hash, "orig_height": orig[0], "orig_width": orig[1],
         })
+    if empty := _check_splits(rows_by_split, cfg):
+        if not cfg.allow_empty_splits:
+            raise DataError("\n  ".join(["a split would be empty:", *empty]))
+        for problem in empty:
+            log.warning("%s", problem.split(":")[0] + " (written anyway: --allow-empty-splits)")
 
-    out.mkdir(parents=True, exist_ok=True)
-    for split, rows in rows_by_split.items():
-        _write_split(rows, out / split)
-    _write_quarantine(quarantine, out / "quarantine.csv", salt)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    build.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide a shared dataset from colleagues
+    try:
+        for split, rows in rows_by_split.items():
+            _write_split(rows, build / split)
+        _write_quarantine(quarantine, build / "quarantine.csv", salt)
+        summary = _write_manifest(build, cfg, salt, records, kept, quarantine, rows_by_split, dup_stats)
+        if out.exists():  # swap: the old dataset is moved aside, then removed once the new one is in place
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.rename(old / "dataset")
+            try:
+                build.rename(out)
+            except BaseException:
+                (old / "dataset").rename(out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            build.rename(out)
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+    summary.out = out
+    return summary
 
+
+def _write_manifest(out: Path, cfg: IngestConfig, salt: str, records, kept, quarantine, rows_by_split,
+                    dup_stats) -> IngestSummary:
     counts = {split: _counts(rows) for split, rows in rows_by_split.items()}
     params = {"image_size": cfg.image_size, "resize": cfg.resize, "val_fraction": cfg.val_fraction,
               "holdout_fraction": cfg.holdout_fraction, "seed": cfg.seed, "views": cfg.views,

@@ -12,6 +12,7 @@ The holdout split is never opened here: only train and val reach the trials.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -69,6 +70,13 @@ def init_ray(*, address: str | None, num_cpus: int | None = None):
     The local dashboard is always on (bound to 127.0.0.1): besides showing trials, it serves
     the state API that Ray Train's placement-group cleaner polls. Without it, the resources of a
     trial stopped early by ASHA are never released and the next trial waits forever.
+
+    Every process of the search (Tune's trials, Ray Train's controller and its detached
+    placement-group cleaner) is told which cluster is its own through the job's runtime
+    environment (``RAY_API_SERVER_ADDRESS`` for a local Ray, ``RAY_ADDRESS`` for a joined one).
+    Left to find it themselves, Ray's helpers scan the host for Ray processes and fail with
+    "Found multiple active Ray instances" as soon as a second Ray runs on the machine; the
+    finished trials' placement groups then leak and later trials wait for ever.
     """
     import ray
 
@@ -91,15 +99,74 @@ def init_ray(*, address: str | None, num_cpus: int | None = None):
         return ray.get_runtime_context()
     kwargs: dict[str, Any] = {"log_to_driver": True, "logging_level": logging.WARNING}
     if address:
-        ctx = ray.init(address=address, **kwargs)
+        ctx = _join(address, kwargs)
     else:
         # "local": a new Ray of our own, never a cluster that /tmp/ray/ray_current_cluster still
-        # names after it crashed (ray.init would wait for that dead cluster forever).
+        # names after it crashed (ray.init would wait for that dead cluster forever). The dashboard
+        # port is chosen here so that the job's processes can be told it before they start.
+        # Only through the job's runtime environment, never this process's own: a subprocess the
+        # driver starts later (another search, a test's cluster) must not inherit this cluster's address.
+        port = _free_port()
+        api = f"http://127.0.0.1:{port}"
         ctx = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                       **kwargs)
+                       dashboard_port=port, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}}, **kwargs)
     if getattr(ctx, "dashboard_url", None):
         print(f"Ray dashboard: http://{ctx.dashboard_url}")
     return ctx
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _token_available() -> bool:
+    """Whether this user has a Ray auth token where Ray looks for one ($RAY_AUTH_TOKEN,
+    $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser().is_file()
+
+
+def _join(address: str, kwargs: dict):
+    """ray.init on an existing cluster, with token authentication the way Ray documents it.
+
+    A head started with ``ray start --head`` where a token exists enforces token auth, but Ray's
+    client sends the token only when ``RAY_AUTH_MODE=token`` is set: for a local cluster found
+    automatically Ray turns that on when a token exists, for an explicit address it never does.
+    raycxr does the same for an explicit address; ``RAY_AUTH_MODE=disabled`` opts out.
+    """
+    import ray
+
+    from raycxr.errors import RaycxrError
+
+    if os.environ.get("RAY_AUTH_MODE") is None and _token_available():
+        # Ray reads RAY_AUTH_MODE into a config cached at import: setting the variable now is not
+        # enough. Ray's own helper for a local cluster sets it and refreshes that config.
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available)
+
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        log.info("sending this user's Ray auth token to %s (RAY_AUTH_MODE=token)", address)
+    # A Ray Client address (ray://) is not what processes inside the cluster connect to; the
+    # cluster's own nodes run only that cluster, so there is nothing to pin there.
+    env = {} if "://" in address or address == "auto" else {"RAY_ADDRESS": address}
+    try:
+        return ray.init(address=address, runtime_env={"env_vars": env} if env else None, **kwargs)
+    except Exception as exc:  # Ray raises ConnectionError, RuntimeError or its own AuthenticationError
+        text = str(exc)
+        if "auth" in text.lower() or "token" in text.lower() or os.environ.get("RAY_AUTH_MODE") == "token":
+            hint = ("this client sent a Ray auth token (RAY_AUTH_MODE=token): if the head refused it, put the head's "
+                    "token in ~/.ray/auth_token (or $RAY_AUTH_TOKEN / $RAY_AUTH_TOKEN_PATH); `ray get-auth-token` on "
+                    "the head prints it")
+        else:
+            hint = ("is the head running (`ray status` on it) and is its GCS port reachable from here? For a laptop, "
+                    "submit the search with `ray job submit` through `ray dashboard cluster.yaml` instead")
+        raise RaycxrError(f"could not join the Ray cluster at {address}: {text.splitlines()[0] if text else exc!r}; "
+                          f"{hint}") from exc
 
 
 def _tune_space(space: SearchSpace) -> dict:
@@ -171,41 +238,99 @@ def _check_weights(space: SearchSpace) -> list[str]:
     return problems
 
 
-def _plan_resources(space: SearchSpace, *, trials: int) -> dict:
-    """Per-trial resources and concurrency that fit the cluster, or a ConfigError saying why not."""
+def _cluster_capacity() -> dict:
+    """What the cluster has, has free, and can grow to: {"total", "free", "ceiling", "node_cpus"}.
+
+    ``ceiling`` is the autoscaler's maximum (its node types times their max workers, Ray's own
+    reading of the cluster config that Ray Data's autoscaler uses too), or None without an
+    autoscaler. ``node_cpus`` is the most CPUs any one node has or can have.
+    """
     import ray
 
-    total = ray.cluster_resources()
-    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    total, free = ray.cluster_resources(), ray.available_resources()
+    node_cpus = max([n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")] or [0.0])
+    ceiling = None
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+        if config is not None and config.node_group_configs:
+            ceiling = state.get_max_resources_from_cluster_config() or None
+            node_cpus = max([node_cpus] + [g.resources.get("CPU", 0) for g in config.node_group_configs
+                                           if g.max_count != 0])
+    except Exception as exc:  # an older or stripped Ray without the autoscaler's config: plan from what is up
+        log.info("no autoscaler config readable (%s); planning from the nodes up now", exc)
+    return {"total": dict(total), "free": dict(free), "ceiling": ceiling, "node_cpus": float(node_cpus)}
+
+
+def plan_resources(space: SearchSpace, *, trials: int, capacity: dict) -> dict:
+    """Per-trial resources and concurrency for ``capacity`` (see :func:`_cluster_capacity`), or a
+    ConfigError saying why a trial can never fit.
+
+    Concurrency is sized to what is free now, or, on an autoscaling cluster, to what it can grow
+    to (pending trials are what make the autoscaler add nodes). A trial is refused only when it
+    could never fit: more CPUs or GPUs than the cluster has or can ever have, or a worker larger
+    than any node.
+    """
+    total, free, ceiling = capacity["total"], capacity["free"], capacity["ceiling"]
+
+    def most(key):  # the most of a resource the cluster has or can have
+        return max(total.get(key, 0.0), (ceiling or {}).get(key, 0.0))
+
+    cpus, gpus = most("CPU"), most("GPU")
     gpw = space.gpus_per_worker
     if gpw and not gpus:
-        log.warning("the space asks for %s GPU per worker but the cluster has none: training on CPU", gpw)
-        print(f"No GPU in the Ray cluster: the space asks for {gpw} GPU per worker, training on CPU instead.")
+        log.warning("the space asks for %s GPU per worker but the cluster has none and cannot add any: training "
+                    "on CPU", gpw)
         gpw = 0.0
     per_trial_cpu = space.workers_per_trial * space.cpus_per_worker
     if per_trial_cpu > cpus:
+        grow = f" and can grow to {ceiling.get('CPU', 0):g}" if ceiling else ""
         raise ConfigError(
             f"a trial needs {per_trial_cpu:g} CPUs (workers_per_trial {space.workers_per_trial} x cpus_per_worker "
-            f"{space.cpus_per_worker:g}) but the Ray cluster has {cpus:g}: lower resources in the space, "
-            "or add nodes", source="resources")
-    concurrent = int(cpus // per_trial_cpu)
+            f"{space.cpus_per_worker:g}) but the Ray cluster has {total.get('CPU', 0):g}{grow}: lower resources in "
+            "the space, or add nodes", source="resources")
+    if space.cpus_per_worker > capacity["node_cpus"] > 0:
+        raise ConfigError(f"a worker needs {space.cpus_per_worker:g} CPUs but no node has or can have more than "
+                          f"{capacity['node_cpus']:g}: lower cpus_per_worker", source="resources")
+    if gpw and space.workers_per_trial * gpw > gpus:
+        raise ConfigError(f"a trial needs {space.workers_per_trial * gpw:g} GPUs but the cluster has {gpus:g}",
+                          source="resources")
+    # what this search may count on: all it can grow to when autoscaling, else what is free now
+    # (another search on the same cluster holds the rest)
+    room = ceiling if ceiling else free
+    concurrent = int(room.get("CPU", 0.0) // per_trial_cpu)
     if gpw:
-        if space.workers_per_trial * gpw > gpus:
-            raise ConfigError(f"a trial needs {space.workers_per_trial * gpw:g} GPUs but the cluster has {gpus:g}",
-                              source="resources")
-        concurrent = min(concurrent, int(gpus // (space.workers_per_trial * gpw)))
+        concurrent = min(concurrent, int(room.get("GPU", 0.0) // (space.workers_per_trial * gpw)))
+    if concurrent < 1:
+        log.warning("the cluster has no room free for a trial now (%s CPUs free): trials will wait for it",
+                    room.get("CPU", 0.0))
     return {"workers": space.workers_per_trial, "cpus_per_worker": space.cpus_per_worker,
             "worker_cpu_request": space.cpus_per_worker - _WORKER_CPU_SLACK,
             "gpus_per_worker": gpw, "concurrent": max(1, min(concurrent, trials)),
-            "cluster_cpus": cpus, "cluster_gpus": gpus}
+            "cluster_cpus": total.get("CPU", 0.0), "cluster_gpus": total.get("GPU", 0.0),
+            "free_cpus": free.get("CPU", 0.0), "autoscaler_max": ceiling}
+
+
+def _plan_resources(space: SearchSpace, *, trials: int) -> dict:
+    return plan_resources(space, trials=trials, capacity=_cluster_capacity())
 
 
 def _run_dir(cfg: SearchConfig, space: SearchSpace) -> tuple[str, Path]:
+    """(name, folder) of a new run, the name claimed atomically: its run.json is created with
+    O_EXCL, so of two searches started together with one --name, exactly one gets it."""
     name = cfg.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.runs_dir).resolve() / name
+    taken = ConfigError(f"run {name!r} already exists in {run_dir.parent}: choose another --name "
+                        f"(or remove {run_dir})", source="--name")
     if (run_dir / "tune").exists():
-        raise ConfigError(f"run {name!r} already exists in {run_dir.parent}: choose another --name "
-                          f"(or remove {run_dir})", source="--name")
+        raise taken
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(run_dir / "run.json", "x") as f:
+            f.write(json.dumps({"name": name, "claimed": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+    except FileExistsError:
+        raise taken from None
     return name, run_dir
 
 
@@ -242,18 +367,25 @@ def run_search(cfg: SearchConfig) -> list[dict]:
         raise ConfigError(problems, source=f"search space {space.name} for this dataset")
 
     name, run_dir = _run_dir(cfg, space)
-    init_ray(address=cfg.address, num_cpus=cfg.num_cpus)
-    plan = _plan_resources(space, trials=trials)
-    storage = cfg.storage or str(run_dir)
-    record = {"name": name, "space": space.name, "target": cfg.target, "space_config": space.raw,
-              "data": str(Path(cfg.data).resolve()), "data_fingerprint": manifest["fingerprint"], "trials": trials,
-              "max_epochs": max_epochs, "seed": space.seed, "metric": METRIC, "resources": plan, "storage": storage,
-              "max_failures": cfg.max_failures, "searcher": cfg.searcher, "early_stopping": cfg.early_stopping,
-              "objective": cfg.objective,
-              "versions": _versions(),
-              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    trainable = _trainable(record, space, plan, manifest)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        init_ray(address=cfg.address, num_cpus=cfg.num_cpus)
+        plan = _plan_resources(space, trials=trials)
+        if plan["gpus_per_worker"] < space.gpus_per_worker:
+            print(f"No GPU in the Ray cluster: the space asks for {space.gpus_per_worker:g} GPU per worker, training "
+                  "on CPU instead.")
+        storage = cfg.storage or str(run_dir)
+        record = {"name": name, "space": space.name, "target": cfg.target, "space_config": space.raw,
+                  "data": str(Path(cfg.data).resolve()), "data_fingerprint": manifest["fingerprint"],
+                  "trials": trials, "max_epochs": max_epochs, "seed": space.seed, "metric": METRIC, "resources": plan,
+                  "storage": storage, "max_failures": cfg.max_failures, "searcher": cfg.searcher,
+                  "early_stopping": cfg.early_stopping, "objective": cfg.objective, "versions": _versions(),
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        trainable = _trainable(record, space, plan, manifest)
+    except BaseException:  # nothing ran: give the name back, so a corrected command can use it
+        (run_dir / "run.json").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()
+        raise
     (run_dir / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
 
     gpu = f" + {plan['gpus_per_worker']:g} GPU" if plan["gpus_per_worker"] else ""
@@ -451,8 +583,8 @@ def _write_leaderboard(rows: list[dict], path: Path) -> None:
 
 
 def format_leaderboard(rows: list[dict], *, top: int = 10) -> str:
-    cols = ["rank", "trial_id", METRIC, "best_epoch", "epochs", "model", "image_size", "augment", "optimizer", "lr",
-            "batch_size", "status"]
+    cols = ["rank", "trial_id", METRIC, "best_epoch", "epochs", "model", "pretrained", "image_size", "augment", "lr",
+            "batch_size", "latency_ms", "status"]
 
     def fmt(v):
         if isinstance(v, float):

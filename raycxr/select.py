@@ -14,7 +14,8 @@ The rule here, in this order, is what every model card states:
    (best - finalist) shift AUC includes 0 (the same resampled patients score both models).
 4. **Ensemble**: with ``ensemble="auto"`` and two or more tied finalists, the mean logit of the
    (up to three) best tied finalists is promoted if its shift AUC is above the best single
-   model's. ``"on"`` promotes it whenever two or more are tied, ``"off"`` never.
+   model's. ``"on"`` promotes the ensemble of the (up to three) best finalists, tied or not (as
+   ``--tta on`` forces test-time augmentation); ``"off"`` never.
 5. **Otherwise the fastest tied finalist** (batch-1 ONNX CPU latency measured in its trial):
    within noise, the cheaper model is preferred.
 
@@ -75,6 +76,18 @@ def shift_auc_bootstrap(y: np.ndarray, groups: np.ndarray, logits: np.ndarray, *
     return point, np.asarray(draws).reshape(-1, logits.shape[0])
 
 
+def ties(point: np.ndarray, draws: np.ndarray) -> tuple[list[int], np.ndarray]:
+    """(indices tied with the best, (2, M) 95% interval of best - each) from paired bootstrap ``draws`` (B, M).
+
+    Tied: the interval of the gap includes 0, i.e. the best is not better in 97.5% of resamples.
+    """
+    best = int(np.argmax(point))
+    if not len(draws):
+        return list(range(len(point))), np.zeros((2, len(point)))
+    gap = np.percentile(draws[:, [best]] - draws, [2.5, 97.5], axis=0)
+    return [i for i in range(len(point)) if i == best or gap[0, i] <= 0], gap
+
+
 def choose(finalists: list[dict], logits: np.ndarray, y: np.ndarray, groups: np.ndarray, *, ensemble: str = "auto",
            n_boot: int = 1000, seed: int = 0) -> dict:
     """Apply the rule (steps 2-5 above) to ``finalists`` (leaderboard rows, best validation AUC
@@ -87,10 +100,8 @@ def choose(finalists: list[dict], logits: np.ndarray, y: np.ndarray, groups: np.
         raise ValueError(f"ensemble {ensemble!r} is not one of {ENSEMBLE_MODES}")
     point, draws = shift_auc_bootstrap(y, groups, logits, n_boot=n_boot, seed=seed)
     best = int(np.argmax(point))
-    diffs = draws[:, [best]] - draws  # (B, M): how far each finalist falls below the best, per resample
-    lo, hi = np.percentile(diffs, [2.5, 97.5], axis=0) if len(draws) else (np.zeros(len(point)),) * 2
+    tied, (lo, hi) = ties(point, draws)
     ci = np.percentile(draws, [2.5, 97.5], axis=0) if len(draws) else np.full((2, len(point)), np.nan)
-    tied = [i for i in range(len(point)) if i == best or lo[i] <= 0]
     table = [{"trial_id": f["trial_id"], "model": f.get("model"), "image_size": f.get("image_size"),
               "pretrained": f.get("pretrained"), "val_auc": f.get("val_auc"), "latency_ms": f.get("latency_ms"),
               "shift_auc": float(point[i]), "shift_auc_ci95": [float(ci[0, i]), float(ci[1, i])],
@@ -100,17 +111,20 @@ def choose(finalists: list[dict], logits: np.ndarray, y: np.ndarray, groups: np.
            "views": ["clean", *_shift_names()]}
 
     ranked_tied = sorted(tied, key=lambda i: -point[i])
-    if ensemble != "off" and len(tied) >= 2:
-        members = ranked_tied[:MAX_ENSEMBLE]
+    # "on" forces an ensemble of the best finalists, tied or not (as --tta on forces TTA)
+    pool = sorted(range(len(point)), key=lambda i: -point[i]) if ensemble == "on" else ranked_tied
+    if ensemble != "off" and len(pool) >= 2:
+        members = pool[:MAX_ENSEMBLE]
         ens_point = float(rank_auc(y, logits[members].mean(axis=0)).mean())
         out["ensemble"] = {"members": [finalists[i]["trial_id"] for i in members], "shift_auc": ens_point,
                            "best_single_shift_auc": float(point[best])}
         if ensemble == "on" or ens_point > point[best]:
-            out.update(kind="ensemble", members=members,
-                       why=(f"{len(tied)} finalists tied with the best within the patient bootstrap; the mean logit of "
-                            f"{len(members)} of them scored shift AUC {ens_point:.4f} against the best single model's "
-                            f"{point[best]:.4f}" + (" (--ensemble on)" if ensemble == "on" and
-                                                     ens_point <= point[best] else "")))
+            why = (f"--ensemble on: the mean logit of the {len(members)} best finalists (shift AUC {ens_point:.4f}, the "
+                   f"best single model {point[best]:.4f})" if ensemble == "on" else
+                   f"{len(tied)} finalists tied with the best within the patient bootstrap; the mean logit of "
+                   f"{len(members)} of them scored shift AUC {ens_point:.4f} against the best single model's "
+                   f"{point[best]:.4f}")
+            out.update(kind="ensemble", members=members, why=why)
             return out
 
     def latency(i):

@@ -98,6 +98,21 @@ def evaluate_batches(model, batches, *, image_size: int, mean: float, std: float
     return np.concatenate(probs), np.concatenate(labels)
 
 
+def _worker_nodes(world: int) -> str:
+    """The Ray node ids this epoch's workers ran on, rank order, comma-separated: so a trial that moved
+    (a lost node, a retry) or a DDP trial spread over nodes shows it in its results."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return node
+    import torch.distributed as dist
+
+    nodes = [None] * world
+    dist.all_gather_object(nodes, node)
+    return ",".join(nodes)
+
+
 def save_checkpoint(directory: Path, *, model, trial: dict, train_state: dict | None = None) -> None:
     import torch
     from safetensors.torch import save_file
@@ -229,7 +244,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_s = time.perf_counter() - t0
 
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum.item() / max(1, seen), "resumed_from_epoch": start_epoch,
-                   "world_size": world, "device": device.type,
+                   "world_size": world, "device": device.type, "nodes": _worker_nodes(world),
                    "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32"),
                    "channels_last": cuda,
                    "lr": sched.get_last_lr()[0], "train_images_per_s": seen * world / max(train_s, 1e-9),
@@ -242,7 +257,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             probs, labels = probs[known, target], labels[known, target]
             both = len(np.unique(labels)) == 2
             val_auc = float(roc_auc_score(labels, probs)) if both else float("nan")
-            best_val_auc = val_auc if not best_val_auc >= val_auc else best_val_auc  # NaN-safe running max
+            if not math.isnan(val_auc) and not best_val_auc >= val_auc:  # running max; NaN neither starts nor ends it
+                best_val_auc = val_auc
             if latency_ms is None:
                 try:
                     latency_ms = onnx_cpu_latency_ms(evaluated, size)

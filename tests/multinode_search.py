@@ -1,8 +1,9 @@
 """Run a raycxr search on a two-node local Ray cluster (one machine), for tests/test_faults.py.
 
 usage: python tests/multinode_search.py {ddp|remove-node} DATA_DIR WORK_DIR
-Writes WORK_DIR/result.json: the leaderboard, the world sizes the trials reported, the node count
-(a file, not stdout, which Ray's own log lines share).
+Writes WORK_DIR/result.json: the leaderboard, the world sizes the trials reported, the node ids, the
+removed node, and every trial's per-epoch reports with the nodes each epoch ran on (a file, not
+stdout, which Ray's own log lines share).
 """
 
 import json
@@ -34,13 +35,25 @@ else:  # two 1-worker trials, one per node; the second node disappears mid-searc
 removed = []
 
 
+def _reports() -> dict[str, list[dict]]:
+    """Per trial, every result Tune has recorded so far (epoch, the nodes it ran on, resumed_from_epoch)."""
+    out = {}
+    for f in (work / "runs" / "mn" / "tune").glob("trial_*/result.json"):
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        out[f.parent.name] = [{k: r.get(k) for k in ("epoch", "nodes", "resumed_from_epoch")} for r in rows]
+    return out
+
+
 def remove_second_node():
+    # As soon as a first checkpoint exists. (Waiting until the trial on the second node has itself
+    # reported, so that its resume could be asserted, made that trial's retry hang past the test's
+    # 540 s on 2026-11-28: a finding recorded on issue 11, not fixed yet.)
     trials = work / "runs" / "mn" / "trials"
     end = time.time() + 300
     while time.time() < end and not any(trials.glob("*/epoch_*")):
         time.sleep(0.5)
     cluster.remove_node(second)
-    removed.append(time.time())
+    removed.append(second.node_id)
 
 
 if mode == "remove-node":
@@ -53,6 +66,7 @@ analysis = ExperimentAnalysis(str(work / "runs" / "mn" / "tune"))
 world = sorted({int(w) for df in analysis.trial_dataframes.values() for w in df["world_size"].dropna()})
 board = [{k: r.get(k) for k in ("trial_id", "status", "epochs", "val_auc")} for r in leaderboard(work / "runs" / "mn")]
 (work / "result.json").write_text(json.dumps({"board": board, "world_sizes": world, "nodes": 2,
-                                             "removed": bool(removed)}))
+                                             "node_ids": [cluster.head_node.node_id, second.node_id],
+                                             "removed": removed, "reports": _reports()}))
 ray.shutdown()
 cluster.shutdown()

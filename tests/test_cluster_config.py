@@ -13,3 +13,13 @@ def test_cluster_yaml_passes_rays_schema():
     assert config["available_node_types"]["worker.gpu"]["min_workers"] == 0
     head_cmds = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_cmds  # dashboard only through `ray dashboard`
+    # token auth on every node, with the token shipped to it
+    for cmds in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        assert any("RAY_AUTH_MODE=token" in c and "ray start" in c for c in cmds)
+    assert "/home/ray/.ray/auth_token" in config["file_mounts"]
+    # only SSH open to the world
+    rules = config["provider"]["security_group"]["IpPermissions"]
+    assert [(r["FromPort"], r["ToPort"]) for r in rules] == [(22, 22)]
+    # patient data, runs, models and the venv never leave the laptop
+    assert {"data/", "runs/", "models/", "demo-output/", ".venv/"} <= set(config["rsync_exclude"])
+    assert config["docker"]["image"].startswith("rayproject/ray:2.60.0-")  # an exact Ray release

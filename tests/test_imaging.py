@@ -33,7 +33,7 @@ def test_16bit_png_is_scaled_not_rejected(tmp_path):
 
 @pytest.mark.parametrize("content, reason", [
     (b"", "empty file"),
-    (b"hello, not an image", "not a readable image"),
+    (b"hello, not an image", "not a PNG, JPEG or DICOM file"),
 ])
 def test_bad_files_raise_decode_error(tmp_path, content, reason):
     f = tmp_path / "bad.jpeg"

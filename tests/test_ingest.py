@@ -74,7 +74,7 @@ def test_bad_files_are_quarantined_and_counted(sample_copy, tmp_path):
     reasons = {path.split("/")[-1]: reason for _, path, reason in s.quarantined_files}
     assert set(reasons) == {"IM-9001-0001.jpeg", "IM-9002-0001.jpeg", "IM-9003-0001.jpeg"}
     assert reasons["IM-9002-0001.jpeg"].startswith("empty file")
-    assert reasons["IM-9003-0001.jpeg"].startswith("not a readable image")
+    assert reasons["IM-9003-0001.jpeg"].startswith("not a PNG, JPEG or DICOM file")
     assert sorted(r["reason"] for r in rows) == sorted(reasons.values())
     assert sum(s.quarantine_reasons.values()) == 3
 

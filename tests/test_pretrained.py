@@ -134,3 +134,29 @@ def test_remap_refuses_a_mismatched_model(model_name, num_classes, message):
     target = timm.create_model(model_name, pretrained=False, num_classes=num_classes).state_dict()
     with pytest.raises(ValueError, match=re.escape(message)):
         _script().remap(source, target)
+
+
+@pytest.mark.slow
+def test_a_search_trial_starts_from_the_offline_imagenet_weights(ray_local, dataset, weights_dir, tmp_path):
+    """A real Ray trial with `pretrained: [imagenet, none]` and `--weights-dir`: the ImageNet trial's
+    checkpoint keeps the converted stem (one short epoch at a small learning rate moves it
+    little), the from-scratch trial's does not resemble it; trial.json records which was which."""
+    import json
+
+    from raycxr.search import SearchConfig, run_search
+
+    space = tmp_path / "s.yaml"
+    space.write_text("trials: 2\nmax_epochs: 1\nseed: 0\n"
+                     "params: {model: tf_efficientnet_lite0, pretrained: [imagenet, none], image_size: 32, "
+                     "lr: 1.0e-5, batch_size: 64}\n")
+    board = run_search(SearchConfig(data=dataset, space=str(space), name="pre", runs_dir=tmp_path / "runs",
+                                    weights_dir=weights_dir, early_stopping=False))
+    assert len(board) == 2 and all(r["status"] == "ok" for r in board)
+    assert sorted(r["pretrained"] for r in board) == ["imagenet", "none"]
+    stem = load_file(str(weights_dir / "tf_efficientnet_lite0.safetensors"))["conv_stem.weight"].sum(1).flatten()
+    for r in board:
+        ckpt = Path(r["checkpoint"])
+        assert json.loads((ckpt / "trial.json").read_text())["pretrained"] == r["pretrained"]
+        got = load_file(str(ckpt / "model.safetensors"))["conv_stem.weight"].flatten()
+        corr = float(torch.corrcoef(torch.stack([stem, got]))[0, 1])
+        assert (corr > 0.95) if r["pretrained"] == "imagenet" else (abs(corr) < 0.5), (r["pretrained"], corr)

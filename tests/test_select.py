@@ -144,3 +144,16 @@ def test_onnx_latency_orders_models_by_cost():
     tiny = onnx_cpu_latency_ms(create_model("test_resnet", num_classes=16), 64)
     big = onnx_cpu_latency_ms(create_model("resnet10t", num_classes=16), 128)
     assert 0 < tiny < big
+
+
+def test_ensemble_on_forces_an_ensemble_of_the_best_finalists_even_when_not_tied():
+    from raycxr.select import choose
+
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 800)
+    logits = np.stack([_logits(y, 0.3, rng), _logits(y, 1.5, rng), _logits(y, 0.6, rng)])
+    rows = [{"trial_id": t, "latency_ms": 1.0} for t in "abc"]
+    auto = choose(rows, logits, y, np.arange(800), n_boot=200)
+    assert auto["kind"] == "single" and auto["members"] == [1]  # nothing is tied with b
+    on = choose(rows, logits, y, np.arange(800), ensemble="on", n_boot=200)
+    assert on["kind"] == "ensemble" and on["members"] == [1, 2, 0] and "--ensemble on" in on["why"]

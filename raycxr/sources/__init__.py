@@ -71,6 +71,84 @@ def find_files(root: Path, suffixes: set[str]) -> dict[str, Path]:
     return {p.name: p for p in sorted(root.rglob("*")) if p.suffix.lower() in suffixes and p.is_file()}
 
 
+def table_path(root: Path, name: str) -> Path:
+    """``root/name``, or its gzipped form ``root/name.gz`` as PhysioNet ships MIMIC's CSVs."""
+    plain = root / name
+    return plain if plain.exists() or not (root / f"{name}.gz").exists() else root / f"{name}.gz"
+
+
+# Delimiters seen in real exports: commas, Excel's semicolons (European locales), tabs.
+_DELIMITERS = (",", ";", "\t")
+
+
+def read_rows(path: Path, *, source: str, required: list[str], hint: str = "Is this the file the README names?"
+              ) -> list[dict]:
+    """Every data row of a CSV as users really have it, as dicts keyed by the stripped header.
+
+    Reads ``.csv`` or ``.csv.gz``; strips a UTF-8 byte-order mark; falls back from UTF-8 to
+    Windows-1252 (Excel's usual re-save) with a warning; takes the delimiter the header line
+    uses most among comma, semicolon and tab. A header lacking any ``required`` column raises a
+    DataError listing what is missing and what is there. Each row carries ``_line`` (its line in
+    the file) and ``_problem``: "" or why the row cannot be used (fewer cells than the header).
+    Values never appear in messages: source cells can hold patient data.
+    """
+    import csv
+    import gzip
+    import io
+
+    from raycxr.errors import DataError
+
+    raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        import logging
+
+        logging.getLogger(__name__).warning("source %s: %s is not UTF-8; read as Windows-1252 (Excel's encoding)",
+                                            source, path.name)
+        text = raw.decode("cp1252", errors="replace")
+    header_line = text.split("\n", 1)[0]
+    delimiter = max(_DELIMITERS, key=header_line.count) if any(d in header_line for d in _DELIMITERS) else ","
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header = [h.strip() for h in next(reader, [])]
+    missing = [c for c in required if c not in header]
+    if missing:
+        shown = ", ".join(header[:15]) + (" ..." if len(header) > 15 else "")
+        raise DataError(f"source {source}: {path.name} lacks column(s) {', '.join(missing)} (read with delimiter "
+                        f"{delimiter!r}; its header has: {shown or 'nothing'}). {hint}")
+    rows = []
+    for line, cells in enumerate(reader, start=2):
+        if not any(c.strip() for c in cells):
+            continue  # blank line
+        row = dict(zip(header, cells))
+        row["_line"] = line
+        row["_problem"] = (f"short row: line {line} has {len(cells)} of the header's {len(header)} cells"
+                           if len(cells) < len(header) else "")
+        rows.append(row)
+    return rows
+
+
+def bad_row(table: Path, root: Path, row: dict, source: str, problem: str) -> Record:
+    """A quarantine record for a CSV row that names no usable image (its line stands in for a file)."""
+    rel = f"{table.relative_to(root).as_posix() if table.is_relative_to(root) else table.name}:line{row['_line']}"
+    return Record(path=table, rel_path=rel, source=source, patient_key=f"{table.name}:{row['_line']}",
+                  error=f"unusable row: {problem}")
+
+
+IMAGE_SUFFIXES = {".dcm", ".dicom", ".png", ".jpg", ".jpeg"}
+
+
+def unlisted(folder: Path, listed: set[str], root: Path, source: str, table: str) -> Iterator[Record]:
+    """Quarantine records for image files in ``folder`` that no row of ``table`` names: counted and
+    reported, never silently skipped (files in = rows written + quarantined)."""
+    if not folder.is_dir():
+        return
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.name not in listed:
+            yield Record(path=p, rel_path=p.relative_to(root).as_posix(), source=source,
+                         patient_key=f"unlisted:{p.name}", error=f"unlisted: no row of {table} names this image")
+
+
 def normalise_view(value) -> str:
     v = str(value or "").strip().upper()
     if v in {"PA", "AP", "AP AXIAL", "PA LLD"} or v.startswith(("PA", "AP")):

@@ -11,17 +11,19 @@ absolute). Default columns, each renamable with ``--source-option csv.COLUMN=HEA
 - ``view`` (optional): PA, AP, LATERAL...
 
 ``--source-option csv.name=kit`` names the source in shards and metrics (default ``csv``).
-Rows naming a missing file or an unknown label are quarantined with the reason.
+Rows naming a missing file or an unknown label, short rows and rows with a blank path or
+patient ID are quarantined with the reason (never the cell's text). The manifest may be
+comma-, semicolon- or tab-separated, UTF-8 (with or without a byte-order mark) or Windows-1252,
+plain or gzipped.
 """
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Iterator
 
 from raycxr.labels import FINDINGS
-from raycxr.sources import Record, normalise_view, register
+from raycxr.sources import Record, bad_row, normalise_view, read_rows, register
 
 
 def parse_labels(text: str) -> tuple[dict, str]:
@@ -34,8 +36,8 @@ def parse_labels(text: str) -> tuple[dict, str]:
         if name == "normal":
             out.update(no_finding=1, pneumonia=0)
             continue
-        if name not in FINDINGS or value.strip() not in ("", "0", "1"):
-            return {}, f"unknown label: {token!r} (use finding names: {', '.join(FINDINGS)}; or name=0, normal)"
+        if name not in FINDINGS or value.strip() not in ("", "0", "1"):  # the cell itself is never quoted
+            return {}, f"unknown label: not a pooled finding (use finding names: {', '.join(FINDINGS)}; or name=0, normal)"
         out[name] = int(value) if value.strip() else 1
     if not out:
         return {}, "unknown label: empty labels cell"
@@ -50,21 +52,21 @@ def scan(manifest: Path, *, path: str = "path", patient_id: str = "patient_id", 
     if manifest.is_dir():
         raise DataError(f"source csv: {manifest} is a folder; pass the manifest file: --source csv=PATH/manifest.csv")
     base = manifest.parent
-    with open(manifest, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in (path, patient_id, labels) if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(f"source csv: {manifest} lacks column(s) {', '.join(missing)}; it has "
-                            f"{', '.join(reader.fieldnames or [])}. Rename with --source-option csv.path=HEADER etc.")
-        for row in reader:
-            file = Path(row[path].strip())
-            file = file if file.is_absolute() else base / file
-            parsed, error = parse_labels(row[labels] or "")
-            if not error and not file.is_file():
-                error = "missing file: named in the manifest but not found"
-            try:
-                rel = file.relative_to(base).as_posix()
-            except ValueError:
-                rel = file.as_posix()
-            yield Record(path=file, rel_path=rel, source=name, patient_key=row[patient_id].strip(), labels=parsed,
-                         label_detail=row[labels] or "", view=normalise_view(row.get(view)), error=error)
+    for row in read_rows(manifest, source=name, required=[path, patient_id, labels],
+                         hint="Rename with --source-option csv.path=HEADER (and csv.patient_id, csv.labels)."):
+        cell, pid = (row.get(path) or "").strip(), (row.get(patient_id) or "").strip()
+        if row["_problem"] or not cell or not pid:
+            yield bad_row(manifest, base, row, name, row["_problem"] or
+                          f"blank {path if not cell else patient_id}: every image needs a file and a patient")
+            continue
+        file = Path(cell)
+        file = file if file.is_absolute() else base / file
+        parsed, error = parse_labels(row.get(labels) or "")
+        if not error and not file.is_file():
+            error = "missing file: named in the manifest but not found"
+        try:
+            rel = file.relative_to(base).as_posix()
+        except ValueError:
+            rel = file.as_posix()
+        yield Record(path=file, rel_path=rel, source=name, patient_key=pid, labels=parsed,
+                     label_detail=row.get(labels) or "", view=normalise_view(row.get(view)), error=error)

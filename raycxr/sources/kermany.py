@@ -3,7 +3,8 @@
 Layout: any folder tree whose leaf folders are named ``NORMAL`` or ``PNEUMONIA``: the Kaggle
 ``chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg`` layout and the Mendeley V2
 ``ChestXRay2017/chest_xray/{train,test}/{NORMAL,PNEUMONIA}/*.jpeg`` layout alike. Every image
-found is pooled; the official split folders are ignored because raycxr carves its own
+found is pooled (once: Kaggle's zip nests a second copy under ``chest_xray/chest_xray/`` and
+adds ``__MACOSX/``, both skipped); the official split folders are ignored because raycxr carves its own
 patient-disjoint splits. Labels: PNEUMONIA -> pneumonia 1, no_finding 0; NORMAL -> pneumonia 0,
 no_finding 1; ``bacteria`` / ``virus`` from the file name kept as ``label_detail``. All views are
 frontal (AP, children).
@@ -50,11 +51,19 @@ def _detail(file_name: str, label: int) -> str:
 
 @register("kermany")
 def scan(root: Path, **_) -> Iterator[Record]:
-    paths = sorted(
-        p for p in root.rglob("*")
-        if p.is_file() and p.parent.name.upper() in _CLASS_DIRS and not p.name.startswith(".")
-    )
-    for path in paths:
+    found = sorted(
+        (p for p in root.rglob("*")
+         if p.is_file() and p.parent.name.upper() in _CLASS_DIRS and not p.name.startswith(".")
+         and "__MACOSX" not in p.relative_to(root).parts),  # macOS resource forks in the Kaggle zip
+        key=lambda p: (len(p.relative_to(root).parts), p.as_posix()))
+    # Kaggle's archive holds everything twice (chest_xray/ and chest_xray/chest_xray/): one film is
+    # one (split folder, class folder, file name), counted once, at its shallowest path.
+    paths, seen = [], set()
+    for p in found:
+        if (key := tuple(part.upper() for part in p.parts[-3:])) not in seen:
+            seen.add(key)
+            paths.append(p)
+    for path in sorted(paths):
         label = _CLASS_DIRS[path.parent.name.upper()]
         yield Record(
             path=path,

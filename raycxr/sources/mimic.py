@@ -1,7 +1,7 @@
 """MIMIC-CXR-JPG (PhysioNet, credentialed access).
 
 Layout under the root: ``files/pXX/pNNNNNNNN/sNNNNNNNN/DICOM_ID.jpg``,
-``mimic-cxr-2.0.0-chexpert.csv`` (per study: 1 positive, 0 negative, -1 uncertain, blank not
+``mimic-cxr-2.0.0-chexpert.csv`` (or ``.csv.gz``, as PhysioNet ships both CSVs; per study: 1 positive, 0 negative, -1 uncertain, blank not
 mentioned) and ``mimic-cxr-2.0.0-metadata.csv`` (per image: ``dicom_id``, ``ViewPosition``).
 
 Uncertain-label policy (``--source-option mimic.uncertain=ignore|zeros|ones``): ``ignore``
@@ -12,11 +12,10 @@ mapped finding 0.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Iterator
 
-from raycxr.sources import Record, normalise_view, register
+from raycxr.sources import Record, bad_row, normalise_view, read_rows, register, table_path
 
 # CheXpert labeller column -> pooled finding
 _COLUMNS = {"Pneumonia": "pneumonia", "No Finding": "no_finding", "Atelectasis": "atelectasis",
@@ -31,7 +30,10 @@ def _labels(row: dict, uncertain) -> dict:
         raw = (row.get(col) or "").strip()
         if raw in ("", "nan"):
             continue
-        v = int(float(raw))
+        try:
+            v = int(float(raw))
+        except ValueError:
+            continue  # not a CheXpert value: unknown
         if v == -1:
             if uncertain is None:
                 continue
@@ -48,21 +50,24 @@ def scan(root: Path, *, uncertain: str = "ignore", **_) -> Iterator[Record]:
 
     if uncertain not in _POLICIES:
         raise ConfigError(f"mimic.uncertain={uncertain!r}; allowed: {', '.join(_POLICIES)}", source="--source-option")
-    chexpert, meta = root / "mimic-cxr-2.0.0-chexpert.csv", root / "mimic-cxr-2.0.0-metadata.csv"
+    chexpert = table_path(root, "mimic-cxr-2.0.0-chexpert.csv")
+    meta = table_path(root, "mimic-cxr-2.0.0-metadata.csv")
     for f in (chexpert, meta):
         if not f.exists():
-            raise DataError(f"source mimic: {f.name} is missing under {root}")
-    with open(chexpert, newline="") as f:
-        studies = {(r["subject_id"], r["study_id"]): r for r in csv.DictReader(f)}
-    with open(meta, newline="") as f:
-        for row in csv.DictReader(f):
-            subject, study = row["subject_id"].strip(), row["study_id"].strip()
-            path = root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{row['dicom_id'].strip()}.jpg"
-            error = ""
-            if (subject, study) not in studies:
-                error = "no labels: study missing from mimic-cxr-2.0.0-chexpert.csv"
-            elif not path.is_file():
-                error = "missing file: listed in the metadata CSV but not found"
-            yield Record(path=path, rel_path=path.relative_to(root).as_posix(), source="mimic", patient_key=subject,
-                         labels=_labels(studies.get((subject, study), {}), _POLICIES[uncertain]),
-                         view=normalise_view(row.get("ViewPosition")), error=error)
+            raise DataError(f"source mimic: {f.name} (or {f.name}.gz, as PhysioNet ships it) is missing under {root}")
+    studies = {(r["subject_id"].strip(), r["study_id"].strip()): r
+               for r in read_rows(chexpert, source="mimic", required=["subject_id", "study_id"]) if not r["_problem"]}
+    for row in read_rows(meta, source="mimic", required=["subject_id", "study_id", "dicom_id"]):
+        subject, study, dicom = (row.get(k, "").strip() for k in ("subject_id", "study_id", "dicom_id"))
+        if row["_problem"] or not (subject and study and dicom):
+            yield bad_row(meta, root, row, "mimic", row["_problem"] or "blank subject_id, study_id or dicom_id")
+            continue
+        path = root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg"
+        error = ""
+        if (subject, study) not in studies:
+            error = "no labels: study missing from mimic-cxr-2.0.0-chexpert.csv"
+        elif not path.is_file():
+            error = "missing file: listed in the metadata CSV but not found"
+        yield Record(path=path, rel_path=path.relative_to(root).as_posix(), source="mimic", patient_key=subject,
+                     labels=_labels(studies.get((subject, study), {}), _POLICIES[uncertain]),
+                     view=normalise_view(row.get("ViewPosition")), error=error)

@@ -12,21 +12,19 @@ and all fourteen 0. NIH labels were mined from reports by NLP (about 90% accurat
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Iterator
 
 from raycxr.labels import NIH_NAMES
-from raycxr.sources import Record, find_files, normalise_view, register
+from raycxr.sources import Record, bad_row, find_files, normalise_view, read_rows, register
 
 
 def _labels(text: str) -> tuple[dict, str]:
     names = [t.strip() for t in text.split("|") if t.strip()]
     if names == ["No Finding"]:
         return {**{v: 0 for v in NIH_NAMES.values()}, "no_finding": 1}, ""
-    unknown = [n for n in names if n not in NIH_NAMES]
-    if unknown or not names:
-        return {}, f"unknown label: {'|'.join(unknown) or 'empty'} (NIH vocabulary: No Finding, {', '.join(NIH_NAMES)})"
+    if not names or any(n not in NIH_NAMES for n in names):  # the cell itself is never quoted
+        return {}, f"unknown label: a Finding Labels value outside NIH's vocabulary (No Finding, {', '.join(NIH_NAMES)})"
     labels = {v: 0 for v in NIH_NAMES.values()}
     labels.update({NIH_NAMES[n]: 1 for n in names})
     labels["no_finding"] = 0
@@ -43,15 +41,23 @@ def scan(root: Path, **_) -> Iterator[Record]:
     test_list = root / "test_list.txt"
     test = set(test_list.read_text().split()) if test_list.exists() else set()
     files = find_files(root, {".png"})
-    with open(entries[0], newline="") as f:
-        for row in csv.DictReader(f):
-            name = row["Image Index"].strip()
-            labels, error = _labels(row.get("Finding Labels", ""))
-            path = files.get(name)
-            if path is None:
-                error = error or "missing file: listed in Data_Entry_2017 but not found under the root"
-            yield Record(
-                path=path or root / name, rel_path=(path or root / name).relative_to(root).as_posix(),
-                source="nih", patient_key=row["Patient ID"].strip(), labels=labels,
-                label_detail=row.get("Finding Labels", ""), view=normalise_view(row.get("View Position")),
-                fixed_split="holdout" if name in test else None, error=error)
+    listed = set()
+    for row in read_rows(entries[0], source="nih", required=["Image Index", "Finding Labels", "Patient ID"]):
+        name, pid = row["Image Index"].strip(), (row.get("Patient ID") or "").strip()
+        if row["_problem"] or not name or not pid:
+            yield bad_row(entries[0], root, row, "nih", row["_problem"] or "blank Image Index or Patient ID")
+            continue
+        listed.add(name)
+        labels, error = _labels(row.get("Finding Labels") or "")
+        path = files.get(name)
+        if path is None:
+            error = error or ("missing file: listed in Data_Entry_2017 but not found under the root (a partial "
+                              "download? the images come in 12 archives, images_001 ... images_012)")
+        yield Record(
+            path=path or root / name, rel_path=(path or root / name).relative_to(root).as_posix(),
+            source="nih", patient_key=pid, labels=labels,
+            label_detail=row.get("Finding Labels") or "", view=normalise_view(row.get("View Position")),
+            fixed_split="holdout" if name in test else None, error=error)
+    for name in sorted(set(files) - listed):
+        yield Record(path=files[name], rel_path=files[name].relative_to(root).as_posix(), source="nih",
+                     patient_key=f"unlisted:{name}", error="unlisted: no row of Data_Entry_2017 names this image")

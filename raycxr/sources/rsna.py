@@ -12,11 +12,10 @@ image; images are de-identified, so it is the only identity there is.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Iterator
 
-from raycxr.sources import Record, normalise_view, register
+from raycxr.sources import Record, bad_row, normalise_view, read_rows, register, table_path, unlisted
 
 
 def _view(path: Path) -> str:
@@ -32,19 +31,23 @@ def _view(path: Path) -> str:
 def scan(root: Path, **_) -> Iterator[Record]:
     from raycxr.errors import DataError
 
-    labels_csv = root / "stage_2_train_labels.csv"
+    labels_csv = table_path(root, "stage_2_train_labels.csv")
     if not labels_csv.exists():
         raise DataError(f"source rsna: {labels_csv} is missing; the root must hold stage_2_train_labels.csv "
                         "and stage_2_train_images/")
     target: dict[str, int] = {}
-    with open(labels_csv, newline="") as f:
-        for row in csv.DictReader(f):
-            pid = row["patientId"].strip()
-            target[pid] = max(target.get(pid, 0), int(row["Target"]))
+    for row in read_rows(labels_csv, source="rsna", required=["patientId", "Target"]):
+        pid, value = row["patientId"].strip(), (row.get("Target") or "").strip()
+        problem = row["_problem"] or ("blank patientId" if not pid else "") or (
+            "unknown label: Target is not 0 or 1" if value not in ("0", "1", "0.0", "1.0") else "")
+        if problem:
+            yield bad_row(labels_csv, root, row, "rsna", problem)
+            continue
+        target[pid] = max(target.get(pid, 0), int(float(value)))
     detail: dict[str, str] = {}
-    if (info := root / "stage_2_detailed_class_info.csv").exists():
-        with open(info, newline="") as f:
-            detail = {r["patientId"].strip(): r["class"].strip() for r in csv.DictReader(f)}
+    if (info := table_path(root, "stage_2_detailed_class_info.csv")).exists():
+        detail = {r["patientId"].strip(): r["class"].strip() for r in
+                  read_rows(info, source="rsna", required=["patientId", "class"]) if not r["_problem"]}
     images = root / "stage_2_train_images"
     for pid in sorted(target):
         path = images / f"{pid}.dcm"
@@ -58,4 +61,6 @@ def scan(root: Path, **_) -> Iterator[Record]:
         yield Record(path=path, rel_path=path.relative_to(root).as_posix(), source="rsna", patient_key=pid,
                      labels=labels, label_detail=cls or ("Lung Opacity" if target[pid] else ""),
                      view=_view(path) if exists else "",
-                     error="" if exists else "missing file: listed in stage_2_train_labels.csv but not found")
+                     error="" if exists else "missing file: listed in stage_2_train_labels.csv but not found "
+                                             "(download stage_2_train_images)")
+    yield from unlisted(images, {f"{pid}.dcm" for pid in target}, root, "rsna", "stage_2_train_labels.csv")
