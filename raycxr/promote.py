@@ -257,11 +257,10 @@ def promote(cfg: PromoteConfig) -> dict:
                      seed=cfg.seed)
     at_points = {}
     for name, pt in points.items():
-        m = binary_metrics(hold.y, hp, threshold=pt["threshold"])
+        m, v = (binary_metrics(y, p, threshold=pt["threshold"]) for y, p in ((hold.y, hp), (val.y, vp)))
         at_points[name] = {"threshold": pt["threshold"], "target": pt["target"], "how": pt["how"],
                            **{k: m[k] for k in ("sensitivity", "specificity", "ppv", "npv", "accuracy")},
-                           "val_sensitivity": binary_metrics(val.y, vp, threshold=pt["threshold"])["sensitivity"],
-                           "val_specificity": binary_metrics(val.y, vp, threshold=pt["threshold"])["specificity"]}
+                           "val_sensitivity": v["sensitivity"], "val_specificity": v["specificity"]}
         if cfg.prevalence is not None:
             at_points[name]["ppv_at_prevalence"], at_points[name]["npv_at_prevalence"] = predictive_values(
                 m["sensitivity"], m["specificity"], cfg.prevalence)
