@@ -90,7 +90,7 @@ def _status(args) -> int:
 def _promote(args) -> int:
     from raycxr.promote import PromoteConfig, promote
 
-    card = promote(PromoteConfig(run=args.run, out=args.out, threshold_rule=args.threshold_rule,
+    card = promote(PromoteConfig(run=args.run, out=args.out, data=args.data, threshold_rule=args.threshold_rule,
                                  target_sensitivity=args.target_sensitivity,
                                  target_specificity=args.target_specificity, prevalence=args.prevalence,
                                  n_boot=args.bootstrap, force=args.force, tta=args.tta, select=args.select,
@@ -198,14 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="Ray Tune search (Optuna TPE + ASHA) over Ray Train trials")
     s.add_argument("--data", type=Path, help="a folder written by `raycxr ingest`")
     s.add_argument("--space", help="a name in search_spaces/ (demo, cpu, default) or a YAML path")
-    s.add_argument("--resume", type=Path, metavar="RUN_DIR",
-                   help="continue a stopped or killed search (runs/NAME): finished trials are kept")
+    s.add_argument("--resume", metavar="RUN",
+                   help="continue a stopped or killed search (runs/NAME, or STORAGE/NAME): finished trials are kept")
     s.add_argument("--trials", type=int, help="override the space's number of trials")
     s.add_argument("--max-epochs", type=int, help="override the space's max_epochs")
     s.add_argument("--name", help="run name (default SPACE-DATE-TIME)")
     s.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where runs go (default ./runs)")
     s.add_argument("--address", help="Ray cluster to join (default $RAY_ADDRESS, else a local Ray)")
-    s.add_argument("--storage", help="shared storage for results on a cluster, e.g. s3://bucket/raycxr")
+    s.add_argument("--storage", metavar="URI",
+                   help="where runs go instead of --runs-dir: storage every node reaches, e.g. s3://bucket/raycxr "
+                        "(the run is then URI/NAME; status, promote and --resume take that)")
     s.add_argument("--max-failures", type=int, default=1, help="retries of a trial whose worker dies")
     s.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop starting trials after this long")
     s.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all cores)")
@@ -225,13 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_search)
 
     st = sub.add_parser("status", help="leaderboard of a running or finished search")
-    st.add_argument("run", type=Path, help="runs/NAME")
+    st.add_argument("run", help="runs/NAME, or STORAGE/NAME (e.g. s3://bucket/raycxr/NAME)")
     st.add_argument("--top", type=int, default=20)
     st.set_defaults(fn=_status)
 
     pr = sub.add_parser("promote", help="best trial by validation -> holdout once -> exports and model card")
-    pr.add_argument("--run", type=Path, required=True, help="runs/NAME")
+    pr.add_argument("--run", required=True, help="runs/NAME, or STORAGE/NAME (e.g. s3://bucket/raycxr/NAME)")
     pr.add_argument("--out", type=Path, required=True, help="folder for the promoted model")
+    pr.add_argument("--data", type=Path, help="the ingested dataset, when it is not at the path the search read it "
+                                              "from (e.g. this machine's copy of a cluster's data); same fingerprint")
     pr.add_argument("--threshold-rule", choices=["youden", "sensitivity", "specificity", "bayes"], default="youden",
                     help="which validation operating point the exported model uses (default youden); the card "
                          "shows the holdout metrics at every one")

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from raycxr.errors import ConfigError, DataError, NoEligibleTrialError
 from raycxr.models import load_model
+from raycxr.storage import RunStore, exists, local_copy
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,9 @@ EXPORT_TOLERANCE = 1e-4  # max |logit difference| allowed between eager, TorchSc
 
 @dataclass(frozen=True)
 class PromoteConfig:
-    run: Path
+    run: str | Path                  # the run folder or its storage URI (s3://bucket/raycxr/NAME)
     out: Path
+    data: Path | None = None         # the dataset, when not at the path the search recorded (same fingerprint)
     threshold_rule: str = "youden"   # youden | sensitivity | specificity | bayes (needs prevalence)
     target_sensitivity: float = 0.95
     target_specificity: float = 0.95
@@ -133,9 +135,15 @@ def _choose_tta(model, spec: dict, val: SplitArrays, vz: np.ndarray, *, mode: st
     return (wrapped, wz, info) if used else (model, vz, info)
 
 
-def _holdout_reads(run_dir: Path) -> list[dict]:
-    path = run_dir / "holdout_reads.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+def _holdout_reads(store: RunStore) -> list[dict]:
+    if not store.exists("holdout_reads.jsonl"):
+        return []
+    return [json.loads(line) for line in store.read_text("holdout_reads.jsonl").splitlines() if line.strip()]
+
+
+def _checkpoint(row: dict) -> Path:
+    """A leaderboard row's checkpoint on this disk (fetched from the run's storage when remote)."""
+    return local_copy(row["checkpoint"])
 
 
 def _select(cfg: PromoteConfig, eligible: list[dict], val: SplitArrays) -> tuple[list[dict], dict]:
@@ -156,7 +164,7 @@ def _select(cfg: PromoteConfig, eligible: list[dict], val: SplitArrays) -> tuple
     logits = []
     for row in tqdm(finalists, desc="scoring finalists on validation views", unit="model", leave=False):
         meta = _trial_meta(row)
-        model = load_model(Path(row["checkpoint"]), meta)
+        model = load_model(_checkpoint(row), meta)
         logits.append([target_logits(model, meta, v) for v in views.values()])
     decision = choose(finalists, np.asarray(logits), val.y, val.groups, ensemble=cfg.ensemble,
                       n_boot=cfg.n_boot, seed=cfg.seed)
@@ -164,7 +172,7 @@ def _select(cfg: PromoteConfig, eligible: list[dict], val: SplitArrays) -> tuple
 
 
 def _trial_meta(row: dict) -> dict:
-    return json.loads((Path(row["checkpoint"]) / "trial.json").read_text())
+    return json.loads((_checkpoint(row) / "trial.json").read_text())
 
 
 def _build(chosen: list[dict], stored_size: int) -> tuple:
@@ -172,7 +180,7 @@ def _build(chosen: list[dict], stored_size: int) -> tuple:
     from raycxr.transforms import Ensemble
 
     metas = [_trial_meta(r) for r in chosen]
-    models = [load_model(Path(r["checkpoint"]), m) for r, m in zip(chosen, metas)]
+    models = [load_model(_checkpoint(r), m) for r, m in zip(chosen, metas)]
     if len(chosen) == 1:
         return models[0], metas[0], None
     keys = ("model", "image_size", "mean", "std", "drop_rate", "pretrained", "trial_id")
@@ -201,14 +209,16 @@ def promote(cfg: PromoteConfig) -> dict:
     if cfg.prevalence is not None and not 0 < cfg.prevalence < 1:
         raise ConfigError(f"--prevalence {cfg.prevalence} must be a share of positives in (0, 1), e.g. 0.3",
                           source="--prevalence")
-    run_dir = Path(cfg.run)
-    if not (run_dir / "run.json").is_file():
-        raise ConfigError(f"{run_dir} is not a raycxr run folder (no run.json): pass --run runs/NAME", source="--run")
-    run = json.loads((run_dir / "run.json").read_text())
-    data_dir = Path(run["data"])
+    store = RunStore(cfg.run)
+    store.require_run("--run")
+    run = json.loads(store.read_text("run.json"))
+    data_dir = Path(cfg.data or run["data"])
+    if not (data_dir / "manifest.json").is_file():
+        raise ConfigError(f"the search read its data from {data_dir}, which is not here: pass --data with this "
+                          "machine's copy of that dataset (its fingerprint must match)", source="--data")
     manifest = read_manifest(data_dir)
     if manifest["fingerprint"] != run["data_fingerprint"]:
-        raise DataError(f"{data_dir} changed since the search ran (fingerprint {manifest['fingerprint']} != "
+        raise DataError(f"{data_dir} is not the dataset the search used (fingerprint {manifest['fingerprint']} != "
                         f"{run['data_fingerprint']}): promote against the dataset the search used")
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()):
@@ -217,11 +227,10 @@ def promote(cfg: PromoteConfig) -> dict:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    board = leaderboard(run_dir)
-    eligible = [r for r in board if r["status"].startswith("ok") and r.get("checkpoint")
-                and Path(r["checkpoint"]).is_dir()]
+    board = leaderboard(store.uri)
+    eligible = [r for r in board if r["status"].startswith("ok") and r.get("checkpoint") and exists(r["checkpoint"])]
     if not eligible:
-        raise NoEligibleTrialError(f"no trial of {run_dir} has a validation AUC and a checkpoint on disk: "
+        raise NoEligibleTrialError(f"no trial of {store.uri} has a validation AUC and a checkpoint in storage: "
                                    "run a search that finishes at least one epoch")
     target = run["target"]
 
@@ -247,12 +256,12 @@ def promote(cfg: PromoteConfig) -> dict:
     val_metrics = binary_metrics(val.y, vp, threshold=threshold)
 
     # 2. The holdout, once.
-    previous_reads = _holdout_reads(run_dir)
+    previous_reads = _holdout_reads(store)
     hold = split_arrays(data_dir, "holdout", target)
     hp = calibrate_logits(target_logits(model, spec, hold.images), calibration)
-    with open(run_dir / "holdout_reads.jsonl", "a") as f:
-        f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                            "trial_id": "+".join(r["trial_id"] for r in chosen), "out": str(out.resolve())}) + "\n")
+    store.append_line("holdout_reads.jsonl", json.dumps({
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "trial_id": "+".join(r["trial_id"] for r in chosen),
+        "out": str(out.resolve())}))
     holdout = report(hold.y, hp, groups=hold.groups, sources=hold.sources, threshold=threshold, n_boot=cfg.n_boot,
                      seed=cfg.seed)
     at_points = {}
@@ -267,7 +276,7 @@ def promote(cfg: PromoteConfig) -> dict:
 
     # 3. Exports: safetensors is the source of truth; TorchScript and ONNX are checked against it.
     if ensemble_state is None:
-        shutil.copyfile(Path(chosen[0]["checkpoint"]) / "model.safetensors", out / "model.safetensors")
+        shutil.copyfile(_checkpoint(chosen[0]) / "model.safetensors", out / "model.safetensors")
     else:
         from safetensors.torch import save_file
 
@@ -317,7 +326,7 @@ def promote(cfg: PromoteConfig) -> dict:
     }
     (out / "model_card.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
     write_model_card(card, out / "model_card.md")
-    write_report(out, card=card, holdout_y=hold.y, holdout_p=hp, run_dir=run_dir)
+    write_report(out, card=card, holdout_y=hold.y, holdout_p=hp, run=store.uri)
     return card
 
 

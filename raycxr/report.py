@@ -112,15 +112,16 @@ def plot_confusion(m: dict, target: str, path: Path) -> Path:
     return _save(fig, path)
 
 
-def _trial_frames(run_dir: Path):
+def trial_frames(run: str | Path) -> dict:
+    """{trial id: its reported results, one row per epoch} of a run (a folder or URI)."""
     from ray.tune import ExperimentAnalysis
 
-    analysis = ExperimentAnalysis(str(Path(run_dir).resolve() / "tune"))
-    return analysis.trial_dataframes
+    from raycxr.search import epochs_of, tune_location
+
+    return {t: epochs_of(df) for t, df in ExperimentAnalysis(tune_location(run)[1]).trial_dataframes.items()}
 
 
-def plot_learning_curves(run_dir: Path, top_ids: list[str], path: Path) -> Path:
-    frames = _trial_frames(run_dir)
+def plot_learning_curves(frames: dict, top_ids: list[str], path: Path) -> Path:
     fig, ax = _figure()
     for tid in top_ids:
         df = frames.get(tid)
@@ -134,8 +135,7 @@ def plot_learning_curves(run_dir: Path, top_ids: list[str], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_search_history(run_dir: Path, path: Path) -> Path:
-    frames = _trial_frames(run_dir)
+def plot_search_history(frames: dict, path: Path) -> Path:
     starts, best, order = [], [], []
     for tid, df in frames.items():
         if "val_auc" in df and df["val_auc"].notna().any():
@@ -182,8 +182,10 @@ def plot_pareto(rows: list[dict], chosen: list[str], path: Path) -> Path:
     return _save(fig, path)
 
 
-def write_report(out: Path, *, card: dict, holdout_y, holdout_p, run_dir: Path) -> dict[str, Path]:
-    """Write every plot as PNG and ``report.html``; return {plot name: path}."""
+def write_report(out: Path, *, card: dict, holdout_y, holdout_p, run: str | Path) -> dict[str, Path]:
+    """Write every plot as PNG and ``report.html``; return {plot name: path}. ``run`` is the
+    search's folder or URI (for the learning curves and the search history)."""
+    frames = trial_frames(run)
     pooled = card["holdout"]["pooled"]
     top = [r["trial_id"] for r in card["leaderboard_top"][:5]]
     plots = {
@@ -191,8 +193,8 @@ def write_report(out: Path, *, card: dict, holdout_y, holdout_p, run_dir: Path) 
         "pr": plot_pr(holdout_y, holdout_p, card["threshold"], out / "pr.png"),
         "reliability": plot_reliability(holdout_y, holdout_p, pooled["ece"], out / "reliability.png"),
         "confusion": plot_confusion(pooled, card["target"], out / "confusion.png"),
-        "learning_curves": plot_learning_curves(run_dir, top, out / "learning_curves.png"),
-        "search_history": plot_search_history(run_dir, out / "search_history.png"),
+        "learning_curves": plot_learning_curves(frames, top, out / "learning_curves.png"),
+        "search_history": plot_search_history(frames, out / "search_history.png"),
         "pareto": plot_pareto(card.get("pareto", []), [m["trial_id"] for m in card.get("members", [])],
                               out / "pareto.png"),
     }

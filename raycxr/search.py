@@ -1,6 +1,6 @@
 """run_search(): Ray Tune (Optuna TPE + ASHA) over Ray Train TorchTrainer trials.
 
-Layout of a run (``runs/RUN/`` by default)::
+Layout of a run (``runs/NAME/`` by default, ``URI/NAME`` with ``--storage URI``; see storage.py)::
 
     run.json          the resolved search: space, data, resources, versions (repeatable)
     tune/             Ray Tune's experiment (state, per-trial results, TensorBoard events)
@@ -12,9 +12,9 @@ The holdout split is never opened here: only train and val reach the trials.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -24,8 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ray.tune.callback import Callback
+
 from raycxr.config import HYPERPARAMETERS, SearchSpace, load_space
 from raycxr.errors import ConfigError, NoEligibleTrialError
+from raycxr.storage import RunStore
 from raycxr.train import METRIC
 
 log = logging.getLogger(__name__)
@@ -53,7 +56,7 @@ class SearchConfig:
     trials: int | None = None          # overrides the space's trial count
     max_epochs: int | None = None      # overrides the space's max_epochs
     address: str | None = None         # Ray cluster address; default $RAY_ADDRESS or a local Ray
-    storage: str | None = None         # e.g. s3://bucket/raycxr-runs on a cluster; default runs_dir
+    storage: str | None = None         # where runs go instead of runs_dir: a path or URI, e.g. s3://bucket/raycxr
     max_failures: int = 1              # retries of a trial whose worker dies
     time_budget_min: float | None = None
     target: str = "pneumonia"          # the finding whose validation AUC selects trials
@@ -220,6 +223,32 @@ def _sampler(name: str, *, seed: int, trials: int):
     return optuna.samplers.RandomSampler(seed=seed)
 
 
+class KeepTrialHistory(Callback):
+    """A Tune callback: a trial continued by ``--resume`` keeps the results it reported before.
+
+    Tune writes each trial's result.json and progress.csv in a staging folder of the Ray session
+    and copies that folder over the run's storage; it fetches the old files first only for trials
+    that Tune itself checkpointed, which a Ray Train trial never is. On a fresh Ray (a killed driver
+    that owned its Ray) the staging folder starts empty, so without this the resumed trial's
+    history would be replaced by an empty file. Runs before Tune's own loggers (user callbacks come
+    first) and fetches only files the staging folder lacks.
+    """
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        import pyarrow.fs
+
+        trial.init_local_path()
+        for name in ("result.json", "progress.csv"):
+            local = Path(trial.local_path) / name
+            if local.exists():
+                continue  # this session has been logging the trial already
+            try:
+                pyarrow.fs.copy_files(f"{trial.storage.trial_fs_path}/{name}", str(local),
+                                      source_filesystem=trial.storage.storage_filesystem)
+            except FileNotFoundError:
+                pass  # a new trial
+
+
 def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
@@ -316,22 +345,19 @@ def _plan_resources(space: SearchSpace, *, trials: int) -> dict:
     return plan_resources(space, trials=trials, capacity=_cluster_capacity())
 
 
-def _run_dir(cfg: SearchConfig, space: SearchSpace) -> tuple[str, Path]:
-    """(name, folder) of a new run, the name claimed atomically: its run.json is created with
-    O_EXCL, so of two searches started together with one --name, exactly one gets it."""
+def _run_dir(cfg: SearchConfig, space: SearchSpace) -> tuple[str, RunStore]:
+    """(name, location) of a new run, under ``--storage`` or ``--runs-dir``, the name claimed by
+    creating its run.json (O_EXCL on a filesystem: of two searches started together with one
+    --name, exactly one gets it; see RunStore.claim for object stores)."""
     name = cfg.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.runs_dir).resolve() / name
-    taken = ConfigError(f"run {name!r} already exists in {run_dir.parent}: choose another --name "
-                        f"(or remove {run_dir})", source="--name")
-    if (run_dir / "tune").exists():
+    parent = str(cfg.storage).rstrip("/") if cfg.storage else str(Path(cfg.runs_dir).resolve())
+    store = RunStore(f"{parent}/{name}")
+    taken = ConfigError(f"run {name!r} already exists in {parent}: choose another --name (or remove {store.uri})",
+                        source="--name")
+    if store.exists("tune") or not store.claim(
+            "run.json", json.dumps({"name": name, "claimed": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n"):
         raise taken
-    run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(run_dir / "run.json", "x") as f:
-            f.write(json.dumps({"name": name, "claimed": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
-    except FileExistsError:
-        raise taken from None
-    return name, run_dir
+    return name, store
 
 
 def run_search(cfg: SearchConfig) -> list[dict]:
@@ -366,32 +392,30 @@ def run_search(cfg: SearchConfig) -> list[dict]:
     if problems:
         raise ConfigError(problems, source=f"search space {space.name} for this dataset")
 
-    name, run_dir = _run_dir(cfg, space)
+    name, store = _run_dir(cfg, space)
     try:
         init_ray(address=cfg.address, num_cpus=cfg.num_cpus)
         plan = _plan_resources(space, trials=trials)
         if plan["gpus_per_worker"] < space.gpus_per_worker:
             print(f"No GPU in the Ray cluster: the space asks for {space.gpus_per_worker:g} GPU per worker, training "
                   "on CPU instead.")
-        storage = cfg.storage or str(run_dir)
         record = {"name": name, "space": space.name, "target": cfg.target, "space_config": space.raw,
                   "data": str(Path(cfg.data).resolve()), "data_fingerprint": manifest["fingerprint"],
                   "trials": trials, "max_epochs": max_epochs, "seed": space.seed, "metric": METRIC, "resources": plan,
-                  "storage": storage, "max_failures": cfg.max_failures, "searcher": cfg.searcher,
+                  "storage": store.uri, "max_failures": cfg.max_failures, "searcher": cfg.searcher,
                   "early_stopping": cfg.early_stopping, "objective": cfg.objective, "versions": _versions(),
                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         trainable = _trainable(record, space, plan, manifest)
     except BaseException:  # nothing ran: give the name back, so a corrected command can use it
-        (run_dir / "run.json").unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            run_dir.rmdir()
+        store.delete("run.json")
         raise
-    (run_dir / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    store.write_text("run.json", json.dumps(record, indent=2, default=str) + "\n")
 
     gpu = f" + {plan['gpus_per_worker']:g} GPU" if plan["gpus_per_worker"] else ""
     print(f"Search {name}: {trials} trials x up to {max_epochs} epochs, {plan['concurrent']} at a time "
           f"({plan['workers']} worker(s) x {plan['cpus_per_worker']:g} CPU{gpu} each)")
-    print(f"TensorBoard: tensorboard --logdir {run_dir / 'tune'}")
+    print(f"Run: {store.uri} (raycxr status / promote --run / search --resume take this)")
+    print(f"TensorBoard: tensorboard --logdir {store.child('tune')}")
 
     searcher = None  # a space with every value fixed has nothing to search: plain repeated trials
     metrics, modes = OBJECTIVES[cfg.objective]
@@ -419,13 +443,13 @@ def run_search(cfg: SearchConfig) -> list[dict]:
             time_budget_s=cfg.time_budget_min * 60 if cfg.time_budget_min else None),
         # Tune retries a trial whose driver died (a lost node); the retried trial's TorchTrainer
         # finds its own checkpoints in storage and resumes from the latest one.
-        run_config=tune.RunConfig(name="tune", storage_path=storage, verbose=1,
+        run_config=tune.RunConfig(name="tune", storage_path=store.uri, verbose=1, callbacks=[KeepTrialHistory()],
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures)),
     )
-    return _fit(tuner, run_dir, name)
+    return _fit(tuner, store, name)
 
 
-def resume_search(run_dir: str | Path, *, address: str | None = None, num_cpus: int | None = None) -> list[dict]:
+def resume_search(run: str | Path, *, address: str | None = None, num_cpus: int | None = None) -> list[dict]:
     """Continue a stopped or killed search: finished trials are kept, unfinished and errored
     ones restart from their last checkpoint, and the Optuna searcher keeps its history."""
     from ray import tune
@@ -433,11 +457,9 @@ def resume_search(run_dir: str | Path, *, address: str | None = None, num_cpus: 
     from raycxr.config import parse_space
     from raycxr.data import read_manifest
 
-    run_dir = Path(run_dir).resolve()
-    if not (run_dir / "run.json").is_file():
-        raise ConfigError(f"{run_dir} is not a raycxr run folder (no run.json): pass --resume runs/NAME",
-                          source="--resume")
-    record = json.loads((run_dir / "run.json").read_text())
+    store = RunStore(run)
+    store.require_run("--resume")
+    record = json.loads(store.read_text("run.json"))
     manifest = read_manifest(record["data"])
     if manifest["fingerprint"] != record["data_fingerprint"]:
         raise ConfigError(f"{record['data']} changed since the search started (fingerprint {manifest['fingerprint']}"
@@ -453,7 +475,7 @@ def resume_search(run_dir: str | Path, *, address: str | None = None, num_cpus: 
     print(f"Resuming search {record['name']} from {tune_path}")
     tuner = tune.Tuner.restore(tune_path, trainable=_trainable(record, space, plan, manifest),
                                resume_unfinished=True, resume_errored=True)
-    return _fit(tuner, run_dir, record["name"])
+    return _fit(tuner, store, record["name"])
 
 
 def _trainable(record: dict, space: SearchSpace, plan: dict, manifest: dict):
@@ -488,22 +510,23 @@ def _trainable(record: dict, space: SearchSpace, plan: dict, manifest: dict):
                                {"cpu": _TRIAL_DRIVER_CPU})
 
 
-def _fit(tuner, run_dir: Path, name: str) -> list[dict]:
-    hint = f"resume it with: raycxr search --resume {run_dir}"
+def _fit(tuner, store: RunStore, name: str) -> list[dict]:
+    hint = f"resume it with: raycxr search --resume {store.uri}"
     try:
         results = tuner.fit()
     except KeyboardInterrupt:
-        print(f"\nSearch {name} interrupted; finished trials are kept in {run_dir}. To continue, {hint}")
+        print(f"\nSearch {name} interrupted; finished trials are kept in {store.uri}. To continue, {hint}")
         raise
     for err in results.errors:
         log.warning("a trial failed: %s", str(err).splitlines()[0] if str(err) else type(err).__name__)
-    board = leaderboard(run_dir)
-    _write_leaderboard(board, run_dir / "leaderboard.csv")
+    board = leaderboard(store.uri)
+    store.write_text("leaderboard.csv", leaderboard_csv(board))
     if any(r["tune_status"] in ("PENDING", "RUNNING", "PAUSED") for r in board):
         print(f"Search {name} stopped before every trial finished; {hint}")
+        return board  # stopped (Ctrl+C, --time-budget): not a failure, whatever it has so far
     if not any(row["status"] == "ok" for row in board):
         raise NoEligibleTrialError(f"no trial of {name} reported {METRIC}: see the errors above and "
-                                   f"the trial logs in {run_dir / 'tune'}")
+                                   f"the trial logs in {store.child('tune')}")
     return board
 
 
@@ -539,22 +562,44 @@ def _versions() -> dict:
             "timm": timm.__version__}
 
 
-def leaderboard(run_dir: str | Path) -> list[dict]:
+def tune_location(run: str | Path) -> tuple[RunStore, str]:
+    """(the run, where its Tune experiment is): ``tune/`` beside run.json, or under the storage a
+    run.json of raycxr 0.1 recorded."""
+    store = RunStore(run)
+    if store.exists("run.json"):
+        storage = json.loads(store.read_text("run.json")).get("storage")
+        if storage and storage != store.uri:
+            return RunStore(storage), storage.rstrip("/") + "/tune"
+    return store, store.child("tune")
+
+
+def epochs_of(df):
+    """A trial's results, one row per epoch: a trial resumed from a checkpoint reports that
+    checkpoint's epoch again, and the later row (which names the checkpoint kept) wins."""
+    if df is None or "epoch" not in df:
+        return df
+    return df.drop_duplicates("epoch", keep="last").sort_values("epoch")
+
+
+def leaderboard(run: str | Path) -> list[dict]:
     """One row per trial of a (running, stopped or finished) search, best validation AUC first.
 
-    A trial's score is its best epoch's validation AUC; ``checkpoint`` is that epoch's
-    checkpoint (the one Ray Train keeps).
+    ``run`` is the run's folder or URI. A trial's score is its best epoch's validation AUC;
+    ``checkpoint`` is that epoch's checkpoint (the one Ray Train keeps), as a path or URI.
     """
     from ray.tune import ExperimentAnalysis
 
-    run_dir = Path(run_dir).resolve()  # Tune reads a relative path as a URI without a scheme
-    tune_dir = run_dir / "tune"
-    if not (tune_dir / "experiment_state.json").exists() and not list(tune_dir.glob("experiment_state*.json")):
-        raise NoEligibleTrialError(f"{run_dir} holds no Ray Tune experiment: is it a `raycxr search` run folder?")
-    analysis = ExperimentAnalysis(str(tune_dir))
+    store, tune_dir = tune_location(run)
+    if not store.exists("tune"):
+        raise NoEligibleTrialError(f"{store.uri} holds no Ray Tune experiment: is it a `raycxr search` run? (a "
+                                   "search that has just started saves its first state within seconds)")
+    try:
+        analysis = ExperimentAnalysis(tune_dir)
+    except ValueError as exc:  # Tune: no experiment_state file yet
+        raise NoEligibleTrialError(f"{store.uri} holds no Ray Tune experiment state yet: {exc}") from None
     rows = []
     for trial in analysis.trials:
-        df = analysis.trial_dataframes.get(trial.trial_id)
+        df = epochs_of(analysis.trial_dataframes.get(trial.trial_id))
         row = {k: trial.config.get(k) for k in LEADERBOARD_COLUMNS if k in trial.config}
         row.update(trial_id=trial.trial_id, status="no result", epochs=0, tune_status=trial.status)
         if df is not None and METRIC in df and df[METRIC].notna().any():
@@ -564,7 +609,8 @@ def leaderboard(run_dir: str | Path) -> list[dict]:
                         "val_loss": float(best["val_loss"]), "status": "ok",
                         "latency_ms": float(best["latency_ms"]) if "latency_ms" in best else None,
                         "resumed_from_epoch": int(df["resumed_from_epoch"].max()) if "resumed_from_epoch" in df else 0,
-                        "checkpoint": best.get("checkpoint_path")})
+                        "checkpoint": store.resolve(best["checkpoint_path"]) if isinstance(
+                            best.get("checkpoint_path"), str) else None})
         if trial.status == "ERROR":
             row["status"] = "error" if row["status"] != "ok" else "ok (then failed)"
         rows.append(row)
@@ -575,11 +621,12 @@ def leaderboard(run_dir: str | Path) -> list[dict]:
     return rows
 
 
-def _write_leaderboard(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=LEADERBOARD_COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+def leaderboard_csv(rows: list[dict]) -> str:
+    f = io.StringIO(newline="")
+    w = csv.DictWriter(f, fieldnames=LEADERBOARD_COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    return f.getvalue()
 
 
 def format_leaderboard(rows: list[dict], *, top: int = 10) -> str:

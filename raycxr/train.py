@@ -198,6 +198,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_epoch = int(state["epoch"]) + 1
         best_val_auc = float(state.get("best_val_auc", float("nan")))
         log.info("resumed from checkpoint at epoch %d", start_epoch)
+        # Report the checkpoint's epoch again: when the driver died, the epochs reported since its
+        # last save never reached Tune, and this checkpoint (the one Ray Train kept) would then be
+        # one Tune never heard of. The leaderboard keeps the last row of each epoch.
+        if state.get("metrics"):
+            again = {**state["metrics"], "resumed_from_epoch": start_epoch}
+            if rank == 0:
+                again["checkpoint_path"] = ckpt.path
+            ray.train.report(again)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -272,7 +280,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 val_images=int(len(labels)))
             with tempfile.TemporaryDirectory() as tmp:
                 train_state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
-                               "best_val_auc": best_val_auc}
+                               "best_val_auc": best_val_auc, "metrics": metrics}
                 if ema is not None:
                     train_state["model"] = {k: v.detach().cpu() for k, v in bare.state_dict().items()}
                 save_checkpoint(Path(tmp), model=evaluated, trial=trial_meta, train_state=train_state)

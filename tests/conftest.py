@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ["RAYCXR_SALT"] = "test-salt"  # never touch the user's salt file from tests
+os.environ["RAYCXR_CACHE"] = tempfile.mkdtemp(prefix="raycxr-test-cache-")  # nor the user's cache
 
 
 def shared(path: str) -> Path:
@@ -67,3 +69,42 @@ def ray_local(_ray_session):
 
     if not ray.is_initialized():
         init_ray(address=None, num_cpus=2)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 API on localhost (moto's server, started here), one bucket "raycxr", and the
+    environment every client (pyarrow, Ray's workers, subprocesses) reads it from. Yields that
+    environment; the test process's own os.environ gets it too."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(env["AWS_ENDPOINT_URL"], timeout=2)
+            break
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                server.kill()
+                pytest.fail(f"moto_server did not start on port {port}")
+            time.sleep(0.3)
+    os.environ.update(env)
+    import boto3
+
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="raycxr")
+    yield env
+    server.send_signal(signal.SIGTERM)
+    server.wait(timeout=30)

@@ -1,0 +1,187 @@
+"""Where a run lives: a local folder, or any URI pyarrow reaches (``s3://``, ``gs://``, ``file://``).
+
+A run is one location holding ``run.json``, ``tune/``, ``trials/``, ``leaderboard.csv`` and
+``holdout_reads.jsonl``. ``raycxr search --storage URI`` puts it at ``URI/NAME``; without
+``--storage`` it is ``runs/NAME`` on this disk. Every stage that reads a run (status, resume,
+promote, the report) takes the same location, so a run written from a cluster to S3 is read
+from a laptop with the same commands. Object-store credentials and endpoints come from the
+usual environment (``AWS_*``, ``AWS_ENDPOINT_URL``, ``GOOGLE_APPLICATION_CREDENTIALS``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+from raycxr.errors import ConfigError
+
+
+def is_uri(location: str | os.PathLike) -> bool:
+    return "://" in str(location)
+
+
+class RunStore:
+    """One run's location. ``uri`` is what run.json records and what users pass back."""
+
+    def __init__(self, location: str | os.PathLike):
+        text = str(location)
+        if text.startswith("file://"):
+            text = text[len("file://"):]
+        if is_uri(text):
+            import pyarrow.fs
+
+            try:
+                self.fs, self.root = pyarrow.fs.FileSystem.from_uri(text.rstrip("/"))
+            except Exception as exc:  # unknown scheme, missing credentials, unreachable endpoint
+                raise ConfigError(f"cannot open {text}: {exc}. Storage is a local path or a URI pyarrow can reach "
+                                  "(s3://, gs://, file://), with credentials in the environment", source="storage")
+            self.local = None
+            self.uri = text.rstrip("/")
+        else:
+            self.local = Path(text).expanduser().resolve()
+            self.fs, self.root, self.uri = None, str(self.local), str(self.local)
+
+    def __repr__(self) -> str:
+        return f"RunStore({self.uri!r})"
+
+    def child(self, *parts: str) -> str:
+        """The location of ``parts`` under this run (a local path or a URI)."""
+        return "/".join([self.uri, *parts])
+
+    def _path(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def exists(self, rel: str = "") -> bool:
+        if self.local is not None:
+            return Path(self._path(rel)).exists()
+        import pyarrow.fs
+
+        return self.fs.get_file_info(self._path(rel)).type != pyarrow.fs.FileType.NotFound
+
+    def read_text(self, rel: str) -> str:
+        if self.local is not None:
+            return Path(self._path(rel)).read_text()
+        with self.fs.open_input_stream(self._path(rel)) as f:
+            return f.read().decode()
+
+    def write_text(self, rel: str, text: str) -> None:
+        """Replace ``rel`` whole: a reader sees the old or the new file, never half of one."""
+        if self.local is not None:
+            path = Path(self._path(rel))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+            return
+        with self.fs.open_output_stream(self._path(rel)) as f:  # an object store's put is whole or nothing
+            f.write(text.encode())
+
+    def append_line(self, rel: str, line: str) -> None:
+        """Append one line (object stores cannot append: read, add, write back)."""
+        if self.local is not None:
+            with open(self._path(rel), "a") as f:
+                f.write(line.rstrip("\n") + "\n")
+            return
+        old = self.read_text(rel) if self.exists(rel) else ""
+        self.write_text(rel, old + line.rstrip("\n") + "\n")
+
+    def claim(self, rel: str, text: str) -> bool:
+        """Create ``rel`` only if it does not exist; False when it does.
+
+        Atomic on a filesystem (O_EXCL). An object store has no create-if-absent in pyarrow: there
+        the check and the write are two steps, so two searches started within the same second
+        with one name on one bucket can both pass (names default to SPACE-DATE-TIME).
+        """
+        if self.local is not None:
+            path = Path(self._path(rel))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with open(path, "x") as f:
+                    f.write(text)
+            except FileExistsError:
+                return False
+            return True
+        if self.exists(rel):
+            return False
+        self.write_text(rel, text)
+        return True
+
+    def delete(self, rel: str) -> None:
+        if self.local is not None:
+            Path(self._path(rel)).unlink(missing_ok=True)
+            try:
+                Path(self.root).rmdir()  # the folder a failed claim made, if it holds nothing else
+            except OSError:
+                pass
+            return
+        try:
+            self.fs.delete_file(self._path(rel))
+        except FileNotFoundError:
+            pass
+
+    def resolve(self, reported: str) -> str:
+        """A checkpoint path as Ray reports it (a filesystem path without scheme) as a location
+        users can pass on: the same path locally, a URI for an object store."""
+        if self.local is not None or is_uri(reported):
+            return reported
+        root = self.root.rstrip("/") + "/"
+        if reported.startswith(root):
+            return self.child(reported[len(root):])
+        scheme = self.uri.split("://", 1)[0]
+        return f"{scheme}://{reported}"
+
+    def require_run(self, option: str) -> None:
+        if not self.exists("run.json"):
+            raise ConfigError(f"{self.uri} is not a raycxr run (no run.json): pass {option} runs/NAME, or the "
+                              "URI the search printed when it used --storage (e.g. s3://bucket/raycxr/NAME)",
+                              source=option)
+
+
+def exists(location: str | os.PathLike) -> bool:
+    """Whether a path or URI exists."""
+    if not is_uri(location):
+        return Path(location).exists()
+    store = RunStore(location)
+    return store.exists()
+
+
+def local_copy(location: str | os.PathLike) -> Path:
+    """A folder on this disk holding ``location`` (a checkpoint folder, a path or a URI): the
+    folder itself when local, else a copy in the user's cache ($RAYCXR_CACHE, default
+    ~/.cache/raycxr), fetched again only when a file in it changed (a resumed trial may rewrite
+    an epoch's checkpoint)."""
+    location = str(location)
+    if not is_uri(location):
+        return Path(location)
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(location)
+    listing = sorted((i.path, i.size, i.mtime_ns) for i in fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))
+                     if i.type == pyarrow.fs.FileType.File)
+    if not listing:
+        raise FileNotFoundError(f"{location} is empty or missing")
+    key = hashlib.sha256(repr((location, listing)).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("RAYCXR_CACHE", Path.home() / ".cache" / "raycxr")).expanduser()
+    dest = cache / "runs" / key / Path(path).name
+    if not (dest.parent / ".complete").exists():
+        import shutil
+
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".fetch-"))
+        try:
+            for file, _, _ in listing:
+                target = tmp / dest.name / file[len(path):].lstrip("/")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with fs.open_input_stream(file) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+            shutil.rmtree(dest.parent, ignore_errors=True)  # a half-fetched copy from a process that died
+            dest.parent.mkdir(parents=True)
+            os.replace(tmp / dest.name, dest)
+            (dest.parent / ".complete").touch()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+

@@ -1,0 +1,137 @@
+"""Runs kept anywhere pyarrow reaches: a real S3 API on localhost (moto's server), not a stand-in
+for raycxr's code. A search with --storage s3://... is stopped, resumed, listed, promoted and
+its model evaluated, and nothing of the run lands on the local disk."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from raycxr.errors import ConfigError
+from raycxr.storage import RunStore, local_copy
+
+RAYCXR = [sys.executable, "-m", "raycxr.cli"]
+
+
+def _listing(uri: str) -> list[str]:
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(uri)
+    return sorted(i.path[len(root) + 1:] for i in fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True,
+                                                                                           allow_not_found=True)))
+
+
+def test_run_store_on_s3_claims_reads_writes_and_fetches(s3_server):
+    store = RunStore("s3://raycxr/unit/run-a")
+    assert not store.exists("run.json")
+    assert store.claim("run.json", '{"name": "run-a"}\n')
+    assert not store.claim("run.json", '{"name": "other"}\n')  # taken: the first claim stays
+    assert json.loads(store.read_text("run.json")) == {"name": "run-a"}
+    store.append_line("holdout_reads.jsonl", '{"n": 1}')
+    store.append_line("holdout_reads.jsonl", '{"n": 2}')
+    assert store.read_text("holdout_reads.jsonl").splitlines() == ['{"n": 1}', '{"n": 2}']
+    # a checkpoint folder is fetched to the local cache, and fetched again when it changes
+    store.write_text("trials/t1/epoch_001/trial.json", '{"v": 1}')
+    first = local_copy(store.child("trials/t1/epoch_001"))
+    assert json.loads((first / "trial.json").read_text()) == {"v": 1} and first.name == "epoch_001"
+    assert local_copy(store.child("trials/t1/epoch_001")) == first  # unchanged: the same copy
+    store.write_text("trials/t1/epoch_001/trial.json", '{"v": 22}')
+    again = local_copy(store.child("trials/t1/epoch_001"))
+    assert json.loads((again / "trial.json").read_text()) == {"v": 22}
+    store.delete("run.json")
+    assert not store.exists("run.json")
+
+
+def test_a_run_uri_that_is_no_run_says_what_to_pass(s3_server):
+    with pytest.raises(ConfigError, match="no run.json.*s3://bucket/raycxr/NAME"):
+        RunStore("s3://raycxr/nothing-here").require_run("--run")
+
+
+def _wait_for(predicate, timeout: float, what: str, proc):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"search exited ({proc.returncode}) before {what}")
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_search_on_s3_stops_resumes_lists_promotes_and_evaluates(s3_server, dataset, tmp_path):
+    import ray
+
+    if ray.is_initialized():  # the searches below own their Rays; the session's would only crowd the cores
+        ray.shutdown()
+    space = tmp_path / "space.yaml"
+    space.write_text("trials: 2\nmax_epochs: 3\nseed: 2\n"
+                     "params: {model: test_resnet, image_size: 32, lr: {loguniform: [1.0e-3, 1.0e-2]}}\n")
+    run = "s3://raycxr/runs/s3run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env["PYTHONUNBUFFERED"] = "1"
+    work = tmp_path / "cwd"  # every command runs here: nothing of the run may land in it
+    work.mkdir()
+
+    def raycxr(args, n):
+        return subprocess.Popen([*RAYCXR, *args], cwd=work, env=env, stdout=open(tmp_path / f"{n}.log", "w"),
+                                stderr=subprocess.STDOUT)
+
+    def log(n):
+        return (tmp_path / f"{n}.log").read_text()[-4000:]
+
+    search = raycxr(["search", "--data", str(dataset), "--space", str(space), "--name", "s3run", "--storage",
+                     "s3://raycxr/runs", "--num-cpus", "2", "--searcher", "random", "--no-early-stopping"], "search")
+    _wait_for(lambda: any(p.endswith("epoch_001/model.safetensors") for p in _listing(run + "/trials")), 300,
+              "a first checkpoint in S3", search)
+    search.send_signal(signal.SIGINT)  # Ctrl+C: Tune saves its state and stops
+    assert search.wait(timeout=180) == 0, log("search")
+    assert "raycxr search --resume s3://raycxr/runs/s3run" in log("search"), log("search")
+
+    resumed = raycxr(["search", "--resume", run, "--num-cpus", "2"], "resume")
+    assert resumed.wait(timeout=400) == 0, log("resume")
+
+    status = subprocess.run([*RAYCXR, "status", run], cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+    lines = [ln for ln in status.stdout.splitlines() if ln.strip()]
+    assert lines[0].split()[:3] == ["rank", "trial_id", "val_auc"] and len(lines) == 3, status.stdout
+    board = list(csv.DictReader(io.StringIO(RunStore(run).read_text("leaderboard.csv"))))
+    assert len(board) == 2 and all(r["status"] == "ok" and r["epochs"] == "3" for r in board), board
+    assert all(r["checkpoint"].startswith(run + "/trials/") for r in board), board
+
+    out = tmp_path / "model"
+    laptop = tmp_path / "laptop-copy"  # the dataset where promote runs, not where the search read it
+    shutil.copytree(dataset, laptop)
+    promote = subprocess.run([*RAYCXR, "promote", "--run", run, "--data", str(laptop), "--out", str(out), "--bootstrap", "100", "--tta", "off"],
+                             cwd=work,
+                             env=env, capture_output=True, text=True, timeout=400)
+    assert promote.returncode == 0, promote.stdout[-3000:] + promote.stderr[-3000:]
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["run"] == "s3run" and card["members"][0]["trial_id"] in {r["trial_id"] for r in board}
+    assert card["data"]["dir"] == str(laptop)
+    assert (out / "report.html").stat().st_size > 10_000  # the learning curves came from S3 too
+    reads = RunStore(run).read_text("holdout_reads.jsonl").splitlines()
+    assert len(reads) == 1 and json.loads(reads[0])["out"] == str(out.resolve())
+
+    evaluate = subprocess.run([*RAYCXR, "evaluate", "--model", str(out), "--data", str(dataset), "--split", "val",
+                               "--bootstrap", "50"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    evaluated = json.loads(next(out.glob("evaluations/*-val.json")).read_text())["metrics"]["pooled"]
+    # the promoted model, scored on validation again, gives what promote measured there
+    assert evaluated["auc"] == pytest.approx(card["validation"]["auc"], abs=1e-6)
+    assert evaluated["n"] == card["validation"]["n"]
+
+    stored = _listing(run)
+    assert {"run.json", "leaderboard.csv", "holdout_reads.jsonl"} <= set(stored), stored
+    assert sum(p.startswith("tune/trial_") and p.endswith("/result.json") for p in stored) == 2
+    assert list(work.iterdir()) == []  # no runs/ folder on the local disk
