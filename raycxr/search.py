@@ -92,8 +92,12 @@ def init_ray(*, address: str | None, num_cpus: int | None = None):
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False
-    # Fail fast rather than wait forever when workers cannot be placed (see docs/notes on Ray 2.60).
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
+    # Fail rather than wait forever when workers cannot be placed (see docs/notes on Ray 2.60): soon
+    # on this machine; on a joined cluster only after a cloud node has had time to boot for them.
+    # Read by Ray Train's controller, so it travels in the job's environment (below), not only here.
+    start_timeout = os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600" if address else "120")
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = start_timeout
+    job_env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": start_timeout}
     # Save Tune's experiment state every 2 s (default: every 10 s or more), so a killed driver
     # loses at most that much bookkeeping; a finished trial restarted by --resume finds its last
     # checkpoint at the final epoch and trains nothing.
@@ -102,7 +106,7 @@ def init_ray(*, address: str | None, num_cpus: int | None = None):
         return ray.get_runtime_context()
     kwargs: dict[str, Any] = {"log_to_driver": True, "logging_level": logging.WARNING}
     if address:
-        ctx = _join(address, kwargs)
+        ctx = _join(address, kwargs, job_env)
     else:
         # "local": a new Ray of our own, never a cluster that /tmp/ray/ray_current_cluster still
         # names after it crashed (ray.init would wait for that dead cluster forever). The dashboard
@@ -112,10 +116,33 @@ def init_ray(*, address: str | None, num_cpus: int | None = None):
         port = _free_port()
         api = f"http://127.0.0.1:{port}"
         ctx = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                       dashboard_port=port, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}}, **kwargs)
+                       dashboard_port=port, runtime_env={"env_vars": {**job_env, "RAY_API_SERVER_ADDRESS": api}}, **kwargs)
+    if address:
+        _pin_data_singletons()
     if getattr(ctx, "dashboard_url", None):
         print(f"Ray dashboard: http://{ctx.dashboard_url}")
     return ctx
+
+
+def _pin_data_singletons() -> None:
+    """Create Ray Data's two detached singleton actors (its stats actor and autoscaling
+    coordinator) on this driver's node (the head, for a job) before any trial does.
+
+    Ray Data pins each to the node of whichever process first asks for it; left to a trial's
+    dataset coordinator on a worker, they keep that worker busy for ever, and the autoscaler never
+    removes it (a GPU node billed after the search ends). Ray-internal calls: if they move, the
+    search still runs, only the pinning is lost.
+    """
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator)
+        from ray.data._internal.stats import get_or_create_stats_actor
+
+        get_or_create_stats_actor()
+        get_or_create_autoscaling_coordinator()
+    except Exception as exc:
+        log.warning("could not place Ray Data's coordinators on this node (%s): an autoscaler may keep the worker "
+                    "that holds them", exc)
 
 
 def _free_port() -> int:
@@ -134,7 +161,7 @@ def _token_available() -> bool:
     return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser().is_file()
 
 
-def _join(address: str, kwargs: dict):
+def _join(address: str, kwargs: dict, job_env: dict):
     """ray.init on an existing cluster, with token authentication the way Ray documents it.
 
     A head started with ``ray start --head`` where a token exists enforces token auth, but Ray's
@@ -156,9 +183,9 @@ def _join(address: str, kwargs: dict):
         log.info("sending this user's Ray auth token to %s (RAY_AUTH_MODE=token)", address)
     # A Ray Client address (ray://) is not what processes inside the cluster connect to; the
     # cluster's own nodes run only that cluster, so there is nothing to pin there.
-    env = {} if "://" in address or address == "auto" else {"RAY_ADDRESS": address}
+    env = dict(job_env) if "://" in address or address == "auto" else {**job_env, "RAY_ADDRESS": address}
     try:
-        return ray.init(address=address, runtime_env={"env_vars": env} if env else None, **kwargs)
+        return ray.init(address=address, runtime_env={"env_vars": env}, **kwargs)
     except Exception as exc:  # Ray raises ConnectionError, RuntimeError or its own AuthenticationError
         text = str(exc)
         if "auth" in text.lower() or "token" in text.lower() or os.environ.get("RAY_AUTH_MODE") == "token":
@@ -268,11 +295,14 @@ def _check_weights(space: SearchSpace) -> list[str]:
 
 
 def _cluster_capacity() -> dict:
-    """What the cluster has, has free, and can grow to: {"total", "free", "ceiling", "node_cpus"}.
+    """What the cluster has, has free, and can grow to: {"total", "free", "ceiling", "node_cpus",
+    "autoscaler"}.
 
     ``ceiling`` is the autoscaler's maximum (its node types times their max workers, Ray's own
-    reading of the cluster config that Ray Data's autoscaler uses too), or None without an
-    autoscaler. ``node_cpus`` is the most CPUs any one node has or can have.
+    reading of the cluster config that Ray Data's autoscaler uses too), or None when unknown.
+    Autoscaler v2 publishes that config; v1 (the cluster launcher's default in Ray 2.60) does
+    not, and only its status says it runs: then ``autoscaler`` is True and ``ceiling`` None.
+    ``node_cpus`` is the most CPUs any one node has or can have (as far as is known).
     """
     import ray
 
@@ -289,7 +319,21 @@ def _cluster_capacity() -> dict:
                                            if g.max_count != 0])
     except Exception as exc:  # an older or stripped Ray without the autoscaler's config: plan from what is up
         log.info("no autoscaler config readable (%s); planning from the nodes up now", exc)
-    return {"total": dict(total), "free": dict(free), "ceiling": ceiling, "node_cpus": float(node_cpus)}
+    autoscaler = ceiling is not None
+    if not autoscaler:
+        try:
+            from ray._private import ray_constants
+            from ray.experimental.internal_kv import _internal_kv_get
+
+            status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+            # A head started without --autoscaling-config runs a read-only autoscaler that names
+            # each node's type after the node ("node_<id>"); a launched cluster's types are its own.
+            mapping = (json.loads(status).get("autoscaler_report") or {}).get("node_type_mapping") or {}
+            autoscaler = any(kind != f"node_{node}" for node, kind in mapping.items())
+        except Exception as exc:
+            log.info("could not ask whether an autoscaler runs (%s)", exc)
+    return {"total": dict(total), "free": dict(free), "ceiling": ceiling, "node_cpus": float(node_cpus),
+            "autoscaler": autoscaler}
 
 
 def plan_resources(space: SearchSpace, *, trials: int, capacity: dict) -> dict:
@@ -297,48 +341,56 @@ def plan_resources(space: SearchSpace, *, trials: int, capacity: dict) -> dict:
     ConfigError saying why a trial can never fit.
 
     Concurrency is sized to what is free now, or, on an autoscaling cluster, to what it can grow
-    to (pending trials are what make the autoscaler add nodes). A trial is refused only when it
-    could never fit: more CPUs or GPUs than the cluster has or can ever have, or a worker larger
-    than any node.
+    to (pending trials are what make the autoscaler add nodes); when an autoscaler runs but does not
+    say its maximum (v1), every trial is queued and the autoscaler adds what it may. A trial is
+    refused only when it could never fit: more CPUs or GPUs than the cluster has or can ever have,
+    or a worker larger than any node.
     """
     total, free, ceiling = capacity["total"], capacity["free"], capacity["ceiling"]
-
-    def most(key):  # the most of a resource the cluster has or can have
-        return max(total.get(key, 0.0), (ceiling or {}).get(key, 0.0))
-
-    cpus, gpus = most("CPU"), most("GPU")
     gpw = space.gpus_per_worker
-    if gpw and not gpus:
-        log.warning("the space asks for %s GPU per worker but the cluster has none and cannot add any: training "
-                    "on CPU", gpw)
-        gpw = 0.0
     per_trial_cpu = space.workers_per_trial * space.cpus_per_worker
-    if per_trial_cpu > cpus:
-        grow = f" and can grow to {ceiling.get('CPU', 0):g}" if ceiling else ""
-        raise ConfigError(
-            f"a trial needs {per_trial_cpu:g} CPUs (workers_per_trial {space.workers_per_trial} x cpus_per_worker "
-            f"{space.cpus_per_worker:g}) but the Ray cluster has {total.get('CPU', 0):g}{grow}: lower resources in "
-            "the space, or add nodes", source="resources")
-    if space.cpus_per_worker > capacity["node_cpus"] > 0:
-        raise ConfigError(f"a worker needs {space.cpus_per_worker:g} CPUs but no node has or can have more than "
-                          f"{capacity['node_cpus']:g}: lower cpus_per_worker", source="resources")
-    if gpw and space.workers_per_trial * gpw > gpus:
-        raise ConfigError(f"a trial needs {space.workers_per_trial * gpw:g} GPUs but the cluster has {gpus:g}",
-                          source="resources")
-    # what this search may count on: all it can grow to when autoscaling, else what is free now
-    # (another search on the same cluster holds the rest)
-    room = ceiling if ceiling else free
-    concurrent = int(room.get("CPU", 0.0) // per_trial_cpu)
-    if gpw:
-        concurrent = min(concurrent, int(room.get("GPU", 0.0) // (space.workers_per_trial * gpw)))
-    if concurrent < 1:
-        log.warning("the cluster has no room free for a trial now (%s CPUs free): trials will wait for it",
-                    room.get("CPU", 0.0))
+    if capacity.get("autoscaler") and ceiling is None:
+        # Nothing to refuse against: a trial that no node type can hold waits until Ray Train's
+        # worker-group start timeout (10 minutes on a joined cluster) and then fails with the reason.
+        log.warning("an autoscaler runs but does not publish its node types (autoscaler v1): queueing all %d "
+                    "trials; it adds nodes up to its max_workers and the rest wait", trials)
+        concurrent = trials
+    else:
+        def most(key):  # the most of a resource the cluster has or can have
+            return max(total.get(key, 0.0), (ceiling or {}).get(key, 0.0))
+
+        cpus, gpus = most("CPU"), most("GPU")
+        if gpw and not gpus:
+            log.warning("the space asks for %s GPU per worker but the cluster has none and cannot add any: "
+                        "training on CPU", gpw)
+            gpw = 0.0
+        if per_trial_cpu > cpus:
+            grow = f" and can grow to {ceiling.get('CPU', 0):g}" if ceiling else ""
+            raise ConfigError(
+                f"a trial needs {per_trial_cpu:g} CPUs (workers_per_trial {space.workers_per_trial} x "
+                f"cpus_per_worker {space.cpus_per_worker:g}) but the Ray cluster has {total.get('CPU', 0):g}{grow}: "
+                "lower resources in the space, or add nodes", source="resources")
+        if space.cpus_per_worker > capacity["node_cpus"] > 0:
+            raise ConfigError(f"a worker needs {space.cpus_per_worker:g} CPUs but no node has or can have more than "
+                              f"{capacity['node_cpus']:g}: lower cpus_per_worker", source="resources")
+        if gpw and space.workers_per_trial * gpw > gpus:
+            raise ConfigError(f"a trial needs {space.workers_per_trial * gpw:g} GPUs but the cluster has {gpus:g}",
+                              source="resources")
+        # what this search may count on: all it can grow to when autoscaling, else what is free now
+        # (another search on the same cluster holds the rest)
+        room = ceiling if ceiling else free
+        concurrent = int(room.get("CPU", 0.0) // per_trial_cpu)
+        if gpw:
+            concurrent = min(concurrent, int(room.get("GPU", 0.0) // (space.workers_per_trial * gpw)))
+        if concurrent < 1:
+            log.warning("the cluster has no room free for a trial now (%s CPUs free): trials will wait for it",
+                        room.get("CPU", 0.0))
     return {"workers": space.workers_per_trial, "cpus_per_worker": space.cpus_per_worker,
             "worker_cpu_request": space.cpus_per_worker - _WORKER_CPU_SLACK,
             "gpus_per_worker": gpw, "concurrent": max(1, min(concurrent, trials)),
             "cluster_cpus": total.get("CPU", 0.0), "cluster_gpus": total.get("GPU", 0.0),
-            "free_cpus": free.get("CPU", 0.0), "autoscaler_max": ceiling}
+            "free_cpus": free.get("CPU", 0.0), "autoscaler_max": ceiling,
+            "autoscaler": bool(capacity.get("autoscaler"))}
 
 
 def _plan_resources(space: SearchSpace, *, trials: int) -> dict:
