@@ -38,12 +38,16 @@ def _ingest(args) -> int:
                             resize=args.resize, val_fraction=args.val_fraction,
                             holdout_fraction=args.holdout_fraction, seed=args.seed, workers=args.workers,
                             views=args.views, near_duplicate_bits=args.near_duplicate_bits,
+                            twin_similarity=args.twin_similarity,
                             allow_empty_splits=args.allow_empty_splits,
                             source_options=options))
     print(f"Ingested {s.files_in} files -> {s.rows_written} rows written + {s.quarantined} quarantined "
           f"(files in = rows + quarantined: {s.files_in == s.rows_written + s.quarantined})")
     for split, c in s.counts.items():
         print(f"  {split:8s} {c['images']:6d} images, {c['patients']:5d} patients, by label {c['by_label']}")
+    if s.cross_source_twins:
+        pairs = ", ".join(f"{k} {v}" for k, v in s.twins_by_source_pair.items())
+        print(f"  {s.cross_source_twins} twin pairs across sources ({pairs}): each pair shares a split")
     if s.exact_duplicates or s.near_duplicate_pairs:
         print(f"  {s.exact_duplicates} byte-identical copies and {s.near_duplicate_pairs} near-duplicate pairs; "
               f"{s.merged_duplicate_groups} patient groups merged so that copies share a split")
@@ -181,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frontal keeps PA/AP (and unknown) views; laterals are listed in quarantine.csv")
     i.add_argument("--near-duplicate-bits", type=int, default=6,
                    help="images whose 256-bit dHash differs in at most this many bits share a split (-1: off)")
+    i.add_argument("--twin-similarity", type=float, default=0.97, metavar="COS",
+                   help="pooled sources: images of two sources whose centre thumbnails (16x16, any crop that undoes a "
+                        "squash) match at this cosine or more are one film and share a split (default 0.97; 0: off)")
     i.add_argument("--allow-empty-splits", action="store_true",
                    help="write the dataset even if train, val or holdout ends up empty (default: refuse, saying why)")
     i.add_argument("--list-quarantined", action="store_true",

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raycxr.data import SCHEMA, SCHEMA_VERSION, SPLITS
+from raycxr.dedup import TWIN_SIMILARITY
 from raycxr.errors import ConfigError, DataError, DecodeError
 from raycxr.imaging import RESIZE_POLICIES
 from raycxr.labels import FINDINGS, UNKNOWN, to_vector
@@ -54,6 +55,7 @@ class IngestConfig:
     salt: str | None = None  # default: $RAYCXR_SALT, else a random per-user secret
     views: str = "frontal"   # frontal: PA, AP and unknown views; all: laterals too
     near_duplicate_bits: int = 6  # dHash bits (of 256) within which two images count as one; -1: off
+    twin_similarity: float = TWIN_SIMILARITY  # thumbnail cosine at which images of two sources are one film; <=0 off
     source_options: dict[str, dict[str, str]] = field(default_factory=dict)
     allow_empty_splits: bool = False  # write a dataset whose train, val or holdout ends up empty (warns)
 
@@ -89,6 +91,8 @@ class IngestSummary:
     merged_duplicate_groups: int = 0
     exact_duplicates: int = 0
     near_duplicate_pairs: int = 0
+    cross_source_twins: int = 0
+    twins_by_source_pair: dict = field(default_factory=dict)
     fingerprint: str = ""
     out: Path = Path()
     # (source, path under the source root, reason): for the operator's console only, never written
@@ -123,12 +127,14 @@ def _pseudonym(salt: str, rec: Record) -> str:
     return salted_hash(salt, "path", rec.source, rec.rel_path) + (suffix if suffix in _KEPT_SUFFIXES else "")
 
 
-def _decode_one(args: tuple[str, int, str, str, bool]) -> tuple:
-    """Worker: read the file once, hash its bytes, decode, resize, dHash. Never raises."""
-    from raycxr.dedup import dhash
+def _decode_one(args: tuple[str, int, str, str, bool, bool]) -> tuple:
+    """Worker: read the file once, hash its bytes, decode, resize, dHash, twin views. Never raises.
+
+    Returns (content hash, pixels or None, original size, dHash, twin views, reason)."""
+    from raycxr.dedup import dhash, twin_views
     from raycxr.imaging import blank_reason, decode, resize
 
-    path, size, policy, fmt, want_hash = args
+    path, size, policy, fmt, want_hash, want_twins = args
     raw = None
     if fmt.startswith("npz:"):  # one image of an archive: hash the image, not the whole archive
         content_hash = ""
@@ -136,19 +142,20 @@ def _decode_one(args: tuple[str, int, str, str, bool]) -> tuple:
         try:
             raw = Path(path).read_bytes()
         except OSError as exc:
-            return "", None, (0, 0), None, f"cannot open file: {exc.strerror}"
+            return "", None, (0, 0), None, None, f"cannot open file: {exc.strerror}"
         content_hash = hashlib.sha256(raw).hexdigest()
     try:
         arr, original = decode(path, draft_size=size, fmt=fmt, data=raw)
         if blank := blank_reason(arr):
-            return content_hash, None, (0, 0), None, blank
+            return content_hash, None, (0, 0), None, None, blank
         content_hash = content_hash or hashlib.sha256(arr.tobytes()).hexdigest()
         small = resize(arr, size, policy=policy)
-        return content_hash, small.tobytes(), original, dhash(small) if want_hash else None, ""
+        return (content_hash, small.tobytes(), original, dhash(small) if want_hash else None,
+                twin_views(arr) if want_twins else None, "")
     except DecodeError as exc:
-        return content_hash, None, (0, 0), None, str(exc)
+        return content_hash, None, (0, 0), None, None, str(exc)
     except Exception as exc:  # an unexpected decoder failure must quarantine, not kill the run
-        return content_hash, None, (0, 0), None, f"decoder failed: {type(exc).__name__}: {exc}"
+        return content_hash, None, (0, 0), None, None, f"decoder failed: {type(exc).__name__}: {exc}"
 
 
 _DIED = "decoder process died on this file (out of memory, or a crash in a decoding library)"
@@ -162,7 +169,7 @@ def _decode_alone(job: tuple) -> tuple:
         with ProcessPoolExecutor(max_workers=1) as pool:
             return pool.submit(_decode_one, job).result()
     except BrokenProcessPool:
-        return "", None, (0, 0), None, _DIED
+        return "", None, (0, 0), None, None, _DIED
 
 
 def _decode_all(records: list[Record], cfg: IngestConfig) -> list[tuple]:
@@ -179,7 +186,8 @@ def _decode_all(records: list[Record], cfg: IngestConfig) -> list[tuple]:
 
     from tqdm import tqdm
 
-    jobs = [(str(r.path), cfg.image_size, cfg.resize, r.fmt, cfg.near_duplicate_bits >= 0) for r in records]
+    twins = cfg.twin_similarity > 0 and len(cfg.sources) > 1  # only a pool can hold another set's copies
+    jobs = [(str(r.path), cfg.image_size, cfg.resize, r.fmt, cfg.near_duplicate_bits >= 0, twins) for r in records]
     workers = cfg.workers or os.cpu_count() or 1
     bar = tqdm(total=len(jobs), desc="decode", unit="img", disable=None)
     results: dict[int, tuple] = {}
@@ -285,7 +293,8 @@ def _groups(kept: list[tuple], salt: str, cfg: IngestConfig) -> tuple[list[str],
 
     uf = _UnionFind()
     hashes, first_with_content = [], {}
-    stats = {"exact_duplicates": 0, "merged_duplicate_groups": 0, "near_duplicate_pairs": 0}
+    stats = {"exact_duplicates": 0, "merged_duplicate_groups": 0, "near_duplicate_pairs": 0,
+             "cross_source_twins": 0, "twins_by_source_pair": {}}
     for i, (rec, content_hash, *_rest) in enumerate(kept):
         ph = salted_hash(salt, rec.source, rec.patient_key)
         hashes.append(ph)
@@ -301,6 +310,17 @@ def _groups(kept: list[tuple], salt: str, cfg: IngestConfig) -> tuple[list[str],
             if kept[i][1] != kept[j][1]:  # exact copies are counted above
                 stats["near_duplicate_pairs"] += 1
                 stats["merged_duplicate_groups"] += uf.union(hashes[i], hashes[j])
+    if kept and kept[0][5] is not None:
+        from raycxr.dedup import cross_source_twins
+
+        pairs = Counter()
+        for i, j, _ in cross_source_twins([k[5] for k in kept], [k[0].source for k in kept],
+                                          min_similarity=cfg.twin_similarity):
+            if kept[i][1] != kept[j][1]:  # byte-identical copies are counted above
+                stats["cross_source_twins"] += 1
+                pairs["+".join(sorted((kept[i][0].source, kept[j][0].source)))] += 1
+                stats["merged_duplicate_groups"] += uf.union(hashes[i], hashes[j])
+        stats["twins_by_source_pair"] = dict(sorted(pairs.items()))
     return hashes, uf, stats
 
 
@@ -397,18 +417,18 @@ def ingest(cfg: IngestConfig) -> IngestSummary:
     records = _scan(cfg)
     to_decode, quarantine = _screen(records, cfg)
     kept = []
-    for rec, (content_hash, pixels, orig, dh, reason) in zip(to_decode, _decode_all(to_decode, cfg)):
+    for rec, (content_hash, pixels, orig, dh, twin, reason) in zip(to_decode, _decode_all(to_decode, cfg)):
         if pixels is None:
             quarantine.append({"source": rec.source, "record": rec, "reason": reason})
         else:
-            kept.append((rec, content_hash, pixels, orig, dh))
+            kept.append((rec, content_hash, pixels, orig, dh, twin))
     if problems := _unusable_sources(records, kept, quarantine):
         raise DataError("nothing usable from a source:\n  " + "\n  ".join(problems))
     hashes, uf, dup_stats = _groups(kept, salt, cfg)
     split_of = _split_of_groups(kept, hashes, uf, cfg)
 
     rows_by_split: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    for i, (rec, content_hash, pixels, orig, _) in enumerate(kept):
+    for i, (rec, content_hash, pixels, orig, *_) in enumerate(kept):
         split = split_of[uf.find(hashes[i])]
         rows_by_split[split].append({
             "image": pixels, "height": cfg.image_size, "width": cfg.image_size,
@@ -455,7 +475,8 @@ def _write_manifest(out: Path, cfg: IngestConfig, salt: str, records, kept, quar
     counts = {split: _counts(rows) for split, rows in rows_by_split.items()}
     params = {"image_size": cfg.image_size, "resize": cfg.resize, "val_fraction": cfg.val_fraction,
               "holdout_fraction": cfg.holdout_fraction, "seed": cfg.seed, "views": cfg.views,
-              "near_duplicate_bits": cfg.near_duplicate_bits, "source_options": cfg.source_options,
+              "near_duplicate_bits": cfg.near_duplicate_bits, "twin_similarity": cfg.twin_similarity,
+              "source_options": cfg.source_options,
               "salt_id": hashlib.sha256(salt.encode()).hexdigest()[:8]}
     fp = hashlib.sha256()
     for split in SPLITS:
@@ -472,7 +493,7 @@ def _write_manifest(out: Path, cfg: IngestConfig, salt: str, records, kept, quar
         "sources": {name: {"files": n} for name, n in sorted(Counter(r.source for r in records).items())},
         "files_in": summary.files_in, "rows_written": summary.rows_written, "quarantined": summary.quarantined,
         "quarantine_reasons": reasons, **dup_stats,
-        "split_level": "patient (groups merged across exact and near-duplicate images)",
+        "split_level": "patient (groups merged across exact and near-duplicate images, and twins across sources)",
         "findings": list(FINDINGS), "counts": counts,
         "schema": {f.name: f.metadata[b"doc"].decode() for f in SCHEMA},
     }

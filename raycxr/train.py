@@ -202,7 +202,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # last save never reached Tune, and this checkpoint (the one Ray Train kept) would then be
         # one Tune never heard of. The leaderboard keeps the last row of each epoch.
         if state.get("metrics"):
-            again = {**state["metrics"], "resumed_from_epoch": start_epoch}
+            again = {**state["metrics"], "resumed_from_epoch": start_epoch, "reported_again": True}
             if rank == 0:
                 again["checkpoint_path"] = ckpt.path
             ray.train.report(again)

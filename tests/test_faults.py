@@ -75,10 +75,12 @@ def _search(args: list[str], tmp_path: Path) -> subprocess.Popen:
 
 
 def _epochs_reported(run: Path) -> dict[str, list[int]]:
-    """Per Tune trial directory: the epochs its result.json holds, in order."""
+    """Per Tune trial directory: the epochs its result.json holds, in order. A resumed trial first
+    reports its checkpoint's epoch again (``reported_again``: bookkeeping, nothing trained): skipped."""
     out = {}
     for f in sorted((run / "tune").glob("trial_*/result.json")):
-        out[f.parent.name] = [json.loads(line)["epoch"] for line in f.read_text().splitlines() if line.strip()]
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        out[f.parent.name] = [r["epoch"] for r in rows if not r.get("reported_again")]
     return out
 
 

@@ -5,7 +5,9 @@ PATH is the ``.npz`` file (or a folder holding ``pneumoniamnist*.npz``) with ``t
 ``test_labels`` (label 1 = pneumonia).
 
 MedMNIST's own splits are honoured: ``val`` stays validation, ``test`` (if present) becomes the
-holdout; otherwise the holdout is carved from ``train``. **MedMNIST publishes no patient
+holdout; otherwise the holdout is carved from ``train``. ``--source-option pneumoniamnist.splits=ours``
+splits every image by raycxr's fractions instead (useful when pooling with Kermany: MedMNIST's val
+holds films of many Kermany patients, and twins follow their copy's split). **MedMNIST publishes no patient
 identity**, so each image is its own group: patient-disjointness cannot be guaranteed across
 these splits (byte-identical and near-duplicate images are still merged). Compare figures with
 that in mind.
@@ -33,8 +35,14 @@ def npz_file(root: Path) -> Path:
 
 
 @register("pneumoniamnist")
-def scan(root: Path, **_) -> Iterator[Record]:
+def scan(root: Path, *, splits: str = "own", **_) -> Iterator[Record]:
     import numpy as np
+
+    from raycxr.errors import ConfigError
+
+    if splits not in ("own", "ours"):
+        raise ConfigError(f"pneumoniamnist.splits={splits!r}; allowed: own (MedMNIST's), ours (raycxr's fractions)",
+                          source="--source-option")
 
     path = npz_file(root)
     with np.load(path) as npz:
@@ -45,4 +53,5 @@ def scan(root: Path, **_) -> Iterator[Record]:
             for i, label in enumerate(labels.tolist()):
                 yield Record(path=path, rel_path=f"{split}/{i:05d}", source="pneumoniamnist",
                              patient_key=f"{split}-{i}", labels={"pneumonia": int(label), "no_finding": 1 - int(label)},
-                             view="AP", fmt=f"npz:{split}_images:{i}", fixed_split=_FIXED.get(split))
+                             view="AP", fmt=f"npz:{split}_images:{i}",
+                             fixed_split=_FIXED.get(split) if splits == "own" else None)
