@@ -11,6 +11,8 @@ view, another body part, a small image). ``saliency_dir`` writes a Grad-CAM over
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +100,10 @@ def _write_saliency(model, x, target: int, images: np.ndarray, names: list[str],
         ax.imshow(img, cmap="gray")
         ax.imshow(heat, cmap="jet", alpha=0.35)
         ax.set_axis_off()
-        path = out_dir / f"{Path(name).stem}_saliency.png"
+        # Named by a hash of the input's full path, never its name: file names can carry patient IDs
+        # (NIH's, MIMIC's, a clinic's), and two inputs with one name in two folders must not collide.
+        # The output's saliency column maps each input to its overlay.
+        path = out_dir / f"{hashlib.sha256(str(Path(name).resolve()).encode()).hexdigest()[:16]}_saliency.png"
         fig.savefig(path, bbox_inches="tight")
         plt.close(fig)
         paths.append(str(path))

@@ -27,11 +27,29 @@ PHI_FILE_TOKEN = "PHIJANEDOE"
 PHI_VALUES = (PHI_NAME, "Planted", PHI_ID, PHI_BIRTH, PHI_ACCESSION, PHI_FILE_TOKEN)
 
 
+def _readable(f: Path) -> bytes:
+    """A file's content as a reader sees it: a Parquet file's decoded column values (its bytes are
+    zstd-compressed, where a byte search cannot fail), a gzip file's inflated bytes, else the bytes."""
+    if f.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(f)
+        return "\n".join(f"{name}={v!r}" for name in table.column_names if name != "image"
+                         for v in table.column(name).to_pylist()).encode()
+    data = f.read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        import gzip
+
+        return gzip.decompress(data)
+    return data
+
+
 def find_phi(folder: Path) -> list[str]:
-    """'file: value' for every planted PHI value found in any file under ``folder`` (bytes)."""
+    """'file: value' for every planted PHI value found in any file under ``folder``, read the way a
+    reader would (see _readable), and for every file whose name carries a planted ID."""
     hits = []
     for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-        data = f.read_bytes()
+        data = _readable(f)
         hits += [f"{f.relative_to(folder)}: {v}" for v in PHI_VALUES if v.encode() in data]
         if PHI_FILE_TOKEN in f.name or PHI_ID in f.name:
             hits.append(f"file name {f.relative_to(folder)}")
@@ -145,12 +163,33 @@ def build_openi(root: Path) -> Path:
     return root
 
 
+def lung_mask(arr: np.ndarray, side: str) -> np.ndarray:
+    """A binary lung-field mask the size of ``arr`` (one half lit), as the NLM sets ship them."""
+    mask = np.zeros_like(arr)
+    h, w = arr.shape
+    cols = slice(w // 8, w // 2 - w // 16) if side == "left" else slice(w // 2 + w // 16, w - w // 8)
+    mask[h // 6:h - h // 8, cols] = 255
+    return mask
+
+
 def build_tb(root: Path, prefix: str) -> Path:
+    """Montgomery (``MontgomerySet/``) or Shenzhen (``ChinaSet_AllFiles/``) as shipped: films in
+    ``CXR_png/``, ``ClinicalReadings/*.txt``, and lung masks: Montgomery's of the same names in
+    ``ManualMask/{left,right}Mask/``, Shenzhen's (published separately) as ``mask/*_mask.png``."""
     px = _pixels()
+    top = root / ("MontgomerySet" if prefix == "MCUCXR" else "ChinaSet_AllFiles")
     for i in range(1, 7):
-        _png(root / "CXR_png" / f"{prefix}_{i:04d}_{i % 2}.png", next(px))
-    (root / "ClinicalReadings").mkdir(parents=True, exist_ok=True)
-    (root / "ClinicalReadings" / f"{prefix}_0001_1.txt").write_text("Patient's Sex: F\nPatient's Age: 040Y\nTB\n")
+        name = f"{prefix}_{i:04d}_{i % 2}"
+        film = next(px)
+        _png(top / "CXR_png" / f"{name}.png", film)
+        (top / "ClinicalReadings").mkdir(parents=True, exist_ok=True)
+        (top / "ClinicalReadings" / f"{name}.txt").write_text(
+            f"Patient's Sex: {'FM'[i % 2]}\nPatient's Age: 0{30 + i}Y\n{'TB' if i % 2 else 'normal'}\n")
+        if prefix == "MCUCXR":
+            for side in ("left", "right"):
+                _png(top / "ManualMask" / f"{side}Mask" / f"{name}.png", lung_mask(film, side))
+        else:
+            _png(root / "mask" / f"{name}_mask.png", lung_mask(film, "left") | lung_mask(film, "right"))
     return root
 
 
@@ -160,11 +199,15 @@ def jsrt_raw(arr: np.ndarray) -> bytes:
     return (4095 - big.astype(np.uint16) * 16).astype(">u2").tobytes()
 
 
-def build_jsrt(root: Path) -> Path:
+def build_jsrt(root: Path, png: bool = False) -> Path:
+    """JSRT as shipped (headerless ``.IMG``), or as its common 8-bit PNG conversion."""
     px = _pixels()
     root.mkdir(parents=True, exist_ok=True)
-    for name in ("JPCLN001.IMG", "JPCLN002.IMG", "JPCNN001.IMG", "JPCNN002.IMG"):
-        (root / name).write_bytes(jsrt_raw(next(px)))
+    for name in ("JPCLN001", "JPCLN002", "JPCNN001", "JPCNN002"):
+        if png:
+            _png(root / f"{name}.png", next(px))
+        else:
+            (root / f"{name}.IMG").write_bytes(jsrt_raw(next(px)))
     return root
 
 

@@ -1,6 +1,7 @@
 """Every adapter pooled -> a search trained with masked labels -> promote; no PHI anywhere."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,5 +47,14 @@ def test_pooled_sources_search_and_promote_without_phi(ray_local, tmp_path):
     assert sum(m["n"] for m in per_source.values()) == card["holdout"]["pooled"]["n"]
     cfg = json.loads((model / "config.json").read_text())
     assert cfg["findings"] == list(FINDINGS) and cfg["target"] == "pneumonia"
-    for folder in (data, runs, model):
+    # predict on the KIT films, whose file names carry a planted name and ID: the overlays must not
+    saliency = tmp_path / "saliency"
+    kit_files = sorted((tmp_path / "src" / "kit" / "images").glob("*.png"))[:2]
+    assert main(["predict", "--model", str(model), "--saliency", str(saliency), *map(str, kit_files)]) == 0
+    assert len(list(saliency.glob("*.png"))) == 2
+    # Ray's own logs of this session too: trial output, worker logs, Ray Data's logs
+    import ray
+
+    ray_logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    for folder in (data, runs, model, saliency, ray_logs):
         assert find_phi(folder) == [], folder

@@ -149,3 +149,24 @@ def test_pneumoniamnist_npz_keeps_medmnist_splits(tmp_path, sample_dir):
     val = read_split(tmp_path / "o", "val")
     got = sorted(target_labels(val, "pneumonia").tolist())
     assert got == sorted(labels[20:, 0].tolist())
+
+
+@pytest.mark.parametrize("key", ["montgomery", "shenzhen"])
+def test_lung_masks_shipped_beside_the_films_are_never_read_as_films(fixtures, key):
+    """Montgomery ships ManualMask/{left,right}Mask/MCUCXR_*.png under the films' own names:
+    taken by name, the right-lung mask replaced every film."""
+    recs = list(scan_source(key, fixtures[key]))
+    assert len(recs) == 6 and all(r.path.parent.name == "CXR_png" for r in recs)
+    assert not any(r.error for r in recs)
+
+
+def test_jsrt_png_conversions_keep_the_labels_and_an_img_wins_over_its_png(tmp_path):
+    from tests.builders import build_jsrt
+
+    pngs = list(scan_source("jsrt", build_jsrt(tmp_path / "png", png=True)))
+    assert sorted((r.patient_key, r.labels["nodule"], r.fmt) for r in pngs) == [
+        ("JPCLN001", 1, ""), ("JPCLN002", 1, ""), ("JPCNN001", 0, ""), ("JPCNN002", 0, "")]
+    both = build_jsrt(tmp_path / "both")
+    build_jsrt(both / "png", png=True)
+    recs = list(scan_source("jsrt", both))
+    assert len(recs) == 4 and {r.fmt for r in recs} == {"jsrt"}

@@ -66,9 +66,11 @@ def scan_source(key: str, root: Path, **options) -> Iterator[Record]:
     return _ADAPTERS[key](root, **options)
 
 
-def find_files(root: Path, suffixes: set[str]) -> dict[str, Path]:
-    """File name -> path for every file under ``root`` with one of ``suffixes`` (lower case)."""
-    return {p.name: p for p in sorted(root.rglob("*")) if p.suffix.lower() in suffixes and p.is_file()}
+def find_files(root: Path, suffixes: set[str], *, skip=None) -> dict[str, Path]:
+    """File name -> path for every file under ``root`` with one of ``suffixes`` (lower case),
+    leaving out paths (relative to ``root``) for which ``skip`` says so."""
+    return {p.name: p for p in sorted(root.rglob("*")) if p.suffix.lower() in suffixes and p.is_file()
+            and not (skip and skip(p.relative_to(root)))}
 
 
 def table_path(root: Path, name: str) -> Path:
