@@ -126,9 +126,10 @@ def cross_source_twins(views: list[np.ndarray], sources: list[str], *,
     for source in sorted(set(sources)):
         mine = np.flatnonzero(src == source)
         others = np.flatnonzero(src[owner] != source)
+        theirs = bank[others].T  # gathered once per source, not once per block
         for start in range(0, len(mine), block):
             rows = mine[start:start + block]
-            sim = queries[rows] @ bank[others].T
+            sim = queries[rows] @ theirs
             for a, b in zip(*np.nonzero(sim >= min_similarity)):
                 i, j = int(rows[a]), int(owner[others[b]])
                 key = (min(i, j), max(i, j))

@@ -18,8 +18,7 @@ import pytest
 from raycxr.config import parse_space
 from raycxr.errors import ConfigError
 from raycxr.storage import RunStore
-
-RAYCXR = [sys.executable, "-m", "raycxr.cli"]
+from tests.test_faults import RAYCXR
 
 SPACE = {"params": {"model": "test_resnet", "lr": 0.01}}
 

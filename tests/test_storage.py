@@ -11,16 +11,14 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from raycxr.errors import ConfigError
 from raycxr.storage import RunStore, local_copy
+from tests.test_faults import RAYCXR, _wait_for
 
-RAYCXR = [sys.executable, "-m", "raycxr.cli"]
 
 
 def _listing(uri: str) -> list[str]:
@@ -55,17 +53,6 @@ def test_run_store_on_s3_claims_reads_writes_and_fetches(s3_server):
 def test_a_run_uri_that_is_no_run_says_what_to_pass(s3_server):
     with pytest.raises(ConfigError, match="no run.json.*s3://bucket/raycxr/NAME"):
         RunStore("s3://raycxr/nothing-here").require_run("--run")
-
-
-def _wait_for(predicate, timeout: float, what: str, proc):
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"search exited ({proc.returncode}) before {what}")
-        time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.slow
