@@ -99,8 +99,6 @@ def _read_dicom(path: Path) -> np.ndarray:
 
 
 def _dicom_pixels(ds) -> np.ndarray:
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
     if "PixelData" not in ds:
         raise DecodeError("DICOM has no pixel data")
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
@@ -117,11 +115,44 @@ def _dicom_pixels(ds) -> np.ndarray:
     except Exception as exc:
         raise DecodeError(f"DICOM pixel data could not be decoded (transfer syntax "
                           f"{ds.file_meta.get('TransferSyntaxUID', '?')}, {type(exc).__name__})") from exc
-    arr = apply_modality_lut(arr, ds)
-    arr = apply_voi_lut(arr.astype(np.float32) if arr.dtype == np.float64 else arr, ds, prefer_lut=True)
-    out = _to_uint8(arr)
+    del ds.PixelData  # the encoded bytes (as large as the array when uncompressed) are no longer needed
+    out = _luts_to_uint8(arr, ds)
     if photometric == "MONOCHROME1":  # MONOCHROME1: high values are dark; invert so air is black.
-        out = 255 - out
+        np.subtract(255, out, out=out)
+    return out
+
+
+_STRIP_PIXELS = 1 << 17  # pydicom's LUT functions work in float64: 1 MB per temporary per strip
+
+
+def _luts_to_uint8(arr: np.ndarray, ds) -> np.ndarray:
+    """pydicom's modality LUT then VOI LUT/window, scaled to 0..255 by the result's own range.
+
+    The LUTs are elementwise, so they run on strips of rows, twice (once for the range, once to
+    write uint8): a worker's peak stays near the stored array plus the uint8 result instead of
+    whole-image float64 copies (a windowed 4000x4000 12-bit film peaked at 34x its uint8 size).
+    """
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    def strips():
+        rows = max(1, _STRIP_PIXELS // max(1, arr.shape[1]))
+        for start in range(0, arr.shape[0], rows):
+            part = apply_modality_lut(arr[start:start + rows], ds)
+            yield start, apply_voi_lut(part, ds, prefer_lut=True)
+
+    lo, hi = np.inf, -np.inf
+    for _, values in strips():
+        lo, hi = min(lo, float(np.min(values))), max(hi, float(np.max(values)))
+    out = np.zeros(arr.shape, dtype=np.uint8)
+    if not hi > lo:  # constant (or empty): blank_reason quarantines it
+        return out
+    scale = 255.0 / (hi - lo)
+    for start, values in strips():
+        part = np.asarray(values, dtype=np.float32)
+        part -= lo
+        part *= scale
+        np.rint(part, out=part)
+        out[start:start + len(part)] = part
     return out
 
 

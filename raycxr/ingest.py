@@ -332,13 +332,14 @@ def _split_of_groups(kept, hashes, uf, cfg) -> dict[str, str]:
     pinned_by_source: dict[str, set] = defaultdict(set)  # which splits each source's own list fixes
     for g, ix in members.items():
         fixed = {kept[i][0].fixed_split for i in ix} - {None}
-        if fixed:  # an official test list wins for the whole group (patient-disjoint by design)
-            pinned[g] = "holdout" if "holdout" in fixed else sorted(fixed)[0]
-            for i in ix:
-                if kept[i][0].fixed_split:
-                    pinned_by_source[kept[i][0].source].add(kept[i][0].fixed_split)
+        for i in ix:
+            if kept[i][0].fixed_split:  # "train_val": this source's holdout is its official test list
+                pinned_by_source[kept[i][0].source].add(kept[i][0].fixed_split.replace("train_val", "holdout"))
+        if fixed - {"train_val"}:  # an official test list wins for the whole group (patient-disjoint by design)
+            pinned[g] = "holdout" if "holdout" in fixed else sorted(fixed - {"train_val"})[0]
             continue
-        source = kept[ix[0]][0].source
+        # A group holding a train_val-pinned image is split as that image's source (no holdout there).
+        source = next((kept[i][0].source for i in ix if kept[i][0].fixed_split), kept[ix[0]][0].source)
         pneumonia = max(kept[i][0].labels.get("pneumonia", UNKNOWN) for i in ix)
         free[source][g] = (len(ix), (source, pneumonia))
     # A source's official split replaces ours for that source only: its free groups go only to the

@@ -354,3 +354,26 @@ def test_a_decode_worker_killed_mid_ingest_costs_no_file(sample_dir, tmp_path, c
     assert killed, "no decode worker was seen to kill"
     assert "a decode worker died" in caplog.text  # the pool did break, and ingest recovered
     assert s.rows_written == 300 and s.quarantined == 0
+
+
+@pytest.mark.parametrize("lists", [("train_val_list.txt", "test_list.txt"), ("train_val_list.txt",)])
+def test_nih_official_lists_fix_nih_holdout_and_keep_train_val_out_of_it(sample_dir, tmp_path, lists):
+    """Images of train_val_list.txt are never held out, even with a large holdout fraction; with
+    train_val_list.txt alone, every image it does not list is official test, so held out."""
+    import hashlib
+
+    nih = build_nih(tmp_path / "nih")
+    for f in {"train_val_list.txt", "test_list.txt"} - set(lists):
+        (nih / f).unlink()
+    train_val = set((nih / "train_val_list.txt").read_text().split())
+    digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in nih.rglob("*.png")}
+    assert train_val <= set(digest) and set(digest) - train_val
+    # NIH alone: the fixture's films are copies of the bundled Kermany films, and pooled with them a
+    # Kermany patient twinned with both an official test and a train_val image rightly goes to holdout.
+    s = ingest(IngestConfig(sources={"nih": nih}, out=tmp_path / "o", image_size=32, workers=1,
+                            holdout_fraction=0.5, val_fraction=0.3, allow_empty_splits=True))
+    got = {split: set(read_split(s.out, split, columns=["content_hash"]).column("content_hash").to_pylist())
+           for split in SPLITS}
+    assert not {digest[n] for n in train_val} & got["holdout"]
+    assert {digest[n] for n in train_val} <= got["train"] | got["val"]
+    assert {digest[n] for n in set(digest) - train_val} <= got["holdout"]

@@ -46,7 +46,7 @@ def test_nih_labels_identity_views_and_official_split(fixtures):
     nf = recs["00000002_000.png"].labels
     assert nf["no_finding"] == 1 and nf["pneumonia"] == 0 and "tuberculosis" not in nf
     assert {recs[n].patient_key for n in recs if n.startswith("00000003_")} == {"3"}
-    assert recs["00000003_000.png"].fixed_split == "holdout" and recs["00000001_000.png"].fixed_split is None
+    assert recs["00000003_000.png"].fixed_split == "holdout" and recs["00000001_000.png"].fixed_split == "train_val"
 
 
 def test_rsna_collapses_boxes_and_reads_view_from_dicom(fixtures):

@@ -26,7 +26,8 @@ class Record:
     out is unknown. ``label_detail`` keeps the source's finer class (Kermany: ``normal``,
     ``bacteria`` or ``virus``). ``view`` is ``PA``, ``AP``, ``FRONTAL`` (PA or AP, unstated), ``LATERAL`` or ``""``.
     ``fmt`` names a special pixel format (``jsrt`` raw files). ``fixed_split`` pins an official
-    split (NIH's ``test_list.txt`` -> ``holdout``).
+    split (NIH's ``test_list.txt`` -> ``holdout``); ``train_val`` keeps an image out of the holdout
+    (train or val by the fractions asked for), and fixes that source's holdout to its pinned images.
     """
 
     path: Path
