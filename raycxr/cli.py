@@ -132,7 +132,7 @@ def _print_metrics(m: dict) -> None:
 
 
 def _evaluate(args) -> int:
-    from raycxr.promote import evaluate_model
+    from raycxr.evaluate import evaluate_model
 
     r = evaluate_model(args.model, args.data, split=args.split, n_boot=args.bootstrap)
     pooled = r["metrics"]["pooled"]
@@ -284,12 +284,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _ConsoleFormat(logging.Formatter):
+    """raycxr's own progress as plain lines; warnings and errors say so."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
+def _setup_logging(verbose: bool) -> None:
+    """The library logs; the console shows raycxr's INFO and up (DEBUG with -v), other libraries'
+    warnings (INFO with -v)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_ConsoleFormat("%(name)s: %(message)s" if verbose else "%(message)s"))
+    own = logging.getLogger("raycxr")
+    own.handlers[:] = [handler]
+    own.setLevel(logging.DEBUG if verbose else logging.INFO)
+    own.propagate = False
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
 def main(argv: list[str] | None = None) -> int:
     from raycxr.errors import RaycxrError
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    _setup_logging(args.verbose)
     try:
         return args.fn(args)
     except RaycxrError as exc:

@@ -16,6 +16,7 @@ image is decoded during training and a batch goes to the device as uint8.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -126,3 +127,25 @@ def decode_images(batch: dict) -> np.ndarray:
     h, w = int(heights[0]), int(widths[0])
     flat = np.frombuffer(b"".join(bytes(b) for b in batch["image"]), dtype=np.uint8)
     return flat.reshape(len(heights), 1, h, w)
+
+
+@dataclass(frozen=True)
+class SplitArrays:
+    """One split's rows where the target finding is known: pixels as stored, labels, patients, sources."""
+
+    images: np.ndarray   # uint8 (N, 1, S, S)
+    y: np.ndarray        # 0/1
+    groups: np.ndarray   # patient hashes
+    sources: np.ndarray
+
+
+def split_arrays(data_dir: str | Path, split: str, target: str) -> SplitArrays:
+    """A split read whole into memory (promote and evaluate score every row of it)."""
+    table = read_split(data_dir, split, columns=["image", "height", "width", "labels", "source", "patient_hash"])
+    labels = target_labels(table, target)
+    table = table.filter(pa.array(labels >= 0))
+    images = (decode_images(table.select(["image", "height", "width"]).to_pydict()) if table.num_rows
+              else np.zeros((0, 1, 1, 1), np.uint8))
+    return SplitArrays(images, labels[labels >= 0].astype(int),
+                       table.column("patient_hash").to_numpy(zero_copy_only=False),
+                       table.column("source").to_numpy(zero_copy_only=False))

@@ -24,3 +24,7 @@ class DecodeError(DataError):
 
 class NoEligibleTrialError(RaycxrError):
     """A search finished without any trial that reported a validation metric."""
+
+
+class ExportError(RaycxrError):
+    """An exported graph (TorchScript, ONNX) does not reproduce the eager model."""

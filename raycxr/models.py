@@ -3,18 +3,21 @@
 A registry in timm's style: a dict and three functions. The allow-list keeps search spaces to
 architectures we have checked train and export (TorchScript, ONNX) with one greyscale channel.
 Also here: where pretrained weights come from (:func:`create_model`'s ``pretrained`` spec),
-rebuilding a checkpoint or promoted model (one model or an ensemble) from safetensors, the one
-function that turns uint8 pixels into logits (:func:`predict_logits`), and the CPU latency of a
-model's ONNX export (:func:`onnx_cpu_latency_ms`), which the search and promote weigh against AUC.
+the typed records that rebuild a network (:class:`ModelSpec`, in checkpoints and promoted models)
+and a promoted model's validated ``config.json`` (:class:`PromotedModel`), and the CPU latency of
+a model's ONNX export (:func:`onnx_cpu_latency_ms`), which the search and promote weigh against AUC.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 
 from raycxr.errors import ConfigError
 
@@ -72,7 +75,7 @@ def min_image_size(name: str) -> int:
 
 def _check(name: str) -> None:
     if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; use one of: {', '.join(_MODELS)}")
+        raise ConfigError(f"unknown model {name!r}; use one of: {', '.join(_MODELS)}", source="model")
 
 
 def create_model(name: str, *, pretrained: str | bool = "none", weights_dir: str | Path | None = None,
@@ -127,59 +130,289 @@ def input_stats(model: "torch.nn.Module") -> tuple[float, float]:
     return float(sum(mean) / len(mean)), float(sum(std) / len(std))
 
 
-def load_model(directory: str | Path, meta: dict) -> "torch.nn.Module":
-    """Rebuild the model ``meta`` describes and load ``directory/model.safetensors`` (no pickle), in eval mode.
+# --- Typed hand-offs -------------------------------------------------------------------------
+# A checkpoint's trial.json and a promoted model's config.json are read and written only by the
+# dataclasses below. ``load()`` validates every field before anything is allocated from it: a
+# folder is data someone else may have edited, copied or crafted.
 
-    ``meta`` is a checkpoint's ``trial.json`` or a promoted ``config.json``. When it lists
-    ``members``, the model is a :class:`raycxr.transforms.Ensemble` of them. When ``meta["tta"]``
-    is true (promote chose test-time augmentation on validation), the model comes wrapped in
-    :class:`raycxr.transforms.TestTimeAugment`.
+SCHEMA_VERSION = 2
+_SIZE_RANGE = (16, 1024)  # px: what ingest stores and what a search space may ask for
+_RESIZE_POLICIES = ("pad", "squash")  # raycxr.imaging.RESIZE_POLICIES (not imported: no PIL for a spec)
+
+
+class _Fields:
+    """Reads one JSON mapping field by field, gathering every problem (named by its path)."""
+
+    def __init__(self, data, where: str, problems: list[str]):
+        self.where, self.problems = where, problems
+        self.data = data if isinstance(data, dict) else {}
+        if not isinstance(data, dict):
+            problems.append(f"{where or 'the file'}: must be a JSON object, got {type(data).__name__}")
+
+    def _bad(self, key: str, what: str):
+        self.problems.append(f"{self.where}{key}: {what}")
+
+    def get(self, key: str, kind: type, *, default=..., check=None):
+        if key not in self.data:
+            if default is ...:
+                self._bad(key, "missing")
+            return None if default is ... else default
+        v = self.data[key]
+        ok = (isinstance(v, (int, float)) and not isinstance(v, bool) if kind is float else
+              isinstance(v, int) and not isinstance(v, bool) if kind is int else isinstance(v, kind))
+        if not ok:
+            self._bad(key, f"{v!r:.60} is not {_KIND_NAMES.get(kind, kind.__name__)}")
+            return None
+        if kind is float and not math.isfinite(v):
+            self._bad(key, f"{v!r} is not a finite number")
+            return None
+        if check is not None and (msg := check(v)) is not None:
+            self._bad(key, f"{v!r:.60} {msg}")
+            return None
+        return float(v) if kind is float else v
+
+    def child(self, key: str) -> "_Fields":
+        if key not in self.data:
+            self._bad(key, "missing")
+            return _Fields({}, f"{self.where}{key}.", [])  # its own fields are not listed again
+        return _Fields(self.data[key], f"{self.where}{key}.", self.problems)
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list",
+               dict: "an object"}
+
+
+def _size(v):
+    return None if _SIZE_RANGE[0] <= v <= _SIZE_RANGE[1] else f"is outside {_SIZE_RANGE[0]}..{_SIZE_RANGE[1]} px"
+
+
+def _architecture(v):
+    return None if v in _MODELS else f"is not an allow-listed architecture ({', '.join(_MODELS)})"
+
+
+def _std(v):
+    return None if v > 0 else "must be > 0"
+
+
+def _unit(v):
+    return None if 0 < v < 1 else "must be in (0, 1)"
+
+
+def _drop(v):
+    return None if 0 <= v < 1 else "must be in [0, 1)"
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """One network of a model: its architecture and the input it was trained on."""
+
+    architecture: str
+    image_size: int
+    mean: float
+    std: float
+    drop_rate: float = 0.0
+    pretrained: str = "none"
+    trial_id: str = ""
+
+    @classmethod
+    def read(cls, f: "_Fields") -> "MemberSpec":
+        return cls(architecture=f.get("architecture", str, check=_architecture),
+                   image_size=f.get("image_size", int, check=_size), mean=f.get("mean", float),
+                   std=f.get("std", float, check=_std), drop_rate=f.get("drop_rate", float, default=0.0, check=_drop),
+                   pretrained=f.get("pretrained", str, default="none"), trial_id=f.get("trial_id", str, default=""))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What rebuilds a network and feeds it: one trial's network, or a mean-logit ensemble of several.
+
+    The network sees the stored image (``stored_size`` px, ingest's ``resize`` policy) resized to
+    ``image_size`` and normalised by ``mean``/``std`` (:func:`raycxr.transforms.to_model_input`);
+    an ensemble takes the stored image as pixels/255 and each member does its own resize.
+    It gives one logit per finding, in ``findings`` order; ``target`` is the one that decides.
     """
-    from safetensors.torch import load_file
 
-    from raycxr.transforms import Ensemble, TestTimeAugment
+    architecture: str                 # an allow-listed timm name, or "ensemble"
+    findings: tuple[str, ...]
+    target: str
+    image_size: int
+    stored_size: int
+    resize: str
+    mean: float
+    std: float
+    drop_rate: float = 0.0
+    pretrained: str = "none"
+    trial_id: str = ""
+    members: tuple[MemberSpec, ...] = ()
 
-    weights = Path(directory) / "model.safetensors"
-    if not weights.is_file():
-        raise ConfigError(f"{weights} is missing: is {directory} a raycxr checkpoint or promoted model?",
-                          source=str(directory))
-    k = len(meta["findings"])
-    if meta.get("members"):
-        ms = meta["members"]
-        model = Ensemble([create_model(m["model"], drop_rate=m.get("drop_rate", 0.0), num_classes=k) for m in ms],
-                         image_sizes=[m["image_size"] for m in ms], means=[m["mean"] for m in ms],
-                         stds=[m["std"] for m in ms])
-    else:
-        model = create_model(meta["model"], drop_rate=meta.get("drop_rate", 0.0), num_classes=k)
-    model.load_state_dict(load_file(str(weights)))
-    if meta.get("tta"):
-        model = TestTimeAugment(model, image_size=meta["image_size"], mean=meta["mean"], std=meta["std"])
-    return model.eval()
+    @property
+    def target_index(self) -> int:
+        return self.findings.index(self.target)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["findings"] = list(self.findings)
+        d["members"] = [dataclasses.asdict(m) for m in self.members]
+        return d
+
+    @classmethod
+    def read(cls, f: "_Fields") -> "ModelSpec":
+        from raycxr.labels import FINDINGS
+
+        findings = f.get("findings", list, check=lambda v: None if v and all(x in FINDINGS for x in v) and
+                         len(set(v)) == len(v) else f"must be distinct findings of {', '.join(FINDINGS)}")
+        findings = tuple(findings or ())
+        ensemble = f.data.get("architecture") == "ensemble"
+        members_raw = f.get("members", list, default=[])
+        members = tuple(MemberSpec.read(_Fields(m, f"{f.where}members[{i}].", f.problems))
+                        for i, m in enumerate(members_raw or []))
+        if ensemble and len(members) < 2:
+            f._bad("members", "an ensemble needs at least 2 members")
+        if not ensemble and members:
+            f._bad("members", "only an ensemble has members")
+        return cls(
+            architecture=f.get("architecture", str, check=None if ensemble else _architecture),
+            findings=findings,
+            target=f.get("target", str, check=lambda v: None if v in findings else "is not one of the findings"),
+            image_size=f.get("image_size", int, check=_size), stored_size=f.get("stored_size", int, check=_size),
+            resize=f.get("resize", str, check=lambda v: None if v in _RESIZE_POLICIES else
+                         f"is not one of {', '.join(_RESIZE_POLICIES)}"),
+            mean=f.get("mean", float), std=f.get("std", float, check=_std),
+            drop_rate=f.get("drop_rate", float, default=0.0, check=_drop),
+            pretrained=f.get("pretrained", str, default="none"), trial_id=f.get("trial_id", str, default=""),
+            members=members)
+
+    def network(self) -> "torch.nn.Module":
+        """The untrained network this spec describes (random weights; load a state dict into it)."""
+        from raycxr.transforms import Ensemble
+
+        k = len(self.findings)
+        if not self.members:
+            return create_model(self.architecture, drop_rate=self.drop_rate, num_classes=k)
+        return Ensemble([create_model(m.architecture, drop_rate=m.drop_rate, num_classes=k) for m in self.members],
+                        image_sizes=[m.image_size for m in self.members], means=[m.mean for m in self.members],
+                        stds=[m.std for m in self.members])
+
+    def load_network(self, directory: str | Path, *, tta: bool = False) -> "torch.nn.Module":
+        """The network with ``directory/model.safetensors`` loaded (no pickle), in eval mode;
+        wrapped in :class:`raycxr.transforms.TestTimeAugment` when ``tta``."""
+        from safetensors.torch import load_file
+
+        weights = Path(directory) / "model.safetensors"
+        if not weights.is_file():
+            raise ConfigError(f"{weights} is missing: is {directory} a raycxr checkpoint or promoted model?",
+                              source=str(directory))
+        model = self.network()
+        try:
+            model.load_state_dict(load_file(str(weights)))
+        except Exception as exc:  # a shape or key mismatch, or a file that is not safetensors
+            raise ConfigError(f"{weights} does not hold the weights of a {self.architecture} with "
+                              f"{len(self.findings)} outputs ({type(exc).__name__}): re-export the model with "
+                              "`raycxr promote`", source=str(directory)) from None
+        return (self.with_tta(model) if tta else model).eval()
+
+    def with_tta(self, model: "torch.nn.Module") -> "torch.nn.Module":
+        """``model`` wrapped in test-time augmentation over this spec's input."""
+        from raycxr.transforms import TestTimeAugment
+
+        return TestTimeAugment(model, image_size=self.image_size, mean=self.mean, std=self.std).eval()
 
 
-def predict_logits(model: "torch.nn.Module", images: np.ndarray, *, image_size: int, mean: float, std: float,
-                   batch_size: int = 128, device: "torch.device | str" = "cpu") -> np.ndarray:
-    """(N, K) float64 logits of uint8 images (N, 1, H, W) or (N, H, W): the one scoring path.
+_REPROMOTE = "promote the run again (raycxr promote --run RUN --out DIR --force)"
 
-    Validation during training, promote, evaluate and predict all call this; calibration is then
-    applied to these logits (:func:`raycxr.evaluate.calibrate_logits`), never to clipped
-    probabilities.
+
+def _load_json(path: Path, *, hint: str) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing: {hint}", source=str(path.parent))
+    if path.stat().st_size > 16 * 2**20:  # a config is a few kB; never read a huge file whole
+        raise ConfigError(f"{path} is {path.stat().st_size} bytes, not a raycxr config: {hint}", source=str(path))
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"not valid JSON ({exc}): {hint}", source=str(path)) from None
+
+
+@dataclass(frozen=True)
+class PromotedModel:
+    """A promoted model folder's ``config.json``: the network and every decision promote fixed on
+    validation (threshold, calibration, test-time augmentation, operating points).
+
+    The output: P(target) = sigmoid(calibration.scale * logit[target] + calibration.bias), compared
+    with ``threshold``; ``class_names[0]`` below it, ``class_names[1]`` at or above.
     """
-    import torch
 
-    from raycxr.transforms import to_model_input
+    spec: ModelSpec
+    threshold: float
+    threshold_rule: str
+    calibration: dict                # {"method": "platt", "scale", "bias"[, "prior_shift"]}
+    class_names: tuple[str, str]
+    tta: bool = False
+    operating_points: dict = field(default_factory=dict)   # rule -> threshold, all fixed on validation
+    selection: dict = field(default_factory=dict)          # promote's rule, kind and why
 
-    images = np.asarray(images)
-    if images.ndim == 3:
-        images = images[:, None]
-    out = []
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.array(images[i:i + batch_size])).to(device)  # a writable copy
-            x = to_model_input(x, image_size=image_size, mean=mean, std=std)
-            out.append(model(x).float().cpu().numpy())
-    return np.concatenate(out).astype(np.float64) if out else np.zeros((0, 0))
+    FILE = "config.json"
+
+    def save(self, directory: str | Path) -> Path:
+        spec = self.spec
+        doc = {"schema_version": SCHEMA_VERSION, "spec": spec.to_dict(), "threshold": self.threshold,
+               "threshold_rule": self.threshold_rule, "calibration": self.calibration,
+               "class_names": list(self.class_names), "tta": self.tta, "operating_points": self.operating_points,
+               "selection": self.selection,
+               # for readers of the file, not read back
+               "about": {
+                   "preprocessing": f"greyscale, air dark (DICOM: modality LUT, VOI LUT, MONOCHROME1 inverted); "
+                                    f"{spec.resize} to {spec.stored_size} px as ingest stored it; then float32 (N,1,"
+                                    f"{spec.image_size},{spec.image_size}) = (bilinear antialiased resize of "
+                                    f"pixels/255 - mean) / std",
+                   "output": "one logit per finding (order: spec.findings); P(target) = sigmoid(calibration.scale "
+                             "* logit[target] + calibration.bias), compared with threshold",
+                   "files": {"weights": "model.safetensors", "torchscript": "model.torchscript.pt",
+                             "onnx": "model.onnx"}}}
+        path = Path(directory) / self.FILE
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "PromotedModel":
+        """Read and validate ``directory/config.json``; a ConfigError names every bad field."""
+        path = Path(directory) / cls.FILE
+        raw = _load_json(path, hint=f"pass a folder written by `raycxr promote` ({_REPROMOTE})")
+        problems: list[str] = []
+        f = _Fields(raw, "", problems)
+        if isinstance(raw, dict) and raw.get("schema_version") != SCHEMA_VERSION:
+            raise ConfigError(f"schema_version is {raw.get('schema_version')!r}, this raycxr reads {SCHEMA_VERSION}: "
+                              f"the folder was written by another raycxr version; {_REPROMOTE}", source=str(path))
+        spec = ModelSpec.read(f.child("spec"))
+        cal = f.child("calibration")
+        calibration = {"method": cal.get("method", str, default="platt"), "scale": cal.get("scale", float),
+                       "bias": cal.get("bias", float)}
+        if isinstance(cal.data.get("prior_shift"), dict):
+            calibration["prior_shift"] = cal.data["prior_shift"]
+        names = f.get("class_names", list, check=lambda v: None if len(v) == 2 and all(isinstance(x, str) and x
+                                                                                        for x in v) else
+                      "must be two names (below and at or above the threshold): the model has one decision")
+        points = f.get("operating_points", dict, default={}) or {}
+        for k, v in points.items():
+            _Fields(points, "operating_points.", problems).get(k, float, check=_unit)
+        model = cls(spec=spec, threshold=f.get("threshold", float, check=_unit),
+                    threshold_rule=f.get("threshold_rule", str, default=""), calibration=calibration,
+                    class_names=tuple(names or ()), tta=f.get("tta", bool, default=False),
+                    operating_points=dict(points), selection=f.get("selection", dict, default={}) or {})
+        if problems:
+            raise ConfigError(problems + [f"fix the field(s) above, or {_REPROMOTE}"], source=str(path))
+        return model
+
+    def load_network(self, directory: str | Path) -> "torch.nn.Module":
+        return self.spec.load_network(directory, tta=self.tta)
+
+
+def read_json_spec(raw: dict, *, source: str) -> ModelSpec:
+    """A ModelSpec from a mapping (a checkpoint's trial.json), validated like config.json's."""
+    problems: list[str] = []
+    spec = ModelSpec.read(_Fields(raw, "", problems))
+    if problems:
+        raise ConfigError(problems, source=source)
+    return spec
 
 
 def onnx_cpu_latency_ms(model: "torch.nn.Module", image_size: int, *, repeats: int = 30) -> float:

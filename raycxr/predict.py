@@ -1,9 +1,12 @@
-"""predict(): classify DICOM / PNG / JPEG files with a promoted model.
+"""Scoring: :func:`logits`, the one path from uint8 pixels to a model's logits, and predict().
 
-Loads ``config.json`` and ``model.safetensors`` (never a pickle) and reads each file with
-the same functions ingest used (:func:`raycxr.imaging.load_for_model`), then the same model
-input transform as training (:func:`raycxr.transforms.to_model_input`), the model's
-calibration and its validation-chosen threshold. A file that cannot be read gets an error row;
+:func:`logits` is what validation during training, promote, evaluate and predict all call;
+calibration is then applied once, to the target's logit (:func:`raycxr.metrics.calibrate_logits`).
+
+predict() classifies DICOM / PNG / JPEG files with a promoted model. It loads ``config.json``
+(validated by :class:`raycxr.models.PromotedModel`) and ``model.safetensors`` (never a pickle),
+reads each file with the same functions ingest used (:func:`raycxr.imaging.load_for_model`),
+scores it with :func:`logits` and applies the model's calibration and validation-chosen threshold. A file that cannot be read gets an error row;
 every other file is still predicted. Warnings flag inputs unlike the training data (a lateral
 view, another body part, a small image). ``saliency_dir`` writes a Grad-CAM overlay per image
 (captum's LayerGradCam on the last convolution).
@@ -12,14 +15,13 @@ view, another body part, a small image). ``saliency_dir`` writes a Grad-CAM over
 from __future__ import annotations
 
 import hashlib
-
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from raycxr.errors import ConfigError, DecodeError
+from raycxr.errors import DecodeError
+from raycxr.models import ModelSpec, PromotedModel
 
 IMAGE_SUFFIXES = {".dcm", ".dicom", ".png", ".jpg", ".jpeg"}
 
@@ -34,7 +36,7 @@ class Prediction:
     saliency: str = ""
 
 
-def _warnings(path: Path, cfg: dict) -> str:
+def _warnings(path: Path, stored_size: int) -> str:
     """Why this input may not be like the training data ('' if nothing)."""
     out = []
     try:
@@ -65,8 +67,8 @@ def _warnings(path: Path, cfg: dict) -> str:
                 cols, rows = im.size
         except Exception:
             return ""
-    if rows and cols and min(rows, cols) < cfg["preprocessing"]["stored_size"]:
-        out.append(f"small image ({cols}x{rows} px) upsampled to {cfg['preprocessing']['stored_size']} px")
+    if rows and cols and min(rows, cols) < stored_size:
+        out.append(f"small image ({cols}x{rows} px) upsampled to {stored_size} px")
     return "; ".join(out)
 
 
@@ -120,29 +122,64 @@ def _expand(paths: list[str | Path]) -> list[Path]:
     return files
 
 
-def load_promoted(model_dir: str | Path):
-    """(model, config) of a promoted model folder."""
-    from raycxr.models import load_model
+def logits(model, spec: ModelSpec, images, *, batch_size: int = 128, device="cpu") -> np.ndarray:
+    """(N, K) float64 logits of uint8 images (N, 1, H, W) or (N, H, W): the one scoring path.
 
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise ConfigError(f"{model_dir} holds no config.json: pass a folder written by `raycxr promote`",
-                          source="--model")
-    config = json.loads((model_dir / "config.json").read_text())
-    return load_model(model_dir, config), config
+    ``images`` is a NumPy array or a torch tensor (training's validation batches, already on the
+    device). The input is made as in training (:func:`raycxr.transforms.to_model_input` with the
+    spec's size and normalisation); calibration is not applied here.
+    """
+    import torch
+
+    from raycxr.transforms import to_model_input
+
+    if images.ndim == 3:
+        images = images[:, None]
+    out = []
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            part = images[i:i + batch_size]
+            x = part.to(device) if isinstance(part, torch.Tensor) else torch.from_numpy(np.array(part)).to(device)
+            x = to_model_input(x, image_size=spec.image_size, mean=spec.mean, std=spec.std)
+            out.append(model(x).float().cpu().numpy())
+    return np.concatenate(out).astype(np.float64) if out else np.zeros((0, len(spec.findings)))
+
+
+def target_logits(model, spec: ModelSpec, images, **kwargs) -> np.ndarray:
+    """The target finding's raw logits (N,) for uint8 images: :func:`logits`' target column."""
+    return logits(model, spec, images, **kwargs)[:, spec.target_index]
+
+
+def write_predictions(path: Path, split, probabilities: np.ndarray) -> Path:
+    """One row per scored image of a split (:class:`raycxr.data.SplitArrays`, in shard order):
+    source, salted patient hash, label and calibrated probability. No file names: they can carry IDs."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["row", "source", "patient_hash", "label", "probability"])
+        for i, (src, g, y, p) in enumerate(zip(split.sources, split.groups, split.y, probabilities)):
+            w.writerow([i, src, g, int(y), repr(float(p))])
+    return path
+
+
+def load_promoted(model_dir: str | Path) -> tuple:
+    """(network in eval mode, :class:`PromotedModel`) of a promoted model folder, validated."""
+    promoted = PromotedModel.load(model_dir)
+    return promoted.load_network(model_dir), promoted
 
 
 def predict(model_dir: str | Path, paths: list[str | Path], *, batch_size: int = 32,
             saliency_dir: str | Path | None = None) -> list[Prediction]:
     import torch
 
-    from raycxr.evaluate import calibrate_logits
     from raycxr.imaging import load_for_model
-    from raycxr.models import predict_logits
+    from raycxr.metrics import calibrate_logits
     from raycxr.transforms import to_model_input
 
-    model, cfg = load_promoted(model_dir)
-    size, policy = cfg["preprocessing"]["stored_size"], cfg["preprocessing"]["resize"]
+    model, promoted = load_promoted(model_dir)
+    spec = promoted.spec
     results: list[Prediction] = []
     pending: list[tuple[int, np.ndarray]] = []
 
@@ -150,16 +187,15 @@ def predict(model_dir: str | Path, paths: list[str | Path], *, batch_size: int =
         if not pending:
             return
         images = np.stack([a for _, a in pending])
-        target = cfg["findings"].index(cfg["target"])
-        z = predict_logits(model, images, image_size=cfg["image_size"], mean=cfg["mean"], std=cfg["std"])
-        probs = calibrate_logits(z[:, target], cfg["calibration"])
+        probs = calibrate_logits(target_logits(model, spec, images), promoted.calibration)
         for (i, _), prob in zip(pending, probs):
             results[i].probability = float(prob)
-            results[i].label = cfg["class_names"][int(prob >= cfg["threshold"])]
+            results[i].label = promoted.class_names[int(prob >= promoted.threshold)]
         if saliency_dir is not None:
-            x = to_model_input(torch.from_numpy(images[:, None]), image_size=cfg["image_size"], mean=cfg["mean"],
-                               std=cfg["std"])
-            maps = _write_saliency(model, x, target, images, [results[i].file for i, _ in pending], Path(saliency_dir))
+            x = to_model_input(torch.from_numpy(images[:, None]), image_size=spec.image_size, mean=spec.mean,
+                               std=spec.std)
+            maps = _write_saliency(model, x, spec.target_index, images, [results[i].file for i, _ in pending],
+                                   Path(saliency_dir))
             for (i, _), path in zip(pending, maps):
                 results[i].saliency = path
         pending.clear()
@@ -167,8 +203,8 @@ def predict(model_dir: str | Path, paths: list[str | Path], *, batch_size: int =
     for f in _expand(paths):
         results.append(Prediction(file=str(f), probability=None, label=None))
         try:
-            pending.append((len(results) - 1, load_for_model(f, size, policy=policy)))
-            results[-1].warning = _warnings(f, cfg)
+            pending.append((len(results) - 1, load_for_model(f, spec.stored_size, policy=spec.resize)))
+            results[-1].warning = _warnings(f, spec.stored_size)
         except DecodeError as exc:
             results[-1].error = str(exc)
         if len(pending) >= batch_size:

@@ -4,8 +4,7 @@ Only this stage (and a later ``evaluate``) opens the holdout split. Which model 
 (:mod:`raycxr.select`), test-time augmentation, calibration, a stated prevalence and every
 operating threshold are chosen on the validation split, before the holdout is read, and never
 changed after. Every holdout read is logged in the run folder, and the model card says if it was
-read before. ``evaluate_model`` scores a promoted model on another dataset and adds it to the
-card's internal-vs-external comparison.
+read before. ``raycxr evaluate`` (:mod:`raycxr.evaluate`) scores a promoted model on other data later.
 """
 
 from __future__ import annotations
@@ -18,12 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 from tqdm.auto import tqdm
 
-from raycxr.errors import ConfigError, DataError, NoEligibleTrialError
-from raycxr.models import load_model
+from raycxr.data import SplitArrays, split_arrays
+from raycxr.errors import ConfigError, DataError, ExportError, NoEligibleTrialError
+from raycxr.models import MemberSpec, ModelSpec, PromotedModel
+from raycxr.predict import target_logits, write_predictions
 from raycxr.storage import RunStore, exists, local_copy
+from raycxr.train import CheckpointRecord
 
 log = logging.getLogger(__name__)
 
@@ -49,40 +50,7 @@ class PromoteConfig:
     fastest_within: float | None = None  # promote the quickest trial within this validation AUC of the best
 
 
-@dataclass(frozen=True)
-class SplitArrays:
-    """One split's rows where the target finding is known: pixels as stored, labels, patients, sources."""
-
-    images: np.ndarray   # uint8 (N, 1, S, S)
-    y: np.ndarray        # 0/1
-    groups: np.ndarray   # patient hashes
-    sources: np.ndarray
-
-
-def split_arrays(data_dir: Path, split: str, target: str) -> SplitArrays:
-    from raycxr.data import decode_images, read_split, target_labels
-
-    table = read_split(data_dir, split, columns=["image", "height", "width", "labels", "source", "patient_hash"])
-    labels = target_labels(table, target)
-    table = table.filter(pa.array(labels >= 0))
-    images = (decode_images(table.select(["image", "height", "width"]).to_pydict()) if table.num_rows
-              else np.zeros((0, 1, 1, 1), np.uint8))
-    return SplitArrays(images, labels[labels >= 0].astype(int),
-                       table.column("patient_hash").to_numpy(zero_copy_only=False),
-                       table.column("source").to_numpy(zero_copy_only=False))
-
-
-def target_logits(model, spec: dict, images: np.ndarray) -> np.ndarray:
-    """The target finding's raw logits for uint8 images, preprocessed as ``spec`` says."""
-    from raycxr.models import predict_logits
-
-    if not len(images):
-        return np.zeros(0)
-    z = predict_logits(model, images, image_size=spec["image_size"], mean=spec["mean"], std=spec["std"])
-    return z[:, spec["findings"].index(spec["target"])]
-
-
-def _export(model, meta: dict, out: Path, sample: "np.ndarray") -> dict:
+def _export(model, out: Path, sample: "np.ndarray") -> dict:
     """Write TorchScript and ONNX next to the safetensors weights; check both match eager."""
     import contextlib
     import io
@@ -108,12 +76,12 @@ def _export(model, meta: dict, out: Path, sample: "np.ndarray") -> dict:
     diffs = {"torchscript": float(np.abs(ts_out - eager).max()), "onnx": float(np.abs(onnx_out - eager).max())}
     for name, d in diffs.items():
         if d > EXPORT_TOLERANCE:
-            raise RuntimeError(f"{name} export differs from the eager model by {d:.2e} (> {EXPORT_TOLERANCE}); "
+            raise ExportError(f"{name} export differs from the eager model by {d:.2e} (> {EXPORT_TOLERANCE}); "
                                "the export is not trustworthy: report this with the model name")
     return diffs
 
 
-def _choose_tta(model, spec: dict, val: SplitArrays, vz: np.ndarray, *, mode: str) -> tuple:
+def _choose_tta(model, spec: ModelSpec, val: SplitArrays, vz: np.ndarray, *, mode: str) -> tuple:
     """(model, validation logits, what was decided) for test-time augmentation.
 
     ``auto`` keeps TTA only if it raises the validation AUC (a tie leaves it off: it costs 4x);
@@ -121,11 +89,11 @@ def _choose_tta(model, spec: dict, val: SplitArrays, vz: np.ndarray, *, mode: st
     """
     from sklearn.metrics import roc_auc_score
 
-    from raycxr.transforms import TTA_VIEWS, TestTimeAugment
+    from raycxr.transforms import TTA_VIEWS
 
     if mode == "off":
         return model, vz, {"used": False, "mode": mode}
-    wrapped = TestTimeAugment(model, image_size=spec["image_size"], mean=spec["mean"], std=spec["std"]).eval()
+    wrapped = spec.with_tta(model)
     wz = target_logits(wrapped, spec, val.images)
     both = len(np.unique(val.y)) == 2
     without, with_tta = (roc_auc_score(val.y, vz), roc_auc_score(val.y, wz)) if both else (float("nan"),) * 2
@@ -163,32 +131,34 @@ def _select(cfg: PromoteConfig, eligible: list[dict], val: SplitArrays) -> tuple
     views = views_of(val.images, seed=cfg.seed)
     logits = []
     for row in tqdm(finalists, desc="scoring finalists on validation views", unit="model", leave=False):
-        meta = _trial_meta(row)
-        model = load_model(_checkpoint(row), meta)
-        logits.append([target_logits(model, meta, v) for v in views.values()])
+        spec = _record(row).spec
+        model = spec.load_network(_checkpoint(row))
+        logits.append([target_logits(model, spec, v) for v in views.values()])
     decision = choose(finalists, np.asarray(logits), val.y, val.groups, ensemble=cfg.ensemble,
                       n_boot=cfg.n_boot, seed=cfg.seed)
     return [finalists[i] for i in decision["members"]], decision
 
 
-def _trial_meta(row: dict) -> dict:
-    return json.loads((_checkpoint(row) / "trial.json").read_text())
+def _record(row: dict) -> CheckpointRecord:
+    return CheckpointRecord.load(_checkpoint(row))
 
 
-def _build(chosen: list[dict], stored_size: int) -> tuple:
+def _build(chosen: list[dict]) -> tuple:
     """(model, spec, state dict to save) for one trial or an ensemble of several."""
     from raycxr.transforms import Ensemble
 
-    metas = [_trial_meta(r) for r in chosen]
-    models = [load_model(_checkpoint(r), m) for r, m in zip(chosen, metas)]
+    specs = [_record(r).spec for r in chosen]
+    models = [s.load_network(_checkpoint(r)) for r, s in zip(chosen, specs)]
     if len(chosen) == 1:
-        return models[0], metas[0], None
-    keys = ("model", "image_size", "mean", "std", "drop_rate", "pretrained", "trial_id")
-    spec = {**{k: metas[0][k] for k in ("findings", "target", "resize", "ingest_image_size")},
-            "model": "ensemble", "image_size": stored_size, "mean": 0.0, "std": 1.0,
-            "members": [{k: m.get(k) for k in keys} for m in metas]}
-    model = Ensemble(models, image_sizes=[m["image_size"] for m in metas], means=[m["mean"] for m in metas],
-                     stds=[m["std"] for m in metas]).eval()
+        return models[0], specs[0], None
+    first = specs[0]
+    spec = ModelSpec(architecture="ensemble", findings=first.findings, target=first.target,
+                     image_size=first.stored_size, stored_size=first.stored_size, resize=first.resize, mean=0.0,
+                     std=1.0, members=tuple(MemberSpec(architecture=s.architecture, image_size=s.image_size,
+                                                       mean=s.mean, std=s.std, drop_rate=s.drop_rate,
+                                                       pretrained=s.pretrained, trial_id=s.trial_id) for s in specs))
+    model = Ensemble(models, image_sizes=[s.image_size for s in specs], means=[s.mean for s in specs],
+                     stds=[s.std for s in specs]).eval()
     return model, spec, {k: v.contiguous() for k, v in model.state_dict().items()}
 
 
@@ -196,10 +166,10 @@ def promote(cfg: PromoteConfig) -> dict:
     """Promote the best trial (or ensemble) of ``cfg.run`` into ``cfg.out``; return the model card's data."""
     from raycxr.card import write_model_card
     from raycxr.data import read_manifest
-    from raycxr.evaluate import (binary_metrics, calibrate_logits, fit_calibration, operating_points,
-                                 predictive_values, prior_shift, report)
+    from raycxr.metrics import (binary_metrics, calibrate_logits, fit_calibration, operating_points,
+                                predictive_values, prior_shift, report)
     from raycxr.report import write_report
-    from raycxr.search import leaderboard
+    from raycxr.search import RunRecord, run_history
     from raycxr.transforms import to_model_input
 
     rule = cfg.threshold_rule
@@ -211,15 +181,15 @@ def promote(cfg: PromoteConfig) -> dict:
                           source="--prevalence")
     store = RunStore(cfg.run)
     store.require_run("--run")
-    run = json.loads(store.read_text("run.json"))
-    data_dir = Path(cfg.data or run["data"])
+    run = RunRecord.load(store)
+    data_dir = Path(cfg.data or run.data)
     if not (data_dir / "manifest.json").is_file():
         raise ConfigError(f"the search read its data from {data_dir}, which is not here: pass --data with this "
                           "machine's copy of that dataset (its fingerprint must match)", source="--data")
     manifest = read_manifest(data_dir)
-    if manifest["fingerprint"] != run["data_fingerprint"]:
+    if manifest["fingerprint"] != run.data_fingerprint:
         raise DataError(f"{data_dir} is not the dataset the search used (fingerprint {manifest['fingerprint']} != "
-                        f"{run['data_fingerprint']}): promote against the dataset the search used")
+                        f"{run.data_fingerprint}): promote against the dataset the search used")
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()):
         if not cfg.force:
@@ -227,18 +197,19 @@ def promote(cfg: PromoteConfig) -> dict:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    board = leaderboard(store.uri)
+    history = run_history(store.uri)
+    board = history.board
     eligible = [r for r in board if r["status"].startswith("ok") and r.get("checkpoint") and exists(r["checkpoint"])]
     if not eligible:
         raise NoEligibleTrialError(f"no trial of {store.uri} has a validation AUC and a checkpoint in storage: "
                                    "run a search that finishes at least one epoch")
-    target = run["target"]
+    target = run.target
 
     # 1. Which model, test-time augmentation, calibration (Platt scaling) and the operating points:
     # all chosen on validation only, before the holdout is read.
     val = split_arrays(data_dir, "val", target)
     chosen, selection = _select(cfg, eligible, val)
-    core, spec, ensemble_state = _build(chosen, manifest["params"]["image_size"])
+    core, spec, ensemble_state = _build(chosen)
     vz = target_logits(core, spec, val.images)
     model, vz, tta = _choose_tta(core, spec, val, vz, mode=cfg.tta)
     calibration = fit_calibration(val.y, vz)
@@ -262,6 +233,7 @@ def promote(cfg: PromoteConfig) -> dict:
     store.append_line("holdout_reads.jsonl", json.dumps({
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "trial_id": "+".join(r["trial_id"] for r in chosen),
         "out": str(out.resolve())}))
+    write_predictions(out / "holdout_predictions.csv", hold, hp)
     holdout = report(hold.y, hp, groups=hold.groups, sources=hold.sources, threshold=threshold, n_boot=cfg.n_boot,
                      seed=cfg.seed)
     at_points = {}
@@ -283,35 +255,18 @@ def promote(cfg: PromoteConfig) -> dict:
         save_file(ensemble_state, str(out / "model.safetensors"))
     import torch
 
-    sample = to_model_input(torch.from_numpy(val.images[:16].copy()), image_size=spec["image_size"],
-                            mean=spec["mean"], std=spec["std"]).numpy()
-    export_diffs = _export(model, spec, out, sample)
+    sample = to_model_input(torch.from_numpy(val.images[:16].copy()), image_size=spec.image_size,
+                            mean=spec.mean, std=spec.std).numpy()
+    export_diffs = _export(model, out, sample)
 
-    architecture = spec["model"] if ensemble_state is None else "ensemble of " + " + ".join(
-        f"{m['model']}@{m['image_size']}px" for m in spec["members"])
-    config = {
-        "architecture": architecture, "model": spec["model"], "members": spec.get("members", []),
-        "image_size": spec["image_size"], "findings": spec["findings"], "target": target,
-        "class_names": [f"not_{target}", target],
-        "threshold": threshold, "threshold_rule": rule,
-        "operating_points": {k: v["threshold"] for k, v in points.items()},
-        "calibration": calibration, "tta": tta["used"],
-        "selection": {k: selection[k] for k in ("rule", "kind", "why")},
-        "preprocessing": {
-            "decode": "greyscale, air dark (DICOM: modality LUT, VOI LUT, MONOCHROME1 inverted)",
-            "resize": spec["resize"], "stored_size": spec["ingest_image_size"],
-            "model_input": f"float32 (N,1,{spec['image_size']},{spec['image_size']}) = "
-                           "(bilinear antialiased resize of pixels/255 - mean) / std",
-            "mean": spec["mean"], "std": spec["std"]},
-        "output": "one logit per finding (order: findings); P(target) = sigmoid(calibration.scale * "
-                  "logit[target] + calibration.bias), compared with threshold",
-        "files": {"weights": "model.safetensors", "torchscript": "model.torchscript.pt", "onnx": "model.onnx"},
-        "trial": spec, "drop_rate": spec.get("drop_rate", 0.0),
-        "ingest_image_size": spec["ingest_image_size"], "mean": spec["mean"], "std": spec["std"],
-    }
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    architecture = spec.architecture if ensemble_state is None else "ensemble of " + " + ".join(
+        f"{m.architecture}@{m.image_size}px" for m in spec.members)
+    PromotedModel(spec=spec, threshold=threshold, threshold_rule=rule, calibration=calibration,
+                  class_names=(f"not_{target}", target), tta=tta["used"],
+                  operating_points={k: v["threshold"] for k, v in points.items()},
+                  selection={k: selection[k] for k in ("rule", "kind", "why")}).save(out)
     card = {
-        "run": run["name"], "trial": chosen[0], "members": chosen, "architecture": architecture,
+        "run": run.name, "trial": chosen[0], "members": chosen, "architecture": architecture,
         "selection": selection, "target": target, "threshold": threshold,
         "threshold_rule": rule, "threshold_stability": stability, "calibration": calibration,
         "operating_points": at_points, "prevalence": cfg.prevalence, "tta": tta,
@@ -319,58 +274,12 @@ def promote(cfg: PromoteConfig) -> dict:
         "holdout_previously_read": len(previous_reads), "data": {
             "dir": str(data_dir), "fingerprint": manifest["fingerprint"], "counts": manifest["counts"],
             "split_level": manifest["split_level"], "params": manifest["params"]},
-        "search_space": run["space_config"], "versions": run["versions"], "leaderboard_top": board[:5],
+        "search_space": run.space_config, "versions": run.versions, "leaderboard_top": board[:5],
         "pareto": [{k: r.get(k) for k in ("trial_id", "model", "image_size", "val_auc", "latency_ms")}
                    for r in eligible],
         "external": [],
     }
     (out / "model_card.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
     write_model_card(card, out / "model_card.md")
-    write_report(out, card=card, holdout_y=hold.y, holdout_p=hp, run=store.uri)
+    write_report(out, card=card, holdout_y=hold.y, holdout_p=hp, frames=history.frames)
     return card
-
-
-def evaluate_model(model_dir: str | Path, data_dir: str | Path, *, split: str = "holdout", n_boot: int = 1000,
-                   seed: int = 0) -> dict:
-    """Score a promoted model on any ingested dataset (external validation), with the model's own
-    calibration and threshold; written to ``MODEL/evaluations/FINGERPRINT-SPLIT.json`` and, when the
-    data is not the model's own, added to the model card's internal-vs-external comparison."""
-    from raycxr.card import write_model_card
-    from raycxr.data import SPLITS, read_manifest
-    from raycxr.evaluate import calibrate_logits, report
-    from raycxr.predict import load_promoted
-
-    model, cfg = load_promoted(model_dir)
-    manifest = read_manifest(data_dir)
-    card_path = Path(model_dir) / "model_card.json"
-    card = json.loads(card_path.read_text())
-    own = manifest["fingerprint"] == card["data"]["fingerprint"]
-    if own and split in ("holdout", "all"):
-        log.warning("this is the model's own holdout, already read by promote; figures from repeated holdout reads "
-                    "are optimistic. Use another dataset for external validation.")
-    splits = list(SPLITS) if split == "all" else [split]
-    parts = [split_arrays(Path(data_dir), s, cfg["target"]) for s in splits]
-    y, g, src = (np.concatenate([getattr(part, f) for part in parts]) for f in ("y", "groups", "sources"))
-    if len(y) == 0:
-        raise DataError(f"{data_dir} ({split}) has no images with a known {cfg['target']} label to score")
-    z = np.concatenate([target_logits(model, cfg, part.images) for part in parts])
-    result = {"data": str(Path(data_dir).resolve()), "fingerprint": manifest["fingerprint"], "split": split,
-              "target": cfg["target"], "threshold": cfg["threshold"], "calibration": cfg["calibration"],
-              "sources": sorted(set(src)),
-              "metrics": report(y, calibrate_logits(z, cfg["calibration"]), groups=g, sources=src,
-                                threshold=cfg["threshold"], n_boot=n_boot, seed=seed)}
-    out = Path(model_dir) / "evaluations" / f"{manifest['fingerprint']}-{split}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    if not own:  # the card compares internal with every external evaluation (one entry per dataset and split)
-        pooled = result["metrics"]["pooled"]
-        entry = {"data": result["data"], "fingerprint": result["fingerprint"], "split": split,
-                 "sources": result["sources"], "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                 **{k: pooled[k] for k in ("n", "positives", "auc", "accuracy", "sensitivity", "specificity")},
-                 "ci95": {k: pooled["ci95"][k] for k in ("auc", "accuracy", "sensitivity", "specificity")}}
-        card["external"] = [e for e in card.get("external", [])
-                            if (e["fingerprint"], e["split"]) != (entry["fingerprint"], split)] + [entry]
-        card_path.write_text(json.dumps(card, indent=2, default=str) + "\n")
-        write_model_card(card, Path(model_dir) / "model_card.md")
-    result["written_to"] = str(out)
-    return result

@@ -112,15 +112,6 @@ def plot_confusion(m: dict, target: str, path: Path) -> Path:
     return _save(fig, path)
 
 
-def trial_frames(run: str | Path) -> dict:
-    """{trial id: its reported results, one row per epoch} of a run (a folder or URI)."""
-    from ray.tune import ExperimentAnalysis
-
-    from raycxr.search import epochs_of, tune_location
-
-    return {t: epochs_of(df) for t, df in ExperimentAnalysis(tune_location(run)[1]).trial_dataframes.items()}
-
-
 def plot_learning_curves(frames: dict, top_ids: list[str], path: Path) -> Path:
     fig, ax = _figure()
     for tid in top_ids:
@@ -182,10 +173,10 @@ def plot_pareto(rows: list[dict], chosen: list[str], path: Path) -> Path:
     return _save(fig, path)
 
 
-def write_report(out: Path, *, card: dict, holdout_y, holdout_p, run: str | Path) -> dict[str, Path]:
-    """Write every plot as PNG and ``report.html``; return {plot name: path}. ``run`` is the
-    search's folder or URI (for the learning curves and the search history)."""
-    frames = trial_frames(run)
+def write_report(out: Path, *, card: dict, holdout_y, holdout_p, frames: dict) -> dict[str, Path]:
+    """Write every plot as PNG and ``report.html``; return {plot name: path}. ``frames`` are the
+    trials' per-epoch results (:func:`raycxr.search.run_history`), for the learning curves and the
+    search history."""
     pooled = card["holdout"]["pooled"]
     top = [r["trial_id"] for r in card["leaderboard_top"][:5]]
     plots = {

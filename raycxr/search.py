@@ -67,6 +67,66 @@ class SearchConfig:
     weights_dir: Path | None = None    # overrides the space's weights_dir (offline pretrained weights)
 
 
+class RunStarting(ConfigError):
+    """run.json holds only the claim of a search that has not written its record yet."""
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A run's ``run.json``: the resolved search, enough to resume, promote and repeat it.
+    This class is the file's only reader and writer."""
+
+    name: str
+    space: str
+    target: str
+    space_config: dict
+    data: str
+    data_fingerprint: str
+    trials: int
+    max_epochs: int
+    seed: int
+    resources: dict
+    storage: str
+    max_failures: int = 1
+    searcher: str = "tpe"
+    early_stopping: bool = True
+    objective: str = "auc"
+    versions: dict = dataclasses.field(default_factory=dict)
+    started: str = ""
+    metric: str = METRIC
+    schema_version: int = 2
+
+    FILE = "run.json"
+
+    def save(self, store: RunStore) -> None:
+        store.write_text(self.FILE, json.dumps(dataclasses.asdict(self), indent=2, default=str) + "\n")
+
+    @classmethod
+    def load(cls, store: RunStore) -> "RunRecord":
+        """Read and check ``run.json``: a corrupt or half-written file is named, never a traceback."""
+        try:
+            raw = json.loads(store.read_text(cls.FILE))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"not valid JSON ({exc}): the file is damaged; restore it from a copy of the run, "
+                              "or start the search again", source=store.child(cls.FILE)) from None
+        if isinstance(raw, dict) and "claimed" in raw and "data" not in raw:
+            raise RunStarting("the search that claimed this name has not written its record yet (it is starting, "
+                              "or it failed before it started): wait, or start it again", source=store.child(cls.FILE))
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if not isinstance(raw, dict):
+            raise ConfigError("must be a JSON object", source=store.child(cls.FILE))
+        problems = [f"{k}: missing" for k, f in fields.items() if k not in raw and
+                    f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        types = {"name": str, "space": str, "target": str, "space_config": dict, "data": str,
+                 "data_fingerprint": str, "trials": int, "max_epochs": int, "seed": int, "resources": dict,
+                 "storage": str}
+        problems += [f"{k}: {raw[k]!r:.40} is not {t.__name__}" for k, t in types.items()
+                     if k in raw and not isinstance(raw[k], t)]
+        if problems:
+            raise ConfigError(problems, source=store.child(cls.FILE))
+        return cls(**{k: v for k, v in raw.items() if k in fields})
+
+
 def init_ray(*, address: str | None, num_cpus: int | None = None):
     """Join a cluster (``address`` or $RAY_ADDRESS) or start a local Ray; return its context.
 
@@ -120,7 +180,7 @@ def init_ray(*, address: str | None, num_cpus: int | None = None):
     if address:
         _pin_data_singletons()
     if getattr(ctx, "dashboard_url", None):
-        print(f"Ray dashboard: http://{ctx.dashboard_url}")
+        log.info("Ray dashboard: http://%s", ctx.dashboard_url)
     return ctx
 
 
@@ -414,7 +474,6 @@ def _run_dir(cfg: SearchConfig, space: SearchSpace) -> tuple[str, RunStore]:
 
 def run_search(cfg: SearchConfig) -> list[dict]:
     """Run a search and return its leaderboard (best validation AUC first)."""
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
@@ -449,25 +508,25 @@ def run_search(cfg: SearchConfig) -> list[dict]:
         init_ray(address=cfg.address, num_cpus=cfg.num_cpus)
         plan = _plan_resources(space, trials=trials)
         if plan["gpus_per_worker"] < space.gpus_per_worker:
-            print(f"No GPU in the Ray cluster: the space asks for {space.gpus_per_worker:g} GPU per worker, training "
-                  "on CPU instead.")
-        record = {"name": name, "space": space.name, "target": cfg.target, "space_config": space.raw,
-                  "data": str(Path(cfg.data).resolve()), "data_fingerprint": manifest["fingerprint"],
-                  "trials": trials, "max_epochs": max_epochs, "seed": space.seed, "metric": METRIC, "resources": plan,
-                  "storage": store.uri, "max_failures": cfg.max_failures, "searcher": cfg.searcher,
-                  "early_stopping": cfg.early_stopping, "objective": cfg.objective, "versions": _versions(),
-                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            log.warning("No GPU in the Ray cluster: the space asks for %g GPU per worker, training on CPU instead.",
+                        space.gpus_per_worker)
+        record = RunRecord(
+            name=name, space=space.name, target=cfg.target, space_config=space.raw, data=str(Path(cfg.data).resolve()),
+            data_fingerprint=manifest["fingerprint"], trials=trials, max_epochs=max_epochs, seed=space.seed,
+            resources=plan, storage=store.uri, max_failures=cfg.max_failures, searcher=cfg.searcher,
+            early_stopping=cfg.early_stopping, objective=cfg.objective, versions=_versions(),
+            started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         trainable = _trainable(record, space, plan, manifest)
     except BaseException:  # nothing ran: give the name back, so a corrected command can use it
         store.delete("run.json")
         raise
-    store.write_text("run.json", json.dumps(record, indent=2, default=str) + "\n")
+    record.save(store)
 
     gpu = f" + {plan['gpus_per_worker']:g} GPU" if plan["gpus_per_worker"] else ""
-    print(f"Search {name}: {trials} trials x up to {max_epochs} epochs, {plan['concurrent']} at a time "
-          f"({plan['workers']} worker(s) x {plan['cpus_per_worker']:g} CPU{gpu} each)")
-    print(f"Run: {store.uri} (raycxr status / promote --run / search --resume take this)")
-    print(f"TensorBoard: tensorboard --logdir {store.child('tune')}")
+    log.info(f"Search {name}: {trials} trials x up to {max_epochs} epochs, {plan['concurrent']} at a time "
+             f"({plan['workers']} worker(s) x {plan['cpus_per_worker']:g} CPU{gpu} each)")
+    log.info(f"Run: {store.uri} (raycxr status / promote --run / search --resume take this)")
+    log.info(f"TensorBoard: tensorboard --logdir {store.child('tune')}")
 
     searcher = None  # a space with every value fixed has nothing to search: plain repeated trials
     metrics, modes = OBJECTIVES[cfg.objective]
@@ -511,26 +570,26 @@ def resume_search(run: str | Path, *, address: str | None = None, num_cpus: int 
 
     store = RunStore(run)
     store.require_run("--resume")
-    record = json.loads(store.read_text("run.json"))
-    manifest = read_manifest(record["data"])
-    if manifest["fingerprint"] != record["data_fingerprint"]:
-        raise ConfigError(f"{record['data']} changed since the search started (fingerprint {manifest['fingerprint']}"
-                          f" != {record['data_fingerprint']}): a resumed search must see the same data",
+    record = RunRecord.load(store)
+    manifest = read_manifest(record.data)
+    if manifest["fingerprint"] != record.data_fingerprint:
+        raise ConfigError(f"{record.data} changed since the search started (fingerprint {manifest['fingerprint']}"
+                          f" != {record.data_fingerprint}): a resumed search must see the same data",
                           source="--resume")
-    space = parse_space(record["space_config"], name=record["space"])
+    space = parse_space(record.space_config, name=record.space)
     init_ray(address=address, num_cpus=num_cpus)
-    plan = _plan_resources(space, trials=record["trials"])
-    tune_path = record["storage"].rstrip("/") + "/tune"
+    plan = _plan_resources(space, trials=record.trials)
+    tune_path = record.storage.rstrip("/") + "/tune"
     if not tune.Tuner.can_restore(tune_path):
         raise ConfigError(f"nothing to resume at {tune_path}: the search stopped before Tune saved its state; "
                           "start it again", source="--resume")
-    print(f"Resuming search {record['name']} from {tune_path}")
+    log.info(f"Resuming search {record.name} from {tune_path}")
     tuner = tune.Tuner.restore(tune_path, trainable=_trainable(record, space, plan, manifest),
                                resume_unfinished=True, resume_errored=True)
-    return _fit(tuner, store, record["name"])
+    return _fit(tuner, store, record.name)
 
 
-def _trainable(record: dict, space: SearchSpace, plan: dict, manifest: dict):
+def _trainable(record: RunRecord, space: SearchSpace, plan: dict, manifest: dict):
     """The Tune trainable of a search: ``run_trial`` with the shared datasets and settings.
 
     Built the same way for a new search and a resumed one (Tuner.restore needs the same trainable).
@@ -540,19 +599,19 @@ def _trainable(record: dict, space: SearchSpace, plan: dict, manifest: dict):
     from raycxr.data import label_matrix, open_split, read_split
     from raycxr.labels import FINDINGS
 
-    data = record["data"]
+    data = record.data
     labels = label_matrix(read_split(data, "train", columns=["labels"]).column("labels"))
-    _check_target(Path(data), record["target"], labels)
+    _check_target(Path(data), record.target, labels)
     # Read once into the object store, shared by every trial: epochs and trials re-read nothing.
     train_ds = open_split(data, "train").materialize()
     val_ds = open_split(data, "val").materialize()
     ingest_size = manifest["params"]["image_size"]
     static = {
         "workers": plan["workers"], "worker_cpu_request": plan["worker_cpu_request"],
-        "gpus_per_worker": plan["gpus_per_worker"], "max_failures": record["max_failures"],
-        "trials_path": record["storage"].rstrip("/") + "/trials",
-        "loop": {"max_epochs": record["max_epochs"], "seed": space.seed, "train_rows": int(len(labels)),
-                 "findings": list(FINDINGS), "target": record["target"], "pos_weight": _pos_weight(labels),
+        "gpus_per_worker": plan["gpus_per_worker"], "max_failures": record.max_failures,
+        "trials_path": record.storage.rstrip("/") + "/trials",
+        "loop": {"max_epochs": record.max_epochs, "seed": space.seed, "train_rows": int(len(labels)),
+                 "findings": list(FINDINGS), "target": record.target, "pos_weight": _pos_weight(labels),
                  "ingest_image_size": ingest_size, "resize": manifest["params"]["resize"],
                  "cpus_per_worker": plan["cpus_per_worker"],
                  "weights_dir": str(Path(space.weights_dir).expanduser().resolve()) if space.weights_dir else None,
@@ -567,14 +626,14 @@ def _fit(tuner, store: RunStore, name: str) -> list[dict]:
     try:
         results = tuner.fit()
     except KeyboardInterrupt:
-        print(f"\nSearch {name} interrupted; finished trials are kept in {store.uri}. To continue, {hint}")
+        log.warning(f"Search {name} interrupted; finished trials are kept in {store.uri}. To continue, {hint}")
         raise
     for err in results.errors:
         log.warning("a trial failed: %s", str(err).splitlines()[0] if str(err) else type(err).__name__)
     board = leaderboard(store.uri)
     store.write_text("leaderboard.csv", leaderboard_csv(board))
     if any(r["tune_status"] in ("PENDING", "RUNNING", "PAUSED") for r in board):
-        print(f"Search {name} stopped before every trial finished; {hint}")
+        log.warning(f"Search {name} stopped before every trial finished; {hint}")
         return board  # stopped (Ctrl+C, --time-budget): not a failure, whatever it has so far
     if not any(row["status"] == "ok" for row in board):
         raise NoEligibleTrialError(f"no trial of {name} reported {METRIC}: see the errors above and "
@@ -618,8 +677,11 @@ def tune_location(run: str | Path) -> tuple[RunStore, str]:
     """(the run, where its Tune experiment is): ``tune/`` beside run.json, or under the storage a
     run.json of raycxr 0.1 recorded."""
     store = RunStore(run)
-    if store.exists("run.json"):
-        storage = json.loads(store.read_text("run.json")).get("storage")
+    if store.exists(RunRecord.FILE):
+        try:
+            storage = RunRecord.load(store).storage
+        except RunStarting:
+            storage = None
         if storage and storage != store.uri:
             return RunStore(storage), storage.rstrip("/") + "/tune"
     return store, store.child("tune")
@@ -633,8 +695,16 @@ def epochs_of(df):
     return df.drop_duplicates("epoch", keep="last").sort_values("epoch")
 
 
-def leaderboard(run: str | Path) -> list[dict]:
-    """One row per trial of a (running, stopped or finished) search, best validation AUC first.
+@dataclass(frozen=True)
+class RunHistory:
+    """What a run's trials reported: the leaderboard and each trial's results, one row per epoch."""
+
+    board: list[dict]
+    frames: dict  # trial id -> pandas DataFrame
+
+
+def run_history(run: str | Path) -> RunHistory:
+    """The leaderboard and per-epoch results of a (running, stopped or finished) search, read once.
 
     ``run`` is the run's folder or URI. A trial's score is its best epoch's validation AUC;
     ``checkpoint`` is that epoch's checkpoint (the one Ray Train keeps), as a path or URI.
@@ -649,9 +719,9 @@ def leaderboard(run: str | Path) -> list[dict]:
         analysis = ExperimentAnalysis(tune_dir)
     except ValueError as exc:  # Tune: no experiment_state file yet
         raise NoEligibleTrialError(f"{store.uri} holds no Ray Tune experiment state yet: {exc}") from None
-    rows = []
+    rows, frames = [], {}
     for trial in analysis.trials:
-        df = epochs_of(analysis.trial_dataframes.get(trial.trial_id))
+        df = frames[trial.trial_id] = epochs_of(analysis.trial_dataframes.get(trial.trial_id))
         row = {k: trial.config.get(k) for k in LEADERBOARD_COLUMNS if k in trial.config}
         row.update(trial_id=trial.trial_id, status="no result", epochs=0, tune_status=trial.status)
         if df is not None and METRIC in df and df[METRIC].notna().any():
@@ -670,7 +740,12 @@ def leaderboard(run: str | Path) -> list[dict]:
                              r["trial_id"]))
     for i, r in enumerate(rows, 1):
         r["rank"] = i
-    return rows
+    return RunHistory(board=rows, frames=frames)
+
+
+def leaderboard(run: str | Path) -> list[dict]:
+    """One row per trial of a search, best validation AUC first (see :func:`run_history`)."""
+    return run_history(run).board
 
 
 def leaderboard_csv(rows: list[dict]) -> str:

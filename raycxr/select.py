@@ -29,6 +29,8 @@ import math
 
 import numpy as np
 
+from raycxr.errors import ConfigError
+
 SELECTION_RULES = ("shift-auc", "val-auc")
 ENSEMBLE_MODES = ("auto", "on", "off")
 MAX_ENSEMBLE = 3
@@ -67,7 +69,7 @@ def shift_auc_bootstrap(y: np.ndarray, groups: np.ndarray, logits: np.ndarray, *
 
     Each draw resamples patients once for every model, so differences between models are paired.
     """
-    from raycxr.evaluate import patient_resamples
+    from raycxr.metrics import patient_resamples
 
     y = np.asarray(y).astype(int)
     point = rank_auc(y, logits).mean(axis=-1)
@@ -97,7 +99,7 @@ def choose(finalists: list[dict], logits: np.ndarray, y: np.ndarray, groups: np.
     ensemble), why, and every finalist's figures for the model card.
     """
     if ensemble not in ENSEMBLE_MODES:
-        raise ValueError(f"ensemble {ensemble!r} is not one of {ENSEMBLE_MODES}")
+        raise ConfigError(f"ensemble {ensemble!r} is not one of {ENSEMBLE_MODES}", source="--ensemble")
     point, draws = shift_auc_bootstrap(y, groups, logits, n_boot=n_boot, seed=seed)
     best = int(np.argmax(point))
     tied, (lo, hi) = ties(point, draws)
@@ -141,7 +143,7 @@ def choose(finalists: list[dict], logits: np.ndarray, y: np.ndarray, groups: np.
 def fastest_within(eligible: list[dict], delta: float) -> tuple[int, str]:
     """(index into ``eligible``, why) of the quickest trial whose validation AUC is within ``delta`` of the best."""
     if delta < 0:
-        raise ValueError("--fastest-within takes an AUC difference >= 0, e.g. 0.005")
+        raise ConfigError(f"{delta} is negative: give an AUC difference >= 0, e.g. 0.005", source="--fastest-within")
     best = max(r["val_auc"] for r in eligible)
     near = [i for i, r in enumerate(eligible) if r["val_auc"] >= best - delta]
     timed = [i for i in near if r_latency(eligible[i]) < math.inf]

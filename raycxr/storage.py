@@ -15,7 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from raycxr.errors import ConfigError
+from raycxr.errors import ConfigError, DataError
 
 
 def is_uri(location: str | os.PathLike) -> bool:
@@ -162,7 +162,8 @@ def local_copy(location: str | os.PathLike) -> Path:
     listing = sorted((i.path, i.size, i.mtime_ns) for i in fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))
                      if i.type == pyarrow.fs.FileType.File)
     if not listing:
-        raise FileNotFoundError(f"{location} is empty or missing")
+        raise DataError(f"{location} is empty or missing: the run's storage lost this checkpoint (or the URI is "
+                        "wrong); check it with your storage's own tools, or promote another run")
     key = hashlib.sha256(repr((location, listing)).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("RAYCXR_CACHE", Path.home() / ".cache" / "raycxr")).expanduser()
     dest = cache / "runs" / key / Path(path).name

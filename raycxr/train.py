@@ -1,6 +1,8 @@
-"""train_loop_per_worker(): one trial's training, run by every Ray Train worker; make_trainer().
+"""train_loop_per_worker(): one trial's training, run by every Ray Train worker.
 
-The loop reads its shard of the train split through Ray Data (``get_dataset_shard`` ->
+Its first line builds a :class:`TrialConfig` from Tune's config; then :func:`build_trial` (seeds,
+model, precision, optimiser, schedule, EMA), an optional resume, and per epoch
+:func:`train_one_epoch` and :func:`validate` (rank 0), as timm's ``train.py`` splits it. The loop reads its shard of the train split through Ray Data (``get_dataset_shard`` ->
 ``iter_torch_batches``), gets uint8 batches, augments them on the device, and after each epoch
 rank 0 scores the whole validation split and reports metrics with a checkpoint. A checkpoint
 holds ``model.safetensors`` (the evaluated weights: the EMA average when ``ema_decay`` is set;
@@ -10,15 +12,20 @@ loadable without pickle), ``trial.json`` (what is needed to rebuild the model) a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from raycxr.errors import ConfigError
+from raycxr.models import SCHEMA_VERSION, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -82,22 +89,6 @@ def masked_bce(logits, targets, *, pos_weight=None, smoothing: float = 0.0):
     return (loss * known).sum() / known.sum().clamp(min=1)
 
 
-def evaluate_batches(model, batches, *, image_size: int, mean: float, std: float, device) -> tuple[np.ndarray, np.ndarray]:
-    """(N, K) probabilities and (N, K) labels (-1 unknown) for batches of ``{"image", "labels"}``."""
-    import torch
-
-    from raycxr.transforms import to_model_input
-
-    probs, labels = [], []
-    model.eval()
-    with torch.no_grad():
-        for batch in batches:
-            x = to_model_input(batch["image"].to(device), image_size=image_size, mean=mean, std=std)
-            probs.append(torch.sigmoid(model(x).float()).cpu().numpy())
-            labels.append(batch["labels"].cpu().numpy())
-    return np.concatenate(probs), np.concatenate(labels)
-
-
 def _worker_nodes(world: int) -> str:
     """The Ray node ids this epoch's workers ran on, rank order, comma-separated: so a trial that moved
     (a lost node, a retry) or a DDP trial spread over nodes shows it in its results."""
@@ -113,178 +104,337 @@ def _worker_nodes(world: int) -> str:
     return ",".join(nodes)
 
 
-def save_checkpoint(directory: Path, *, model, trial: dict, train_state: dict | None = None) -> None:
+# --- Typed hand-offs ---------------------------------------------------------------------------
+
+def _trial_config_fields():
+    """TrialConfig's fields: one per searchable hyperparameter (from ``config.PARAMS``, so adding a
+    hyperparameter there adds it here, to the leaderboard and to the model card), then the static
+    settings every trial of a search shares."""
+    from raycxr.config import PARAMS
+
+    searchable = [(k, typ, field(default=None)) for k, (typ, _, _) in PARAMS.items()]
+    static = [("seed", int), ("findings", tuple), ("target", str), ("max_epochs", int), ("train_rows", int),
+              ("ingest_image_size", int), ("resize", str), ("pos_weight", tuple), ("cpus_per_worker", float, 1.0),
+              ("weights_dir", str | None, None), ("trial_id", str, "")]
+    return searchable, [(n, t, field(default=d[0])) if d else (n, t) for n, t, *d in static]
+
+
+def _make_trial_config():
+    searchable, static = _trial_config_fields()
+    required = [f for f in static if len(f) == 2]
+    optional = [f for f in static if len(f) == 3]
+
+    def from_tune(cls, config: dict) -> "TrialConfig":
+        """Build from Tune's config (the space's sampled values plus the search's static settings)."""
+        from raycxr.config import PARAMS
+
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - names)
+        if unknown:
+            raise ConfigError(f"unknown trial setting(s) {unknown}", source="trial config")
+        values = {k: config[k] for k in names if k in config}
+        for k, (_, _, default) in PARAMS.items():  # absent from older runs' trials: the documented default
+            if values.get(k) is None and isinstance(default, (int, float, str)):
+                values[k] = default
+        values["findings"] = tuple(values["findings"])
+        values["pos_weight"] = tuple(values["pos_weight"])
+        return cls(**values)
+
+    def hyperparameters(self) -> dict:
+        return {k: getattr(self, k) for k, _, _ in searchable}
+
+    return dataclasses.make_dataclass(
+        "TrialConfig", required + searchable + optional, frozen=True,
+        namespace={"from_tune": classmethod(from_tune), "hyperparameters": hyperparameters,
+                   "__doc__": "One trial's settings: a field per searchable hyperparameter plus the static "
+                              "ones. The training loop reads nothing else."})
+
+
+TrialConfig = _make_trial_config()
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """A checkpoint's ``trial.json``: the network (:class:`ModelSpec`), the trial's hyperparameters
+    and seed. Written by the training loop, read by promote; nothing else reads the file."""
+
+    spec: ModelSpec
+    hyperparameters: dict
+    seed: int = 0
+
+    FILE = "trial.json"
+
+    def save(self, directory: Path) -> None:
+        doc = {"schema_version": SCHEMA_VERSION, "spec": self.spec.to_dict(),
+               "hyperparameters": self.hyperparameters, "seed": self.seed}
+        (Path(directory) / self.FILE).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "CheckpointRecord":
+        from raycxr.models import read_json_spec
+
+        path = Path(directory) / cls.FILE
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read {path} ({type(exc).__name__}): is {directory} a raycxr checkpoint?",
+                              source=str(path)) from None
+        if not isinstance(raw, dict):
+            raise ConfigError("must be a JSON object", source=str(path))
+        if "schema_version" not in raw:  # raycxr <= 0.1 wrote the trial's config flat
+            spec = {"architecture": raw.get("model"), "stored_size": raw.get("ingest_image_size"),
+                    **{k: raw.get(k) for k in ("findings", "target", "image_size", "resize", "mean", "std",
+                                               "drop_rate", "pretrained", "trial_id") if raw.get(k) is not None}}
+            raw = {"spec": spec, "hyperparameters": {k: v for k, v in raw.items() if k in _hyperparameter_names()},
+                   "seed": raw.get("seed", 0)}
+        elif raw["schema_version"] != SCHEMA_VERSION:
+            raise ConfigError(f"schema_version {raw['schema_version']!r}: written by another raycxr version "
+                              f"(this one reads {SCHEMA_VERSION})", source=str(path))
+        return cls(spec=read_json_spec(raw.get("spec"), source=str(path)),
+                   hyperparameters=dict(raw.get("hyperparameters") or {}), seed=int(raw.get("seed") or 0))
+
+
+def _hyperparameter_names() -> tuple:
+    from raycxr.config import HYPERPARAMETERS
+
+    return HYPERPARAMETERS
+
+
+def save_checkpoint(directory: Path, *, model, record: CheckpointRecord, train_state: dict | None = None) -> None:
     import torch
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(directory / "model.safetensors"))
-    (directory / "trial.json").write_text(json.dumps(trial, indent=2, sort_keys=True))
+    record.save(directory)
     if train_state is not None:
         torch.save(train_state, directory / "train_state.pt")
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
+# --- The loop -----------------------------------------------------------------------------------
+
+@dataclass
+class _Trial:
+    """What one worker builds for a trial: the model, its optimisation and where it runs."""
+
+    cfg: Any
+    spec: ModelSpec
+    model: Any              # as trained (DDP-wrapped when several workers)
+    bare: Any               # the raw module
+    evaluated: Any          # what validation and checkpoints use: the EMA average, else ``bare``
+    ema: Any
+    opt: Any
+    sched: Any
+    scaler: Any
+    amp_dtype: Any
+    device: Any
+    pos_weight: Any
+    rank: int
+    world: int
+    gen: Any
+    rng: Any
+
+
+def build_trial(cfg, *, rank: int, world: int, device, prepare=lambda m: m) -> _Trial:
+    """Seeds, model, precision, optimiser, schedule and EMA of one trial on one worker.
+
+    ``prepare`` wraps the model for distributed training (``ray.train.torch.prepare_model``).
+    """
     import torch
-    from sklearn.metrics import log_loss, roc_auc_score
 
-    from raycxr.config import HYPERPARAMETERS
-    from raycxr.models import create_model, input_stats, onnx_cpu_latency_ms
-    from raycxr.transforms import mixup, train_input
+    from raycxr.models import create_model, input_stats
 
-    keep_freed_memory()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(config["seed"] * 1000 + rank)
-    gen = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
-    rng = np.random.default_rng(config["seed"] * 1000 + rank)  # mixup's Beta draws
-    threads = max(1, int(config.get("cpus_per_worker", 1)))
-    torch.set_num_threads(threads)
-
-    findings = config["findings"]
-    target = findings.index(config["target"])
-    model = create_model(config["model"], pretrained=config.get("pretrained", "none"),
-                         weights_dir=config.get("weights_dir"), drop_rate=config["drop_rate"],
-                         num_classes=len(findings))
+    seed = cfg.seed * 1000 + rank
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)  # mixup's Beta draws
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    model = create_model(cfg.model, pretrained=cfg.pretrained or "none", weights_dir=cfg.weights_dir,
+                         drop_rate=cfg.drop_rate, num_classes=len(cfg.findings))
     mean, std = input_stats(model)
-    device = ray.train.torch.get_device()
+    spec = ModelSpec(architecture=cfg.model, findings=tuple(cfg.findings), target=cfg.target,
+                     image_size=cfg.image_size, stored_size=cfg.ingest_image_size, resize=cfg.resize, mean=mean,
+                     std=std, drop_rate=cfg.drop_rate, pretrained=cfg.pretrained or "none", trial_id=cfg.trial_id)
     cuda = device.type == "cuda"
     if cuda:  # convolutions run faster on NHWC tensors with cuDNN
         model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
+    model = prepare(model.to(device))
     bare = model.module if hasattr(model, "module") else model
     # Mixed precision on GPU: bf16 where the card has it (no loss scaling needed), else fp16 with a
     # gradient scaler. CPU trains in fp32.
     amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    if config["optimizer"] == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9, nesterov=True,
-                              weight_decay=config["weight_decay"])
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
+                              weight_decay=cfg.weight_decay)
     else:
-        opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    bs = config["batch_size"]
-    steps_per_epoch = max(1, math.ceil(config["train_rows"] / world / bs))
-    total_steps = steps_per_epoch * config["max_epochs"]
-    warmup = int(config["warmup_epochs"] * steps_per_epoch)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, math.ceil(cfg.train_rows / world / cfg.batch_size))
+    total_steps = steps_per_epoch * cfg.max_epochs
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_lambda(s, warmup=warmup, total=total_steps))
     pos_weight = None
-    if config["imbalance"] == "pos_weight":
+    if cfg.imbalance == "pos_weight":
         # Per finding, BCE pos_weight = negatives / positives among the train split's known labels.
-        pos_weight = torch.tensor(config["pos_weight"], dtype=torch.float32, device=device)
-
+        pos_weight = torch.tensor(cfg.pos_weight, dtype=torch.float32, device=device)
     # Weight EMA: validation, checkpoints and promote use the averaged weights; the decay warms up
     # (timm's ModelEmaV3), so short CPU trials average over their later steps rather than the init.
-    ema_decay, alpha = config.get("ema_decay", 0.0), config.get("mixup", 0.0)  # absent from older runs' configs
     ema = None
-    if ema_decay:
+    if cfg.ema_decay:
         from timm.utils import ModelEmaV3
 
-        ema = ModelEmaV3(bare, decay=ema_decay, use_warmup=True)
-    evaluated = ema.module if ema is not None else bare
+        ema = ModelEmaV3(bare, decay=cfg.ema_decay, use_warmup=True)
+    return _Trial(cfg=cfg, spec=spec, model=model, bare=bare, evaluated=ema.module if ema is not None else bare,
+                  ema=ema, opt=opt, sched=sched, scaler=scaler, amp_dtype=amp_dtype, device=device,
+                  pos_weight=pos_weight, rank=rank, world=world, gen=gen, rng=rng)
 
+
+def train_one_epoch(t: _Trial, batches) -> dict:
+    """One pass over ``batches`` of ``{"image": uint8 (N,1,H,W), "labels": (N,K)}``: augment on the
+    device, forward, masked BCE, backward, step, schedule, EMA. Returns the epoch's training figures."""
+    import torch
+
+    from raycxr.transforms import mixup, train_input
+
+    cfg, device = t.cfg, t.device
+    cuda = device.type == "cuda"
+    t.model.train()
+    t0, seen, compute_s = time.perf_counter(), 0, 0.0
+    loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
+    for batch in batches:
+        c0 = time.perf_counter()
+        x = train_input(batch["image"].to(device, non_blocking=True), image_size=cfg.image_size, mean=t.spec.mean,
+                        std=t.spec.std, strength=cfg.augment, generator=t.gen)
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = batch["labels"].to(device, non_blocking=True)
+        if cfg.mixup:
+            x, y = mixup(x, y, lam=float(t.rng.beta(cfg.mixup, cfg.mixup)), generator=t.gen)
+        with torch.autocast(device.type, dtype=t.amp_dtype, enabled=t.amp_dtype is not None):
+            out = t.model(x)
+        loss = masked_bce(out.float(), y, pos_weight=t.pos_weight, smoothing=cfg.label_smoothing)
+        t.opt.zero_grad(set_to_none=True)
+        t.scaler.scale(loss).backward()
+        t.scaler.step(t.opt)
+        t.scaler.update()
+        t.sched.step()
+        if t.ema is not None:
+            t.ema.update(t.bare, step=t.sched.last_epoch)
+        compute_s += time.perf_counter() - c0
+        seen += len(y)
+        loss_sum += loss.detach() * len(y)
+    if cuda:
+        torch.cuda.synchronize(device)
+    train_s = time.perf_counter() - t0
+    return {"train_loss": loss_sum.item() / max(1, seen), "lr": t.sched.get_last_lr()[0],
+            "train_images_per_s": seen * t.world / max(train_s, 1e-9), "train_time_s": train_s,
+            "train_compute_s": compute_s}
+
+
+def validate(t: _Trial, batches) -> dict:
+    """Validation figures of the evaluated weights on the target finding, where it is known.
+
+    Scores through :func:`raycxr.predict.logits` (the path promote, evaluate and predict use);
+    AUC is computed on the logits (a sigmoid does not change a ranking), the loss on their sigmoid.
+    """
+    from scipy.special import expit
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    from raycxr.predict import target_logits
+
+    z, labels = [], []
+    for batch in batches:
+        z.append(target_logits(t.evaluated, t.spec, batch["image"], device=t.device))
+        labels.append(batch["labels"][:, t.spec.target_index].cpu().numpy())
+    z, labels = (np.concatenate(z), np.concatenate(labels)) if z else (np.zeros(0), np.zeros(0))
+    known = labels >= 0
+    z, labels = z[known], labels[known]
+    probs = expit(z)
+    both = len(np.unique(labels)) == 2
+    return {"val_auc": float(roc_auc_score(labels, z)) if both else float("nan"),
+            "val_loss": float(log_loss(labels, np.clip(probs, 1e-7, 1 - 1e-7), labels=[0, 1])) if len(z) else
+            float("nan"),
+            "val_accuracy": float(np.mean((probs >= 0.5) == labels)) if len(z) else float("nan"),
+            "val_images": int(len(labels))}
+
+
+def _resume(t: _Trial, ckpt) -> tuple[int, float, dict | None]:
+    """(first epoch to run, best validation AUC so far, the checkpoint's metrics) from a checkpoint."""
+    import torch
+    from safetensors.torch import load_file
+
+    with ckpt.as_directory() as d:
+        t.evaluated.load_state_dict(load_file(str(Path(d) / "model.safetensors")))
+        state = torch.load(Path(d) / "train_state.pt", map_location="cpu", weights_only=True)
+    if t.ema is not None:  # the checkpoint's safetensors hold the average; the raw weights are here
+        t.bare.load_state_dict(state["model"])
+    t.opt.load_state_dict(state["optimizer"])
+    t.sched.load_state_dict(state["scheduler"])
+    return int(state["epoch"]) + 1, float(state.get("best_val_auc", float("nan"))), state.get("metrics")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One trial on one Ray Train worker: build, resume, then per epoch train, validate, report."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from raycxr.models import onnx_cpu_latency_ms
+
+    keep_freed_memory()
+    cfg = TrialConfig.from_tune(config)
+    ctx = ray.train.get_context()
+    t = build_trial(cfg, rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=ray.train.torch.get_device(),
+                    prepare=ray.train.torch.prepare_model)
     start_epoch, best_val_auc = 0, float("nan")
     if (ckpt := ray.train.get_checkpoint()) is not None:
-        from safetensors.torch import load_file
-
-        with ckpt.as_directory() as d:
-            evaluated.load_state_dict(load_file(str(Path(d) / "model.safetensors")))
-            state = torch.load(Path(d) / "train_state.pt", map_location="cpu", weights_only=True)
-        if ema is not None:  # the checkpoint's safetensors hold the average; the raw weights are here
-            bare.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start_epoch = int(state["epoch"]) + 1
-        best_val_auc = float(state.get("best_val_auc", float("nan")))
+        start_epoch, best_val_auc, metrics = _resume(t, ckpt)
         log.info("resumed from checkpoint at epoch %d", start_epoch)
         # Report the checkpoint's epoch again: when the driver died, the epochs reported since its
         # last save never reached Tune, and this checkpoint (the one Ray Train kept) would then be
         # one Tune never heard of. The leaderboard keeps the last row of each epoch.
-        if state.get("metrics"):
-            again = {**state["metrics"], "resumed_from_epoch": start_epoch, "reported_again": True}
-            if rank == 0:
+        if metrics:
+            again = {**metrics, "resumed_from_epoch": start_epoch, "reported_again": True}
+            if t.rank == 0:
                 again["checkpoint_path"] = ckpt.path
             ray.train.report(again)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    size = config["image_size"]
-    trial_meta = {k: config.get(k) for k in (*HYPERPARAMETERS, "seed", "findings", "target")}
-    trial_meta.update(mean=mean, std=std, ingest_image_size=config["ingest_image_size"],
-                      resize=config["resize"], trial_id=config.get("trial_id", ""))
-
+    record = CheckpointRecord(spec=t.spec, hyperparameters=cfg.hyperparameters(), seed=cfg.seed)
     collate = _collate_fn()
+    cuda = t.device.type == "cuda"
     latency_ms = None  # of the model's ONNX export on this machine's CPU, measured once after the first epoch
-    for epoch in range(start_epoch, config["max_epochs"]):
-        model.train()
-        t0, seen, compute_s = time.perf_counter(), 0, 0.0
-        loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
+    for epoch in range(start_epoch, cfg.max_epochs):
         # Ray moves each collated batch to the training device in its prefetch thread (pinned
-        # host memory first on a GPU), so the loop below finds it there.
-        for batch in train_shard.iter_torch_batches(
-                batch_size=bs, collate_fn=collate, local_shuffle_buffer_size=max(4 * bs, 256),
-                local_shuffle_seed=config["seed"] * 1000 + epoch, prefetch_batches=_PREFETCH_BATCHES,
-                drop_last=False, pin_memory=cuda):
-            c0 = time.perf_counter()
-            x = train_input(batch["image"].to(device, non_blocking=True), image_size=size, mean=mean, std=std,
-                            strength=config["augment"], generator=gen)
-            if cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = batch["labels"].to(device, non_blocking=True)
-            if alpha:
-                x, y = mixup(x, y, lam=float(rng.beta(alpha, alpha)), generator=gen)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(x)
-            loss = masked_bce(logits.float(), y, pos_weight=pos_weight, smoothing=config["label_smoothing"])
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            if ema is not None:
-                ema.update(bare, step=sched.last_epoch)
-            compute_s += time.perf_counter() - c0
-            seen += len(y)
-            loss_sum += loss.detach() * len(y)
-        if cuda:
-            torch.cuda.synchronize(device)
-        train_s = time.perf_counter() - t0
-
-        metrics = {"epoch": epoch + 1, "train_loss": loss_sum.item() / max(1, seen), "resumed_from_epoch": start_epoch,
-                   "world_size": world, "device": device.type, "nodes": _worker_nodes(world),
-                   "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32"),
-                   "channels_last": cuda,
-                   "lr": sched.get_last_lr()[0], "train_images_per_s": seen * world / max(train_s, 1e-9),
-                   "train_time_s": train_s, "train_compute_s": compute_s}
-        if rank == 0:
-            probs, labels = evaluate_batches(
-                evaluated, val_shard.iter_torch_batches(batch_size=256, collate_fn=collate),
-                image_size=size, mean=mean, std=std, device=device)
-            known = labels[:, target] >= 0  # validation scores the target finding where it is known
-            probs, labels = probs[known, target], labels[known, target]
-            both = len(np.unique(labels)) == 2
-            val_auc = float(roc_auc_score(labels, probs)) if both else float("nan")
-            if not math.isnan(val_auc) and not best_val_auc >= val_auc:  # running max; NaN neither starts nor ends it
-                best_val_auc = val_auc
-            if latency_ms is None:
-                try:
-                    latency_ms = onnx_cpu_latency_ms(evaluated, size)
-                except Exception as exc:  # a missing latency must not cost the trial its training
-                    log.warning("could not measure the ONNX latency of %s: %s", config["model"], exc)
-                    latency_ms = float("nan")
-            metrics.update(
-                val_auc=val_auc, val_auc_best=best_val_auc, latency_ms=latency_ms,
-                val_loss=float(log_loss(labels, np.clip(probs, 1e-7, 1 - 1e-7), labels=[0, 1])),
-                val_accuracy=float(np.mean((probs >= 0.5) == labels)),
-                val_images=int(len(labels)))
-            with tempfile.TemporaryDirectory() as tmp:
-                train_state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
-                               "best_val_auc": best_val_auc, "metrics": metrics}
-                if ema is not None:
-                    train_state["model"] = {k: v.detach().cpu() for k, v in bare.state_dict().items()}
-                save_checkpoint(Path(tmp), model=evaluated, trial=trial_meta, train_state=train_state)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"epoch_{epoch + 1:03d}")
-        else:
+        # host memory first on a GPU), so the loop finds it there.
+        metrics = train_one_epoch(t, train_shard.iter_torch_batches(
+            batch_size=cfg.batch_size, collate_fn=collate, local_shuffle_buffer_size=max(4 * cfg.batch_size, 256),
+            local_shuffle_seed=cfg.seed * 1000 + epoch, prefetch_batches=_PREFETCH_BATCHES, drop_last=False,
+            pin_memory=cuda))
+        metrics.update({"epoch": epoch + 1, "resumed_from_epoch": start_epoch, "world_size": t.world,
+                        "device": t.device.type, "nodes": _worker_nodes(t.world),
+                        "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(t.amp_dtype, "fp32"),
+                        "channels_last": cuda})
+        if t.rank != 0:
             ray.train.report(metrics)
+            continue
+        metrics.update(validate(t, val_shard.iter_torch_batches(batch_size=256, collate_fn=collate)))
+        val_auc = metrics["val_auc"]
+        if not math.isnan(val_auc) and not best_val_auc >= val_auc:  # running max; NaN neither starts nor ends it
+            best_val_auc = val_auc
+        if latency_ms is None:
+            try:
+                latency_ms = onnx_cpu_latency_ms(t.evaluated, cfg.image_size)
+            except Exception as exc:  # a missing latency must not cost the trial its training
+                log.warning("could not measure the ONNX latency of %s: %s", cfg.model, exc)
+                latency_ms = float("nan")
+        metrics.update(val_auc_best=best_val_auc, latency_ms=latency_ms)
+        with tempfile.TemporaryDirectory() as tmp:
+            train_state = {"optimizer": t.opt.state_dict(), "scheduler": t.sched.state_dict(), "epoch": epoch,
+                           "best_val_auc": best_val_auc, "metrics": metrics}
+            if t.ema is not None:
+                train_state["model"] = {k: v.detach().cpu() for k, v in t.bare.state_dict().items()}
+            save_checkpoint(Path(tmp), model=t.evaluated, record=record, train_state=train_state)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"epoch_{epoch + 1:03d}")

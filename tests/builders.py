@@ -238,3 +238,31 @@ def build_all(base: Path) -> dict[str, Path]:
         "jsrt": build_jsrt(base / "jsrt"),
         "csv": build_csv(base / "kit"),
     }
+
+
+def promoted_model(directory: Path, *, head_scale: float = 1.0, stored_size: int = 32, image_size: int = 32,
+                   calibration: dict | None = None, threshold: float = 0.5, tta: bool = False) -> Path:
+    """A promoted-model folder written through raycxr's own PromotedModel, without a search: a
+    tiny timm network with random weights (its classifier scaled by ``head_scale``, so logits can
+    be made as large as a test needs)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from raycxr.labels import FINDINGS
+    from raycxr.models import ModelSpec, PromotedModel
+
+    torch.manual_seed(0)
+    spec = ModelSpec(architecture="test_resnet", findings=FINDINGS, target="pneumonia", image_size=image_size,
+                     stored_size=stored_size, resize="pad", mean=0.5, std=0.25)
+    net = spec.network()
+    head = net.get_classifier()
+    with torch.no_grad():
+        head.weight.mul_(head_scale)
+        head.bias.mul_(head_scale)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(directory / "model.safetensors"))
+    PromotedModel(spec=spec, threshold=threshold, threshold_rule="youden",
+                  calibration=calibration or {"method": "platt", "scale": 1.0, "bias": 0.0},
+                  class_names=("not_pneumonia", "pneumonia"), tta=tta, operating_points={"youden": threshold},
+                  selection={"rule": "test", "kind": "single", "why": "built by the tests"}).save(directory)
+    return directory

@@ -110,9 +110,9 @@ def test_end_to_end(ray_local, tmp_path, sample_dir, capsys, monkeypatch):
     assert "Holdout metrics" in (model_dir / "model_card.md").read_text()
 
     # The threshold and calibration come from validation alone: recompute them from val predictions.
-    from raycxr.evaluate import calibrate_logits, choose_operating_threshold, fit_calibration
-    from raycxr.predict import load_promoted
-    from raycxr.promote import split_arrays, target_logits
+    from raycxr.metrics import calibrate_logits, choose_operating_threshold, fit_calibration
+    from raycxr.data import split_arrays
+    from raycxr.predict import load_promoted, target_logits
 
     # Loading a promoted model never unpickles: every unpickling entry point fails while it loads.
     import pickle
@@ -126,13 +126,13 @@ def test_end_to_end(ray_local, tmp_path, sample_dir, capsys, monkeypatch):
         model_v, cfg_v = load_promoted(model_dir)
     from raycxr.transforms import TestTimeAugment
 
-    assert isinstance(model_v, TestTimeAugment) and cfg_v["tta"] is True
+    assert isinstance(model_v, TestTimeAugment) and cfg_v.tta is True
     val = split_arrays(data, "val", "pneumonia")
-    vz, vy, vg = target_logits(model_v, cfg_v, val.images), val.y, val.groups
+    vz, vy, vg = target_logits(model_v, cfg_v.spec, val.images), val.y, val.groups
     cal = fit_calibration(vy, vz)
     thr, _ = choose_operating_threshold(vy, calibrate_logits(vz, cal), vg, rule="youden")
-    assert cfg_v["calibration"]["scale"] == pytest.approx(cal["scale"])
-    assert cfg_v["calibration"]["bias"] == pytest.approx(cal["bias"]) and cfg_v["threshold"] == pytest.approx(thr)
+    assert cfg_v.calibration["scale"] == pytest.approx(cal["scale"])
+    assert cfg_v.calibration["bias"] == pytest.approx(cal["bias"]) and cfg_v.threshold == pytest.approx(thr)
 
     # External validation: the same metrics on any ingested split, written next to the model.
     capsys.readouterr()
@@ -141,13 +141,37 @@ def test_end_to_end(ray_local, tmp_path, sample_dir, capsys, monkeypatch):
     assert evaluation["metrics"]["pooled"]["n"] == len(vy)
     assert evaluation["metrics"]["pooled"]["auc"] == pytest.approx(card["validation"]["auc"])
 
+    # One scoring path: promote's holdout probabilities, evaluate's on the same split and predict's on
+    # PNG copies of the same stored films are the same numbers (tests/test_predict.py: also past |16|).
+    assert main(["evaluate", "--model", str(model_dir), "--data", str(data), "--split", "holdout",
+                 "--bootstrap", "20"]) == 0
+
+    def probabilities(path):
+        with open(path) as f:
+            return np.array([float(r["probability"]) for r in csv.DictReader(f)])
+
+    promoted_p = probabilities(model_dir / "holdout_predictions.csv")
+    evaluated_p = probabilities(next((model_dir / "evaluations").glob("*-holdout-predictions.csv")))
+    np.testing.assert_allclose(evaluated_p, promoted_p, rtol=1e-12)
+    hold = split_arrays(data, "holdout", "pneumonia")
+    pngs = []
+    for i, img in enumerate(hold.images[:6, 0]):
+        pngs.append(tmp_path / "holdout-png" / f"{i}.png")
+        pngs[-1].parent.mkdir(exist_ok=True)
+        Image.fromarray(img).save(pngs[-1])
+    from raycxr.predict import predict as predict_files
+
+    # float32 convolutions give last-bit differences between a batch of 6 and one of 128: 1e-6, not 0
+    np.testing.assert_allclose([r.probability for r in predict_files(model_dir, pngs)], promoted_p[:6], atol=1e-6)
+
     # Exports agree with the eager model on real images, loaded independently of promote.
     import onnxruntime as ort
 
     from raycxr.data import decode_images, read_split
     from raycxr.transforms import to_model_input
 
-    model, cfg = load_promoted(model_dir)
+    model, promoted = load_promoted(model_dir)
+    cfg = json.loads((model_dir / "config.json").read_text())["spec"]  # read as a user would, not through raycxr
     rows = read_split(data, "holdout", columns=["image", "height", "width"]).to_pydict()
     x = to_model_input(torch.from_numpy(decode_images(rows).copy()), image_size=cfg["image_size"],
                        mean=cfg["mean"], std=cfg["std"])
@@ -174,14 +198,14 @@ def test_end_to_end(ray_local, tmp_path, sample_dir, capsys, monkeypatch):
     for r in pred[:3]:
         p = float(r["probability"])
         assert 0.0 <= p <= 1.0 and r["label"] in ("not_pneumonia", "pneumonia")
-        img = torch.from_numpy(load_for_model(r["file"], cfg["preprocessing"]["stored_size"], policy="pad"))[None, None]
+        img = torch.from_numpy(load_for_model(r["file"], cfg["stored_size"], policy=cfg["resize"]))[None, None]
         with torch.no_grad():
             logits = model(to_model_input(img, image_size=cfg["image_size"], mean=cfg["mean"], std=cfg["std"]))
             # the calibrated probability: Platt scaling of the logit, fitted on validation
-            cal = cfg["calibration"]
+            cal = promoted.calibration
             expect = torch.sigmoid(logits[0, cfg["findings"].index("pneumonia")] * cal["scale"] + cal["bias"]).item()
         assert p == pytest.approx(expect, abs=1e-4)
-        assert r["label"] == ("pneumonia" if p >= cfg["threshold"] else "not_pneumonia")
+        assert r["label"] == ("pneumonia" if p >= promoted.threshold else "not_pneumonia")
 
     # JSON output, Grad-CAM overlays, and a warning for a lateral DICOM.
     from tests.builders import dicom_from_array
@@ -214,21 +238,21 @@ def test_end_to_end(ray_local, tmp_path, sample_dir, capsys, monkeypatch):
                  "--target-specificity", "0.9"]) == 0
     ens_card = json.loads((ens_dir / "model_card.json").read_text())
     ens, ens_cfg = load_promoted(ens_dir)
-    assert ens_card["selection"]["kind"] == "ensemble" and len(ens_cfg["members"]) == 2
-    assert ens_cfg["calibration"]["prior_shift"]["target_prevalence"] == 0.3
+    assert ens_card["selection"]["kind"] == "ensemble" and len(ens_cfg.spec.members) == 2
+    assert ens_cfg.calibration["prior_shift"]["target_prevalence"] == 0.3
     assert set(ens_card["operating_points"]) == {"youden", "sensitivity", "specificity", "bayes"}
-    assert ens_cfg["threshold"] == ens_card["operating_points"]["specificity"]["threshold"]
+    assert ens_cfg.threshold == ens_card["operating_points"]["specificity"]["threshold"]
     assert ens_card["operating_points"]["specificity"]["val_specificity"] >= 0.9
-    from raycxr.models import load_model
+    from raycxr.predict import logits
+    from raycxr.train import CheckpointRecord
 
-    members = [load_model(next((runs / "e2e" / "trials" / m["trial_id"]).rglob("model.safetensors")).parent,
-                          {**m, "findings": ens_cfg["findings"]}) for m in ens_cfg["members"]]
-    from raycxr.models import predict_logits
-
+    folders = [next((runs / "e2e" / "trials" / m.trial_id).rglob("model.safetensors")).parent
+               for m in ens_cfg.spec.members]
+    specs = [CheckpointRecord.load(f).spec for f in folders]
+    members = [spec.load_network(f) for spec, f in zip(specs, folders)]
     imgs = val.images[:12]
-    expect = np.mean([predict_logits(m, imgs, image_size=spec["image_size"], mean=spec["mean"], std=spec["std"])
-                      for m, spec in zip(members, ens_cfg["members"])], axis=0)
-    got = predict_logits(ens, imgs, image_size=ens_cfg["image_size"], mean=ens_cfg["mean"], std=ens_cfg["std"])
+    expect = np.mean([logits(m, spec, imgs) for m, spec in zip(members, specs)], axis=0)
+    got = logits(ens, ens_cfg.spec, imgs)
     assert np.abs(got - expect).max() < 1e-5
     md = (ens_dir / "model_card.md").read_text()
     assert "PPV at 30%" in md and "specificity (exported)" in md and "Ensemble of the tied finalists" in md

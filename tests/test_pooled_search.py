@@ -46,7 +46,7 @@ def test_pooled_sources_search_and_promote_without_phi(ray_local, tmp_path):
     assert not {"montgomery", "shenzhen", "jsrt"} & set(per_source)
     assert sum(m["n"] for m in per_source.values()) == card["holdout"]["pooled"]["n"]
     cfg = json.loads((model / "config.json").read_text())
-    assert cfg["findings"] == list(FINDINGS) and cfg["target"] == "pneumonia"
+    assert cfg["spec"]["findings"] == list(FINDINGS) and cfg["spec"]["target"] == "pneumonia"
     # predict on the KIT films, whose file names carry a planted name and ID: the overlays must not
     saliency = tmp_path / "saliency"
     kit_files = sorted((tmp_path / "src" / "kit" / "images").glob("*.png"))[:2]

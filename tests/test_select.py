@@ -5,6 +5,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from raycxr.errors import ConfigError
+
 
 def _logits(y, sep, rng, n_views=8, noise=1.0):
     """(V, N) logits whose separation between classes is ``sep``, a fresh noise draw per view."""
@@ -84,7 +86,7 @@ def test_fastest_within_picks_the_quickest_near_the_best():
     assert rows[fastest_within(rows, 0.005)[0]]["trial_id"] == "near"
     assert rows[fastest_within(rows, 0.0)[0]]["trial_id"] == "best"
     assert rows[fastest_within(rows, 0.1)[0]]["trial_id"] == "quick-but-worse"
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="negative"):
         fastest_within(rows, -0.1)
 
 
@@ -119,7 +121,9 @@ def test_ensemble_of_different_input_sizes_exports_as_one_graph(tmp_path, sample
     image, reproduces each member's own preprocessing, and TorchScript/ONNX agree within 1e-4."""
     from PIL import Image
 
-    from raycxr.models import create_model, predict_logits
+    from raycxr.labels import FINDINGS
+    from raycxr.models import MemberSpec, ModelSpec, create_model
+    from raycxr.predict import logits
     from raycxr.promote import _export
     from raycxr.transforms import Ensemble, to_model_input
 
@@ -130,11 +134,15 @@ def test_ensemble_of_different_input_sizes_exports_as_one_graph(tmp_path, sample
                    stds=[d for _, _, d in specs]).eval()
     files = sorted((sample_dir / "PNEUMONIA").iterdir())[:6]
     imgs = np.stack([np.asarray(Image.open(f).convert("L").resize((128, 128)))[None] for f in files])
-    members = [predict_logits(m, imgs, image_size=s, mean=mu, std=sd) for m, (s, mu, sd) in zip((a, b), specs)]
-    got = predict_logits(ens, imgs, image_size=128, mean=0.0, std=1.0)
+    def spec(size, mean, std, members=()):
+        return ModelSpec(architecture="ensemble" if members else "test_resnet", findings=FINDINGS, target="pneumonia",
+                         image_size=size, stored_size=128, resize="pad", mean=mean, std=std, members=members)
+
+    members = [logits(m, spec(*s), imgs) for m, s in zip((a, b), specs)]
+    got = logits(ens, spec(128, 0.0, 1.0, tuple(MemberSpec("test_resnet", *s) for s in specs)), imgs)
     assert np.abs(got - np.mean(members, axis=0)).max() < 1e-5
     x = to_model_input(torch.from_numpy(imgs), image_size=128, mean=0.0, std=1.0).numpy()
-    diffs = _export(ens, {}, tmp_path, x)
+    diffs = _export(ens, tmp_path, x)
     assert diffs["onnx"] <= 1e-4 and diffs["torchscript"] <= 1e-4
 
 
