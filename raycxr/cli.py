@@ -78,6 +78,7 @@ def _search(args) -> int:
                                     storage=args.storage, max_failures=args.max_failures,
                                     time_budget_min=args.time_budget, num_cpus=args.num_cpus, target=args.target,
                                     searcher=args.searcher, early_stopping=not args.no_early_stopping,
+                                    scheduler=args.scheduler,
                                     objective=args.objective, weights_dir=args.weights_dir))
     print("\nLeaderboard (validation AUC; the holdout is untouched):")
     print(format_leaderboard(board))
@@ -169,7 +170,7 @@ def _predict(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from raycxr.search import OBJECTIVES, SEARCHERS
+    from raycxr.search import OBJECTIVES, SCHEDULERS, SEARCHERS
 
     p = argparse.ArgumentParser(prog="raycxr", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -202,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--workers", type=int, default=0, help="decode processes (default: one per core)")
     i.set_defaults(fn=_ingest)
 
-    s = sub.add_parser("search", help="Ray Tune search (Optuna TPE + ASHA) over Ray Train trials")
+    s = sub.add_parser("search", help="Ray Tune search (Optuna TPE, optional ASHA) over Ray Train trials")
     s.add_argument("--data", type=Path, help="a folder written by `raycxr ingest`")
     s.add_argument("--space", help="a name in search_spaces/ (demo, cpu, default) or a YAML path")
     s.add_argument("--resume", metavar="RUN",
@@ -222,15 +223,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="finding whose validation AUC selects trials (default pneumonia); all known findings "
                         "are trained, unknown labels masked")
     s.add_argument("--searcher", choices=SEARCHERS, default="tpe",
-                   help="Optuna sampler: tpe (default) or random (a baseline to compare searches against)")
+                   help="Optuna sampler: tpe (default), gp (Gaussian process), cmaes (CMA-ES on the numeric "
+                        "parameters), or random (the baseline; BENCHMARKS.md compares them)")
     s.add_argument("--objective", choices=list(OBJECTIVES), default="auc",
                    help="auc (default): maximise validation AUC; auc-latency: a Pareto search of validation AUC "
                         "against the batch-1 CPU latency of each trial's ONNX export (for CPU-only clinics)")
     s.add_argument("--weights-dir", type=Path, metavar="DIR",
                    help="offline pretrained weights: DIR/MODEL.safetensors for `pretrained: imagenet` (overrides the "
                         "space's weights_dir; scripts/convert_weights.py makes EfficientNet-Lite's)")
-    s.add_argument("--no-early-stopping", action="store_true",
-                   help="run every trial to max_epochs (FIFO) instead of letting ASHA stop weak ones")
+    s.add_argument("--scheduler", choices=list(SCHEDULERS), default="none",
+                   help="early stopping: none (default: every trial to max_epochs; it beat ASHA with TPE in "
+                        "BENCHMARKS.md), asha, or hyperband (asynchronous, 3 brackets: more trials run long)")
+    s.add_argument("--no-early-stopping", action="store_true", help="the same as --scheduler none")
     s.set_defaults(fn=_search)
 
     st = sub.add_parser("status", help="leaderboard of a running or finished search")

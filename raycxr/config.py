@@ -4,7 +4,7 @@ A space file looks like::
 
     description: what this space is for
     trials: 8                  # Tune num_samples
-    max_epochs: 6              # ASHA's max_t (one report per epoch)
+    max_epochs: 6              # each trial's length, ASHA's max_t (one report per epoch)
     seed: 0
     resources: {workers_per_trial: 1, cpus_per_worker: 1, gpus_per_worker: 0}
     scheduler: {grace_period: 1, reduction_factor: 2}

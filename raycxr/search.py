@@ -1,4 +1,4 @@
-"""run_search(): Ray Tune (Optuna TPE + ASHA) over Ray Train TorchTrainer trials.
+"""run_search(): Ray Tune (an Optuna searcher, optionally ASHA) over Ray Train TorchTrainer trials.
 
 Layout of a run (``runs/NAME/`` by default, ``URI/NAME`` with ``--storage URI``; see storage.py)::
 
@@ -6,6 +6,7 @@ Layout of a run (``runs/NAME/`` by default, ``URI/NAME`` with ``--storage URI``;
     tune/             Ray Tune's experiment (state, per-trial results, TensorBoard events)
     trials/TRIAL_ID/  Ray Train's storage per trial: the best checkpoint (epoch_NNN/)
     leaderboard.csv   one row per trial, best validation AUC first
+    optuna.db         the Optuna study (local runs; ``optuna-dashboard sqlite:///RUN/optuna.db``)
 
 The holdout split is never opened here: only train and val reach the trials.
 """
@@ -39,10 +40,23 @@ _TRIAL_DRIVER_CPU = 0.001
 # ten trials (Tune places them before their workers, often on one node) never leave a node a
 # sliver short of a whole worker: N trials still fill N cores, and no trial waits on its own driver.
 _WORKER_CPU_SLACK = 0.01
-SEARCHERS = ("tpe", "random")  # Optuna samplers; random is the baseline to compare searches against
+# Optuna samplers: TPE (the default), a Gaussian process, CMA-ES, and random search, the baseline
+# every other is compared against (scripts/bench/lcbench_searchers.py, BENCHMARKS.md).
+SEARCHERS = ("tpe", "gp", "cmaes", "random")
+# Early stopping: none (every trial to max_epochs), ASHA (one bracket), or asynchronous HyperBand
+# (ASHA over brackets whose grace periods grow by the reduction factor: more trials run long).
+# The default is none with TPE: on the LCBench surrogate (5 tasks x 20 seeds, 2 and 8 workers,
+# scripts/bench/lcbench_searchers.py) TPE alone had the best mean rank of every arm and reached
+# random search's final median within a third of the budget on 4/5 and 5/5 tasks; TPE + ASHA did
+# so on 3/5 and 0/5 (BENCHMARKS.md).
+SCHEDULERS = {"asha": 1, "hyperband": 3, "none": 0}
+# What the searcher, ASHA and Tune's "current best" see: each trial's running best validation AUC,
+# which is exactly what the leaderboard and promote rank a trial by (its best epoch). A trial's last
+# epoch is not: a trial that peaks and then overfits would be told worse than it is.
+SEARCH_METRIC = "val_auc_best"
 # What the searcher optimises: validation AUC alone, or (multi-objective) AUC against the batch-1
 # CPU latency of the model's ONNX export, for clinics that run the model on a CPU box.
-OBJECTIVES = {"auc": ([METRIC], ["max"]), "auc-latency": (["val_auc_best", "latency_ms"], ["max", "min"])}
+OBJECTIVES = {"auc": ([SEARCH_METRIC], ["max"]), "auc-latency": ([SEARCH_METRIC, "latency_ms"], ["max", "min"])}
 LEADERBOARD_COLUMNS = ["rank", "trial_id", METRIC, "best_epoch", "epochs", "val_accuracy", "val_loss", "latency_ms",
                        *HYPERPARAMETERS, "status", "tune_status", "resumed_from_epoch", "checkpoint"]
 
@@ -62,7 +76,8 @@ class SearchConfig:
     target: str = "pneumonia"          # the finding whose validation AUC selects trials
     num_cpus: int | None = None        # local Ray only
     searcher: str = "tpe"              # Optuna sampler: "tpe" or "random" (a baseline)
-    early_stopping: bool = True        # ASHA; False runs every trial to max_epochs (FIFO)
+    early_stopping: bool = True        # False: every trial runs to max_epochs (FIFO), whatever scheduler says
+    scheduler: str = "none"            # "none" (the default: see SCHEDULERS), "asha", or "hyperband"
     objective: str = "auc"             # "auc", or "auc-latency": Pareto search of AUC against CPU latency
     weights_dir: Path | None = None    # overrides the space's weights_dir (offline pretrained weights)
 
@@ -90,6 +105,7 @@ class RunRecord:
     max_failures: int = 1
     searcher: str = "tpe"
     early_stopping: bool = True
+    scheduler: str = "none"
     objective: str = "auc"
     versions: dict = dataclasses.field(default_factory=dict)
     started: str = ""
@@ -301,13 +317,87 @@ def run_trial(config: dict, *, train_ds, val_ds, static: dict) -> None:
 
 
 def _sampler(name: str, *, seed: int, trials: int):
-    """The Optuna sampler named ``name``; TPE starts modelling after a quarter of the trials (3 to
-    10) instead of Optuna's fixed 10, which would leave a short search entirely random."""
+    """The Optuna sampler named ``name``. The model-based ones start modelling after a quarter of
+    the trials (3 to 10) instead of Optuna's fixed 10, which would leave a short search random.
+    CMA-ES samples categorical parameters (model, augment, ...) independently at random, as Optuna's
+    CmaEsSampler does; it models only the numeric ones."""
+    import warnings
+
     import optuna
 
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(3, trials // 4)))
+    startup = min(10, max(3, trials // 4))
+    with warnings.catch_warnings():  # GP and CMA-ES are "experimental" in Optuna's wording
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if name == "tpe":
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+        if name == "gp":
+            return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+        if name == "cmaes":
+            return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=startup, warn_independent_sampling=False)
     return optuna.samplers.RandomSampler(seed=seed)
+
+
+def _study_search(**kwargs):
+    """Ray's OptunaSearch, told what raycxr selects by (see :data:`SEARCH_METRIC`)."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    class StudySearch(OptunaSearch):
+        """Ray's OptunaSearch with two corrections, so that the study Optuna models (and that
+        ``optuna-dashboard`` shows) holds the values the leaderboard ranks by:
+
+        - intermediate values are reported per *epoch* (a resumed trial keeps its true step; the
+          epoch a resumed trial reports again is not reported twice);
+        - a trial that ends before ``max_epochs`` without an error (ASHA stopped it, or the time
+          budget) is told *pruned*, with its intermediate values, not *complete* with an early
+          epoch's value as if that were its final score (Ray's behaviour): a TPE model that mixed
+          fidelities so would learn that short trials are the good ones, or the bad ones.
+        Each Optuna trial carries its Tune trial id (user attribute ``tune_trial_id``).
+        """
+
+        def __init__(self, *, max_epochs: int, **kw):
+            super().__init__(**kw)
+            self._max_epochs = max_epochs
+            self._reported: dict[str, set] = {}  # epochs told to Optuna, per trial
+
+        def suggest(self, trial_id):
+            config = super().suggest(trial_id)
+            if trial_id in self._ot_trials:
+                self._ot_trials[trial_id].set_user_attr("tune_trial_id", trial_id)
+            return config
+
+        def on_trial_result(self, trial_id, result):
+            if (isinstance(self.metric, list) or trial_id in self._completed_trials or trial_id not in self._ot_trials
+                    or result.get("reported_again")):
+                return
+            value, epoch = result.get(self.metric), int(result.get("epoch") or 0)
+            reported = self._reported.setdefault(trial_id, set())
+            if value is not None and not math.isnan(value) and epoch not in reported:
+                self._ot_trials[trial_id].report(float(value), epoch)
+                reported.add(epoch)
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+                return
+            if result:  # Tune hands a trial's last result (ASHA's stop, the final epoch) to this alone
+                self.on_trial_result(trial_id, result)
+            metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+            values = [result.get(m) for m in metrics] if result else [None]
+            done = bool(result) and int(result.get("epoch") or 0) >= self._max_epochs
+            state, told = optuna.trial.TrialState.FAIL, None
+            if not error and result and any(v is None or math.isnan(v) for v in values):
+                state = optuna.trial.TrialState.FAIL  # no usable score (e.g. one class in validation)
+            elif not error and done:
+                state, told = optuna.trial.TrialState.COMPLETE, values if len(values) > 1 else values[0]
+            elif not error and result:
+                state = optuna.trial.TrialState.PRUNED
+            try:
+                self._ot_study.tell(self._ot_trials[trial_id], told, state=state)
+            except Exception as exc:  # Optuna refuses e.g. a pruned multi-objective trial's values
+                log.warning("the Optuna study did not take trial %s: %s", trial_id, exc)
+            self._completed_trials.add(trial_id)
+
+    return StudySearch(**kwargs)
 
 
 class KeepTrialHistory(Callback):
@@ -472,17 +562,49 @@ def _run_dir(cfg: SearchConfig, space: SearchSpace) -> tuple[str, RunStore]:
     return name, store
 
 
+def _scheduler(name: str, *, space: SearchSpace, max_epochs: int, own_metric: bool):
+    """The Tune scheduler ``name`` stands for (see :data:`SCHEDULERS`).
+
+    ASHA's clock is the epoch each trial reports, not Tune's iteration count: a trial resumed from
+    a checkpoint after a failure keeps its true position on the rungs. It stops on the running best
+    validation AUC; it is told so itself only when Tune's metric is unset (multi-objective), since
+    Tune refuses a metric given to both.
+    """
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if not SCHEDULERS[name]:
+        return FIFOScheduler()
+    own = {"metric": SEARCH_METRIC, "mode": "max"} if own_metric else {}
+    return ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=min(space.grace_period, max_epochs),
+                         reduction_factor=space.reduction_factor, brackets=SCHEDULERS[name], **own)
+
+
+STUDY_FILE = "optuna.db"
+
+
+def _study_storage(store: RunStore, name: str) -> dict:
+    """The Optuna study's storage: SQLite in the run folder for a local run (``optuna-dashboard
+    sqlite:///RUN/optuna.db`` shows it; ``optuna.load_study`` reads it), Optuna's memory for a run
+    on object storage (SQLite needs a file system every resume can reach)."""
+    if store.local is None:
+        return {}
+    import optuna
+
+    url = f"sqlite:///{store.local / STUDY_FILE}"
+    return {"storage": optuna.storages.RDBStorage(url), "study_name": name}
+
+
 def run_search(cfg: SearchConfig) -> list[dict]:
     """Run a search and return its leaderboard (best validation AUC first)."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     from raycxr.data import read_manifest
     from raycxr.models import min_image_size
 
     if cfg.searcher not in SEARCHERS:
         raise ConfigError(f"unknown searcher {cfg.searcher!r}; choose one of {list(SEARCHERS)}", source="searcher")
+    if cfg.scheduler not in SCHEDULERS:
+        raise ConfigError(f"unknown scheduler {cfg.scheduler!r}; choose one of {list(SCHEDULERS)}", source="scheduler")
     if cfg.objective not in OBJECTIVES:
         raise ConfigError(f"unknown objective {cfg.objective!r}; choose one of {list(OBJECTIVES)}", source="objective")
     space = load_space(cfg.space)
@@ -514,7 +636,8 @@ def run_search(cfg: SearchConfig) -> list[dict]:
             name=name, space=space.name, target=cfg.target, space_config=space.raw, data=str(Path(cfg.data).resolve()),
             data_fingerprint=manifest["fingerprint"], trials=trials, max_epochs=max_epochs, seed=space.seed,
             resources=plan, storage=store.uri, max_failures=cfg.max_failures, searcher=cfg.searcher,
-            early_stopping=cfg.early_stopping, objective=cfg.objective, versions=_versions(),
+            early_stopping=cfg.early_stopping and cfg.scheduler != "none", scheduler=cfg.scheduler,
+            objective=cfg.objective, versions=_versions(),
             started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         trainable = _trainable(record, space, plan, manifest)
     except BaseException:  # nothing ran: give the name back, so a corrected command can use it
@@ -534,18 +657,12 @@ def run_search(cfg: SearchConfig) -> list[dict]:
         sampler = _sampler(cfg.searcher, seed=space.seed, trials=trials)
         # Several objectives: Optuna's TPE models the Pareto front (MOTPE). Tune's own metric stays
         # unset then, or Tune would overwrite the searcher's list with a single metric.
-        searcher = OptunaSearch(metric=metrics if len(metrics) > 1 else METRIC,
-                                mode=modes if len(modes) > 1 else "max", sampler=sampler)
-    tune_metric = (METRIC, "max") if len(metrics) == 1 else (None, None)
-    # ASHA's clock is the epoch each trial reports, not Tune's iteration count: a trial resumed
-    # from a checkpoint after a failure keeps its true position on the rungs.
-    scheduler = FIFOScheduler()
-    if cfg.early_stopping:
-        # ASHA always stops on validation AUC; it is told so itself only when Tune's metric is unset
-        # (multi-objective), since Tune refuses a metric given to both.
-        own = {} if tune_metric[0] else {"metric": METRIC, "mode": "max"}
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=min(space.grace_period, max_epochs),
-                                  reduction_factor=space.reduction_factor, **own)
+        searcher = _study_search(metric=metrics if len(metrics) > 1 else SEARCH_METRIC,
+                                 mode=modes if len(modes) > 1 else "max", sampler=sampler, max_epochs=max_epochs,
+                                 **_study_storage(store, name))
+    tune_metric = (SEARCH_METRIC, "max") if len(metrics) == 1 else (None, None)
+    scheduler = _scheduler(cfg.scheduler if cfg.early_stopping else "none", space=space, max_epochs=max_epochs,
+                           own_metric=tune_metric[0] is None)
     tuner = tune.Tuner(
         trainable, param_space=_tune_space(space),
         tune_config=tune.TuneConfig(

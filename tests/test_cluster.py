@@ -163,7 +163,8 @@ def test_search_finishes_while_a_second_ray_runs_on_the_host(ray_local, dataset,
     space = tmp_path / "s.yaml"
     space.write_text("trials: 3\nmax_epochs: 2\nseed: 0\nscheduler: {grace_period: 1, reduction_factor: 2}\n"
                      "params: {model: test_resnet, lr: {loguniform: [1.0e-3, 1.0e-2]}, image_size: 32}\n")
-    board = run_search(SearchConfig(data=dataset, space=str(space), name="two-rays", runs_dir=tmp_path / "runs"))
+    board = run_search(SearchConfig(data=dataset, space=str(space), name="two-rays", runs_dir=tmp_path / "runs",
+                                    scheduler="asha"))
     assert len(board) == 3 and all(r["status"] == "ok" for r in board)
     record = json.loads((tmp_path / "runs" / "two-rays" / "run.json").read_text())
     assert record["resources"]["free_cpus"] == 2.0
@@ -176,6 +177,20 @@ def test_search_finishes_while_a_second_ray_runs_on_the_host(ray_local, dataset,
         time.sleep(2)
     assert not live, live
     assert ray.available_resources().get("CPU", 0) >= 1.99
+    # The Optuna study (SQLite in the run folder) holds what the leaderboard ranks by: a finished
+    # trial's best epoch; a trial ASHA stopped is pruned, with its epochs' running best.
+    import optuna
+
+    study = optuna.load_study(study_name="two-rays", storage=f"sqlite:///{tmp_path / 'runs' / 'two-rays' / 'optuna.db'}")
+    rows = {r["trial_id"]: r for r in board}
+    assert len(study.trials) == 3
+    for t in study.trials:
+        row = rows[t.user_attrs["tune_trial_id"]]
+        assert max(t.intermediate_values.values()) == pytest.approx(row["val_auc"])
+        if row["epochs"] == 2:
+            assert t.state == optuna.trial.TrialState.COMPLETE and t.value == pytest.approx(row["val_auc"])
+        else:
+            assert t.state == optuna.trial.TrialState.PRUNED and sorted(t.intermediate_values) == [1]
 
 
 # --- Real multi-node clusters from Ray's own CLI, as README "Running on a cluster" does them ---

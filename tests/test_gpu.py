@@ -60,7 +60,8 @@ params:
   lr: {loguniform: [1.0e-4, 1.0e-1]}
   batch_size: 32
 """)
-    assert main(["search", "--data", str(data), "--space", str(space), "--name", "gpu", "--runs-dir", str(runs)]) == 0
+    assert main(["search", "--data", str(data), "--space", str(space), "--name", "gpu", "--runs-dir", str(runs),
+                 "--scheduler", "asha"]) == 0
 
     board = list(csv.DictReader(open(runs / "gpu" / "leaderboard.csv")))
     assert len(board) == 6 and all(r["status"].startswith("ok") for r in board)
