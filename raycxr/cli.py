@@ -147,6 +147,12 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _cell(text: str) -> str:
+    """A CSV cell a spreadsheet will not run: a leading = + - @ (or tab / CR) starts a formula in
+    Excel and LibreOffice, so such cells get a leading apostrophe (OWASP's advice for CSV export)."""
+    return f"'{text}" if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
 def _predict(args) -> int:
     import csv
     import dataclasses
@@ -161,8 +167,8 @@ def _predict(args) -> int:
         w = csv.writer(sys.stdout)
         w.writerow(["file", "probability", "label", "error", "warning", "saliency"])
         for r in rows:
-            w.writerow([r.file, "" if r.probability is None else f"{r.probability:.4f}", r.label or "", r.error,
-                        r.warning, r.saliency])
+            w.writerow([_cell(r.file), "" if r.probability is None else f"{r.probability:.4f}", _cell(r.label or ""),
+                        _cell(r.error), _cell(r.warning), _cell(r.saliency)])
     failed = sum(bool(r.error) for r in rows)
     if failed:
         print(f"{failed} of {len(rows)} files could not be read", file=sys.stderr)

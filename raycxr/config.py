@@ -257,8 +257,33 @@ def load_space(name_or_path: str | Path) -> SearchSpace:
     if not path.is_file():
         raise ConfigError(f"no search space {name_or_path!r}: give a YAML path or one of: "
                           f"{', '.join(list_spaces())}", source="--space")
+    source = f"search space {path}"
+    if path.stat().st_size > MAX_SPACE_BYTES:
+        raise ConfigError(f"{path.stat().st_size} bytes: a search space is a few hundred bytes; at most "
+                          f"{MAX_SPACE_BYTES} are read", source=source)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_loader())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"not valid YAML: {exc}", source=f"search space {path}") from exc
+        raise ConfigError(f"not valid YAML: {exc}", source=source) from exc
+    except RecursionError:
+        raise ConfigError("nested too deeply to be a search space", source=source) from None
     return parse_space(raw, name=path.stem)
+
+
+MAX_SPACE_BYTES = 64 * 1024
+
+
+def _loader():
+    """PyYAML's safe loader without aliases: ``*name`` lets a few hundred bytes expand into
+    gigabytes (a "billion laughs" file), and a search space never needs one."""
+    import yaml
+
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.events.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a search space; "
+                                                  "write the value out", mark)
+            return super().compose_node(parent, index)
+
+    return NoAliases

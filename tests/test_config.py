@@ -94,3 +94,26 @@ def test_old_top_level_pretrained_switch_and_missing_offline_weights(tmp_path):
                         name="w")
     problems = _check_weights(space)
     assert len(problems) == 2 and "resnet18.safetensors is missing" in problems[1] and "/nope.pth" in problems[0]
+
+
+def test_yaml_aliases_and_huge_or_deep_files_are_refused_before_they_expand(tmp_path):
+    """A 'billion laughs' file: a few hundred bytes whose aliases expand to 10^9 list items."""
+    from raycxr.config import load_space
+
+    lines = ['a: &a ["x","x","x","x","x","x","x","x","x","x"]']
+    lines += [f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},"
+              f"*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)}]"
+              for i in range(8)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    assert bomb.stat().st_size < 1000
+    with pytest.raises(ConfigError, match="aliases"):
+        load_space(bomb)
+    big = tmp_path / "big.yaml"
+    big.write_text("description: " + "x" * 70_000 + "\n")
+    with pytest.raises(ConfigError, match="at most 65536"):
+        load_space(big)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("params: " + "[" * 20_000 + "]" * 20_000 + "\n")
+    with pytest.raises(ConfigError, match="nested too deeply|not valid YAML"):
+        load_space(deep)

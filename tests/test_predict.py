@@ -74,3 +74,30 @@ def test_the_scorer_accepts_torch_batches_and_numpy_alike(tmp_path, small_data):
     b = logits(net, promoted.spec, torch.from_numpy(images.copy()), batch_size=4)
     assert a.shape == (10, len(promoted.spec.findings))
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_are_escaped(tmp_path, sample_dir, capsys):
+    """A file named like a formula must not become one when predict's CSV is opened in Excel."""
+    from raycxr.cli import main
+
+    model_dir = promoted_model(tmp_path / "m")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    evil = folder / "=HYPERLINK(1)+2.png"
+    Image.open(sorted((sample_dir / "NORMAL").iterdir())[0]).convert("L").save(evil)
+    plus = folder / "+1.png"
+    plus.write_bytes(b"not an image")
+    capsys.readouterr()
+    assert main(["predict", "--model", str(model_dir), str(folder)]) == 1
+    rows = list(csv.DictReader(capsys.readouterr().out.splitlines()))
+    assert {r["file"] for r in rows} == {str(evil), str(plus)}  # absolute paths start with "/"
+    import os
+
+    os.chdir(folder)  # relative names start with the formula character
+    try:
+        main(["predict", "--model", str(model_dir), evil.name, plus.name])
+    finally:
+        os.chdir(tmp_path)
+    rows = list(csv.DictReader(capsys.readouterr().out.splitlines()))
+    assert [r["file"] for r in rows] == ["'" + evil.name, "'" + plus.name]
+    assert rows[1]["error"] and not rows[1]["error"].startswith(("=", "+", "-", "@"))

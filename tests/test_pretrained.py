@@ -156,7 +156,8 @@ def test_a_search_trial_starts_from_the_offline_imagenet_weights(ray_local, data
     stem = load_file(str(weights_dir / "tf_efficientnet_lite0.safetensors"))["conv_stem.weight"].sum(1).flatten()
     for r in board:
         ckpt = Path(r["checkpoint"])
-        assert json.loads((ckpt / "trial.json").read_text())["pretrained"] == r["pretrained"]
+        record = json.loads((ckpt / "trial.json").read_text())  # read as a user would, not through raycxr
+        assert record["spec"]["pretrained"] == record["hyperparameters"]["pretrained"] == r["pretrained"]
         got = load_file(str(ckpt / "model.safetensors"))["conv_stem.weight"].flatten()
         corr = float(torch.corrcoef(torch.stack([stem, got]))[0, 1])
         assert (corr > 0.95) if r["pretrained"] == "imagenet" else (abs(corr) < 0.5), (r["pretrained"], corr)
