@@ -25,7 +25,7 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path, *, split: str = 
     calibration and threshold; written to ``MODEL/evaluations/FINGERPRINT-SPLIT.json`` and, when the
     data is not the model's own, added to the model card's internal-vs-external comparison."""
     from raycxr.card import write_model_card
-    from raycxr.data import SPLITS, SplitArrays, read_manifest, split_arrays
+    from raycxr.data import SPLITS, read_manifest, split_arrays
     from raycxr.metrics import calibrate_logits, report
     from raycxr.predict import load_promoted, target_logits, write_predictions
 
@@ -62,8 +62,8 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path, *, split: str = 
     out = Path(model_dir) / "evaluations" / f"{manifest['fingerprint']}-{split}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    scored = SplitArrays(np.zeros(0), y, g, src)
-    result["predictions"] = str(write_predictions(out.with_name(out.stem + "-predictions.csv"), scored, probabilities))
+    result["predictions"] = str(write_predictions(out.with_name(out.stem + "-predictions.csv"), sources=src, groups=g,
+                                                  y=y, probabilities=probabilities))
     if card is not None and not own:  # the card compares internal with every external evaluation (one entry per dataset and split)
         pooled = result["metrics"]["pooled"]
         entry = {"data": result["data"], "fingerprint": result["fingerprint"], "split": split,

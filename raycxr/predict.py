@@ -151,15 +151,15 @@ def target_logits(model, spec: ModelSpec, images, **kwargs) -> np.ndarray:
     return logits(model, spec, images, **kwargs)[:, spec.target_index]
 
 
-def write_predictions(path: Path, split, probabilities: np.ndarray) -> Path:
-    """One row per scored image of a split (:class:`raycxr.data.SplitArrays`, in shard order):
-    source, salted patient hash, label and calibrated probability. No file names: they can carry IDs."""
+def write_predictions(path: Path, *, sources, groups, y, probabilities) -> Path:
+    """One row per scored image (in shard order): source, salted patient hash, label and calibrated
+    probability. No file names: they can carry IDs."""
     import csv
 
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["row", "source", "patient_hash", "label", "probability"])
-        for i, (src, g, y, p) in enumerate(zip(split.sources, split.groups, split.y, probabilities)):
+        for i, (src, g, y, p) in enumerate(zip(sources, groups, y, probabilities)):
             w.writerow([i, src, g, int(y), repr(float(p))])
     return path
 

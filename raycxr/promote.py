@@ -233,7 +233,8 @@ def promote(cfg: PromoteConfig) -> dict:
     store.append_line("holdout_reads.jsonl", json.dumps({
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "trial_id": "+".join(r["trial_id"] for r in chosen),
         "out": str(out.resolve())}))
-    write_predictions(out / "holdout_predictions.csv", hold, hp)
+    write_predictions(out / "holdout_predictions.csv", sources=hold.sources, groups=hold.groups, y=hold.y,
+                      probabilities=hp)
     holdout = report(hold.y, hp, groups=hold.groups, sources=hold.sources, threshold=threshold, n_boot=cfg.n_boot,
                      seed=cfg.seed)
     at_points = {}

@@ -384,12 +384,11 @@ def _study_search(**kwargs):
             metrics = self.metric if isinstance(self.metric, list) else [self.metric]
             values = [result.get(m) for m in metrics] if result else [None]
             done = bool(result) and int(result.get("epoch") or 0) >= self._max_epochs
-            state, told = optuna.trial.TrialState.FAIL, None
-            if not error and result and any(v is None or math.isnan(v) for v in values):
-                state = optuna.trial.TrialState.FAIL  # no usable score (e.g. one class in validation)
-            elif not error and done:
+            usable = not error and bool(result) and not any(v is None or math.isnan(v) for v in values)
+            state, told = optuna.trial.TrialState.FAIL, None  # an error, or no usable score (one class in val)
+            if usable and done:
                 state, told = optuna.trial.TrialState.COMPLETE, values if len(values) > 1 else values[0]
-            elif not error and result:
+            elif usable:
                 state = optuna.trial.TrialState.PRUNED
             try:
                 self._ot_study.tell(self._ot_trials[trial_id], told, state=state)

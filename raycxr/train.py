@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from raycxr.config import HYPERPARAMETERS
 from raycxr.errors import ConfigError
 from raycxr.models import SCHEMA_VERSION, ModelSpec
 
@@ -185,19 +186,13 @@ class CheckpointRecord:
             spec = {"architecture": raw.get("model"), "stored_size": raw.get("ingest_image_size"),
                     **{k: raw.get(k) for k in ("findings", "target", "image_size", "resize", "mean", "std",
                                                "drop_rate", "pretrained", "trial_id") if raw.get(k) is not None}}
-            raw = {"spec": spec, "hyperparameters": {k: v for k, v in raw.items() if k in _hyperparameter_names()},
+            raw = {"spec": spec, "hyperparameters": {k: v for k, v in raw.items() if k in HYPERPARAMETERS},
                    "seed": raw.get("seed", 0)}
         elif raw["schema_version"] != SCHEMA_VERSION:
             raise ConfigError(f"schema_version {raw['schema_version']!r}: written by another raycxr version "
                               f"(this one reads {SCHEMA_VERSION})", source=str(path))
         return cls(spec=read_json_spec(raw.get("spec"), source=str(path)),
                    hyperparameters=dict(raw.get("hyperparameters") or {}), seed=int(raw.get("seed") or 0))
-
-
-def _hyperparameter_names() -> tuple:
-    from raycxr.config import HYPERPARAMETERS
-
-    return HYPERPARAMETERS
 
 
 def save_checkpoint(directory: Path, *, model, record: CheckpointRecord, train_state: dict | None = None) -> None:

@@ -240,7 +240,7 @@ def build_all(base: Path) -> dict[str, Path]:
     }
 
 
-def promoted_model(directory: Path, *, head_scale: float = 1.0, stored_size: int = 32, image_size: int = 32,
+def promoted_model(directory: Path, *, head_scale: float = 1.0, stored_size: int = 64, image_size: int = 32,
                    calibration: dict | None = None, threshold: float = 0.5, tta: bool = False) -> Path:
     """A promoted-model folder written through raycxr's own PromotedModel, without a search: a
     tiny timm network with random weights (its classifier scaled by ``head_scale``, so logits can

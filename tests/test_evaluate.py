@@ -12,21 +12,13 @@ from raycxr.cli import main
 from raycxr.data import split_arrays
 from raycxr.errors import ConfigError
 from raycxr.evaluate import evaluate_model
-from raycxr.ingest import IngestConfig, ingest
 from tests.builders import promoted_model
 
 
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory, sample_dir):
-    out = tmp_path_factory.mktemp("data") / "d"
-    ingest(IngestConfig(sources={"kermany": sample_dir}, out=out, image_size=32, workers=1))
-    return out
-
-
-def test_every_split_scores_every_known_label_once_and_writes_per_image_rows(small_data, tmp_path):
+def test_every_split_scores_every_known_label_once_and_writes_per_image_rows(dataset, tmp_path):
     model_dir = promoted_model(tmp_path / "m")
-    result = evaluate_model(model_dir, small_data, split="all", n_boot=20)
-    n = sum(len(split_arrays(small_data, s, "pneumonia").y) for s in ("train", "val", "holdout"))
+    result = evaluate_model(model_dir, dataset, split="all", n_boot=20)
+    n = sum(len(split_arrays(dataset, s, "pneumonia").y) for s in ("train", "val", "holdout"))
     assert result["metrics"]["pooled"]["n"] == n == 300
     assert set(result["metrics"]["per_source"]) == {"kermany"}
     with open(result["predictions"]) as f:
@@ -38,10 +30,10 @@ def test_every_split_scores_every_known_label_once_and_writes_per_image_rows(sma
     assert not (model_dir / "model_card.md").exists()  # a folder without a card is scored, not given one
 
 
-def test_evaluate_refuses_a_split_that_does_not_exist_and_a_model_that_is_not_one(small_data, tmp_path, capsys):
+def test_evaluate_refuses_a_split_that_does_not_exist_and_a_model_that_is_not_one(dataset, tmp_path, capsys):
     model_dir = promoted_model(tmp_path / "m")
     with pytest.raises(ConfigError, match="unknown split 'test'"):
-        evaluate_model(model_dir, small_data, split="test")
+        evaluate_model(model_dir, dataset, split="test")
     (model_dir / "config.json").write_text("[]")
-    assert main(["evaluate", "--model", str(model_dir), "--data", str(small_data)]) == 2
+    assert main(["evaluate", "--model", str(model_dir), "--data", str(dataset)]) == 2
     assert "must be a JSON object" in capsys.readouterr().err

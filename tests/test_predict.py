@@ -5,24 +5,15 @@ from __future__ import annotations
 import csv
 
 import numpy as np
-import pytest
 from PIL import Image
 from scipy.special import expit
 
 from raycxr.data import split_arrays
-from raycxr.ingest import IngestConfig, ingest
 from raycxr.predict import load_promoted, predict, target_logits
 from tests.builders import promoted_model
 
 
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory, sample_dir):
-    out = tmp_path_factory.mktemp("data") / "d"
-    ingest(IngestConfig(sources={"kermany": sample_dir}, out=out, image_size=32, workers=1))
-    return out
-
-
-def test_predict_and_evaluate_give_the_probability_of_the_logit_even_beyond_16(small_data, tmp_path):
+def test_predict_and_evaluate_give_the_probability_of_the_logit_even_beyond_16(dataset, tmp_path):
     """The classifier is scaled until logits pass |16|, where calibrating clipped probabilities
     (the old evaluate path) saturates: predict on PNG copies of the holdout films and evaluate on
     the holdout split must both give sigmoid(scale * logit + bias) of the model's own logit."""
@@ -31,12 +22,12 @@ def test_predict_and_evaluate_give_the_probability_of_the_logit_even_beyond_16(s
     cal = {"method": "platt", "scale": 0.5, "bias": -3.0}
     model_dir = promoted_model(tmp_path / "m", head_scale=400.0, calibration=cal)
     net, promoted = load_promoted(model_dir)
-    hold = split_arrays(small_data, "holdout", "pneumonia")
+    hold = split_arrays(dataset, "holdout", "pneumonia")
     z = target_logits(net, promoted.spec, hold.images)
     assert np.abs(z).max() > 16 and len(z) > 20
     expected = expit(cal["scale"] * z + cal["bias"])
 
-    result = evaluate_model(model_dir, small_data, split="holdout", n_boot=10)
+    result = evaluate_model(model_dir, dataset, split="holdout", n_boot=10)
     with open(result["predictions"]) as f:
         evaluated = np.array([float(r["probability"]) for r in csv.DictReader(f)])
     np.testing.assert_allclose(evaluated, expected, rtol=0, atol=1e-6)  # saturating at 16 was off by ~1e-2
@@ -62,14 +53,14 @@ def test_one_row_per_input_with_errors_for_unreadable_files(tmp_path, sample_dir
     assert all(0 <= r.probability <= 1 and r.label in ("not_pneumonia", "pneumonia") for r in (rows[0], rows[2]))
 
 
-def test_the_scorer_accepts_torch_batches_and_numpy_alike(tmp_path, small_data):
+def test_the_scorer_accepts_torch_batches_and_numpy_alike(tmp_path, dataset):
     """Training's validation hands the scorer torch tensors; promote hands it NumPy: same logits."""
     import torch
 
     from raycxr.predict import logits
 
     net, promoted = load_promoted(promoted_model(tmp_path / "m"))
-    images = split_arrays(small_data, "val", "pneumonia").images[:10]
+    images = split_arrays(dataset, "val", "pneumonia").images[:10]
     a = logits(net, promoted.spec, images, batch_size=3)
     b = logits(net, promoted.spec, torch.from_numpy(images.copy()), batch_size=4)
     assert a.shape == (10, len(promoted.spec.findings))

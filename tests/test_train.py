@@ -13,23 +13,15 @@ import torch
 from raycxr.config import HYPERPARAMETERS, PARAMS
 from raycxr.data import label_matrix, read_split, split_arrays
 from raycxr.errors import ConfigError
-from raycxr.ingest import IngestConfig, ingest
 from raycxr.labels import FINDINGS
 from raycxr.train import CheckpointRecord, TrialConfig, build_trial, save_checkpoint, train_one_epoch, validate
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory, sample_dir):
-    out = tmp_path_factory.mktemp("data") / "d"
-    ingest(IngestConfig(sources={"kermany": sample_dir}, out=out, image_size=32, workers=1))
-    return out
 
 
 def _tune_config(**overrides) -> dict:
     """What search.py hands the loop: the space's sampled values plus the static settings."""
     config = {k: default for k, (_, _, default) in PARAMS.items() if isinstance(default, (int, float, str))}
     config.update(model="test_resnet", lr=3e-3, image_size=32, batch_size=32, seed=0, findings=list(FINDINGS),
-                  target="pneumonia", max_epochs=2, train_rows=200, ingest_image_size=32, resize="pad",
+                  target="pneumonia", max_epochs=2, train_rows=200, ingest_image_size=64, resize="pad",
                   pos_weight=[1.0] * len(FINDINGS), cpus_per_worker=1, weights_dir=None, trial_id="t1")
     config.update(overrides)
     return config
@@ -59,7 +51,7 @@ def _batches(data, split, batch_size=32):
              "labels": torch.from_numpy(labels[i:i + batch_size])} for i in range(0, len(images), batch_size)]
 
 
-def test_an_epoch_learns_and_validation_scores_through_the_one_path(small_data, tmp_path):
+def test_an_epoch_learns_and_validation_scores_through_the_one_path(dataset, tmp_path):
     """Two epochs on the bundled films lower the training loss; validate's AUC is what promote's
     path (split_arrays + predict.target_logits) gives for the same weights; the checkpoint's record
     rebuilds the network that scores the same."""
@@ -69,13 +61,13 @@ def test_an_epoch_learns_and_validation_scores_through_the_one_path(small_data, 
 
     cfg = TrialConfig.from_tune(_tune_config(ema_decay=0.9, mixup=0.2))
     t = build_trial(cfg, rank=0, world=1, device=torch.device("cpu"))
-    train = _batches(small_data, "train")
+    train = _batches(dataset, "train")
     first = train_one_epoch(t, train)
     second = train_one_epoch(t, train)
     assert second["train_loss"] < first["train_loss"]
     assert 0 < second["train_compute_s"] <= second["train_time_s"]
-    m = validate(t, _batches(small_data, "val", batch_size=17))
-    val = split_arrays(small_data, "val", "pneumonia")
+    m = validate(t, _batches(dataset, "val", batch_size=17))
+    val = split_arrays(dataset, "val", "pneumonia")
     assert m["val_images"] == len(val.y)
     assert m["val_auc"] == pytest.approx(roc_auc_score(val.y, target_logits(t.evaluated, t.spec, val.images)),
                                          abs=1e-9)

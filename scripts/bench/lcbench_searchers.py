@@ -158,8 +158,7 @@ def simulate(task: str, arm: str, seed: int, workers: int, budget_s: float, grid
             best = value
             incumbent_at.append((now, best))
         reported = tr["best"] if protocol == "raycxr" else value  # running best, or the last epoch as Ray had it
-        if protocol == "raycxr" or protocol == "ray":
-            tr["trial"].report(reported, e + 1)
+        tr["trial"].report(reported, e + 1)
         stopped = scheduler is not None and scheduler.stop(i, e + 1, reported)
         if e + 1 == MAX_EPOCHS or stopped:
             if e + 1 == MAX_EPOCHS or protocol == "ray":
