@@ -6,7 +6,7 @@ A space file looks like::
     trials: 8                  # Tune num_samples
     max_epochs: 6              # each trial's length, ASHA's max_t (one report per epoch)
     seed: 0
-    resources: {workers_per_trial: 1, cpus_per_worker: 1, gpus_per_worker: 0}
+    resources: {workers_per_trial: 1, cpus_per_worker: 1, gpus_per_worker: 0, trainer: auto}
     scheduler: {grace_period: 1, reduction_factor: 2}
     params:
       model: [resnet10t, resnet18]          # a list: a categorical choice
@@ -32,7 +32,10 @@ SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 _DISTRIBUTIONS = ("choice", "loguniform", "uniform", "randint")
 _TOP_KEYS = {"description", "trials", "max_epochs", "seed", "resources", "scheduler", "params", "pretrained",
              "weights_dir"}
-_RESOURCE_KEYS = {"workers_per_trial", "cpus_per_worker", "gpus_per_worker"}
+_RESOURCE_KEYS = {"workers_per_trial", "cpus_per_worker", "gpus_per_worker", "trainer"}
+# How a trial trains: "auto" trains a one-worker trial in Tune's own (reused) trial process and
+# a multi-worker one with Ray Train's TorchTrainer (DDP); "ray-train" uses TorchTrainer always.
+TRAINERS = ("auto", "ray-train")
 _SCHEDULER_KEYS = {"grace_period", "reduction_factor"}
 
 
@@ -102,6 +105,7 @@ class SearchSpace:
     workers_per_trial: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    trainer: str = "auto"
     grace_period: int = 1
     reduction_factor: int = 2
     pretrained: bool = False
@@ -205,6 +209,9 @@ def parse_space(raw: dict, *, name: str) -> SearchSpace:
     for key, (value, typ, lo, hi) in scalars.items():
         if not _num(value, typ) or not lo <= value <= hi:
             problems.append(f"{key}: {value!r} must be {_TYPE_NAMES[typ]} in {lo}..{hi}")
+    if res.get("trainer", "auto") not in TRAINERS:
+        problems.append(f"resources.trainer: {res.get('trainer')!r} must be one of {', '.join(TRAINERS)} (auto: "
+                        "a one-worker trial trains in Tune's own process, several workers use Ray Train)")
     if not isinstance(raw.get("pretrained", False), bool):
         problems.append("pretrained: must be true or false (or search it: params.pretrained: [none, imagenet])")
     if raw.get("weights_dir") is not None and not isinstance(raw["weights_dir"], str):
@@ -238,7 +245,7 @@ def parse_space(raw: dict, *, name: str) -> SearchSpace:
         name=name, params=params, description=str(raw.get("description", "")),
         trials=raw.get("trials", 4), max_epochs=raw.get("max_epochs", 2), seed=raw.get("seed", 0),
         workers_per_trial=res.get("workers_per_trial", 1), cpus_per_worker=float(res.get("cpus_per_worker", 1)),
-        gpus_per_worker=float(res.get("gpus_per_worker", 0)), grace_period=sched.get("grace_period", 1),
+        gpus_per_worker=float(res.get("gpus_per_worker", 0)), trainer=res.get("trainer", "auto"), grace_period=sched.get("grace_period", 1),
         reduction_factor=sched.get("reduction_factor", 2), pretrained=raw.get("pretrained", False),
         weights_dir=raw.get("weights_dir"), raw=raw)
 

@@ -1,10 +1,12 @@
-"""run_search(): Ray Tune (an Optuna searcher, optionally ASHA) over Ray Train TorchTrainer trials.
+"""run_search(): Ray Tune (an Optuna searcher, optionally ASHA) over trials that train in Tune's own
+reused trial processes (one worker) or as Ray Train TorchTrainers (several workers, DDP).
 
 Layout of a run (``runs/NAME/`` by default, ``URI/NAME`` with ``--storage URI``; see storage.py)::
 
     run.json          the resolved search: space, data, resources, versions (repeatable)
-    tune/             Ray Tune's experiment (state, per-trial results, TensorBoard events)
-    trials/TRIAL_ID/  Ray Train's storage per trial: the best checkpoint (epoch_NNN/)
+    tune/             Ray Tune's experiment (state, per-trial results, TensorBoard events); a
+                      one-worker trial's best and latest checkpoints (trial_ID/checkpoint_NNNNNN/)
+    trials/TRIAL_ID/  a TorchTrainer trial's storage: its best and latest checkpoints (epoch_NNN/)
     leaderboard.csv   one row per trial, best validation AUC first
     optuna.db         the Optuna study (local runs; ``optuna-dashboard sqlite:///RUN/optuna.db``)
 
@@ -80,6 +82,7 @@ class SearchConfig:
     scheduler: str = "none"            # "none" (the default: see SCHEDULERS), "asha", or "hyperband"
     objective: str = "auc"             # "auc", or "auc-latency": Pareto search of AUC against CPU latency
     weights_dir: Path | None = None    # overrides the space's weights_dir (offline pretrained weights)
+    callbacks: tuple = ()              # extra Ray Tune callbacks (Python API; not recorded, not resumed)
 
 
 class RunStarting(ConfigError):
@@ -173,7 +176,9 @@ def init_ray(*, address: str | None, num_cpus: int | None = None):
     # Read by Ray Train's controller, so it travels in the job's environment (below), not only here.
     start_timeout = os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600" if address else "120")
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = start_timeout
-    job_env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": start_timeout}
+    # The trials' own processes iterate the datasets too: they get the same progress-bar setting.
+    job_env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": start_timeout,
+               "RAY_DATA_DISABLE_PROGRESS_BARS": os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"]}
     # Save Tune's experiment state every 2 s (default: every 10 s or more), so a killed driver
     # loses at most that much bookkeeping; a finished trial restarted by --resume finds its last
     # checkpoint at the final epoch and trains nothing.
@@ -286,7 +291,8 @@ def _tune_space(space: SearchSpace) -> dict:
 
 
 def run_trial(config: dict, *, train_ds, val_ds, static: dict) -> None:
-    """One Tune trial: a Ray Train TorchTrainer whose reports reach Tune through a callback."""
+    """One Tune trial of several workers: a Ray Train TorchTrainer (DDP) whose reports reach Tune
+    through a callback."""
     import ray.train
     import ray.tune
     from ray.train.torch import TorchTrainer
@@ -314,6 +320,30 @@ def run_trial(config: dict, *, train_ds, val_ds, static: dict) -> None:
             failure_config=ray.train.FailureConfig(max_failures=static["max_failures"], controller_failure_limit=2)),
     )
     trainer.fit()
+
+
+def run_trial_in_process(config: dict, *, train_ds, val_ds, static: dict) -> None:
+    """One Tune trial of one worker, trained in the Tune trial's own process (which Tune reuses
+    for the next trial): no Ray Train controller, worker group, gloo or dataset split to start, so
+    a trial's fixed cost is its model's construction (BENCHMARKS.md, trial overhead)."""
+    import gc
+
+    import ray.tune
+
+    from raycxr.train import TrialConfig, TuneSession, run_loop
+
+    # Ray Data logs a line each time an epoch starts iterating a dataset: noise in the search's output.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = TrialConfig.from_tune({**static["loop"], **config, "trial_id": trial_id})
+    try:
+        run_loop(cfg, TuneSession(train_ds, val_ds, use_gpu=bool(static["gpus_per_worker"])))
+    finally:  # finished, failed or stopped by ASHA: the next trial in this process starts with memory free
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _sampler(name: str, *, seed: int, trials: int):
@@ -535,6 +565,7 @@ def plan_resources(space: SearchSpace, *, trials: int, capacity: dict) -> dict:
             log.warning("the cluster has no room free for a trial now (%s CPUs free): trials will wait for it",
                         room.get("CPU", 0.0))
     return {"workers": space.workers_per_trial, "cpus_per_worker": space.cpus_per_worker,
+            "in_process": space.workers_per_trial == 1 and space.trainer == "auto",
             "worker_cpu_request": space.cpus_per_worker - _WORKER_CPU_SLACK,
             "gpus_per_worker": gpw, "concurrent": max(1, min(concurrent, trials)),
             "cluster_cpus": total.get("CPU", 0.0), "cluster_gpus": total.get("GPU", 0.0),
@@ -667,11 +698,17 @@ def run_search(cfg: SearchConfig) -> list[dict]:
         tune_config=tune.TuneConfig(
             metric=tune_metric[0], mode=tune_metric[1], search_alg=searcher, scheduler=scheduler, num_samples=trials,
             max_concurrent_trials=plan["concurrent"], trial_dirname_creator=_trial_dirname,
+            reuse_actors=in_process(plan),
             time_budget_s=cfg.time_budget_min * 60 if cfg.time_budget_min else None),
         # Tune retries a trial whose driver died (a lost node); the retried trial's TorchTrainer
         # finds its own checkpoints in storage and resumes from the latest one.
-        run_config=tune.RunConfig(name="tune", storage_path=store.uri, verbose=1, callbacks=[KeepTrialHistory()],
-                                  failure_config=tune.FailureConfig(max_failures=cfg.max_failures)),
+        # An in-process trial's checkpoints are Tune's (tune/trial_ID/checkpoint_NNNNNN): the best
+        # epoch's and the latest (to resume from) are kept, as Ray Train does for a DDP trial.
+        run_config=tune.RunConfig(name="tune", storage_path=store.uri, verbose=1, callbacks=[KeepTrialHistory(), *cfg.callbacks],
+                                  failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                                  checkpoint_config=tune.CheckpointConfig(
+                                      num_to_keep=1, checkpoint_score_attribute=METRIC,
+                                      checkpoint_score_order="max")),
     )
     return _fit(tuner, store, name)
 
@@ -694,7 +731,8 @@ def resume_search(run: str | Path, *, address: str | None = None, num_cpus: int 
                           source="--resume")
     space = parse_space(record.space_config, name=record.space)
     init_ray(address=address, num_cpus=num_cpus)
-    plan = _plan_resources(space, trials=record.trials)
+    # the trial shape the run started with: a resumed trial must find its checkpoints where it left them
+    plan = {**_plan_resources(space, trials=record.trials), "in_process": in_process(record.resources)}
     tune_path = record.storage.rstrip("/") + "/tune"
     if not tune.Tuner.can_restore(tune_path):
         raise ConfigError(f"nothing to resume at {tune_path}: the search stopped before Tune saved its state; "
@@ -733,8 +771,20 @@ def _trainable(record: RunRecord, space: SearchSpace, plan: dict, manifest: dict
                  "weights_dir": str(Path(space.weights_dir).expanduser().resolve()) if space.weights_dir else None,
                  "image_size": ingest_size},
     }
-    return tune.with_resources(tune.with_parameters(run_trial, train_ds=train_ds, val_ds=val_ds, static=static),
-                               {"cpu": _TRIAL_DRIVER_CPU})
+    if in_process(plan):
+        resources = {"cpu": plan["cpus_per_worker"], "gpu": plan["gpus_per_worker"]}
+        fn = run_trial_in_process
+    else:
+        resources, fn = {"cpu": _TRIAL_DRIVER_CPU}, run_trial
+    return tune.with_resources(tune.with_parameters(fn, train_ds=train_ds, val_ds=val_ds, static=static), resources)
+
+
+def in_process(plan: dict) -> bool:
+    """Whether a search's trials train in Tune's own (reused) trial processes: one-worker trials,
+    unless the space says ``resources.trainer: ray-train``. Several workers (DDP) need Ray Train's
+    TorchTrainer. A run started before in-process trials existed (no ``in_process`` in its recorded
+    plan) used TorchTrainer for every trial."""
+    return bool(plan.get("in_process"))
 
 
 def _fit(tuner, store: RunStore, name: str) -> list[dict]:
@@ -841,14 +891,17 @@ def run_history(run: str | Path) -> RunHistory:
         row = {k: trial.config.get(k) for k in LEADERBOARD_COLUMNS if k in trial.config}
         row.update(trial_id=trial.trial_id, status="no result", epochs=0, tune_status=trial.status)
         if df is not None and METRIC in df and df[METRIC].notna().any():
-            best = df.loc[df[METRIC].idxmax()]
+            # the last of equally good epochs: the one whose checkpoint Ray keeps on a tie
+            best = df[df[METRIC] == df[METRIC].max()].iloc[-1]
+            checkpoint = best.get("checkpoint_path")
+            if not isinstance(checkpoint, str) and isinstance(best.get("checkpoint_dir_name"), str):
+                checkpoint = store.child(f"tune/{_trial_dirname(trial)}/{best['checkpoint_dir_name']}")
             row.update({METRIC: float(best[METRIC]), "best_epoch": int(best["epoch"]),
                         "epochs": int(df["epoch"].max()), "val_accuracy": float(best["val_accuracy"]),
                         "val_loss": float(best["val_loss"]), "status": "ok",
                         "latency_ms": float(best["latency_ms"]) if "latency_ms" in best else None,
                         "resumed_from_epoch": int(df["resumed_from_epoch"].max()) if "resumed_from_epoch" in df else 0,
-                        "checkpoint": store.resolve(best["checkpoint_path"]) if isinstance(
-                            best.get("checkpoint_path"), str) else None})
+                        "checkpoint": store.resolve(checkpoint) if isinstance(checkpoint, str) else None})
         if trial.status == "ERROR":
             row["status"] = "error" if row["status"] != "ok" else "ok (then failed)"
         rows.append(row)

@@ -1,13 +1,21 @@
-"""train_loop_per_worker(): one trial's training, run by every Ray Train worker.
+"""One trial's training loop, the same for both ways a trial runs.
 
-Its first line builds a :class:`TrialConfig` from Tune's config; then :func:`build_trial` (seeds,
-model, precision, optimiser, schedule, EMA), an optional resume, and per epoch
-:func:`train_one_epoch` and :func:`validate` (rank 0), as timm's ``train.py`` splits it. The loop reads its shard of the train split through Ray Data (``get_dataset_shard`` ->
-``iter_torch_batches``), gets uint8 batches, augments them on the device, and after each epoch
-rank 0 scores the whole validation split and reports metrics with a checkpoint. A checkpoint
-holds ``model.safetensors`` (the evaluated weights: the EMA average when ``ema_decay`` is set;
-loadable without pickle), ``trial.json`` (what is needed to rebuild the model) and
-``train_state.pt`` (optimiser, schedule and, with EMA, the raw weights: to resume a trial).
+:func:`run_loop` builds a :class:`TrialConfig`'s trial (:func:`build_trial`: seeds, model, precision,
+optimiser, schedule, EMA), resumes it from a checkpoint if there is one, then per epoch runs
+:func:`train_one_epoch` and :func:`validate` (rank 0) and reports, as timm's ``train.py`` splits it.
+Where batches come from and where reports go is a session's business:
+
+- :class:`TuneSession`: a one-worker trial trains in the Tune trial's own process (reused for
+  trial after trial), iterating the whole materialised train and val datasets, reporting with
+  ``ray.tune.report`` and resuming from ``ray.tune.get_checkpoint()``;
+- :class:`TrainSession`: each worker of a multi-worker (DDP) Ray Train ``TorchTrainer`` reads its
+  shard of the train split (``get_dataset_shard``) and reports with ``ray.train.report``
+  (:func:`train_loop_per_worker`).
+
+Batches arrive as uint8 and are augmented on the device. A checkpoint holds ``model.safetensors``
+(the evaluated weights: the EMA average when ``ema_decay`` is set; loadable without pickle),
+``trial.json`` (what is needed to rebuild the model) and ``train_state.pt`` (optimiser, schedule and,
+with EMA, the raw weights: to resume a trial).
 """
 
 from __future__ import annotations
@@ -31,7 +39,11 @@ from raycxr.models import SCHEMA_VERSION, ModelSpec
 log = logging.getLogger(__name__)
 
 METRIC = "val_auc"
-_PREFETCH_BATCHES = 2
+# One batch prepared ahead. With two, Ray Data formats batches in a pool of threads and its seeded
+# local shuffle no longer gives the same order twice, so the same search gave other figures each
+# time (tests/test_search_warm.py). The data path still delivers far more batches per second
+# than a CPU trains on (BENCHMARKS.md, training data path).
+_PREFETCH_BATCHES = 1
 
 
 def _collate_fn():
@@ -368,34 +380,93 @@ def _resume(t: _Trial, ckpt) -> tuple[int, float, dict | None]:
     return int(state["epoch"]) + 1, float(state.get("best_val_auc", float("nan"))), state.get("metrics")
 
 
+class TrainSession:
+    """How the loop meets Ray when it runs on a Ray Train worker (a multi-worker, DDP trial):
+    the worker's shard of the train split, its rank and device, ``ray.train.report``."""
+
+    report_again = True  # Ray Train keeps checkpoints Tune may not have heard of (see run_loop)
+
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.prepare = ray.train.torch.prepare_model
+        self.train, self.val = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+
+    def checkpoint(self):
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict, *, checkpoint_dir: str | None = None, name: str | None = None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None)
+
+
+class TuneSession:
+    """How the loop meets Ray when it runs in the Tune trial's own process (a one-worker trial):
+    the whole materialised train and val datasets, ``ray.tune.report`` and ``ray.tune.get_checkpoint``.
+    No Ray Train controller, worker group or dataset coordinator: the process Tune keeps for
+    trial after trial (``reuse_actors``) trains each of them."""
+
+    report_again = False  # Tune restores a trial from a checkpoint it registered itself
+    rank, world = 0, 1
+
+    def __init__(self, train_ds, val_ds, *, use_gpu: bool):
+        import torch
+
+        self.train, self.val = train_ds, val_ds
+        # Ray sets CUDA_VISIBLE_DEVICES to the trial's GPU (whole or a fraction): it is cuda:0 here.
+        self.device = torch.device("cuda", 0) if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        self.prepare = lambda m: m
+
+    def checkpoint(self):
+        import ray.tune
+
+        return ray.tune.get_checkpoint()
+
+    def report(self, metrics: dict, *, checkpoint_dir: str | None = None, name: str | None = None) -> None:
+        import ray.tune
+
+        checkpoint = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.tune.report(metrics, checkpoint=checkpoint)  # Tune names its folders checkpoint_NNNNNN
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One trial on one Ray Train worker: build, resume, then per epoch train, validate, report."""
-    import ray.train
-    import ray.train.torch
+    """One trial on one Ray Train worker (a multi-worker trial): :func:`run_loop` over Ray Train."""
+    run_loop(TrialConfig.from_tune(config), TrainSession())
+
+
+def run_loop(cfg, session) -> None:
+    """One trial on one worker: build, resume, then per epoch train, validate (rank 0), report.
+
+    ``session`` is a :class:`TrainSession` or a :class:`TuneSession`: the only difference between a
+    DDP trial and one trained in Tune's own process is where batches come from and where reports go.
+    """
     import torch
 
     from raycxr.models import onnx_cpu_latency_ms
 
     keep_freed_memory()
-    cfg = TrialConfig.from_tune(config)
-    ctx = ray.train.get_context()
-    t = build_trial(cfg, rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=ray.train.torch.get_device(),
-                    prepare=ray.train.torch.prepare_model)
+    t = build_trial(cfg, rank=session.rank, world=session.world, device=session.device, prepare=session.prepare)
     start_epoch, best_val_auc = 0, float("nan")
-    if (ckpt := ray.train.get_checkpoint()) is not None:
+    if (ckpt := session.checkpoint()) is not None:
         start_epoch, best_val_auc, metrics = _resume(t, ckpt)
         log.info("resumed from checkpoint at epoch %d", start_epoch)
         # Report the checkpoint's epoch again: when the driver died, the epochs reported since its
         # last save never reached Tune, and this checkpoint (the one Ray Train kept) would then be
         # one Tune never heard of. The leaderboard keeps the last row of each epoch.
-        if metrics:
+        if metrics and session.report_again:
             again = {**metrics, "resumed_from_epoch": start_epoch, "reported_again": True}
             if t.rank == 0:
                 again["checkpoint_path"] = ckpt.path
-            ray.train.report(again)
+            session.report(again)
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
     record = CheckpointRecord(spec=t.spec, hyperparameters=cfg.hyperparameters(), seed=cfg.seed)
     collate = _collate_fn()
     cuda = t.device.type == "cuda"
@@ -403,18 +474,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, cfg.max_epochs):
         # Ray moves each collated batch to the training device in its prefetch thread (pinned
         # host memory first on a GPU), so the loop finds it there.
-        metrics = train_one_epoch(t, train_shard.iter_torch_batches(
+        metrics = train_one_epoch(t, session.train.iter_torch_batches(
             batch_size=cfg.batch_size, collate_fn=collate, local_shuffle_buffer_size=max(4 * cfg.batch_size, 256),
             local_shuffle_seed=cfg.seed * 1000 + epoch, prefetch_batches=_PREFETCH_BATCHES, drop_last=False,
-            pin_memory=cuda))
+            pin_memory=cuda, device=t.device))
         metrics.update({"epoch": epoch + 1, "resumed_from_epoch": start_epoch, "world_size": t.world,
                         "device": t.device.type, "nodes": _worker_nodes(t.world),
                         "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(t.amp_dtype, "fp32"),
                         "channels_last": cuda})
         if t.rank != 0:
-            ray.train.report(metrics)
+            session.report(metrics)
             continue
-        metrics.update(validate(t, val_shard.iter_torch_batches(batch_size=256, collate_fn=collate)))
+        v0 = time.perf_counter()
+        metrics.update(validate(t, session.val.iter_torch_batches(batch_size=256, collate_fn=collate,
+                                                                   device=t.device)))
+        metrics["val_time_s"] = time.perf_counter() - v0
         val_auc = metrics["val_auc"]
         if not math.isnan(val_auc) and not best_val_auc >= val_auc:  # running max; NaN neither starts nor ends it
             best_val_auc = val_auc
@@ -426,10 +500,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 latency_ms = float("nan")
         metrics.update(val_auc_best=best_val_auc, latency_ms=latency_ms)
         with tempfile.TemporaryDirectory() as tmp:
+            c0 = time.perf_counter()
             train_state = {"optimizer": t.opt.state_dict(), "scheduler": t.sched.state_dict(), "epoch": epoch,
                            "best_val_auc": best_val_auc, "metrics": metrics}
             if t.ema is not None:
                 train_state["model"] = {k: v.detach().cpu() for k, v in t.bare.state_dict().items()}
             save_checkpoint(Path(tmp), model=t.evaluated, record=record, train_state=train_state)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"epoch_{epoch + 1:03d}")
+            metrics["checkpoint_write_s"] = time.perf_counter() - c0
+            session.report(metrics, checkpoint_dir=tmp, name=f"epoch_{epoch + 1:03d}")

@@ -48,9 +48,9 @@ def remove_second_node():
     # As soon as a first checkpoint exists. (Waiting until the trial on the second node has itself
     # reported, so that its resume could be asserted, made that trial's retry hang past the test's
     # 540 s on 2026-11-28: a finding recorded on issue 11, not fixed yet.)
-    trials = work / "runs" / "mn" / "trials"
+    run = work / "runs" / "mn"
     end = time.time() + 300
-    while time.time() < end and not any(trials.glob("*/epoch_*")):
+    while time.time() < end and not any(run.glob("tune/trial_*/checkpoint_*")):
         time.sleep(0.5)
     cluster.remove_node(second)
     removed.append(second.node_id)

@@ -54,6 +54,19 @@ def test_all_problems_reported_at_once():
         assert fragment in text
 
 
+def test_trainer_is_auto_or_ray_train_and_decides_where_one_worker_trials_train():
+    from raycxr.search import plan_resources
+
+    capacity = {"total": {"CPU": 2.0}, "free": {"CPU": 2.0}, "ceiling": None, "node_cpus": 2.0, "autoscaler": False}
+    plans = {}
+    for resources in ({}, {"trainer": "ray-train"}, {"workers_per_trial": 2}):
+        space = parse_space({**GOOD, "resources": resources}, name="t")
+        plans[str(resources)] = plan_resources(space, trials=2, capacity=capacity)["in_process"]
+    assert plans == {"{}": True, "{'trainer': 'ray-train'}": False, "{'workers_per_trial': 2}": False}
+    with pytest.raises(ConfigError, match="resources.trainer: 'ddp' must be one of auto, ray-train"):
+        parse_space({**GOOD, "resources": {"trainer": "ddp"}}, name="t")
+
+
 def test_unknown_space_name_lists_known_ones():
     with pytest.raises(ConfigError, match="one of: .*demo"):
         load_space("no-such-space")

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,13 +66,15 @@ def test_end_to_end(ray_local, tmp_path, sample_dir, capsys, monkeypatch):
     assert len(board) == 2 and all(r["status"] == "ok" for r in board)
     aucs = [float(r["val_auc"]) for r in board]
     assert all(0.0 <= a <= 1.0 for a in aucs) and aucs == sorted(aucs, reverse=True)
-    assert all((runs / "e2e" / "trials").joinpath(r["trial_id"]).is_dir() for r in board)
+    # one-worker trials train in Tune's own trial processes: their checkpoints are Tune's
+    assert all(Path(r["checkpoint"]).parent == runs / "e2e" / "tune" / f"trial_{r['trial_id']}" and
+               (Path(r["checkpoint"]) / "model.safetensors").is_file() for r in board)
     assert len(list((runs / "e2e" / "tune").glob("trial_*/events.out.tfevents.*"))) == 2  # TensorBoard
 
     # Checkpoints hold the EMA average for evaluation and the raw weights to resume from.
     from safetensors.torch import load_file
 
-    ckpt = next((runs / "e2e" / "trials" / board[0]["trial_id"]).rglob("model.safetensors")).parent
+    ckpt = Path(board[0]["checkpoint"])
     averaged, raw = load_file(str(ckpt / "model.safetensors")), torch.load(ckpt / "train_state.pt")["model"]
     assert averaged.keys() == raw.keys() and any(not torch.equal(averaged[k], raw[k]) for k in raw)
 
@@ -246,8 +249,8 @@ def test_end_to_end(ray_local, tmp_path, sample_dir, capsys, monkeypatch):
     from raycxr.predict import logits
     from raycxr.train import CheckpointRecord
 
-    folders = [next((runs / "e2e" / "trials" / m.trial_id).rglob("model.safetensors")).parent
-               for m in ens_cfg.spec.members]
+    checkpoints = {r["trial_id"]: Path(r["checkpoint"]) for r in board}
+    folders = [checkpoints[m.trial_id] for m in ens_cfg.spec.members]
     specs = [CheckpointRecord.load(f).spec for f in folders]
     members = [spec.load_network(f) for spec, f in zip(specs, folders)]
     imgs = val.images[:12]

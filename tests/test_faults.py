@@ -1,4 +1,4 @@
-"""A search that survives: a killed Ray Train worker, a killed driver, then --resume.
+"""A search that survives: a killed trial process, a killed driver, then --resume.
 
 Each search runs as its own `raycxr search` process (a second driver) on the test session's
 local Ray, so that the test can SIGKILL workers and the driver for real.
@@ -22,7 +22,7 @@ RAYCXR = [sys.executable, "-m", "raycxr.cli"]
 
 
 def _pids(fragment: str) -> list[int]:
-    """PIDs whose command line contains ``fragment`` (Ray sets titles such as ray::RayTrainWorker)."""
+    """PIDs whose command line contains ``fragment`` (Ray sets titles such as ray::ImplicitFunc)."""
     out = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -45,7 +45,7 @@ def _wait_for(predicate, timeout: float, what: str, proc=None):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _space(tmp_path: Path, *, trials: int, epochs: int, asha: bool = True) -> Path:
+def _space(tmp_path: Path, *, trials: int, epochs: int, asha: bool = True, trainer: str = "auto") -> Path:
     f = tmp_path / "space.yaml"
     # grace_period = max_epochs: ASHA stops nothing, so every trial must reach the last epoch.
     scheduler = f"scheduler: {{grace_period: {epochs}}}" if asha else ""
@@ -54,6 +54,7 @@ trials: {trials}
 max_epochs: {epochs}
 seed: 1
 {scheduler}
+resources: {{trainer: {trainer}}}
 params:
   model: test_resnet
   image_size: 64
@@ -88,25 +89,31 @@ def _board(run: Path) -> list[dict]:
     return list(csv.DictReader(open(run / "leaderboard.csv")))
 
 
-def test_killed_train_worker_resumes_from_its_checkpoint(ray_local, dataset, tmp_path):
+@pytest.mark.parametrize("trainer, victim", [("auto", "ray::ImplicitFunc"), ("ray-train", "ray::RayTrainWorker")])
+def test_killed_trial_process_resumes_from_its_checkpoint(ray_local, dataset, tmp_path, trainer, victim):
+    """A one-worker trial trains in Tune's trial process (a function trainable, ray::ImplicitFunc);
+    with ``trainer: ray-train`` in Ray Train's worker. Either, killed, resumes from its checkpoint."""
     runs = tmp_path / "runs"
-    # Random search without early stopping (the baseline options): every trial must reach epoch 4.
-    proc = _search(["--data", str(dataset), "--space", str(_space(tmp_path, trials=2, epochs=4, asha=False)),
+    epochs = 12  # an epoch takes about a second: the trials must still be running when one is killed
+    # Random search without early stopping (the baseline options): every trial must reach the last epoch.
+    proc = _search(["--data", str(dataset), "--space", str(_space(tmp_path, trials=2, epochs=epochs, asha=False,
+                                                                  trainer=trainer)),
                     "--name", "wk", "--runs-dir", str(runs), "--max-failures", "2", "--searcher", "random",
                     "--no-early-stopping"], tmp_path)
     # A checkpoint folder on disk is not yet a registered checkpoint: wait until Tune has each
     # trial's first report (the controller has registered its checkpoint by then).
     def both_reported():
-        epochs = _epochs_reported(runs / "wk")
-        return len(epochs) == 2 and all(epochs.values())
+        reported = _epochs_reported(runs / "wk")
+        return len(reported) == 2 and all(reported.values())
 
     _wait_for(both_reported, 240, "both trials' first reported epoch", proc)
-    victims = _pids("ray::RayTrainWorker")
-    assert victims, "no Ray Train worker process found to kill"
+    victims = _pids(victim)
+    assert victims, f"no {victim} process found to kill"
     os.kill(victims[0], signal.SIGKILL)
+    assert all(e[-1] < epochs for e in _epochs_reported(runs / "wk").values()), "a trial ended before the kill"
     assert proc.wait(timeout=400) == 0, (tmp_path / "search-0.log").read_text()[-3000:]
     board = _board(runs / "wk")
-    assert len(board) == 2 and all(r["status"] == "ok" and r["epochs"] == "4" for r in board)
+    assert len(board) == 2 and all(r["status"] == "ok" and r["epochs"] == str(epochs) for r in board)
     resumed = [int(r["resumed_from_epoch"]) for r in board]
     assert max(resumed) >= 1, f"no trial resumed from a checkpoint: {resumed}"
     record = json.loads((runs / "wk" / "run.json").read_text())
@@ -194,27 +201,31 @@ def test_killed_driver_that_owned_its_ray_resumes_mid_run_trials_on_a_fresh_ray(
         return subprocess.Popen([*RAYCXR, "search", *args], env=env, stdout=open(tmp_path / f"own-{n}.log", "w"),
                                 stderr=subprocess.STDOUT)
 
-    proc = search(["--data", str(dataset), "--space", str(_space(tmp_path, trials=2, epochs=4, asha=False)),
+    # An epoch of this tiny model takes under a second in a warm trial process: enough epochs that
+    # both trials are still running when the driver is killed.
+    epochs = 30
+    proc = search(["--data", str(dataset), "--space", str(_space(tmp_path, trials=2, epochs=epochs, asha=False)),
                    "--name", "own", "--runs-dir", str(runs), "--num-cpus", "2", "--searcher", "random",
                    "--no-early-stopping"], 0)
 
     def mid_run():
-        epochs = _epochs_reported(run)
-        return len(epochs) == 2 and all(e and e[-1] in (1, 2) for e in epochs.values())
+        reported = _epochs_reported(run)
+        return len(reported) == 2 and all(e and 2 <= e[-1] <= 10 for e in reported.values())
 
     _wait_for(mid_run, 300, "both trials mid-run", proc)
     time.sleep(2.5)  # Tune saves its experiment state every 2 s (TUNE_GLOBAL_CHECKPOINT_S)
-    before = _epochs_reported(run)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
+    before = _epochs_reported(run)
+    assert all(e[-1] < epochs for e in before.values()), f"a trial finished before the driver was killed: {before}"
 
     resumed = search(["--resume", str(run)], 1)
     assert resumed.wait(timeout=500) == 0, (tmp_path / "own-1.log").read_text()[-3000:]
     board = _board(run)
-    assert len(board) == 2 and all(r["status"] == "ok" and r["epochs"] == "4" for r in board), board
+    assert len(board) == 2 and all(r["status"] == "ok" and r["epochs"] == str(epochs) for r in board), board
     after = _epochs_reported(run)
-    for trial, epochs in before.items():
-        assert after[trial][:len(epochs)] == epochs and after[trial].count(1) == 1, (epochs, after[trial])
+    for trial, seen in before.items():
+        assert after[trial][:len(seen)] == seen and after[trial].count(1) == 1, (seen, after[trial])
     assert all(int(r["resumed_from_epoch"]) >= 1 for r in board), board
     # Tune's history of each trial survived the fresh Ray (its staging folder started empty), and
     # the checkpoint each row names is the one Ray Train kept, so promote can use it

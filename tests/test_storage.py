@@ -79,7 +79,7 @@ def test_search_on_s3_stops_resumes_lists_promotes_and_evaluates(s3_server, data
 
     search = raycxr(["search", "--data", str(dataset), "--space", str(space), "--name", "s3run", "--storage",
                      "s3://raycxr/runs", "--num-cpus", "2", "--searcher", "random", "--no-early-stopping"], "search")
-    _wait_for(lambda: any(p.endswith("epoch_001/model.safetensors") for p in _listing(run + "/trials")), 300,
+    _wait_for(lambda: any(p.endswith("/checkpoint_000000/model.safetensors") for p in _listing(run + "/tune")), 300,
               "a first checkpoint in S3", search)
     search.send_signal(signal.SIGINT)  # Ctrl+C: Tune saves its state and stops
     assert search.wait(timeout=180) == 0, log("search")
@@ -94,7 +94,7 @@ def test_search_on_s3_stops_resumes_lists_promotes_and_evaluates(s3_server, data
     assert lines[0].split()[:3] == ["rank", "trial_id", "val_auc"] and len(lines) == 3, status.stdout
     board = list(csv.DictReader(io.StringIO(RunStore(run).read_text("leaderboard.csv"))))
     assert len(board) == 2 and all(r["status"] == "ok" and r["epochs"] == "3" for r in board), board
-    assert all(r["checkpoint"].startswith(run + "/trials/") for r in board), board
+    assert all(r["checkpoint"].startswith(run + "/tune/trial_") for r in board), board
 
     out = tmp_path / "model"
     laptop = tmp_path / "laptop-copy"  # the dataset where promote runs, not where the search read it
