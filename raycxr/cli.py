@@ -67,7 +67,7 @@ def _search(args) -> int:
     from raycxr.search import SearchConfig, format_leaderboard, resume_search, run_search
 
     if args.resume:
-        board = resume_search(args.resume, address=args.address, num_cpus=args.num_cpus)
+        board = resume_search(args.resume, address=args.address, num_cpus=args.num_cpus, trust_run=args.trust_run)
         print("\nLeaderboard (validation AUC; the holdout is untouched):")
         print(format_leaderboard(board))
         return 0
@@ -214,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--space", help="a name in search_spaces/ (demo, cpu, default) or a YAML path")
     s.add_argument("--resume", metavar="RUN",
                    help="continue a stopped or killed search (runs/NAME, or STORAGE/NAME): finished trials are kept")
+    s.add_argument("--trust-run", action="store_true",
+                   help="with --resume: resume a run this account's raycxr did not sign (resuming unpickles the "
+                        "run's state: only for folders whose origin you trust)")
     s.add_argument("--trials", type=int, help="override the space's number of trials")
     s.add_argument("--max-epochs", type=int, help="override the space's max_epochs")
     s.add_argument("--name", help="run name (default SPACE-DATE-TIME)")

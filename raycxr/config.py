@@ -182,7 +182,7 @@ def _section(raw: dict, name: str, keys: set, problems: list) -> dict:
     if not isinstance(sec, dict):
         problems.append(f"{name}: must be a mapping with keys {', '.join(sorted(keys))}")
         return {}
-    for k in sorted(set(sec) - keys):
+    for k in sorted(set(sec) - keys, key=str):  # YAML keys need not be strings (on: is True)
         problems.append(f"{name}.{k}: unknown key; allowed: {', '.join(sorted(keys))}")
     return sec
 
@@ -192,7 +192,7 @@ def parse_space(raw: dict, *, name: str) -> SearchSpace:
     problems: list[str] = []
     if not isinstance(raw, dict):
         raise ConfigError("the file must hold a YAML mapping", source=f"search space {name}")
-    for k in sorted(set(raw) - _TOP_KEYS):
+    for k in sorted(set(raw) - _TOP_KEYS, key=str):
         problems.append(f"{k}: unknown key; allowed: {', '.join(sorted(_TOP_KEYS))}")
     res = _section(raw, "resources", _RESOURCE_KEYS, problems)
     sched = _section(raw, "scheduler", _SCHEDULER_KEYS, problems)
@@ -237,7 +237,8 @@ def parse_space(raw: dict, *, name: str) -> SearchSpace:
             problems.append(f"params.{key}: required")
         elif default is not None:
             params[key] = Param("value", (default,))
-    if (mx := raw.get("max_epochs", 2)) and _num(mx, int) and sched.get("grace_period", 1) > mx:
+    mx, grace = raw.get("max_epochs", 2), sched.get("grace_period", 1)
+    if _num(mx, int) and _num(grace, int) and grace > mx:
         problems.append(f"scheduler.grace_period: {sched.get('grace_period')} exceeds max_epochs {mx}")
     if problems:
         raise ConfigError(problems, source=f"search space {name}")
@@ -245,7 +246,8 @@ def parse_space(raw: dict, *, name: str) -> SearchSpace:
         name=name, params=params, description=str(raw.get("description", "")),
         trials=raw.get("trials", 4), max_epochs=raw.get("max_epochs", 2), seed=raw.get("seed", 0),
         workers_per_trial=res.get("workers_per_trial", 1), cpus_per_worker=float(res.get("cpus_per_worker", 1)),
-        gpus_per_worker=float(res.get("gpus_per_worker", 0)), trainer=res.get("trainer", "auto"), grace_period=sched.get("grace_period", 1),
+        gpus_per_worker=float(res.get("gpus_per_worker", 0)), trainer=res.get("trainer", "auto"),
+        grace_period=sched.get("grace_period", 1),
         reduction_factor=sched.get("reduction_factor", 2), pretrained=raw.get("pretrained", False),
         weights_dir=raw.get("weights_dir"), raw=raw)
 
@@ -269,7 +271,9 @@ def load_space(name_or_path: str | Path) -> SearchSpace:
         raise ConfigError(f"{path.stat().st_size} bytes: a search space is a few hundred bytes; at most "
                           f"{MAX_SPACE_BYTES} are read", source=source)
     try:
-        raw = yaml.load(path.read_text(), Loader=_loader())
+        raw = yaml.load(path.read_bytes().decode("utf-8"), Loader=_loader())
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not UTF-8 text (byte {exc.start}): save the file as UTF-8", source=source) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"not valid YAML: {exc}", source=source) from exc
     except RecursionError:

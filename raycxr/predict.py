@@ -6,9 +6,11 @@ calibration is then applied once, to the target's logit (:func:`raycxr.metrics.c
 predict() classifies DICOM / PNG / JPEG files with a promoted model. It loads ``config.json``
 (validated by :class:`raycxr.models.PromotedModel`) and ``model.safetensors`` (never a pickle),
 reads each file with the same functions ingest used (:func:`raycxr.imaging.load_for_model`),
-scores it with :func:`logits` and applies the model's calibration and validation-chosen threshold. A file that cannot be read gets an error row;
-every other file is still predicted. Warnings flag inputs unlike the training data (a lateral
-view, another body part, a small image). ``saliency_dir`` writes a Grad-CAM overlay per image
+scores it with :func:`logits` and applies the model's calibration and validation-chosen threshold.
+Every input gets one row: a file that cannot be read, for whatever reason, gets an error row and
+every other file is still predicted; a FIFO, socket or device is refused without being opened.
+Warnings flag inputs unlike the training data (a lateral view, another body part, a small image,
+a blank or near-constant image). ``saliency_dir`` writes a Grad-CAM overlay per image
 (captum's LayerGradCam on the last convolution).
 """
 
@@ -37,7 +39,28 @@ class Prediction:
 
 
 def _warnings(path: Path, stored_size: int) -> str:
-    """Why this input may not be like the training data ('' if nothing)."""
+    """Why this input may not be like the training data ('' if nothing, or if the header cannot say)."""
+    try:
+        return _header_warnings(path, stored_size)
+    except Exception:  # a header odd enough to break these checks: the pixels were read; say nothing
+        return ""
+
+
+def _pixel_warnings(image: np.ndarray) -> str:
+    """Warnings about the pixels the model sees: a blank or near-blank image still gets a probability,
+    which means nothing (a black frame, a RescaleSlope of 0, a window that clips everything)."""
+    spread = int(image.max()) - int(image.min()) if image.size else 0
+    if spread <= _NEAR_CONSTANT:
+        return (f"near-constant image (every pixel within {spread} grey levels of 255): nothing to classify; "
+                "check the file and its DICOM rescale/window")
+    return ""
+
+
+# At most this many grey levels (of 255) between the darkest and brightest pixel: a blank image.
+_NEAR_CONSTANT = 4
+
+
+def _header_warnings(path: Path, stored_size: int) -> str:
     out = []
     try:
         with open(path, "rb") as f:
@@ -122,6 +145,25 @@ def _expand(paths: list[str | Path]) -> list[Path]:
     return files
 
 
+def _not_regular(path: Path) -> str:
+    """Why ``path`` is not read ('' for a regular file): a FIFO, socket or device would block or
+    stream for ever when opened, so they are refused from their metadata alone."""
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as exc:
+        return f"cannot stat the file: {exc.strerror or exc}"
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
+                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+        return f"{kind}, not a regular file: not read"
+    return ""
+
+
 def logits(model, spec: ModelSpec, images, *, batch_size: int = 128, device="cpu") -> np.ndarray:
     """(N, K) float64 logits of uint8 images (N, 1, H, W) or (N, H, W): the one scoring path.
 
@@ -183,31 +225,54 @@ def predict(model_dir: str | Path, paths: list[str | Path], *, batch_size: int =
     results: list[Prediction] = []
     pending: list[tuple[int, np.ndarray]] = []
 
-    def flush():
-        if not pending:
-            return
-        images = np.stack([a for _, a in pending])
+    def score(batch: list[tuple[int, np.ndarray]]) -> None:
+        images = np.stack([a for _, a in batch])
         probs = calibrate_logits(target_logits(model, spec, images), promoted.calibration)
-        for (i, _), prob in zip(pending, probs):
+        for (i, _), prob in zip(batch, probs):
             results[i].probability = float(prob)
             results[i].label = promoted.class_names[int(prob >= promoted.threshold)]
         if saliency_dir is not None:
             x = to_model_input(torch.from_numpy(images[:, None]), image_size=spec.image_size, mean=spec.mean,
                                std=spec.std)
-            maps = _write_saliency(model, x, spec.target_index, images, [results[i].file for i, _ in pending],
+            maps = _write_saliency(model, x, spec.target_index, images, [results[i].file for i, _ in batch],
                                    Path(saliency_dir))
-            for (i, _), path in zip(pending, maps):
+            for (i, _), path in zip(batch, maps):
                 results[i].saliency = path
+
+    def flush():
+        try:
+            if pending:
+                score(pending)
+        except Exception:  # one image the batch cannot take: score each alone, so only that one fails
+            for item in pending:
+                try:
+                    score([item])
+                except Exception as exc:
+                    results[item[0]].probability = results[item[0]].label = None
+                    results[item[0]].error = _error_text(exc)
         pending.clear()
 
     for f in _expand(paths):
         results.append(Prediction(file=str(f), probability=None, label=None))
+        if why := _not_regular(f):
+            results[-1].error = why
+            continue
         try:
-            pending.append((len(results) - 1, load_for_model(f, spec.stored_size, policy=spec.resize)))
-            results[-1].warning = _warnings(f, spec.stored_size)
-        except DecodeError as exc:
-            results[-1].error = str(exc)
+            image = load_for_model(f, spec.stored_size, policy=spec.resize)
+        except Exception as exc:  # whatever a hostile or broken file raises is this row's error, not the run's
+            results[-1].error = _error_text(exc)
+            continue
+        pending.append((len(results) - 1, image))
+        results[-1].warning = "; ".join(w for w in (_warnings(f, spec.stored_size), _pixel_warnings(image)) if w)
         if len(pending) >= batch_size:
             flush()
     flush()
     return results
+
+
+def _error_text(exc: BaseException) -> str:
+    """A row's error: raycxr's own message, or the exception's type and first line."""
+    if isinstance(exc, DecodeError):
+        return str(exc)
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"cannot read this file ({type(exc).__name__}{': ' + first[:200] if first else ''})"

@@ -31,6 +31,7 @@ from ray.tune.callback import Callback
 
 from raycxr.config import HYPERPARAMETERS, SearchSpace, load_space
 from raycxr.errors import ConfigError, NoEligibleTrialError
+from raycxr.signing import RunSigner, SignRunCallback
 from raycxr.storage import RunStore
 from raycxr.train import METRIC
 
@@ -183,6 +184,9 @@ def init_ray(*, address: str | None, num_cpus: int | None = None):
     # loses at most that much bookkeeping; a finished trial restarted by --resume finds its last
     # checkpoint at the final epoch and trains nothing.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    # Keeping one checkpoint per trial makes Tune save its state after every trial checkpoint (so
+    # that a resume never looks for a deleted one), and warn each time that it does: by design here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
         return ray.get_runtime_context()
     kwargs: dict[str, Any] = {"log_to_driver": True, "logging_level": logging.WARNING}
@@ -669,7 +673,7 @@ def run_search(cfg: SearchConfig) -> list[dict]:
             early_stopping=cfg.early_stopping and cfg.scheduler != "none", scheduler=cfg.scheduler,
             objective=cfg.objective, versions=_versions(),
             started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        trainable = _trainable(record, space, plan, manifest)
+        trainable = _trainable(record, space, plan, manifest, storage=store.uri)
     except BaseException:  # nothing ran: give the name back, so a corrected command can use it
         store.delete("run.json")
         raise
@@ -704,26 +708,38 @@ def run_search(cfg: SearchConfig) -> list[dict]:
         # finds its own checkpoints in storage and resumes from the latest one.
         # An in-process trial's checkpoints are Tune's (tune/trial_ID/checkpoint_NNNNNN): the best
         # epoch's and the latest (to resume from) are kept, as Ray Train does for a DDP trial.
-        run_config=tune.RunConfig(name="tune", storage_path=store.uri, verbose=1, callbacks=[KeepTrialHistory(), *cfg.callbacks],
+        run_config=tune.RunConfig(name="tune", storage_path=store.uri, verbose=1,
+                                  callbacks=[KeepTrialHistory(), SignRunCallback(), *cfg.callbacks],
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                   checkpoint_config=tune.CheckpointConfig(
                                       num_to_keep=1, checkpoint_score_attribute=METRIC,
                                       checkpoint_score_order="max")),
     )
-    return _fit(tuner, store, name)
+    RunSigner(store).sign_in_store("tuner.pkl")
+    return _fit(tuner, store, name, time_budget_s=cfg.time_budget_min * 60 if cfg.time_budget_min else None)
 
 
-def resume_search(run: str | Path, *, address: str | None = None, num_cpus: int | None = None) -> list[dict]:
+def resume_search(run: str | Path, *, address: str | None = None, num_cpus: int | None = None,
+                  trust_run: bool = False) -> list[dict]:
     """Continue a stopped or killed search: finished trials are kept, unfinished and errored
-    ones restart from their last checkpoint, and the Optuna searcher keeps its history."""
+    ones restart from their last checkpoint, and the Optuna searcher keeps its history.
+
+    Ray restores a search by unpickling its state: the run must carry this user's signature
+    (signing.py) unless ``trust_run``."""
     from ray import tune
 
     from raycxr.config import parse_space
     from raycxr.data import read_manifest
+    from raycxr.signing import verify
 
     store = RunStore(run)
     store.require_run("--resume")
     record = RunRecord.load(store)
+    where, tune_path = tune_location(store.uri)  # where the run is now: it may have been moved
+    if trust_run:
+        log.warning("--trust-run: resuming %s without checking its signature", where.uri)
+    else:
+        verify(where)
     manifest = read_manifest(record.data)
     if manifest["fingerprint"] != record.data_fingerprint:
         raise ConfigError(f"{record.data} changed since the search started (fingerprint {manifest['fingerprint']}"
@@ -733,17 +749,17 @@ def resume_search(run: str | Path, *, address: str | None = None, num_cpus: int 
     init_ray(address=address, num_cpus=num_cpus)
     # the trial shape the run started with: a resumed trial must find its checkpoints where it left them
     plan = {**_plan_resources(space, trials=record.trials), "in_process": in_process(record.resources)}
-    tune_path = record.storage.rstrip("/") + "/tune"
     if not tune.Tuner.can_restore(tune_path):
         raise ConfigError(f"nothing to resume at {tune_path}: the search stopped before Tune saved its state; "
                           "start it again", source="--resume")
     log.info(f"Resuming search {record.name} from {tune_path}")
-    tuner = tune.Tuner.restore(tune_path, trainable=_trainable(record, space, plan, manifest),
+    tuner = tune.Tuner.restore(tune_path, trainable=_trainable(record, space, plan, manifest, storage=where.uri),
                                resume_unfinished=True, resume_errored=True)
-    return _fit(tuner, store, record.name)
+    RunSigner(where).sign_in_store("tuner.pkl")  # restoring rewrote it
+    return _fit(tuner, store, record.name, time_budget_s=None)
 
 
-def _trainable(record: RunRecord, space: SearchSpace, plan: dict, manifest: dict):
+def _trainable(record: RunRecord, space: SearchSpace, plan: dict, manifest: dict, *, storage: str):
     """The Tune trainable of a search: ``run_trial`` with the shared datasets and settings.
 
     Built the same way for a new search and a resumed one (Tuner.restore needs the same trainable).
@@ -763,7 +779,7 @@ def _trainable(record: RunRecord, space: SearchSpace, plan: dict, manifest: dict
     static = {
         "workers": plan["workers"], "worker_cpu_request": plan["worker_cpu_request"],
         "gpus_per_worker": plan["gpus_per_worker"], "max_failures": record.max_failures,
-        "trials_path": record.storage.rstrip("/") + "/trials",
+        "trials_path": storage.rstrip("/") + "/trials",
         "loop": {"max_epochs": record.max_epochs, "seed": space.seed, "train_rows": int(len(labels)),
                  "findings": list(FINDINGS), "target": record.target, "pos_weight": _pos_weight(labels),
                  "ingest_image_size": ingest_size, "resize": manifest["params"]["resize"],
@@ -787,8 +803,12 @@ def in_process(plan: dict) -> bool:
     return bool(plan.get("in_process"))
 
 
-def _fit(tuner, store: RunStore, name: str) -> list[dict]:
+def _fit(tuner, store: RunStore, name: str, *, time_budget_s: float | None) -> list[dict]:
+    """Run the tuner; return the leaderboard. A search stopped by its time budget returns what it
+    has; one stopped by Ctrl-C (which Tune catches, saving its state) raises KeyboardInterrupt
+    after writing the leaderboard, so the command exits 130 as an interrupted program does."""
     hint = f"resume it with: raycxr search --resume {store.uri}"
+    t0 = time.monotonic()
     try:
         results = tuner.fit()
     except KeyboardInterrupt:
@@ -799,8 +819,12 @@ def _fit(tuner, store: RunStore, name: str) -> list[dict]:
     board = leaderboard(store.uri)
     store.write_text("leaderboard.csv", leaderboard_csv(board))
     if any(r["tune_status"] in ("PENDING", "RUNNING", "PAUSED") for r in board):
-        log.warning(f"Search {name} stopped before every trial finished; {hint}")
-        return board  # stopped (Ctrl+C, --time-budget): not a failure, whatever it has so far
+        if time_budget_s is None or time.monotonic() - t0 < time_budget_s:  # not the budget: Ctrl+C (or SIGUSR1)
+            log.warning(f"Search {name} interrupted; its state is saved and finished trials are kept. To continue, "
+                        f"{hint}")
+            raise KeyboardInterrupt
+        log.warning(f"Search {name} used its time budget before every trial finished; {hint}")
+        return board  # --time-budget: not a failure, whatever it has so far
     if not any(row["status"] == "ok" for row in board):
         raise NoEligibleTrialError(f"no trial of {name} reported {METRIC}: see the errors above and "
                                    f"the trial logs in {store.child('tune')}")
@@ -840,10 +864,11 @@ def _versions() -> dict:
 
 
 def tune_location(run: str | Path) -> tuple[RunStore, str]:
-    """(the run, where its Tune experiment is): ``tune/`` beside run.json, or under the storage a
-    run.json of raycxr 0.1 recorded."""
+    """(where the run's files are, where its Tune experiment is): ``tune/`` beside run.json (also for
+    a run folder copied or moved since it ran), else under the storage a run.json of raycxr 0.1
+    recorded."""
     store = RunStore(run)
-    if store.exists(RunRecord.FILE):
+    if not store.exists("tune") and store.exists(RunRecord.FILE):
         try:
             storage = RunRecord.load(store).storage
         except RunStarting:
@@ -869,40 +894,85 @@ class RunHistory:
     frames: dict  # trial id -> pandas DataFrame
 
 
+def _tune_trials(store: RunStore) -> list[dict]:
+    """A run's Tune trials as plain data: ``trial_id``, ``status``, ``config`` and ``dir`` (the trial's
+    folder under ``tune/``), from the newest ``tune/experiment_state-*.json`` read as plain JSON.
+
+    Never through Ray Tune's own reader (``ExperimentAnalysis``), which unpickles objects the file
+    holds: a run folder copied from a cluster or a bucket is data, and reading its leaderboard must
+    not run code planted in it. Only a resumed search hands Ray the pickles (see signing.py).
+    """
+    states = [n for n in store.list("tune") if n.startswith("experiment_state-") and n.endswith(".json")]
+    if not states:
+        raise NoEligibleTrialError(f"{store.uri} holds no Ray Tune experiment state yet: is it a `raycxr search` "
+                                   "run? (a search that has just started saves its first state within seconds)")
+    source = store.child("tune", states[-1])
+    try:
+        doc = json.loads(store.read_text(f"tune/{states[-1]}"))
+        trials = []
+        for entry in doc["trial_data"]:
+            state = json.loads(entry[0]) if isinstance(entry[0], str) else entry[0]
+            trial_id = str(state["trial_id"])
+            config = state.get("config")
+            trials.append({"trial_id": trial_id, "status": str(state.get("status", "UNKNOWN")),
+                           "config": config if isinstance(config, dict) else {},
+                           "dir": Path(str(state.get("relative_logdir") or f"trial_{trial_id}")).name})
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError) as exc:
+        raise ConfigError(f"not a Ray Tune experiment state raycxr can read ({type(exc).__name__}: {exc}): the file "
+                          "is damaged; the trials' own folders still hold their results", source=source) from None
+    return trials
+
+
+def _trial_results(store: RunStore, folder: str):
+    """One trial's reported results (its ``result.json``, one JSON object per line) as a DataFrame, one
+    row per epoch (see :func:`epochs_of`); None before its first report. A damaged line is skipped."""
+    import pandas as pd
+
+    rel = f"tune/{folder}/result.json"
+    if not store.exists(rel):
+        return None
+    rows = []
+    for line in store.read_text(rel).splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a killed driver
+        if isinstance(row, dict):
+            row.pop("config", None)
+            rows.append(row)
+    return epochs_of(pd.DataFrame(rows)) if rows else None
+
+
 def run_history(run: str | Path) -> RunHistory:
     """The leaderboard and per-epoch results of a (running, stopped or finished) search, read once.
 
     ``run`` is the run's folder or URI. A trial's score is its best epoch's validation AUC;
-    ``checkpoint`` is that epoch's checkpoint (the one Ray Train keeps), as a path or URI.
+    ``checkpoint`` is that epoch's checkpoint (the one Ray keeps), as a path or URI. Reads plain
+    JSON only (:func:`_tune_trials`).
     """
-    from ray.tune import ExperimentAnalysis
-
-    store, tune_dir = tune_location(run)
+    store, _ = tune_location(run)
     if not store.exists("tune"):
         raise NoEligibleTrialError(f"{store.uri} holds no Ray Tune experiment: is it a `raycxr search` run? (a "
                                    "search that has just started saves its first state within seconds)")
-    try:
-        analysis = ExperimentAnalysis(tune_dir)
-    except ValueError as exc:  # Tune: no experiment_state file yet
-        raise NoEligibleTrialError(f"{store.uri} holds no Ray Tune experiment state yet: {exc}") from None
     rows, frames = [], {}
-    for trial in analysis.trials:
-        df = frames[trial.trial_id] = epochs_of(analysis.trial_dataframes.get(trial.trial_id))
-        row = {k: trial.config.get(k) for k in LEADERBOARD_COLUMNS if k in trial.config}
-        row.update(trial_id=trial.trial_id, status="no result", epochs=0, tune_status=trial.status)
+    for trial in _tune_trials(store):
+        tid = trial["trial_id"]
+        df = frames[tid] = _trial_results(store, trial["dir"])
+        row = {k: trial["config"].get(k) for k in LEADERBOARD_COLUMNS if k in trial["config"]}
+        row.update(trial_id=tid, status="no result", epochs=0, tune_status=trial["status"])
         if df is not None and METRIC in df and df[METRIC].notna().any():
             # the last of equally good epochs: the one whose checkpoint Ray keeps on a tie
             best = df[df[METRIC] == df[METRIC].max()].iloc[-1]
             checkpoint = best.get("checkpoint_path")
             if not isinstance(checkpoint, str) and isinstance(best.get("checkpoint_dir_name"), str):
-                checkpoint = store.child(f"tune/{_trial_dirname(trial)}/{best['checkpoint_dir_name']}")
+                checkpoint = store.child("tune", trial["dir"], best["checkpoint_dir_name"])
             row.update({METRIC: float(best[METRIC]), "best_epoch": int(best["epoch"]),
                         "epochs": int(df["epoch"].max()), "val_accuracy": float(best["val_accuracy"]),
                         "val_loss": float(best["val_loss"]), "status": "ok",
                         "latency_ms": float(best["latency_ms"]) if "latency_ms" in best else None,
                         "resumed_from_epoch": int(df["resumed_from_epoch"].max()) if "resumed_from_epoch" in df else 0,
                         "checkpoint": store.resolve(checkpoint) if isinstance(checkpoint, str) else None})
-        if trial.status == "ERROR":
+        if trial["status"] == "ERROR":
             row["status"] = "error" if row["status"] != "ok" else "ok (then failed)"
         rows.append(row)
     rows.sort(key=lambda r: (-(r.get(METRIC) if r.get(METRIC) is not None and not math.isnan(r[METRIC]) else -1),

@@ -43,6 +43,18 @@ class RunStore:
             self.local = Path(text).expanduser().resolve()
             self.fs, self.root, self.uri = None, str(self.local), str(self.local)
 
+    @classmethod
+    def on(cls, fs, path: str) -> "RunStore":
+        """The run at ``path`` on a pyarrow filesystem (as Ray names an experiment's storage)."""
+        import pyarrow.fs
+
+        if isinstance(fs, pyarrow.fs.LocalFileSystem):
+            return cls(path)
+        store = cls.__new__(cls)
+        store.fs, store.root, store.local = fs, path.rstrip("/"), None
+        store.uri = f"{fs.type_name}://{store.root}"
+        return store
+
     def __repr__(self) -> str:
         return f"RunStore({self.uri!r})"
 
@@ -65,6 +77,16 @@ class RunStore:
             return Path(self._path(rel)).read_text()
         with self.fs.open_input_stream(self._path(rel)) as f:
             return f.read().decode()
+
+    def list(self, rel: str = "") -> list[str]:
+        """Names of the files and folders directly in ``rel`` (none if it does not exist), sorted."""
+        if self.local is not None:
+            folder = Path(self._path(rel))
+            return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        import pyarrow.fs
+
+        infos = self.fs.get_file_info(pyarrow.fs.FileSelector(self._path(rel), allow_not_found=True))
+        return sorted(i.base_name for i in infos)
 
     def write_text(self, rel: str, text: str) -> None:
         """Replace ``rel`` whole: a reader sees the old or the new file, never half of one."""

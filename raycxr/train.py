@@ -437,6 +437,24 @@ class TuneSession:
         ray.tune.report(metrics, checkpoint=checkpoint)  # Tune names its folders checkpoint_NNNNNN
 
 
+# Batch-1 ONNX latency per (architecture, input size) measured in this process: it depends on
+# neither the weights nor the hyperparameters, so a warm trial process measures each shape once.
+_LATENCIES: dict[tuple[str, int], float] = {}
+
+
+def _latency_ms(model, architecture: str, image_size: int) -> float:
+    from raycxr.models import onnx_cpu_latency_ms
+
+    key = (architecture, image_size)
+    if key not in _LATENCIES:
+        try:
+            _LATENCIES[key] = onnx_cpu_latency_ms(model, image_size)
+        except Exception as exc:  # a missing latency must not cost the trial its training
+            log.warning("could not measure the ONNX latency of %s: %s", architecture, exc)
+            return float("nan")
+    return _LATENCIES[key]
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One trial on one Ray Train worker (a multi-worker trial): :func:`run_loop` over Ray Train."""
     run_loop(TrialConfig.from_tune(config), TrainSession())
@@ -449,8 +467,6 @@ def run_loop(cfg, session) -> None:
     DDP trial and one trained in Tune's own process is where batches come from and where reports go.
     """
     import torch
-
-    from raycxr.models import onnx_cpu_latency_ms
 
     keep_freed_memory()
     t = build_trial(cfg, rank=session.rank, world=session.world, device=session.device, prepare=session.prepare)
@@ -493,11 +509,7 @@ def run_loop(cfg, session) -> None:
         if not math.isnan(val_auc) and not best_val_auc >= val_auc:  # running max; NaN neither starts nor ends it
             best_val_auc = val_auc
         if latency_ms is None:
-            try:
-                latency_ms = onnx_cpu_latency_ms(t.evaluated, cfg.image_size)
-            except Exception as exc:  # a missing latency must not cost the trial its training
-                log.warning("could not measure the ONNX latency of %s: %s", cfg.model, exc)
-                latency_ms = float("nan")
+            latency_ms = _latency_ms(t.evaluated, cfg.model, cfg.image_size)
         metrics.update(val_auc_best=best_val_auc, latency_ms=latency_ms)
         with tempfile.TemporaryDirectory() as tmp:
             c0 = time.perf_counter()

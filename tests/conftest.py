@@ -18,6 +18,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ["RAYCXR_SALT"] = "test-salt"  # never touch the user's salt file from tests
 os.environ["RAYCXR_CACHE"] = tempfile.mkdtemp(prefix="raycxr-test-cache-")  # nor the user's cache
+# nor the user's run-signing key (created on first use, here)
+os.environ["RAYCXR_KEY_FILE"] = str(Path(tempfile.mkdtemp(prefix="raycxr-test-key-")) / "run-signing.key")
 
 
 def shared(path: str) -> Path:

@@ -92,3 +92,62 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_escaped(tmp_path, sample_dir
     rows = list(csv.DictReader(capsys.readouterr().out.splitlines()))
     assert [r["file"] for r in rows] == ["'" + evil.name, "'" + plus.name]
     assert rows[1]["error"] and not rows[1]["error"].startswith(("=", "+", "-", "@"))
+
+
+def test_every_hostile_input_gets_its_own_row_and_the_good_files_are_still_scored(tmp_path, sample_dir, capsys):
+    """DICOMs whose window, VOI LUT or frame count break decoding, a FIFO (which would block a
+    reader for ever), a missing file and blank images: one row each, the good files scored, exit 1."""
+    import os
+
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from raycxr.cli import main
+    from tests.builders import dicom_from_array
+
+    model_dir = promoted_model(tmp_path / "m")
+    arr = np.asarray(Image.open(sorted((sample_dir / "NORMAL").iterdir())[0]).convert("L")).astype(np.uint16) * 16
+    good = sorted((sample_dir / "PNEUMONIA").iterdir())[:2]
+    bad_lut = Dataset()
+    bad_lut.LUTDescriptor = [4, 0, 16]  # 4 entries promised, 2 given
+    bad_lut.add_new(0x00283006, "OW", b"\x01\x00\x02\x00")  # LUTData
+    hostile = {
+        "zero_width": dicom_from_array(tmp_path / "zero_width.dcm", arr, bits_stored=12, WindowCenter=2048,
+                                       WindowWidth=0),
+        "bad_voi_lut": dicom_from_array(tmp_path / "bad_voi_lut.dcm", arr, bits_stored=12,
+                                        VOILUTSequence=Sequence([bad_lut])),
+        "frames_ab": dicom_from_array(tmp_path / "frames_ab.dcm", arr, bits_stored=12, NumberOfFrames="2"),
+    }
+    # pydicom refuses to write NumberOfFrames "ab": patch the element's value in the file
+    element = b"\x28\x00\x08\x00IS\x02\x002 "
+    raw = hostile["frames_ab"].read_bytes()
+    assert raw.count(element) == 1
+    hostile["frames_ab"].write_bytes(raw.replace(element, element[:-2] + b"ab"))
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    black = _png_of(tmp_path / "black.png", np.zeros((128, 128), np.uint8))
+    slope0 = dicom_from_array(tmp_path / "slope0.dcm", arr, bits_stored=12, RescaleSlope=0, RescaleIntercept=100)
+    inputs = [good[0], *hostile.values(), fifo, tmp_path / "missing.png", black, slope0, good[1]]
+
+    rows = predict(model_dir, inputs)
+    assert [r.file for r in rows] == [str(f) for f in inputs]
+    by_name = {os.path.basename(r.file): r for r in rows}
+    for r in (rows[0], rows[-1]):
+        assert r.error == "" and 0 <= r.probability <= 1, r
+    assert by_name["pipe.png"].error.startswith("a FIFO, not a regular file")
+    assert by_name["missing.png"].error == "no such file"
+    for name in ("black.png", "slope0.dcm"):  # read, scored, and flagged: the probability means nothing
+        assert by_name[name].probability is not None and "near-constant image" in by_name[name].warning, by_name[name]
+    for name in ("zero_width.dcm", "bad_voi_lut.dcm", "frames_ab.dcm"):
+        r = by_name[name]
+        assert r.error.startswith("DICOM pixel pipeline failed") and r.probability is None, r
+
+    capsys.readouterr()
+    assert main(["predict", "--model", str(model_dir), *map(str, inputs)]) == 1  # some rows are errors
+    out = list(csv.DictReader(capsys.readouterr().out.splitlines()))
+    assert len(out) == len(inputs)
+
+
+def _png_of(path, arr):
+    Image.fromarray(arr).save(path)
+    return path

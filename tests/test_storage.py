@@ -11,7 +11,6 @@ import os
 import shutil
 import signal
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -82,7 +81,7 @@ def test_search_on_s3_stops_resumes_lists_promotes_and_evaluates(s3_server, data
     _wait_for(lambda: any(p.endswith("/checkpoint_000000/model.safetensors") for p in _listing(run + "/tune")), 300,
               "a first checkpoint in S3", search)
     search.send_signal(signal.SIGINT)  # Ctrl+C: Tune saves its state and stops
-    assert search.wait(timeout=180) == 0, log("search")
+    assert search.wait(timeout=180) == 130, log("search")  # interrupted, as a program stopped by Ctrl+C exits
     assert "raycxr search --resume s3://raycxr/runs/s3run" in log("search"), log("search")
 
     resumed = raycxr(["search", "--resume", run, "--num-cpus", "2"], "resume")

@@ -1,0 +1,36 @@
+"""The fuzz harness (scripts/bench/fuzz.py, atheris) in a short run, and every input it ever broke
+raycxr with, kept as a regression test (tests/fuzz_regressions/)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raycxr.config import load_space
+from raycxr.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+REGRESSIONS = Path(__file__).with_name("fuzz_regressions")
+
+
+@pytest.mark.parametrize("case", sorted(REGRESSIONS.glob("space-*")), ids=lambda p: p.stem)
+def test_a_search_space_the_fuzzer_broke_is_refused_with_a_config_error(case):
+    with pytest.raises(ConfigError):
+        load_space(case)
+
+
+def test_every_fuzz_target_runs_clean_for_a_few_hundred_inputs(tmp_path):
+    """Smoke: each target (image bytes, search-space YAML, promoted-model config.json) takes 300
+    mutated inputs under its memory cap, raising only its documented error."""
+    pytest.importorskip("atheris")
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench" / "fuzz.py"), "--runs", "300",
+                          "--out", str(tmp_path / "work"), "--json", str(tmp_path / "fuzz.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    results = {r["target"]: r for r in json.loads((tmp_path / "fuzz.json").read_text())["results"]}
+    assert set(results) == {"image", "space", "model"}
+    assert all(r["executions"] >= 300 and not r["crashes"] for r in results.values()), results

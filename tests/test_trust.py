@@ -1,0 +1,115 @@
+"""A run folder is data, not code: status and promote never unpickle what it holds, and --resume
+(which must hand Ray its pickles) refuses a folder this user's raycxr did not sign."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+
+from raycxr.cli import main
+from raycxr.search import SearchConfig, run_search
+
+pytestmark = pytest.mark.slow
+
+
+class _Planted:
+    """A pickle that, when loaded, creates ``marker``: what an attacker would put in a run folder."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (Path(self.marker),)
+
+
+def _plant(run: Path, marker: Path) -> None:
+    """Put a pickle where Ray Tune's own reader decodes one: a trial's state in experiment_state."""
+    (state_file,) = (run / "tune").glob("experiment_state-*.json")
+    doc = json.loads(state_file.read_text())
+    trial = json.loads(doc["trial_data"][0][0])
+    trial["storage"] = {"_type": "CLOUDPICKLE_FALLBACK", "value": pickle.dumps(_Planted(marker)).hex()}
+    doc["trial_data"][0][0] = json.dumps(trial)
+    state_file.write_text(json.dumps(doc))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, dataset, _ray_session):
+    from raycxr.search import init_ray
+
+    import ray
+
+    if not ray.is_initialized():
+        init_ray(address=None, num_cpus=2)
+    runs = tmp_path_factory.mktemp("trust") / "runs"
+    space = runs.parent / "space.yaml"
+    space.write_text("trials: 2\nmax_epochs: 1\nseed: 4\n"
+                     "params: {model: test_resnet, image_size: 64, batch_size: 16, lr: [0.003, 0.01]}\n")
+    run_search(SearchConfig(data=dataset, space=str(space), name="r", runs_dir=runs))
+    return runs / "r"
+
+
+def test_status_and_promote_never_run_a_pickle_planted_in_the_run(finished_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    marker = tmp_path / "pwned"
+    _plant(run, marker)
+
+    assert main(["status", str(run)]) == 0
+    assert "rank" in capsys.readouterr().out
+    assert main(["promote", "--run", str(run), "--out", str(tmp_path / "model"), "--bootstrap", "50",
+                 "--tta", "off"]) == 0
+    assert (tmp_path / "model" / "model_card.json").is_file()
+    assert not marker.exists(), "reading the run executed the planted pickle"
+
+    # the plant is live: Ray Tune's own reader of the same folder runs it
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        ExperimentAnalysis(str(run / "tune"))
+    except Exception:
+        pass  # the planted object is no StorageContext: Tune may fail after loading it
+    assert marker.exists()
+
+
+def test_resume_refuses_a_run_this_user_did_not_sign(finished_run, tmp_path, capsys):
+    from raycxr.signing import key_path, verify
+    from raycxr.storage import RunStore
+
+    verify(RunStore(finished_run))  # the search signed its own state as it went
+    assert stat.S_IMODE(key_path().stat().st_mode) == 0o600
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(finished_run, tampered)
+    marker = tmp_path / "pwned"
+    _plant(tampered, marker)
+    assert main(["search", "--resume", str(tampered)]) == 2
+    err = capsys.readouterr().err
+    assert "experiment_state-" in err and "is not as raycxr wrote it" in err and "--trust-run" in err, err
+
+    added = tmp_path / "added"  # a pickle dropped beside Tune's files
+    shutil.copytree(finished_run, added)
+    (added / "tune" / "searcher-state-2099-01-01_00-00-00.pkl").write_bytes(pickle.dumps(_Planted(marker)))
+    assert main(["search", "--resume", str(added)]) == 2
+    assert "searcher-state-2099" in capsys.readouterr().err
+    assert not marker.exists()
+
+    unsigned = tmp_path / "unsigned"  # e.g. from a raycxr before signing, or another account
+    shutil.copytree(finished_run, unsigned)
+    (unsigned / "signature.json").unlink()
+    assert main(["search", "--resume", str(unsigned)]) == 2
+    assert "has no signature.json" in capsys.readouterr().err
+    # the user vouches for it: it resumes (every trial had finished: nothing is trained again)
+    board = json.loads(json.dumps(_resume_trusted(unsigned)))
+    assert len(board) == 2 and all(r["status"] == "ok" for r in board)
+    verify(RunStore(unsigned))  # and it is signed from now on
+
+
+def _resume_trusted(run: Path) -> list[dict]:
+    from raycxr.search import resume_search
+
+    return resume_search(run, trust_run=True)
