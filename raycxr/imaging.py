@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -75,13 +76,33 @@ def _infer_transfer_syntax(ds) -> None:
                                       ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
 
+class _BoundedReader:
+    """A binary file whose ``read(n)`` never asks for more than the file still holds.
+
+    pydicom reads each element with ``read(declared length)``, and Python's buffered ``read(n)``
+    allocates ``n`` bytes up front: a 7 KB DICOM whose element declared 4 GB made one 4 GB
+    allocation (found by scripts/bench/fuzz.py). Everything else is the file's own.
+    """
+
+    def __init__(self, f, size: int):
+        self._f, self._size = f, size
+
+    def read(self, n: int | None = -1) -> bytes:
+        left = max(0, self._size - self._f.tell())
+        return self._f.read(left if n is None or n < 0 or n > left else n)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
 def _read_dicom(path: Path) -> np.ndarray:
     import pydicom
 
     with warnings.catch_warnings(record=True) as caught:  # pydicom's warnings name files and quote values
         warnings.simplefilter("always")
         try:
-            ds = pydicom.dcmread(path, force=True)
+            with open(path, "rb") as f:
+                ds = pydicom.dcmread(_BoundedReader(f, os.fstat(f.fileno()).st_size), force=True)
         except Exception as exc:  # pydicom raises many types for broken files
             raise DecodeError(f"not a readable DICOM file ({type(exc).__name__})") from exc
         try:

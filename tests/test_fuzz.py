@@ -34,3 +34,28 @@ def test_every_fuzz_target_runs_clean_for_a_few_hundred_inputs(tmp_path):
     results = {r["target"]: r for r in json.loads((tmp_path / "fuzz.json").read_text())["results"]}
     assert set(results) == {"image", "space", "model"}
     assert all(r["executions"] >= 300 and not r["crashes"] for r in results.values()), results
+
+
+def test_an_image_the_fuzzer_broke_decodes_or_is_refused_within_two_gigabytes(tmp_path):
+    """Under a 2 GB address-space cap (a subprocess): each image input the fuzzer once broke raycxr
+    with is read or refused with DecodeError, and never by running out of memory (a 7 KB DICOM
+    whose element declared 4 GB used to make pydicom allocate 4 GB)."""
+    cases = sorted(REGRESSIONS.glob("image-*"))
+    assert cases
+    script = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+from raycxr.errors import DecodeError
+from raycxr.imaging import load_for_model
+for path in sys.argv[1:]:
+    try:
+        load_for_model(path, 64, policy="pad")
+        print("read", path)
+    except DecodeError as exc:
+        print("memory" if isinstance(exc.__cause__, MemoryError) else "refused", path)
+"""
+    out = subprocess.run([sys.executable, "-c", script, *map(str, cases)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    outcomes = [line.split()[0] for line in out.stdout.splitlines()]
+    assert len(outcomes) == len(cases) and "memory" not in outcomes, out.stdout

@@ -13,7 +13,9 @@ spaces, a promoted model's config.json. The image target mutates DICOMs element 
 the time (pixel-pipeline attributes set to hostile values), and bytes otherwise.
 
 Each target runs in its own process under RLIMIT_AS (2 GB; 6 GB for the space and model targets,
-which import torch: its CUDA build maps over 4 GB of address space on import) with libFuzzer's per-input timeout (10 s) and RSS limit (2 GB). Crashing inputs
+which import torch: its CUDA build maps over 4 GB of address space on import) with libFuzzer's
+per-input timeout (10 s) and RSS limit (2 GB). A DecodeError caused by a MemoryError counts as a
+crash: a file that makes the reader run out of memory is not merely "unreadable". Crashing inputs
 are written to OUT/crash-*; make each a regression test.
 
 Usage:
@@ -41,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
 TARGETS = ("image", "space", "model")
-MEMORY_LIMIT = {"image": 2 << 30, "space": 6 << 30, "model": 6 << 30}  # torch maps 4+ GB of address space
+MEMORY_LIMIT = {"image": 2 << 30, "space": 6 << 30, "model": 6 << 30}
 
 # DICOM attributes the pixel pipeline reads, and values a hostile file could give them.
 _DICOM_TAGS = ["PhotometricInterpretation", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
@@ -161,8 +163,9 @@ def run_target(target: str, libfuzzer_args: list[str], work: Path) -> None:
             path.write_bytes(data)
             try:
                 raycxr.imaging.load_for_model(path, 64, policy="pad")
-            except DecodeError:
-                pass
+            except DecodeError as exc:
+                if isinstance(exc.__cause__, MemoryError):  # reported as a bad file, but it ran out of memory
+                    raise exc.__cause__
         elif target == "space":
             path = scratch / "space.yaml"
             path.write_bytes(data)
