@@ -51,8 +51,8 @@ def _pixel_warnings(image: np.ndarray) -> str:
     which means nothing (a black frame, a RescaleSlope of 0, a window that clips everything)."""
     spread = int(image.max()) - int(image.min()) if image.size else 0
     if spread <= _NEAR_CONSTANT:
-        return (f"near-constant image (every pixel within {spread} grey levels of 255): nothing to classify; "
-                "check the file and its DICOM rescale/window")
+        return (f"near-constant image (darkest to brightest pixel: {spread} of 255 grey levels): nothing to "
+                "classify; check the file and its DICOM rescale/window")
     return ""
 
 
