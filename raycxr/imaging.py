@@ -249,6 +249,24 @@ def read_image(path: str | Path, *, draft_size: int | None = None, fmt: str = ""
     return decode(path, draft_size=draft_size, fmt=fmt, data=data)[0]
 
 
+def not_regular(path: str | Path) -> str:
+    """Why ``path`` is not read ('' for a regular file): a FIFO, socket or device would block or
+    stream for ever when opened, so they are refused from their metadata alone."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as exc:
+        return f"cannot stat the file: {exc.strerror or exc}"
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
+                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+        return f"{kind}, not a regular file: not read"
+    return ""
+
+
 def decode(path: str | Path, *, draft_size: int | None = None, fmt: str = "",
            data: bytes | None = None) -> tuple[np.ndarray, tuple[int, int]]:
     """:func:`read_image`, and the file's true (height, width) (a JPEG drafted smaller keeps its own)."""
@@ -259,6 +277,8 @@ def decode(path: str | Path, *, draft_size: int | None = None, fmt: str = "",
     if data is not None:
         head = data[:_DICOM_MAGIC_OFFSET + 4]
     else:
+        if why := not_regular(path):
+            raise DecodeError(why)
         try:
             with open(path, "rb") as f:
                 head = f.read(_DICOM_MAGIC_OFFSET + 4)

@@ -132,13 +132,15 @@ def _decode_one(args: tuple[str, int, str, str, bool, bool]) -> tuple:
 
     Returns (content hash, pixels or None, original size, dHash, twin views, reason)."""
     from raycxr.dedup import dhash, twin_views
-    from raycxr.imaging import blank_reason, decode, resize
+    from raycxr.imaging import blank_reason, decode, not_regular, resize
 
     path, size, policy, fmt, want_hash, want_twins = args
     raw = None
     if fmt.startswith("npz:"):  # one image of an archive: hash the image, not the whole archive
         content_hash = ""
     else:
+        if why := not_regular(path):  # a FIFO or device named by a manifest would block the read for ever
+            return "", None, (0, 0), None, None, why
         try:
             raw = Path(path).read_bytes()
         except OSError as exc:

@@ -145,25 +145,6 @@ def _expand(paths: list[str | Path]) -> list[Path]:
     return files
 
 
-def _not_regular(path: Path) -> str:
-    """Why ``path`` is not read ('' for a regular file): a FIFO, socket or device would block or
-    stream for ever when opened, so they are refused from their metadata alone."""
-    import os
-    import stat
-
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return "no such file"
-    except OSError as exc:
-        return f"cannot stat the file: {exc.strerror or exc}"
-    if not stat.S_ISREG(mode):
-        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
-                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
-        return f"{kind}, not a regular file: not read"
-    return ""
-
-
 def logits(model, spec: ModelSpec, images, *, batch_size: int = 128, device="cpu") -> np.ndarray:
     """(N, K) float64 logits of uint8 images (N, 1, H, W) or (N, H, W): the one scoring path.
 
@@ -254,9 +235,6 @@ def predict(model_dir: str | Path, paths: list[str | Path], *, batch_size: int =
 
     for f in _expand(paths):
         results.append(Prediction(file=str(f), probability=None, label=None))
-        if why := _not_regular(f):
-            results[-1].error = why
-            continue
         try:
             image = load_for_model(f, spec.stored_size, policy=spec.resize)
         except Exception as exc:  # whatever a hostile or broken file raises is this row's error, not the run's

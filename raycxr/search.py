@@ -902,7 +902,7 @@ def _tune_trials(store: RunStore) -> list[dict]:
     holds: a run folder copied from a cluster or a bucket is data, and reading its leaderboard must
     not run code planted in it. Only a resumed search hands Ray the pickles (see signing.py).
     """
-    states = [n for n in store.list("tune") if n.startswith("experiment_state-") and n.endswith(".json")]
+    states = [n for n in store.files("tune") if n.startswith("experiment_state-") and n.endswith(".json")]
     if not states:
         raise NoEligibleTrialError(f"{store.uri} holds no Ray Tune experiment state yet: is it a `raycxr search` "
                                    "run? (a search that has just started saves its first state within seconds)")

@@ -108,7 +108,7 @@ class RunSigner:
     def sign_in_store(self, name: str) -> None:
         """Sign ``tune/NAME`` as it is in the run's storage: for ``tuner.pkl``, which the Tuner this
         process just built writes there directly (not through Tune's staging folder)."""
-        if self._add(name, _read_bytes(self.store, f"tune/{name}")):
+        if self._add(name, self.store.read_bytes(f"tune/{name}")):
             self._save()
 
     def _add(self, name: str, data: bytes) -> bool:
@@ -174,26 +174,12 @@ def verify(store: RunStore) -> None:
     key = _key()
     if doc.get("key_id") != _key_id(key):
         raise UntrustedRunError(f"{store.uri} was signed with another key than this user's ({key_path()}); {hint}")
-    for name in store.list("tune"):
+    for name in store.files("tune"):
         rel = f"tune/{name}"
-        if name.startswith(".") or _is_folder(store, rel):
+        if name.startswith("."):
             continue
-        mac = _mac(key, name, _read_bytes(store, rel))
+        mac = _mac(key, name, store.read_bytes(rel))
         if not any(hmac.compare_digest(mac, v) for v in files.get(name, [])):
             raise UntrustedRunError(f"{store.child(rel)} is not as raycxr wrote it (its signature does not match): "
                                     f"it was changed or added after the search; {hint}")
 
-
-def _is_folder(store: RunStore, rel: str) -> bool:
-    if store.local is not None:
-        return (store.local / rel).is_dir()
-    import pyarrow.fs
-
-    return store.fs.get_file_info(f"{store.root}/{rel}").type == pyarrow.fs.FileType.Directory
-
-
-def _read_bytes(store: RunStore, rel: str) -> bytes:
-    if store.local is not None:
-        return (store.local / rel).read_bytes()
-    with store.fs.open_input_stream(f"{store.root}/{rel}") as f:
-        return f.read()

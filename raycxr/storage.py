@@ -73,20 +73,23 @@ class RunStore:
         return self.fs.get_file_info(self._path(rel)).type != pyarrow.fs.FileType.NotFound
 
     def read_text(self, rel: str) -> str:
-        if self.local is not None:
-            return Path(self._path(rel)).read_text()
-        with self.fs.open_input_stream(self._path(rel)) as f:
-            return f.read().decode()
+        return self.read_bytes(rel).decode()
 
-    def list(self, rel: str = "") -> list[str]:
-        """Names of the files and folders directly in ``rel`` (none if it does not exist), sorted."""
+    def read_bytes(self, rel: str) -> bytes:
+        if self.local is not None:
+            return Path(self._path(rel)).read_bytes()
+        with self.fs.open_input_stream(self._path(rel)) as f:
+            return f.read()
+
+    def files(self, rel: str = "") -> list[str]:
+        """Names of the files (not folders) directly in ``rel``, sorted; none if it does not exist."""
         if self.local is not None:
             folder = Path(self._path(rel))
-            return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+            return sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
         import pyarrow.fs
 
         infos = self.fs.get_file_info(pyarrow.fs.FileSelector(self._path(rel), allow_not_found=True))
-        return sorted(i.base_name for i in infos)
+        return sorted(i.base_name for i in infos if i.type == pyarrow.fs.FileType.File)
 
     def write_text(self, rel: str, text: str) -> None:
         """Replace ``rel`` whole: a reader sees the old or the new file, never half of one."""

@@ -225,3 +225,15 @@ def test_near_duplicates_are_merged_into_one_split(sample_copy, tmp_path):
         for h in read_split(tmp_path / "o", split, columns=["content_hash"]).column("content_hash").to_pylist():
             split_of[h] = split
     assert all(split_of[a] == split_of[b] for a, b in pairs.items())
+
+
+def test_a_fifo_named_as_an_input_is_quarantined_not_read(tmp_path):
+    """A FIFO (or device) in a manifest would block ingest's read for ever: refused from its metadata."""
+    import os
+
+    from raycxr.ingest import _decode_one
+
+    fifo = tmp_path / "film.png"
+    os.mkfifo(fifo)
+    *_, reason = _decode_one((str(fifo), 64, "pad", "", True, False))
+    assert reason == "a FIFO, not a regular file: not read"
