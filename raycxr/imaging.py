@@ -131,6 +131,14 @@ def _dicom_pixels(ds) -> np.ndarray:
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     if rows * cols > MAX_PIXELS:
         raise DecodeError(f"image too large ({cols}x{rows} px > {MAX_PIXELS} px): possible decompression bomb")
+    _check_compressed_frame(ds, rows, cols)
+    from pydicom.uid import JPEGBaseline8Bit
+
+    if getattr(ds, "file_meta", {}).get("TransferSyntaxUID") == JPEGBaseline8Bit:
+        # Pillow (libjpeg-turbo), not pylibjpeg's libjpeg: that one leaks about 0.3 MB per corrupt
+        # JPEG frame it decodes (measured: 54 -> 143 MB over 300 such files; Pillow stays at 54 MB),
+        # which a long predict or a fuzzer turns into an out-of-memory. Pillow reads 8-bit baseline only.
+        ds.pixel_array_options(decoding_plugin="pillow")
     try:
         arr = ds.pixel_array
     except Exception as exc:
@@ -141,6 +149,57 @@ def _dicom_pixels(ds) -> np.ndarray:
     if photometric == "MONOCHROME1":  # MONOCHROME1: high values are dark; invert so air is black.
         np.subtract(255, out, out=out)
     return out
+
+
+def _check_compressed_frame(ds, rows: int, cols: int) -> None:
+    """Refuse a compressed frame whose own header declares another size than Rows x Columns.
+
+    JPEG and JPEG 2000 decoders allocate what the codestream declares (up to 65535 x 65535 px
+    for JPEG), not what the DICOM header says: a 1.3 KB file whose JPEG stream declared a huge
+    frame made pylibjpeg allocate gigabytes (found by fuzzing). pydicom would refuse the
+    mismatch only after decoding, so the codestream's size is read first, from its SOF (JPEG,
+    JPEG-LS) or SIZ (JPEG 2000) segment.
+    """
+    from pydicom.encaps import get_frame
+    from pydicom.pixels.utils import _get_jpg_parameters  # pydicom's own SOF parser (used by its decoders)
+    from pydicom.uid import JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
+
+    syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
+    jpeg = syntax in (*JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes)
+    if not (jpeg or syntax in JPEG2000TransferSyntaxes):
+        return
+    frame = get_frame(ds.PixelData, 0, number_of_frames=1)
+    if jpeg:
+        info = _get_jpg_parameters(frame)
+        size = (info["height"], info["width"]) if "height" in info else None
+    else:
+        size = _j2k_size(frame)
+    if size is None:
+        raise DecodeError("DICOM pixel data: the compressed frame has no readable size header (SOF/SIZ)")
+    if size != (rows, cols):
+        raise DecodeError(f"DICOM pixel data: the compressed frame declares {size[1]}x{size[0]} px but the header "
+                          f"says {cols}x{rows}: not decoded")
+
+
+def _j2k_size(frame: bytes) -> tuple[int, int] | None:
+    """(height, width) from a JPEG 2000 codestream's SIZ segment (ISO/IEC 15444-1 A.5.1), or None.
+    A JP2 file's boxes are skipped to its codestream, as pydicom's get_j2k_parameters does."""
+    import struct
+
+    offset = 0
+    if frame.startswith(b"\x00\x00\x00\x0cjP  "):
+        offset = 12
+        while offset + 8 <= len(frame) and frame[offset + 4:offset + 8] != b"jp2c":
+            length = int.from_bytes(frame[offset:offset + 4], "big")
+            if length < 8:
+                return None
+            offset += length
+        offset += 8
+    siz = frame[offset:offset + 26]
+    if len(siz) < 26 or siz[:4] != b"\xff\x4f\xff\x51":
+        return None
+    xsiz, ysiz, xosiz, yosiz = struct.unpack(">4I", siz[8:24])
+    return (ysiz - yosiz, xsiz - xosiz) if xsiz > xosiz and ysiz > yosiz else None
 
 
 _STRIP_PIXELS = 1 << 17  # pydicom's LUT functions work in float64: 1 MB per temporary per strip

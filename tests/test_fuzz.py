@@ -52,10 +52,37 @@ for path in sys.argv[1:]:
         load_for_model(path, 64, policy="pad")
         print("read", path)
     except DecodeError as exc:
-        print("memory" if isinstance(exc.__cause__, MemoryError) else "refused", path)
+        print("memory" if isinstance(exc.__cause__, MemoryError) else "refused", path, str(exc).replace(" ", "_"))
 """
     out = subprocess.run([sys.executable, "-c", script, *map(str, cases)], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     outcomes = [line.split()[0] for line in out.stdout.splitlines()]
     assert len(outcomes) == len(cases) and "memory" not in outcomes, out.stdout
+    # a JPEG frame of height 0 (defined later by a DNL marker): pylibjpeg's libjpeg allocated until it
+    # ran out of memory; it is refused before decoding, by the frame's own size
+    assert "declares_1024x0_px" in next(line for line in out.stdout.splitlines() if "height-0" in line)
+
+
+def test_a_jpeg2000_frame_whose_size_is_not_the_headers_is_refused_before_decoding(tmp_path):
+    import numpy as np
+    from pydicom.uid import JPEG2000Lossless
+
+    from raycxr.errors import DecodeError
+    from raycxr.imaging import load_for_model
+    from tests.builders import dicom_from_array
+
+    arr = (np.arange(96 * 80).reshape(96, 80) % 4096).astype(np.uint16)
+    path = dicom_from_array(tmp_path / "j2k.dcm", arr, phi=False, bits_stored=12)
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    ds.compress(JPEG2000Lossless, arr)
+    ds.save_as(path)
+    assert load_for_model(path, 64, policy="pad").shape == (64, 64)  # as written: read
+    data = bytearray(path.read_bytes())
+    siz = data.index(b"\xff\x4f\xff\x51")
+    data[siz + 8:siz + 12] = (60000).to_bytes(4, "big")  # Xsiz: 60,000 px wide
+    path.write_bytes(bytes(data))
+    with pytest.raises(DecodeError, match="declares 60000x96 px but the header says 80x96"):
+        load_for_model(path, 64, policy="pad")

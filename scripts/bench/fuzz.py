@@ -15,7 +15,10 @@ the time (pixel-pipeline attributes set to hostile values), and bytes otherwise.
 Each target runs in its own process under RLIMIT_AS (2 GB; 6 GB for the space and model targets,
 which import torch: its CUDA build maps over 4 GB of address space on import) with libFuzzer's
 per-input timeout (10 s) and RSS limit (2 GB). A DecodeError caused by a MemoryError counts as a
-crash: a file that makes the reader run out of memory is not merely "unreadable". Crashing inputs
+crash: a file that makes the reader run out of memory is not merely "unreadable". So does an input
+during which the process's peak RSS passes PEAK_RSS_MB: under the address-space cap, a C library
+that cannot allocate may end the process (libFuzzer: "fuzz target exited") with no trace of which
+input did it; the peak check names the input before that happens. Crashing inputs
 are written to OUT/crash-*; make each a regression test.
 
 Usage:
@@ -44,6 +47,9 @@ ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
 TARGETS = ("image", "space", "model")
 MEMORY_LIMIT = {"image": 2 << 30, "space": 6 << 30, "model": 6 << 30}
+# Peak resident memory an input may bring the fuzzing process to (its own ~200 MB included). The
+# largest readable image (64 Mpx, imaging.MAX_PIXELS) decodes within about 750 MB.
+PEAK_RSS_MB = {"image": 1200, "space": 3000, "model": 3000}
 
 # DICOM attributes the pixel pipeline reads, and values a hostile file could give them.
 _DICOM_TAGS = ["PhotometricInterpretation", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
@@ -157,7 +163,19 @@ def run_target(target: str, libfuzzer_args: list[str], work: Path) -> None:
     if target == "model":
         model_dir = _seed_model(scratch / "model")
 
+    count = [0]
+
     def one_input(data: bytes) -> None:
+        _one_input(data)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10  # KB -> MB, monotonic
+        count[0] += 1
+        if count[0] % 20000 == 0:  # the process's memory over the run, in fuzz.log: a leak shows as a climb
+            print(f"raycxr-fuzz: {count[0]} inputs, RSS {_vm('VmRSS')} MB, peak RSS {peak} MB, "
+                  f"address space {_vm('VmSize')} MB", file=sys.stderr, flush=True)
+        if peak > PEAK_RSS_MB[target]:
+            raise MemoryError(f"this input took the process's peak RSS to {peak} MB (> {PEAK_RSS_MB[target]} MB)")
+
+    def _one_input(data: bytes) -> None:
         if target == "image":
             path = scratch / "input"
             path.write_bytes(data)
@@ -191,6 +209,14 @@ def run_target(target: str, libfuzzer_args: list[str], work: Path) -> None:
     atheris.Fuzz()
 
 
+def _vm(field: str) -> int:
+    """A /proc/self/status memory figure in MB."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) >> 10
+    return -1
+
+
 def _limit(target: str):
     def apply():
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT[target], MEMORY_LIMIT[target]))
@@ -214,9 +240,11 @@ def fuzz(target: str, *, seconds: int | None, runs: int | None, out: Path) -> di
     log = proc.stdout + proc.stderr
     (work / "fuzz.log").write_text(log)
     execs = re.findall(r"stat::number_of_executed_units:\s*(\d+)", log)
+    memory = re.findall(r"raycxr-fuzz: .*", log)
     found = sorted(p.name for p in crashes.iterdir())
     return {"target": target, "seconds": round(time.monotonic() - t0, 1), "executions": int(execs[-1]) if execs else 0,
-            "crashes": found, "exit": proc.returncode, "tail": log.strip().splitlines()[-6:]}
+            "crashes": found, "exit": proc.returncode, "memory": memory[-3:],
+            "tail": log.strip().splitlines()[-6:]}
 
 
 def main() -> None:
