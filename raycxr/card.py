@@ -1,13 +1,82 @@
-"""The model card: what a reader needs to judge a promoted model, in Markdown."""
+"""The model card: what a reader needs to judge a promoted model, in Markdown.
+
+``model_card.md`` is a Hugging Face Hub model card: a YAML header (licence, tags, the sources
+used, and a ``model-index`` with the holdout figures and their 95% CIs, written by
+``huggingface_hub``'s ``ModelCardData``/``EvalResult`` so ``ModelCard.load`` reads them back)
+above the Markdown a person reads. ``report.html`` (:mod:`raycxr.report`) renders the same body.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 from raycxr.config import HYPERPARAMETERS
 
-_ROWS = [("AUC", "auc"), ("Accuracy", "accuracy"), ("Sensitivity", "sensitivity"), ("Specificity", "specificity"),
-         ("PPV", "ppv"), ("NPV", "npv"), ("Brier score", "brier"), ("ECE (10 bins)", "ece")]
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCardData
+
+
+class DataSource(NamedTuple):
+    name: str
+    reference: str         # how the labels were made: what "ground truth" means for this source
+    licence: str | None    # a Hugging Face Hub licence id, or None where the terms have none
+    terms: str
+
+
+# By ``raycxr ingest --source`` key (a CSV source may be renamed with ``csv.name``).
+SOURCES = {
+    "kermany": DataSource(
+        "Kermany pediatric chest X-rays (Guangzhou, Mendeley Data v2, doi:10.17632/rscbjbr9sj.2)",
+        "graded by two expert physicians, a third expert deciding disagreements (Kermany et al., Cell 2018); "
+        "one label per image, not radiologist-adjudicated per image here",
+        "cc-by-4.0", "CC BY 4.0, attribute Kermany et al. 2018"),
+    "pneumoniamnist": DataSource(
+        "PneumoniaMNIST (MedMNIST v2: the Kermany films at 28 px)",
+        "Kermany's labels: two expert physicians, a third deciding disagreements",
+        "cc-by-4.0", "CC BY 4.0, attribute MedMNIST v2 and Kermany et al. 2018"),
+    "nih": DataSource(
+        "NIH ChestX-ray14 (NIH Clinical Center)",
+        "labels mined from the radiology reports by NLP, not read from the images (about 90% accuracy claimed "
+        "by Wang et al., CVPR 2017)",
+        None, "NIH Clinical Center terms: use unrestricted, attribution and citation required"),
+    "rsna": DataSource(
+        "RSNA Pneumonia Detection Challenge 2018 (NIH ChestX-ray14 films)",
+        "lung-opacity bounding boxes drawn by radiologists (a subset adjudicated by several readers)",
+        None, "the RSNA challenge's terms of use"),
+    "mimic": DataSource(
+        "MIMIC-CXR (Beth Israel Deaconess Medical Center)",
+        "CheXpert/NegBio labelers run on the radiology reports (automated; uncertain mentions per "
+        "`mimic.uncertain`)",
+        None, "PhysioNet Credentialed Health Data License 1.5.0 (read its data use agreement before sharing "
+              "these weights)"),
+    "openi": DataSource(
+        "Open-I Indiana University chest X-rays", "manual MeSH coding of the radiology reports",
+        None, "the Open-I collection's terms of use"),
+    "montgomery": DataSource(
+        "Montgomery County TB set (NLM)",
+        "tuberculosis diagnosis from clinical records and radiologist readings; no pneumonia label",
+        None, "the NLM's terms for its TB sets"),
+    "shenzhen": DataSource(
+        "Shenzhen TB set (NLM)",
+        "tuberculosis diagnosis from clinical records and radiologist readings; no pneumonia label",
+        None, "the NLM's terms for its TB sets"),
+    "jsrt": DataSource(
+        "JSRT nodule database",
+        "a lung-nodule set: nodules confirmed by CT, diagnoses by pathology or follow-up; no pneumonia label",
+        None, "JSRT's terms (registration, research use)"),
+    "csv": DataSource("a CSV manifest", "as given by the manifest's provider", None, "the provider's terms"),
+}
+_UNKNOWN_SOURCE = DataSource("an unregistered source", "not documented", None, "not documented")
+
+# (card key, Hub metric id, name) of the holdout figures in the metadata's model-index
+_INDEX_METRICS = (("auc", "roc_auc", "AUC"), ("sensitivity", "recall", "Sensitivity"),
+                  ("specificity", "specificity", "Specificity"), ("accuracy", "accuracy", "Accuracy"))
+_THRESHOLDED = {"sensitivity", "specificity", "accuracy"}
+
+# (label, key) of the holdout metrics table, here and in report.html
+HOLDOUT_ROWS = [("AUC", "auc"), ("Accuracy", "accuracy"), ("Sensitivity", "sensitivity"), ("Specificity", "specificity"),
+                ("PPV", "ppv"), ("NPV", "npv"), ("Brier score", "brier"), ("ECE (10 bins)", "ece")]
 
 
 def _fmt(v) -> str:
@@ -25,7 +94,7 @@ def _ms(v) -> str:
 def _metric_table(m: dict) -> str:
     lines = ["| metric | value | 95% CI (patient bootstrap) |", "| --- | --- | --- |"]
     ci = m.get("ci95", {})
-    for label, key in _ROWS:
+    for label, key in HOLDOUT_ROWS:
         lines.append(f"| {label} | {_fmt(m[key])} | {_ci(ci.get(key, [None, None]))} |")
     lines.append(f"| images (positive) | {m['n']} ({m['positives']}) | |")
     lines.append(f"| confusion at threshold | TP {m['tp']}, FP {m['fp']}, TN {m['tn']}, FN {m['fn']} | |")
@@ -90,6 +159,73 @@ def internal_sources(card: dict) -> list[str]:
     return sorted({s for c in card["data"]["counts"].values() for s in c["by_source"]})
 
 
+def _source_info(card: dict, name: str) -> DataSource:
+    """SOURCES' entry for a source as named in the shards (a CSV source may be renamed: ``csv.name``)."""
+    csv_name = card["data"]["params"].get("source_options", {}).get("csv", {}).get("name", "csv")
+    return SOURCES.get("csv" if name == csv_name else name, _UNKNOWN_SOURCE)
+
+
+def reference_standards(card: dict) -> dict[str, str]:
+    """{source: how its labels were made} for every source the model was trained and evaluated on."""
+    return {name: _source_info(card, name).reference for name in internal_sources(card)}
+
+
+def _licence(card: dict) -> tuple[str, str]:
+    """(Hub licence id, a Markdown sub-list of each source's terms). The weights derive from the
+    training images, so their terms apply; raycxr's own Apache-2.0 covers only the code."""
+    infos = [(name, _source_info(card, name)) for name in internal_sources(card)]
+    ids = {info.licence for _, info in infos}
+    terms = "\n".join(f"    - {name}, {info.name}: {info.terms}." for name, info in infos)
+    return (ids.pop() if len(ids) == 1 and None not in ids else "other"), terms
+
+
+def card_metadata(card: dict) -> ModelCardData:
+    """The card's YAML header as ``huggingface_hub.ModelCardData``: the holdout figures (and every
+    external evaluation) in ``model-index``.
+
+    ``EvalResult`` has no field for an interval, so each 95% CI is two more metrics of their own
+    type (``roc_auc_ci95_lower``, ``roc_auc_ci95_upper``) whose ``args`` say how it was computed;
+    thresholded metrics carry the threshold in theirs.
+    """
+    from huggingface_hub import EvalResult, ModelCardData
+
+    target = card["target"]
+    threshold = {"threshold": card["threshold"], "threshold_rule": card["threshold_rule"]}
+
+    def results(m: dict, ci: dict, *, sources: list[str], split: str, fingerprint: str, name: str) -> list:
+        where = dict(task_type="image-classification", task_name=f"{target} classification (binary)",
+                     dataset_type="+".join(sources), dataset_name=name, dataset_split=split,
+                     dataset_revision=fingerprint)
+        boot = {"ci": "95% percentile, patient-level bootstrap",
+                **({"n_boot": ci["n_boot_used"]} if "n_boot_used" in ci else {})}
+        out = []
+        for key, metric, label in _INDEX_METRICS:
+            args = threshold if key in _THRESHOLDED else None
+            figures = [(metric, label, m.get(key), args)]
+            if key in ci:
+                figures += [(f"{metric}_ci95_{end}", f"{label} 95% CI {end} bound", ci[key][i],
+                             {**(args or {}), **boot}) for i, end in enumerate(("lower", "upper"))]
+            out += [EvalResult(**where, metric_type=t, metric_name=n, metric_value=float(v), metric_args=a)
+                    for t, n, v, a in figures if v is not None and v == v]  # no NaN/None into YAML
+        return out
+
+    pooled, sources = card["holdout"]["pooled"], internal_sources(card)
+    evals = results(pooled, pooled.get("ci95", {}), sources=sources, split="holdout",
+                    fingerprint=card["data"]["fingerprint"],
+                    name=f"internal holdout ({', '.join(sources)})")
+    for e in card.get("external") or []:
+        evals += results(e, e.get("ci95", {}), sources=e["sources"], split=e["split"], fingerprint=e["fingerprint"],
+                         name=f"external: {', '.join(e['sources'])} ({e['split']})")
+    licence = _licence(card)[0]
+    return ModelCardData(
+        model_name=card["run"], eval_results=evals or None, license=licence,
+        license_name="training-data-terms" if licence == "other" else None,  # spelled out in the body
+        # the raycxr source keys: most of these datasets have no canonical Hugging Face Hub id
+        datasets=sources, library_name="raycxr", pipeline_tag="image-classification",
+        tags=["medical-imaging", "chest-x-ray", target.replace("_", "-"), "image-classification", "timm", "raycxr"],
+        metrics=[metric for _, metric, _ in _INDEX_METRICS])
+
+
 def _external(card: dict) -> str:
     internal = card["holdout"]["pooled"]
     ext = card.get("external") or []
@@ -127,7 +263,25 @@ def _per_source_splits(counts: dict) -> str:
     return "\n".join(lines)
 
 
+def _serving_line(card: dict) -> str:
+    s = card.get("serving_onnx")
+    if not s:
+        return ""
+    return (f"\n`model.serving.onnx` (`--serving-onnx`): {s['input']} in, calibrated {s['output']} out, with the "
+            f"resize, normalisation, test-time augmentation and calibration inside; max |difference| from "
+            f"`raycxr.Model.predict_proba` on validation images {s['max_abs_diff']:.1e}.")
+
+
 def write_model_card(card: dict, path: Path) -> None:
+    """Write ``model_card.md``: the YAML header of :func:`card_metadata` above :func:`card_body`."""
+    from huggingface_hub import ModelCard
+
+    # parsed back before saving: a header ModelCard.load cannot read fails here, not on the Hub
+    ModelCard(f"---\n{card_metadata(card).to_yaml()}\n---\n\n{card_body(card)}").save(path)
+
+
+def card_body(card: dict) -> str:
+    """The model card's Markdown, without its YAML header."""
     t = card["trial"]
     members = card.get("members") or [t]
     h = card["holdout"]
@@ -144,7 +298,8 @@ def write_model_card(card: dict, path: Path) -> None:
                        f"{m['epochs']}." for m in members)
     hp_rows = "\n".join(f"| {k} | " + " | ".join(str(m.get(k)) for m in members) + " |" for k in HYPERPARAMETERS)
     hp_head = "| hyperparameter | " + " | ".join(m["trial_id"] for m in members) + " |\n|" + " --- |" * (len(members) + 1)
-    text = f"""# Model card: {card.get('architecture', t.get('model'))} from run `{card['run']}`
+    references = "\n".join(f"- Reference standard ({src}): {how}." for src, how in reference_standards(card).items())
+    return f"""# Model card: {card.get('architecture', t.get('model'))} from run `{card['run']}`
 
 Classifier of frontal chest radiographs. Selected and thresholded for **{card['target']}**
 (output: P({card['target']})); trained on every known finding of the pooled label list, unknown labels masked.
@@ -193,8 +348,9 @@ Every threshold below was fixed on validation; the holdout columns are what it g
 
 {_per_source_splits(counts)}
 
-- Reference standard (Kermany):
-  labels from the dataset's expert graders; not radiologist-adjudicated per image here.
+{references}
+- Licence: the weights derive from the training images, whose terms apply (raycxr's own code is Apache-2.0):
+{_licence(card)[1]}
 
 ## Selected trial{'s (ensemble members)' if len(members) > 1 else ''}
 {trials}
@@ -208,8 +364,7 @@ the whole space and the top of the leaderboard.
 ## Exports
 `model.safetensors` (source of truth), `model.torchscript.pt`, `model.onnx`; max |logit difference| against
 the eager model on real images: TorchScript {card['export_max_abs_diff']['torchscript']:.1e},
-ONNX {card['export_max_abs_diff']['onnx']:.1e}. Preprocessing is in `config.json`.
+ONNX {card['export_max_abs_diff']['onnx']:.1e}. Preprocessing is in `config.json`.{_serving_line(card)}
 
 ## Software
 """ + ", ".join(f"{k} {v}" for k, v in card["versions"].items()) + "\n"
-    path.write_text(text)

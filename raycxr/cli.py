@@ -67,7 +67,8 @@ def _search(args) -> int:
     from raycxr.search import SearchConfig, format_leaderboard, resume_search, run_search
 
     if args.resume:
-        board = resume_search(args.resume, address=args.address, num_cpus=args.num_cpus, trust_run=args.trust_run)
+        board = resume_search(args.resume, address=args.address, num_cpus=args.num_cpus, trust_run=args.trust_run,
+                              verbosity=_verbosity_level(args))
         print("\nLeaderboard (validation AUC; the holdout is untouched):")
         print(format_leaderboard(board))
         return 0
@@ -79,15 +80,28 @@ def _search(args) -> int:
                                     time_budget_min=args.time_budget, num_cpus=args.num_cpus, target=args.target,
                                     searcher=args.searcher, early_stopping=not args.no_early_stopping,
                                     scheduler=args.scheduler,
-                                    objective=args.objective, weights_dir=args.weights_dir))
+                                    objective=args.objective, weights_dir=args.weights_dir, mlflow=args.mlflow,
+                                    verbosity=_verbosity_level(args)))
     print("\nLeaderboard (validation AUC; the holdout is untouched):")
     print(format_leaderboard(board))
     return 0
 
 
-def _status(args) -> int:
-    from raycxr.search import format_leaderboard, leaderboard
+def _verbosity_level(args) -> int:
+    return 0 if args.quiet else 2 if args.verbose else 1
 
+
+def _status(args) -> int:
+    import time
+
+    from raycxr.search import format_leaderboard, format_summary, leaderboard, run_summary
+
+    summary = run_summary(args.run)
+    print(format_summary(summary), flush=True)
+    while args.watch and not summary["finished"]:
+        time.sleep(args.watch)
+        summary = run_summary(args.run)
+        print(format_summary(summary), flush=True)
     print(format_leaderboard(leaderboard(args.run), top=args.top))
     return 0
 
@@ -100,7 +114,9 @@ def _promote(args) -> int:
                                  target_specificity=args.target_specificity, prevalence=args.prevalence,
                                  n_boot=args.bootstrap, force=args.force, tta=args.tta, select=args.select,
                                  finalists=args.finalists, ensemble=args.ensemble,
-                                 fastest_within=args.fastest_within))
+                                 fastest_within=args.fastest_within, register=args.register,
+                                 serving_onnx=args.serving_onnx,
+                                 mlflow=args.mlflow))
     h = card["holdout"]["pooled"]
     ids = ", ".join(f"{r['trial_id']} (val AUC {r['val_auc']:.4f})" for r in card["members"])
     print(f"Promoted {card['architecture']}: trial {ids} -> {args.out}")
@@ -121,6 +137,8 @@ def _promote(args) -> int:
     for name, pt in card["operating_points"].items():
         print(f"  {name:12s} threshold {pt['threshold']:.4f}: {pt['sensitivity']:.3f} / {pt['specificity']:.3f}")
     print(f"Model card: {Path(args.out) / 'model_card.md'}   Report with plots: {Path(args.out) / 'report.html'}")
+    if r := card.get("registry"):
+        print(f"Registered {r['model_name']} version {r['version']} ({r['model_uri']}) at {r['tracking_uri']}")
     return 0
 
 
@@ -178,11 +196,17 @@ def _predict(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from raycxr.search import OBJECTIVES, SCHEDULERS, SEARCHERS
 
-    p = argparse.ArgumentParser(prog="raycxr", description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = p.add_subparsers(dest="command", required=True)
+    from raycxr import __version__
+    from raycxr.config import list_spaces
 
-    i = sub.add_parser("ingest", help="pool X-ray datasets into patient-disjoint Parquet shards")
+    p = argparse.ArgumentParser(prog="raycxr", description=__doc__.splitlines()[0] if __doc__ else None,
+                                parents=[_verbosity(argparse.SUPPRESS)])
+    p.add_argument("--version", action="version", version=f"raycxr {__version__}", help="print the version and exit")
+    p.set_defaults(verbose=False, quiet=False)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = [_verbosity(argparse.SUPPRESS)]  # -v / -q after the command too; the top level's value kept otherwise
+
+    i = sub.add_parser("ingest", parents=common, help="pool X-ray datasets into patient-disjoint Parquet shards")
     i.add_argument("--source", action="append", type=_source, required=True, metavar="KEY=PATH",
                    help="a dataset root; KEY is one of kermany, nih, rsna, mimic, openi, montgomery, shenzhen, "
                         "jsrt, csv (PATH: the manifest file). Repeat to pool several")
@@ -203,15 +227,17 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--image-size", type=int, default=224, help="stored square size in px (default 224)")
     i.add_argument("--resize", choices=["pad", "squash"], default="pad",
                    help="pad keeps the aspect ratio with black borders; squash stretches (default pad)")
-    i.add_argument("--val-fraction", type=float, default=0.15)
-    i.add_argument("--holdout-fraction", type=float, default=0.15)
+    i.add_argument("--val-fraction", type=float, default=0.15,
+                   help="share of patients in the validation split (default 0.15)")
+    i.add_argument("--holdout-fraction", type=float, default=0.15,
+                   help="share of patients in the holdout, read once by promote (default 0.15)")
     i.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     i.add_argument("--workers", type=int, default=0, help="decode processes (default: one per core)")
     i.set_defaults(fn=_ingest)
 
-    s = sub.add_parser("search", help="Ray Tune search (Optuna TPE, optional ASHA) over Ray Train trials")
+    s = sub.add_parser("search", parents=common, help="Ray Tune search (Optuna TPE, optional ASHA) over Ray Train trials")
     s.add_argument("--data", type=Path, help="a folder written by `raycxr ingest`")
-    s.add_argument("--space", help="a name in search_spaces/ (demo, cpu, default) or a YAML path")
+    s.add_argument("--space", help=f"a bundled space ({', '.join(list_spaces())}) or a YAML file's path")
     s.add_argument("--resume", metavar="RUN",
                    help="continue a stopped or killed search (runs/NAME, or STORAGE/NAME): finished trials are kept")
     s.add_argument("--trust-run", action="store_true",
@@ -243,15 +269,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scheduler", choices=list(SCHEDULERS), default="none",
                    help="early stopping: none (default: every trial to max_epochs; it beat ASHA with TPE in "
                         "BENCHMARKS.md), asha, or hyperband (asynchronous, 3 brackets: more trials run long)")
+    s.add_argument("--mlflow", metavar="URI",
+                   help="also log every trial (parameters, per-epoch metrics) to this MLflow tracking URI, e.g. "
+                        "sqlite:///mlflow.db or http://127.0.0.1:5000 (needs the mlflow package)")
     s.add_argument("--no-early-stopping", action="store_true", help="the same as --scheduler none")
     s.set_defaults(fn=_search)
 
-    st = sub.add_parser("status", help="leaderboard of a running or finished search")
+    st = sub.add_parser("status", parents=common, help="leaderboard of a running or finished search")
     st.add_argument("run", help="runs/NAME, or STORAGE/NAME (e.g. s3://bucket/raycxr/NAME)")
-    st.add_argument("--top", type=int, default=20)
+    st.add_argument("--top", type=int, default=20, help="leaderboard rows shown (default 20)")
+    st.add_argument("--watch", type=float, nargs="?", const=10.0, metavar="SECONDS",
+                    help="print the summary line again every SECONDS (default 10) until every trial has finished, "
+                         "then the leaderboard")
     st.set_defaults(fn=_status)
 
-    pr = sub.add_parser("promote", help="best trial by validation -> holdout once -> exports and model card")
+    pr = sub.add_parser("promote", parents=common, help="best trial by validation -> holdout once -> exports and model card")
     pr.add_argument("--run", required=True, help="runs/NAME, or STORAGE/NAME (e.g. s3://bucket/raycxr/NAME)")
     pr.add_argument("--out", type=Path, required=True, help="folder for the promoted model")
     pr.add_argument("--data", type=Path, help="the ingested dataset, when it is not at the path the search read it "
@@ -275,26 +307,45 @@ def build_parser() -> argparse.ArgumentParser:
                     help="promote the quickest trial (batch-1 ONNX CPU latency) whose validation AUC is within "
                          "AUC_DELTA of the best, e.g. 0.005")
     pr.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs (default 1000)")
+    pr.add_argument("--serving-onnx", action="store_true",
+                    help="also export model.serving.onnx: uint8 images at the stored size in, calibrated P(target) "
+                         "out (resize, normalisation, TTA and calibration inside), checked against the Python model")
+    pr.add_argument("--register", metavar="NAME",
+                    help="log the promoted model to MLflow and register a new version of NAME in its Model Registry")
+    pr.add_argument("--mlflow", metavar="URI", help="MLflow tracking URI for --register (default $MLFLOW_TRACKING_URI)")
     pr.add_argument("--force", action="store_true", help="replace an existing --out folder")
     pr.add_argument("--tta", choices=["auto", "on", "off"], default="auto",
                     help="test-time augmentation (mean logit over 4 views): auto keeps it if it raises the "
                          "validation AUC (default)")
     pr.set_defaults(fn=_promote)
 
-    ev = sub.add_parser("evaluate", help="score a promoted model on any ingested dataset (external validation)")
+    ev = sub.add_parser("evaluate", parents=common, help="score a promoted model on any ingested dataset (external validation)")
     ev.add_argument("--model", type=Path, required=True, help="a folder written by `raycxr promote`")
     ev.add_argument("--data", type=Path, required=True, help="a folder written by `raycxr ingest`")
-    ev.add_argument("--split", choices=["train", "val", "holdout", "all"], default="holdout")
-    ev.add_argument("--bootstrap", type=int, default=1000)
+    ev.add_argument("--split", choices=["train", "val", "holdout", "all"], default="holdout",
+                    help="which split of --data to score (default holdout; all for an external dataset)")
+    ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs (default 1000)")
     ev.set_defaults(fn=_evaluate)
 
-    pd = sub.add_parser("predict", help="classify DICOM/PNG/JPEG files or folders; CSV to stdout")
+    pd = sub.add_parser("predict", parents=common, help="classify DICOM/PNG/JPEG files or folders; CSV to stdout")
     pd.add_argument("--model", type=Path, required=True, help="a folder written by `raycxr promote`")
     pd.add_argument("files", nargs="+", help="files or folders")
     pd.add_argument("--format", choices=["csv", "json"], default="csv", help="output on stdout (default csv)")
     pd.add_argument("--saliency", type=Path, metavar="DIR", help="write a Grad-CAM overlay PNG per image to DIR")
     pd.set_defaults(fn=_predict)
     return p
+
+
+def _verbosity(default) -> argparse.ArgumentParser:
+    """-v / -q, accepted before or after the command (argparse parents; SUPPRESS keeps a
+    subcommand from resetting what was given before it)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true", default=default,
+                       help="more detail: debug logs, and the Ray workers' own output during a search")
+    group.add_argument("-q", "--quiet", action="store_true", default=default,
+                       help="warnings, errors and results only: no progress bars or progress lines")
+    return parent
 
 
 class _ConsoleFormat(logging.Formatter):
@@ -305,14 +356,17 @@ class _ConsoleFormat(logging.Formatter):
         return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
 
 
-def _setup_logging(verbose: bool) -> None:
-    """The library logs; the console shows raycxr's INFO and up (DEBUG with -v), other libraries'
-    warnings (INFO with -v)."""
+def _setup_logging(verbose: bool, quiet: bool = False) -> None:
+    """The library logs; the console shows raycxr's INFO and up (DEBUG with -v, WARNING with -q),
+    other libraries' warnings (INFO with -v). -q also turns off the progress bars."""
+    from raycxr import progress
+
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_ConsoleFormat("%(name)s: %(message)s" if verbose else "%(message)s"))
     own = logging.getLogger("raycxr")
     own.handlers[:] = [handler]
-    own.setLevel(logging.DEBUG if verbose else logging.INFO)
+    own.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    progress.SHOW = not quiet
     own.propagate = False
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -322,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     from raycxr.errors import RaycxrError
 
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose, args.quiet)
     try:
         return args.fn(args)
     except RaycxrError as exc:

@@ -1,4 +1,4 @@
-"""Search spaces as validated, frozen data: YAML in ``search_spaces/`` -> :class:`SearchSpace`.
+"""Search spaces as validated, frozen data: YAML (bundled in ``raycxr/search_spaces/``, or any file) -> :class:`SearchSpace`.
 
 A space file looks like::
 
@@ -27,7 +27,6 @@ from typing import Any
 
 from raycxr.errors import ConfigError
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 
 _DISTRIBUTIONS = ("choice", "loguniform", "uniform", "randint")
 _TOP_KEYS = {"description", "trials", "max_epochs", "seed", "resources", "scheduler", "params", "pretrained",
@@ -252,33 +251,50 @@ def parse_space(raw: dict, *, name: str) -> SearchSpace:
         weights_dir=raw.get("weights_dir"), raw=raw)
 
 
+def _bundled():
+    """The search spaces shipped inside the package (package data, read with importlib.resources,
+    so they are found from a wheel as from a checkout)."""
+    from importlib.resources import files
+
+    return files("raycxr") / "search_spaces"
+
+
 def list_spaces() -> list[str]:
-    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+    """Names of the bundled search spaces (``--space NAME``)."""
+    return sorted(f.name[:-5] for f in _bundled().iterdir() if f.name.endswith(".yaml"))
 
 
 def load_space(name_or_path: str | Path) -> SearchSpace:
-    """Load a space by name (a file in ``search_spaces/``) or by path to a YAML file."""
+    """Load a bundled space by name (``demo``, ``cpu``, ...) or any YAML file by path."""
     import yaml
 
     path = Path(name_or_path)
-    if not path.suffix:
-        path = SPACES_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"no search space {name_or_path!r}: give a YAML path or one of: "
-                          f"{', '.join(list_spaces())}", source="--space")
-    source = f"search space {path}"
-    if path.stat().st_size > MAX_SPACE_BYTES:
-        raise ConfigError(f"{path.stat().st_size} bytes: a search space is a few hundred bytes; at most "
+    if not path.suffix and len(path.parts) == 1:
+        bundled = _bundled() / f"{name_or_path}.yaml"
+        if not bundled.is_file():
+            raise ConfigError(f"no bundled search space {name_or_path!r}: give a YAML path or one of: "
+                              f"{', '.join(list_spaces())}", source="--space")
+        name, source, size, read = path.name, f"bundled search space {name_or_path}", None, bundled.read_bytes
+    else:
+        if not path.is_file():
+            raise ConfigError(f"no search space file {str(name_or_path)!r}: give a YAML path or one of the bundled "
+                              f"names: {', '.join(list_spaces())}", source="--space")
+        name, source, size, read = path.stem, f"search space {path}", path.stat().st_size, path.read_bytes
+    if size is not None and size > MAX_SPACE_BYTES:
+        raise ConfigError(f"{size} bytes: a search space is a few hundred bytes; at most "
                           f"{MAX_SPACE_BYTES} are read", source=source)
     try:
-        raw = yaml.load(path.read_bytes().decode("utf-8"), Loader=_loader())
+        raw = yaml.load(read().decode("utf-8"), Loader=_loader())
     except UnicodeDecodeError as exc:
         raise ConfigError(f"not UTF-8 text (byte {exc.start}): save the file as UTF-8", source=source) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"not valid YAML: {exc}", source=source) from exc
+    except (ValueError, TypeError, OverflowError) as exc:  # a scalar PyYAML recognises but cannot build, e.g. `0b_`
+        raise ConfigError(f"not valid YAML: a value could not be read ({exc}); quote it if it is text",
+                          source=source) from None
     except RecursionError:
         raise ConfigError("nested too deeply to be a search space", source=source) from None
-    return parse_space(raw, name=path.stem)
+    return parse_space(raw, name=name)
 
 
 MAX_SPACE_BYTES = 64 * 1024

@@ -28,6 +28,7 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path, *, split: str = 
     from raycxr.data import SPLITS, read_manifest, split_arrays
     from raycxr.metrics import calibrate_logits, report
     from raycxr.predict import load_promoted, target_logits, write_predictions
+    from raycxr.report import refresh_report
 
     if split not in (*SPLITS, "all"):
         raise ConfigError(f"unknown split {split!r}; use one of {', '.join((*SPLITS, 'all'))}", source="--split")
@@ -52,7 +53,8 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path, *, split: str = 
     y, g, src = (np.concatenate([getattr(part, f) for part in parts]) for f in ("y", "groups", "sources"))
     if len(y) == 0:
         raise DataError(f"{data_dir} ({split}) has no images with a known {spec.target} label to score")
-    z = np.concatenate([target_logits(model, spec, part.images) for part in parts])
+    z = np.concatenate([target_logits(model, spec, part.images, progress=f"scoring {name}")
+                        for name, part in zip(splits, parts)])
     probabilities = calibrate_logits(z, promoted.calibration)
     result = {"data": str(Path(data_dir).resolve()), "fingerprint": manifest["fingerprint"], "split": split,
               "target": spec.target, "threshold": promoted.threshold, "calibration": promoted.calibration,
@@ -74,5 +76,6 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path, *, split: str = 
                             if (e["fingerprint"], e["split"]) != (entry["fingerprint"], split)] + [entry]
         card_path.write_text(json.dumps(card, indent=2, default=str) + "\n")
         write_model_card(card, Path(model_dir) / "model_card.md")
+        refresh_report(Path(model_dir), card)
     result["written_to"] = str(out)
     return result

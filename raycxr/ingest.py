@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raycxr import progress
 from raycxr.data import SCHEMA, SCHEMA_VERSION, SPLITS
 from raycxr.dedup import TWIN_SIMILARITY
 from raycxr.errors import ConfigError, DataError, DecodeError
@@ -186,12 +187,10 @@ def _decode_all(records: list[Record], cfg: IngestConfig) -> list[tuple]:
     from concurrent.futures import as_completed
     from concurrent.futures.process import BrokenProcessPool
 
-    from tqdm import tqdm
-
     twins = cfg.twin_similarity > 0 and len(cfg.sources) > 1  # only a pool can hold another set's copies
     jobs = [(str(r.path), cfg.image_size, cfg.resize, r.fmt, cfg.near_duplicate_bits >= 0, twins) for r in records]
     workers = cfg.workers or os.cpu_count() or 1
-    bar = tqdm(total=len(jobs), desc="decode", unit="img", disable=None)
+    bar = progress.bar(total=len(jobs), desc="decode", unit="img")
     results: dict[int, tuple] = {}
     if workers == 1 or len(jobs) < 64:
         for i, job in enumerate(jobs):
@@ -512,3 +511,16 @@ def _write_quarantine(quarantine: list[dict], path: Path, salt: str) -> None:
         writer = csv.DictWriter(f, fieldnames=["source", "path", "reason"])
         writer.writeheader()
         writer.writerows(sorted(rows, key=lambda q: (q["source"], q["path"])))
+
+
+def api(sources: dict[str, str | Path], out: str | Path, **options) -> IngestSummary:
+    """``raycxr.ingest(sources, out, **options)``: :func:`ingest` with keyword options, e.g.
+    ``raycxr.ingest({"kermany": "chest_xray"}, "data", image_size=64)``; options are
+    :class:`IngestConfig`'s fields. Returns the :class:`IngestSummary`."""
+    return ingest(IngestConfig(sources={k: Path(v).expanduser() for k, v in sources.items()}, out=Path(out),
+                               **options))
+
+
+from raycxr import callable_stage  # noqa: E402  (after api, which it calls)
+
+callable_stage(__name__)

@@ -69,7 +69,8 @@ def fit_calibration(y: np.ndarray, z: np.ndarray) -> dict:
 
 def calibrate_logits(z: np.ndarray, calibration: dict) -> np.ndarray:
     """Calibrated probabilities from raw logits: sigmoid(scale * z + bias). The only place a
-    calibration is applied (promote, evaluate and predict all call it, on logits)."""
+    calibration is applied in Python (promote, evaluate and predict all call it, on logits; the
+    serving ONNX graph, :class:`raycxr.transforms.ServingGraph`, is checked against it)."""
     from scipy.special import expit
 
     return expit(calibration["scale"] * np.asarray(z, dtype=float) + calibration["bias"])
@@ -182,9 +183,12 @@ def bootstrap_ci(y: np.ndarray, p: np.ndarray, groups: np.ndarray, *, threshold:
 
     Images of one patient are correlated; resampling images would make the intervals too narrow.
     """
+    from raycxr.progress import bar
+
     y, p = np.asarray(y).astype(int), np.asarray(p, dtype=float)
     samples = {m: [] for m in CI_METRICS}
-    for idx in patient_resamples(groups, n_boot=n_boot, seed=seed):
+    resamples = patient_resamples(groups, n_boot=n_boot, seed=seed)
+    for idx in bar(resamples, total=n_boot, desc="bootstrap", unit="resample", leave=False, show=n_boot >= 200):
         if len(np.unique(y[idx])) < 2:
             continue  # a resample with one class has no AUC; skip it (counted in n_boot_used)
         m = binary_metrics(y[idx], p[idx], threshold=threshold)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from raycxr.errors import DecodeError
+from raycxr.imaging import resize
 from raycxr.models import ModelSpec, PromotedModel
 
 IMAGE_SUFFIXES = {".dcm", ".dicom", ".png", ".jpg", ".jpeg"}
@@ -145,23 +146,26 @@ def _expand(paths: list[str | Path]) -> list[Path]:
     return files
 
 
-def logits(model, spec: ModelSpec, images, *, batch_size: int = 128, device="cpu") -> np.ndarray:
+def logits(model, spec: ModelSpec, images, *, batch_size: int = 128, device="cpu", progress: str = "") -> np.ndarray:
     """(N, K) float64 logits of uint8 images (N, 1, H, W) or (N, H, W): the one scoring path.
 
     ``images`` is a NumPy array or a torch tensor (training's validation batches, already on the
     device). The input is made as in training (:func:`raycxr.transforms.to_model_input` with the
-    spec's size and normalisation); calibration is not applied here.
+    spec's size and normalisation); calibration is not applied here. ``progress``: a tqdm bar's
+    label (none if empty, or when stderr is not a terminal).
     """
     import torch
 
+    from raycxr.progress import bar
     from raycxr.transforms import to_model_input
 
     if images.ndim == 3:
         images = images[:, None]
     out = []
     model.eval()
+    starts = range(0, len(images), batch_size)
     with torch.no_grad():
-        for i in range(0, len(images), batch_size):
+        for i in bar(starts, desc=progress, unit="batch", leave=False, show=bool(progress)):
             part = images[i:i + batch_size]
             x = part.to(device) if isinstance(part, torch.Tensor) else torch.from_numpy(np.array(part)).to(device)
             x = to_model_input(x, image_size=spec.image_size, mean=spec.mean, std=spec.std)
@@ -193,29 +197,166 @@ def load_promoted(model_dir: str | Path) -> tuple:
     return promoted.load_network(model_dir), promoted
 
 
+class Model:
+    """A promoted model, for notebooks and services: calibrated P(target) and labels.
+
+    >>> model = raycxr.Model.load("models/best")            # device="cuda" for a GPU
+    >>> model.predict_proba(["a.dcm", "b.png"])             # array([0.93, 0.08]): calibrated P(target)
+    >>> model.predict(["a.dcm", "b.png"])                   # ['pneumonia', 'not_pneumonia']
+
+    Inputs: file or folder paths (DICOM, PNG, JPEG; read exactly as ingest and ``raycxr predict``
+    read them), greyscale arrays (H, W) or a stack (N, H, W), PIL images, or a list of any of
+    these. Arrays of uint8 are pixels as they are; other dtypes are scaled by their own range.
+    Each image is resized to the stored size with the model's resize policy, scored with the
+    network (and test-time augmentation if promote chose it), and calibrated with the Platt
+    scaling promote fitted on validation. The threshold is the one promote fixed on validation.
+    A file that cannot be read raises :class:`raycxr.errors.DecodeError` naming it; ``raycxr
+    predict`` is the per-file, never-stopping path.
+    """
+
+    def __init__(self, network, promoted: PromotedModel, *, directory: Path, device: str = "cpu"):
+        self.network, self.config, self.directory, self.device = network.to(device).eval(), promoted, directory, device
+
+    @classmethod
+    def load(cls, directory: str | Path, *, device: str = "cpu") -> "Model":
+        """Load a folder written by ``raycxr promote`` (config.json and model.safetensors; no pickle)."""
+        network, promoted = load_promoted(directory)
+        return cls(network, promoted, directory=Path(directory), device=device)
+
+    @property
+    def target(self) -> str:
+        return self.config.spec.target
+
+    @property
+    def threshold(self) -> float:
+        return self.config.threshold
+
+    @property
+    def class_names(self) -> tuple[str, str]:
+        return self.config.class_names
+
+    def __repr__(self) -> str:
+        return (f"Model({str(self.directory)!r}: {self.config.spec.architecture}, P({self.target}) >= "
+                f"{self.threshold:.4f} -> {self.class_names[1]!r}, device {self.device!r})")
+
+    def pixels(self, images_or_paths) -> np.ndarray:
+        """The uint8 images (N, S, S) at the stored size S that the network is fed."""
+        spec, size = self.config.spec, self.config.spec.stored_size
+        arrays = [a if a.shape == (size, size) else resize(a, size, policy=spec.resize)
+                  for a in _arrays(images_or_paths, spec)]
+        return np.stack(arrays) if arrays else np.zeros((0, size, size), dtype=np.uint8)
+
+    def predict_proba(self, images_or_paths, *, batch_size: int = 32) -> np.ndarray:
+        """Calibrated P(target) per image, shape (N,)."""
+        from raycxr.metrics import calibrate_logits
+
+        images = self.pixels(images_or_paths)
+        z = target_logits(self.network, self.config.spec, images, batch_size=batch_size, device=self.device)
+        return calibrate_logits(z, self.config.calibration)
+
+    def predict(self, images_or_paths, *, batch_size: int = 32) -> list[str]:
+        """The label per image at the model's threshold (``class_names[1]`` at or above it)."""
+        return [self.class_names[int(p >= self.threshold)]
+                for p in self.predict_proba(images_or_paths, batch_size=batch_size)]
+
+    def export_onnx(self, path: str | Path, *, check_with=None) -> dict:
+        """Write a serving ONNX graph: uint8 images (N, 1, S, S) at the stored size S in (resized
+        to S x S with the model's policy, as ingest stores them), calibrated P(target) (N,) out,
+        with the pixel scaling, resize to the network's input, normalisation, test-time
+        augmentation and calibration inside. Checked against :meth:`predict_proba` on
+        ``check_with`` (uint8 (N, S, S); default: a few synthetic films); returns
+        {"path", "input", "output", "max_abs_diff"}."""
+        import contextlib
+        import io
+
+        import onnxruntime as ort
+        import torch
+
+        from raycxr.errors import ExportError
+        from raycxr.transforms import ServingGraph
+
+        spec = self.config.spec
+        graph = ServingGraph(self.network, image_size=spec.image_size, mean=spec.mean, std=spec.std,
+                             target_index=spec.target_index, calibration=self.config.calibration).cpu().eval()
+        sample = np.asarray(check_with if check_with is not None else _synthetic_films(spec.stored_size), np.uint8)
+        sample = sample.reshape(len(sample), *sample.shape[-2:])  # (N, S, S), also from (N, 1, S, S)
+        x = torch.from_numpy(sample[:, None].copy())
+        with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
+            torch.onnx.export(graph, (x[:2],), str(path), dynamo=True, input_names=["image"],
+                              output_names=[f"p_{spec.target}"], dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+                              external_data=False)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        served = session.run(None, {session.get_inputs()[0].name: sample[:, None]})[0]
+        cpu = Model(self.network, self.config, directory=self.directory, device="cpu") if self.device != "cpu" else self
+        diff = float(np.abs(served - cpu.predict_proba(sample)).max())
+        if self.device != "cpu":
+            self.network.to(self.device)
+        if not diff <= 1e-4:
+            raise ExportError(f"the serving ONNX graph differs from predict_proba by {diff:.2e} (> 1e-4): not "
+                              "trustworthy; report this with the model's architecture")
+        return {"path": str(path), "input": f"uint8 (N, 1, {spec.stored_size}, {spec.stored_size})",
+                "output": f"P({spec.target}), float32 (N,)", "max_abs_diff": diff}
+
+
+def _arrays(images_or_paths, spec: ModelSpec):
+    """Each input as a greyscale uint8 array (files read and resized as ingest does)."""
+    from raycxr.imaging import _to_uint8, load_for_model
+
+    items = list(images_or_paths) if isinstance(images_or_paths, (list, tuple)) else [images_or_paths]
+    for item in items:
+        if isinstance(item, (str, Path)):
+            for f in _expand([item]):
+                yield load_for_model(f, spec.stored_size, policy=spec.resize)
+            continue
+        if type(item).__module__.startswith("PIL."):
+            item = np.asarray(item.convert("L"))
+        arr = np.asarray(item)
+        if arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.shape[0] > 4:
+            raise ValueError(f"an image of shape {arr.shape} looks like colour (H, W, channels): chest films are "
+                             "greyscale; pass arr.mean(-1) or a PIL image (converted with .convert('L'))")
+        if arr.ndim == 3 and arr.shape[0] != 1:
+            for a in arr:
+                yield a if a.dtype == np.uint8 else _to_uint8(a)
+            continue
+        arr = arr.reshape(arr.shape[-2:]) if arr.ndim == 3 else arr
+        if arr.ndim != 2:
+            raise ValueError(f"an image must be a greyscale array (H, W) or a stack (N, H, W), got shape {arr.shape}")
+        yield arr if arr.dtype == np.uint8 else _to_uint8(arr)
+
+
+def _synthetic_films(size: int, n: int = 6) -> np.ndarray:
+    """A few deterministic greyscale images with structure at every scale (gradients, discs, noise)."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    out = [np.clip(255 * (0.3 + 0.5 * np.sin(6 * xx + k) * np.cos(4 * yy - k) ** 2 + 0.1 * rng.standard_normal(
+        (size, size))), 0, 255) for k in range(n)]
+    return np.stack(out).astype(np.uint8)
+
+
 def predict(model_dir: str | Path, paths: list[str | Path], *, batch_size: int = 32,
-            saliency_dir: str | Path | None = None) -> list[Prediction]:
+            saliency_dir: str | Path | None = None, progress: bool = True) -> list[Prediction]:
+    """One :class:`Prediction` per input file (folders expanded), in order; see the module docstring."""
     import torch
 
     from raycxr.imaging import load_for_model
-    from raycxr.metrics import calibrate_logits
+    from raycxr.progress import bar
     from raycxr.transforms import to_model_input
 
-    model, promoted = load_promoted(model_dir)
-    spec = promoted.spec
+    model = Model.load(model_dir)
+    spec, promoted = model.config.spec, model.config
     results: list[Prediction] = []
     pending: list[tuple[int, np.ndarray]] = []
 
     def score(batch: list[tuple[int, np.ndarray]]) -> None:
         images = np.stack([a for _, a in batch])
-        probs = calibrate_logits(target_logits(model, spec, images), promoted.calibration)
+        probs = model.predict_proba(images, batch_size=batch_size)
         for (i, _), prob in zip(batch, probs):
             results[i].probability = float(prob)
             results[i].label = promoted.class_names[int(prob >= promoted.threshold)]
         if saliency_dir is not None:
             x = to_model_input(torch.from_numpy(images[:, None]), image_size=spec.image_size, mean=spec.mean,
                                std=spec.std)
-            maps = _write_saliency(model, x, spec.target_index, images, [results[i].file for i, _ in batch],
+            maps = _write_saliency(model.network, x, spec.target_index, images, [results[i].file for i, _ in batch],
                                    Path(saliency_dir))
             for (i, _), path in zip(batch, maps):
                 results[i].saliency = path
@@ -233,7 +374,8 @@ def predict(model_dir: str | Path, paths: list[str | Path], *, batch_size: int =
                     results[item[0]].error = _error_text(exc)
         pending.clear()
 
-    for f in _expand(paths):
+    files = _expand(paths)
+    for f in bar(files, desc="predict", unit="img", leave=False, show=progress):
         results.append(Prediction(file=str(f), probability=None, label=None))
         try:
             image = load_for_model(f, spec.stored_size, policy=spec.resize)

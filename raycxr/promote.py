@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
-
 from raycxr.data import SplitArrays, split_arrays
 from raycxr.errors import ConfigError, DataError, ExportError, NoEligibleTrialError
 from raycxr.models import MemberSpec, ModelSpec, PromotedModel
 from raycxr.predict import target_logits, write_predictions
+from raycxr.progress import bar
 from raycxr.storage import RunStore, exists, local_copy
 from raycxr.train import CheckpointRecord
 
@@ -48,6 +47,9 @@ class PromoteConfig:
     finalists: int = 4
     ensemble: str = "auto"     # auto | on | off (raycxr.select)
     fastest_within: float | None = None  # promote the quickest trial within this validation AUC of the best
+    serving_onnx: bool = False  # also export model.serving.onnx: uint8 pixels in, calibrated P(target) out
+    register: str | None = None  # register the promoted model under this name in the MLflow Model Registry
+    mlflow: str | None = None    # the MLflow tracking URI for --register (default $MLFLOW_TRACKING_URI)
 
 
 def _export(model, out: Path, sample: "np.ndarray") -> dict:
@@ -64,6 +66,9 @@ def _export(model, out: Path, sample: "np.ndarray") -> dict:
     # until they move, and say nothing about it on every promote.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
+        # an ensemble member resizes only if its input size differs from the stored one: a Python
+        # test on fixed shapes, which the trace (always at the stored size) records correctly
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         eager = model(x).numpy()
         torch.jit.trace(model, x[:2]).save(str(out / "model.torchscript.pt"))
         ts_out = torch.jit.load(str(out / "model.torchscript.pt"))(x).numpy()
@@ -94,7 +99,7 @@ def _choose_tta(model, spec: ModelSpec, val: SplitArrays, vz: np.ndarray, *, mod
     if mode == "off":
         return model, vz, {"used": False, "mode": mode}
     wrapped = spec.with_tta(model)
-    wz = target_logits(wrapped, spec, val.images)
+    wz = target_logits(wrapped, spec, val.images, progress="scoring validation with TTA")
     both = len(np.unique(val.y)) == 2
     without, with_tta = (roc_auc_score(val.y, vz), roc_auc_score(val.y, wz)) if both else (float("nan"),) * 2
     used = mode == "on" or bool(with_tta > without)
@@ -130,7 +135,7 @@ def _select(cfg: PromoteConfig, eligible: list[dict], val: SplitArrays) -> tuple
                                                                    else "")}
     views = views_of(val.images, seed=cfg.seed)
     logits = []
-    for row in tqdm(finalists, desc="scoring finalists on validation views", unit="model", leave=False):
+    for row in bar(finalists, desc="scoring finalists on validation views", unit="model", leave=False):
         spec = _record(row).spec
         model = spec.load_network(_checkpoint(row))
         logits.append([target_logits(model, spec, v) for v in views.values()])
@@ -207,10 +212,12 @@ def promote(cfg: PromoteConfig) -> dict:
 
     # 1. Which model, test-time augmentation, calibration (Platt scaling) and the operating points:
     # all chosen on validation only, before the holdout is read.
+    log.info("promote 1/4: choosing the model, threshold and calibration on validation (%d eligible trials)",
+             len(eligible))
     val = split_arrays(data_dir, "val", target)
     chosen, selection = _select(cfg, eligible, val)
     core, spec, ensemble_state = _build(chosen)
-    vz = target_logits(core, spec, val.images)
+    vz = target_logits(core, spec, val.images, progress="scoring validation")
     model, vz, tta = _choose_tta(core, spec, val, vz, mode=cfg.tta)
     calibration = fit_calibration(val.y, vz)
     if cfg.prevalence is not None:
@@ -227,9 +234,10 @@ def promote(cfg: PromoteConfig) -> dict:
     val_metrics = binary_metrics(val.y, vp, threshold=threshold)
 
     # 2. The holdout, once.
+    log.info("promote 2/4: scoring the holdout, once")
     previous_reads = _holdout_reads(store)
     hold = split_arrays(data_dir, "holdout", target)
-    hp = calibrate_logits(target_logits(model, spec, hold.images), calibration)
+    hp = calibrate_logits(target_logits(model, spec, hold.images, progress="scoring the holdout"), calibration)
     store.append_line("holdout_reads.jsonl", json.dumps({
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "trial_id": "+".join(r["trial_id"] for r in chosen),
         "out": str(out.resolve())}))
@@ -247,6 +255,8 @@ def promote(cfg: PromoteConfig) -> dict:
             at_points[name]["ppv_at_prevalence"], at_points[name]["npv_at_prevalence"] = predictive_values(
                 m["sensitivity"], m["specificity"], cfg.prevalence)
 
+    log.info("promote 3/4: exports (safetensors, TorchScript, ONNX%s), checked against the model",
+             ", serving ONNX" if cfg.serving_onnx else "")
     # 3. Exports: safetensors is the source of truth; TorchScript and ONNX are checked against it.
     if ensemble_state is None:
         shutil.copyfile(_checkpoint(chosen[0]) / "model.safetensors", out / "model.safetensors")
@@ -266,6 +276,7 @@ def promote(cfg: PromoteConfig) -> dict:
                   class_names=(f"not_{target}", target), tta=tta["used"],
                   operating_points={k: v["threshold"] for k, v in points.items()},
                   selection={k: selection[k] for k in ("rule", "kind", "why")}).save(out)
+    log.info("promote 4/4: model card, plots and report")
     card = {
         "run": run.name, "trial": chosen[0], "members": chosen, "architecture": architecture,
         "selection": selection, "target": target, "threshold": threshold,
@@ -280,7 +291,27 @@ def promote(cfg: PromoteConfig) -> dict:
                    for r in eligible],
         "external": [],
     }
+    if cfg.serving_onnx:
+        from raycxr.predict import Model
+
+        card["serving_onnx"] = Model.load(out).export_onnx(out / "model.serving.onnx", check_with=val.images[:16])
     (out / "model_card.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
     write_model_card(card, out / "model_card.md")
     write_report(out, card=card, holdout_y=hold.y, holdout_p=hp, frames=history.frames)
+    if cfg.register:
+        from raycxr.tracking import register_model
+
+        card["registry"] = register_model(out, card, uri=cfg.mlflow, name=cfg.register)
+        (out / "model_card.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
     return card
+
+
+def api(run: str | Path, out: str | Path, **options) -> dict:
+    """``raycxr.promote(run, out, **options)``: :func:`promote` with keyword options (the fields
+    of :class:`PromoteConfig`, e.g. ``threshold_rule="sensitivity"``); returns the model card's data."""
+    return promote(PromoteConfig(run=run, out=Path(out), **options))
+
+
+from raycxr import callable_stage  # noqa: E402  (after api, which it calls)
+
+callable_stage(__name__)

@@ -2,20 +2,18 @@
 
 PNG files (matplotlib, Agg): ROC and precision-recall curves with the operating point,
 a reliability diagram, the confusion matrix at the threshold, learning curves of the top
-trials, and the search history (validation AUC by trial start time). ``report.html`` embeds
-them (base64) beside the model card's tables, so it can be mailed or archived as one file.
+trials, the search history (validation AUC by trial start time) and accuracy against CPU cost.
+``report.html`` (Jinja2, ``templates/report.html.j2``) embeds them (base64) beside the summary,
+the holdout tables and the model card rendered from Markdown, so it can be mailed or archived as
+one file.
 """
 
 from __future__ import annotations
 
 import base64
-import html
-import json
 from pathlib import Path
 
 import numpy as np
-
-_PLOTS = ("roc", "pr", "reliability", "confusion", "learning_curves", "search_history", "pareto")
 
 
 def _figure():
@@ -121,6 +119,9 @@ def plot_learning_curves(frames: dict, top_ids: list[str], path: Path) -> Path:
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
+    lo, hi = ax.get_xlim()
+    if hi - lo < 2:  # one epoch: keep whole-number ticks around it, not 0.945 ... 1.05
+        ax.set_xlim(round((lo + hi) / 2) - 1, round((lo + hi) / 2) + 1)
     ax.set(xlabel="epoch", ylabel="validation AUC", title="Learning curves of the top trials")
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -150,6 +151,20 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
             if not any((a2 >= a and t2 <= t) and (a2 > a or t2 < t) for a2, t2 in points)]
 
 
+def _plain_log_ticks(ax, decades: float) -> None:
+    """Plain numbers on a log x axis (0.25, not 2.5 x 10^-1). Latencies of one search often span
+    less than a decade, where matplotlib labels every minor tick in scientific notation, overlapping."""
+    from matplotlib.ticker import FuncFormatter
+
+    def minor(v, _) -> str:
+        lead = round(v / 10 ** np.floor(np.log10(v)), 6)
+        return f"{v:.3g}" if decades < 0.7 or (decades < 2 and lead in (2, 5)) else ""
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(minor))
+    ax.xaxis.grid(True, which="minor", alpha=0.15)  # a narrow span has no decade (major) line inside it
+
+
 def plot_pareto(rows: list[dict], chosen: list[str], path: Path) -> Path:
     """Validation AUC against batch-1 ONNX CPU latency for every trial, the Pareto front drawn."""
     rows = [r for r in rows if r.get("latency_ms") is not None and r["latency_ms"] == r["latency_ms"]]
@@ -167,16 +182,78 @@ def plot_pareto(rows: list[dict], chosen: list[str], path: Path) -> Path:
         ax.scatter([pts[i][1] for i in picked], [pts[i][0] for i in picked], s=140, facecolors="none",
                    edgecolors="crimson", lw=2, label="promoted")
     ax.set_xscale("log")
+    if pts:
+        _plain_log_ticks(ax, np.log10(max(t for _, t in pts) / min(t for _, t in pts)))
     ax.set(xlabel="batch-1 latency of the ONNX export on CPU, ms (log)", ylabel="validation AUC (best epoch)",
            title="Accuracy against CPU cost, every trial")
     ax.legend(fontsize=7)
     return _save(fig, path)
 
 
+_CAPTIONS = {  # figure id -> caption
+    "roc": "ROC curve, holdout, with the operating point",
+    "pr": "Precision-recall curve, holdout",
+    "reliability": "Reliability diagram, holdout",
+    "confusion": "Confusion matrix at the threshold, holdout",
+    "learning_curves": "Learning curves of the top trials (validation AUC by epoch)",
+    "search_history": "Search history (validation AUC by trial start)",
+    "pareto": "Validation AUC against ONNX CPU latency, every trial",
+}
+
+
+def _num(v, digits: int = 3) -> str:
+    return "n/a" if v is None or v != v else f"{v:.{digits}f}"
+
+
+def _interval(ci) -> str:
+    return f"{_num(ci[0])} - {_num(ci[1])}" if ci else "n/a"
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the PNG's IHDR chunk: the page reserves each figure's box before it decodes."""
+    head = path.read_bytes()[:24]
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def _alt(name: str, card: dict) -> str:
+    """What a figure shows, in words, for readers who cannot see it."""
+    m, t = card["holdout"]["pooled"], _num(card["threshold"], 4)
+    return {
+        "roc": f"ROC curve on the holdout: AUC {_num(m['auc'])} (95% CI {_interval(m['ci95']['auc'])}); at "
+               f"threshold {t} sensitivity {_num(m['sensitivity'])}, specificity {_num(m['specificity'])}",
+        "pr": "Precision-recall curve on the holdout, with the prevalence as baseline",
+        "reliability": "Reliability diagram on the holdout: observed against predicted probability, "
+                       f"ECE {_num(m['ece'])}",
+        "confusion": f"Confusion matrix at threshold {t}: TP {m['tp']}, FP {m['fp']}, TN {m['tn']}, FN {m['fn']}",
+    }.get(name, _CAPTIONS[name])
+
+
+def _card_html(out: Path, plots: dict[str, Path]) -> str:
+    """model_card.md's body (YAML header dropped) as HTML. Its image links point at figures the page
+    already shows, so they become links to those figures; raw HTML in the Markdown (a search space's
+    description is user text) is shown as text, never interpreted."""
+    import re
+
+    import markdown
+    from huggingface_hub import ModelCard
+
+    path = out / "model_card.md"
+    if not path.exists():
+        return ""
+    body = ModelCard(path.read_text(encoding="utf-8"), ignore_metadata_errors=True).text
+    body = re.sub(r"!\[([^\]]*)\]\(([\w.-]+)\.png\)",
+                  lambda m: f"[{m[1]} (figure above)](#{m[2]})" if m[2] in plots else m[1], body)
+    md = markdown.Markdown(extensions=["tables"])
+    md.preprocessors.deregister("html_block")
+    md.inlinePatterns.deregister("html")
+    return md.convert(body)
+
+
 def write_report(out: Path, *, card: dict, holdout_y, holdout_p, frames: dict) -> dict[str, Path]:
     """Write every plot as PNG and ``report.html``; return {plot name: path}. ``frames`` are the
     trials' per-epoch results (:func:`raycxr.search.run_history`), for the learning curves and the
-    search history."""
+    search history. The page is ``templates/report.html.j2`` rendered with Jinja2 (autoescaped):
+    summary, holdout and per-source tables, the figures inline (ROC first) and the model card."""
     pooled = card["holdout"]["pooled"]
     top = [r["trial_id"] for r in card["leaderboard_top"][:5]]
     plots = {
@@ -189,17 +266,38 @@ def write_report(out: Path, *, card: dict, holdout_y, holdout_p, frames: dict) -
         "pareto": plot_pareto(card.get("pareto", []), [m["trial_id"] for m in card.get("members", [])],
                               out / "pareto.png"),
     }
-    md = (out / "model_card.md").read_text() if (out / "model_card.md").exists() else ""
-    imgs = "\n".join(f'<figure><img alt="{k}" src="data:image/png;base64,{base64.b64encode(v.read_bytes()).decode()}">'
-                     f"<figcaption>{k.replace('_', ' ')}</figcaption></figure>" for k, v in plots.items())
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>raycxr report: {html.escape(card['run'])}</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}}
-figure{{display:inline-block;margin:0.5em;text-align:center}} img{{max-width:520px}}
-pre{{white-space:pre-wrap;background:#f6f6f6;padding:1em}}</style></head><body>
-<h1>Model report: run {html.escape(card['run'])}, target {html.escape(card['target'])}</h1>
-{imgs}
-<h2>Model card</h2><pre>{html.escape(md)}</pre>
-<h2>All figures (JSON)</h2><pre>{html.escape(json.dumps(card['holdout'], indent=1, default=str))}</pre>
-</body></html>"""
-    (out / "report.html").write_text(page)
+    _write_page(out, card, plots)
     return plots
+
+
+def refresh_report(out: Path, card: dict) -> None:
+    """Render ``report.html`` again from the card and the plots already in ``out`` (after
+    ``raycxr evaluate`` adds an external evaluation to the card)."""
+    _write_page(out, card, {name: out / f"{name}.png" for name in _CAPTIONS if (out / f"{name}.png").is_file()})
+
+
+def _write_page(out: Path, card: dict, plots: dict[str, Path]) -> None:
+    """Render ``report.html`` from the card, the written plots and ``model_card.md``."""
+    from importlib.resources import files
+
+    import jinja2
+    from markupsafe import Markup
+
+    from raycxr.card import HOLDOUT_ROWS, internal_sources, reference_standards
+
+    pooled = card["holdout"]["pooled"]
+    figures = [{"id": name, "caption": _CAPTIONS[name], "alt": _alt(name, card),
+                "src": "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii"),
+                "width": _png_size(path)[0], "height": _png_size(path)[1]} for name, path in plots.items()]
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(num=_num, ci=_interval)
+    template = env.from_string((files("raycxr") / "templates" / "report.html.j2").read_text(encoding="utf-8"))
+    page = template.render(
+        run=card["run"], target=card["target"], architecture=card["architecture"],
+        versions=card.get("versions", {}), fingerprint=card["data"]["fingerprint"], sources=internal_sources(card),
+        previous_reads=card["holdout_previously_read"], selection_rule=card["selection"]["rule"],
+        selection_kind=card["selection"]["kind"], threshold=card["threshold"], threshold_rule=card["threshold_rule"],
+        threshold_how=card["threshold_stability"]["how"], pooled=pooled, per_source=card["holdout"]["per_source"],
+        metric_rows=HOLDOUT_ROWS, counts=card["data"]["counts"], references=reference_standards(card),
+        figures=figures, card_html=Markup(_card_html(out, plots)))
+    (out / "report.html").write_text(page, encoding="utf-8")

@@ -84,6 +84,8 @@ class SearchConfig:
     objective: str = "auc"             # "auc", or "auc-latency": Pareto search of AUC against CPU latency
     weights_dir: Path | None = None    # overrides the space's weights_dir (offline pretrained weights)
     callbacks: tuple = ()              # extra Ray Tune callbacks (Python API; not recorded, not resumed)
+    mlflow: str | None = None          # MLflow tracking URI: each trial logged as a run (raycxr.tracking)
+    verbosity: int = 1                 # 0: results only; 1: a line per trial start/end; 2: Tune's tables, Ray workers' output
 
 
 class RunStarting(ConfigError):
@@ -114,6 +116,8 @@ class RunRecord:
     versions: dict = dataclasses.field(default_factory=dict)
     started: str = ""
     metric: str = METRIC
+    mlflow: str | None = None   # the MLflow tracking URI the search logs to, if any
+    time_budget_min: float | None = None  # --time-budget, for status's "budget left"
     schema_version: int = 2
 
     FILE = "run.json"
@@ -147,7 +151,7 @@ class RunRecord:
         return cls(**{k: v for k, v in raw.items() if k in fields})
 
 
-def init_ray(*, address: str | None, num_cpus: int | None = None):
+def init_ray(*, address: str | None, num_cpus: int | None = None, worker_logs: bool = False):
     """Join a cluster (``address`` or $RAY_ADDRESS) or start a local Ray; return its context.
 
     The local dashboard is always on (bound to 127.0.0.1): besides showing trials, it serves
@@ -160,6 +164,10 @@ def init_ray(*, address: str | None, num_cpus: int | None = None):
     Left to find it themselves, Ray's helpers scan the host for Ray processes and fail with
     "Found multiple active Ray instances" as soon as a second Ray runs on the machine; the
     finished trials' placement groups then leak and later trials wait for ever.
+
+    ``worker_logs``: print what the Ray workers print (trial processes, Ray Data, Ray Train) on the
+    driver's console (``-v``); off by default, as their errors reach the driver through Tune anyway.
+    Applies when this call starts or joins Ray, not to a Ray already initialised in this process.
     """
     import ray
 
@@ -189,7 +197,7 @@ def init_ray(*, address: str | None, num_cpus: int | None = None):
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
         return ray.get_runtime_context()
-    kwargs: dict[str, Any] = {"log_to_driver": True, "logging_level": logging.WARNING}
+    kwargs: dict[str, Any] = {"log_to_driver": worker_logs, "logging_level": logging.WARNING}
     if address:
         ctx = _join(address, kwargs, job_env)
     else:
@@ -459,6 +467,36 @@ class KeepTrialHistory(Callback):
                 pass  # a new trial
 
 
+class ProgressLines(Callback):
+    """A Tune callback: one log line when a trial starts and one when it ends (its best validation
+    AUC, the search's best so far, how many are done), in place of Tune's own tables (``-v`` brings
+    those back). Through raycxr's logger: the console shows it, ``-q`` and the Python API do not."""
+
+    def __init__(self, trials: int):
+        self.trials, self.best = trials, None
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        cfg = trial.config
+        log.info("trial %s started: %s @ %s px, lr %.2g", trial.trial_id, cfg.get("model"), cfg.get("image_size"),
+                 cfg.get("lr", float("nan")))
+
+    def _ended(self, trials, trial, how: str) -> None:
+        score = (trial.last_result or {}).get(SEARCH_METRIC)
+        if score is not None and (self.best is None or score > self.best[0]):
+            self.best = (score, trial.trial_id)
+        done = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
+        best = f"; best so far {self.best[0]:.4f} ({self.best[1]})" if self.best else ""
+        mine = f"{METRIC} {score:.4f}" if score is not None else f"no {METRIC}"
+        log.info("trial %s %s: %s%s [%d/%d trials done]", trial.trial_id, how, mine, best, min(done, self.trials),
+                 self.trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._ended(trials, trial, "finished")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._ended(trials, trial, "failed")
+
+
 def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
@@ -585,8 +623,8 @@ def _run_dir(cfg: SearchConfig, space: SearchSpace) -> tuple[str, RunStore]:
     """(name, location) of a new run, under ``--storage`` or ``--runs-dir``, the name claimed by
     creating its run.json (O_EXCL on a filesystem: of two searches started together with one
     --name, exactly one gets it; see RunStore.claim for object stores)."""
-    name = cfg.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    parent = str(cfg.storage).rstrip("/") if cfg.storage else str(Path(cfg.runs_dir).resolve())
+    name = cfg.name or default_run_name(space.name)
+    parent = _runs_parent(cfg)
     store = RunStore(f"{parent}/{name}")
     taken = ConfigError(f"run {name!r} already exists in {parent}: choose another --name (or remove {store.uri})",
                         source="--name")
@@ -594,6 +632,24 @@ def _run_dir(cfg: SearchConfig, space: SearchSpace) -> tuple[str, RunStore]:
             "run.json", json.dumps({"name": name, "claimed": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n"):
         raise taken
     return name, store
+
+
+def _redacted(uri: str | None) -> str | None:
+    """A tracking URI without any user:password@ (run.json is shared with the run)."""
+    if not uri:
+        return None
+    from raycxr.tracking import redact
+
+    return redact(uri)
+
+
+def default_run_name(space_name: str) -> str:
+    return f"{space_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _runs_parent(cfg: SearchConfig) -> str:
+    """Where a search's run folders go: ``--storage`` or the (absolute) ``--runs-dir``."""
+    return str(cfg.storage).rstrip("/") if cfg.storage else str(Path(cfg.runs_dir).resolve())
 
 
 def _scheduler(name: str, *, space: SearchSpace, max_epochs: int, own_metric: bool):
@@ -661,17 +717,23 @@ def run_search(cfg: SearchConfig) -> list[dict]:
 
     name, store = _run_dir(cfg, space)
     try:
-        init_ray(address=cfg.address, num_cpus=cfg.num_cpus)
+        init_ray(address=cfg.address, num_cpus=cfg.num_cpus, worker_logs=cfg.verbosity >= 2)
         plan = _plan_resources(space, trials=trials)
         if plan["gpus_per_worker"] < space.gpus_per_worker:
             log.warning("No GPU in the Ray cluster: the space asks for %g GPU per worker, training on CPU instead.",
                         space.gpus_per_worker)
+        tracking = []  # checked before the run is recorded: a bad --mlflow gives its name back
+        if cfg.mlflow:
+            from raycxr.tracking import search_callbacks
+
+            tracking = search_callbacks(cfg.mlflow, run_name=name)
         record = RunRecord(
             name=name, space=space.name, target=cfg.target, space_config=space.raw, data=str(Path(cfg.data).resolve()),
             data_fingerprint=manifest["fingerprint"], trials=trials, max_epochs=max_epochs, seed=space.seed,
             resources=plan, storage=store.uri, max_failures=cfg.max_failures, searcher=cfg.searcher,
             early_stopping=cfg.early_stopping and cfg.scheduler != "none", scheduler=cfg.scheduler,
-            objective=cfg.objective, versions=_versions(),
+            objective=cfg.objective, versions=_versions(), mlflow=_redacted(cfg.mlflow),
+            time_budget_min=cfg.time_budget_min,
             started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         trainable = _trainable(record, space, plan, manifest, storage=store.uri)
     except BaseException:  # nothing ran: give the name back, so a corrected command can use it
@@ -685,6 +747,10 @@ def run_search(cfg: SearchConfig) -> list[dict]:
     log.info(f"Run: {store.uri} (raycxr status / promote --run / search --resume take this)")
     log.info(f"TensorBoard: tensorboard --logdir {store.child('tune')}")
 
+    if cfg.verbosity < 2:  # Optuna logs "A new study created ..." and each trial at INFO
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     searcher = None  # a space with every value fixed has nothing to search: plain repeated trials
     metrics, modes = OBJECTIVES[cfg.objective]
     if any(p.kind != "value" for p in space.params.values()):
@@ -708,8 +774,11 @@ def run_search(cfg: SearchConfig) -> list[dict]:
         # finds its own checkpoints in storage and resumes from the latest one.
         # An in-process trial's checkpoints are Tune's (tune/trial_ID/checkpoint_NNNNNN): the best
         # epoch's and the latest (to resume from) are kept, as Ray Train does for a DDP trial.
-        run_config=tune.RunConfig(name="tune", storage_path=store.uri, verbose=1,
-                                  callbacks=[KeepTrialHistory(), SignRunCallback(), *cfg.callbacks],
+        # Tune's own tables (a box per trial start and end: hundreds of lines) only with -v; by
+        # default one line per trial start and end (ProgressLines)
+        run_config=tune.RunConfig(name="tune", storage_path=store.uri, verbose=1 if cfg.verbosity >= 2 else 0,
+                                  callbacks=[KeepTrialHistory(), SignRunCallback(), *tracking,
+                                             *([ProgressLines(trials)] if cfg.verbosity == 1 else []), *cfg.callbacks],
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                   checkpoint_config=tune.CheckpointConfig(
                                       num_to_keep=1, checkpoint_score_attribute=METRIC,
@@ -720,7 +789,7 @@ def run_search(cfg: SearchConfig) -> list[dict]:
 
 
 def resume_search(run: str | Path, *, address: str | None = None, num_cpus: int | None = None,
-                  trust_run: bool = False) -> list[dict]:
+                  trust_run: bool = False, verbosity: int = 1) -> list[dict]:
     """Continue a stopped or killed search: finished trials are kept, unfinished and errored
     ones restart from their last checkpoint, and the Optuna searcher keeps its history.
 
@@ -746,7 +815,7 @@ def resume_search(run: str | Path, *, address: str | None = None, num_cpus: int 
                           f" != {record.data_fingerprint}): a resumed search must see the same data",
                           source="--resume")
     space = parse_space(record.space_config, name=record.space)
-    init_ray(address=address, num_cpus=num_cpus)
+    init_ray(address=address, num_cpus=num_cpus, worker_logs=verbosity >= 2)
     # the trial shape the run started with: a resumed trial must find its checkpoints where it left them
     plan = {**_plan_resources(space, trials=record.trials), "in_process": in_process(record.resources)}
     if not tune.Tuner.can_restore(tune_path):
@@ -982,6 +1051,41 @@ def run_history(run: str | Path) -> RunHistory:
     return RunHistory(board=rows, frames=frames)
 
 
+def run_summary(run: str | Path) -> dict:
+    """Where a search stands: trials done / running / errored / waiting, the best so far, the time
+    elapsed since it started and what is left of its time budget (``raycxr status``)."""
+    from datetime import datetime
+
+    store = RunStore(run)
+    record = RunRecord.load(store)
+    board = leaderboard(run) if store.exists("tune") else []
+    count = {k: sum(r["tune_status"] == k for r in board) for k in ("TERMINATED", "RUNNING", "ERROR")}
+    ok = [r for r in board if r["status"].startswith("ok")]
+    try:
+        elapsed = time.time() - datetime.strptime(record.started, "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    except ValueError:  # an older run.json without the time
+        elapsed = None
+    done, running, errored = count["TERMINATED"], count["RUNNING"], count["ERROR"]
+    return {"run": record.name, "trials": record.trials, "done": done, "running": running, "errored": errored,
+            "waiting": max(0, record.trials - done - running - errored), "best": ok[0] if ok else None,
+            "elapsed_s": elapsed, "budget_left_s": None if elapsed is None or not record.time_budget_min else
+            max(0.0, record.time_budget_min * 60 - elapsed), "finished": done + errored >= record.trials}
+
+
+def format_summary(s: dict) -> str:
+    """One line of :func:`run_summary`."""
+    parts = [f"{s['run']}: {s['done']}/{s['trials']} trials done, {s['running']} running, {s['errored']} errored, "
+             f"{s['waiting']} waiting"]
+    b = s["best"]
+    parts.append(f"best {METRIC} {b[METRIC]:.4f} (trial {b['trial_id']}, {b.get('model')} @ {b.get('image_size')} px, "
+                 f"epoch {b['best_epoch']})" if b else f"no {METRIC} yet")
+    if s["elapsed_s"] is not None:
+        parts.append(f"{s['elapsed_s'] / 60:.1f} min since it started" +
+                     (f", {s['budget_left_s'] / 60:.1f} min of its time budget left"
+                      if s["budget_left_s"] is not None else ""))
+    return "; ".join(parts)
+
+
 def leaderboard(run: str | Path) -> list[dict]:
     """One row per trial of a search, best validation AUC first (see :func:`run_history`)."""
     return run_history(run).board
@@ -1007,3 +1111,26 @@ def format_leaderboard(rows: list[dict], *, top: int = 10) -> str:
     table = [cols] + [[fmt(r.get(c)) for c in cols] for r in rows[:top]]
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in table)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """What ``raycxr.search(...)`` returns."""
+
+    run: str            # the run's folder or URI: what promote, status and --resume take
+    leaderboard: list   # one dict per trial, best validation AUC first (see run_history)
+
+
+def api(data: str | Path, space: str | Path, **options) -> SearchResult:
+    """``raycxr.search(data, space, **options)``: :func:`run_search` with keyword options (the
+    fields of :class:`SearchConfig`, e.g. ``runs_dir="runs"``, ``trials=8``, ``verbosity=0``)."""
+    cfg = SearchConfig(data=Path(data), space=str(space), **options)
+    if cfg.name is None:
+        cfg = dataclasses.replace(cfg, name=default_run_name(load_space(cfg.space).name))
+    board = run_search(cfg)
+    return SearchResult(run=f"{_runs_parent(cfg)}/{cfg.name}", leaderboard=board)
+
+
+from raycxr import callable_stage  # noqa: E402  (after api, which it calls)
+
+callable_stage(__name__)

@@ -165,6 +165,24 @@ class Ensemble(torch.nn.Module):
         return torch.stack(logits).mean(0)
 
 
+class ServingGraph(torch.nn.Module):
+    """The whole scoring path as one module, for a serving export: uint8 images (N, 1, S, S) at the
+    stored size S -> calibrated P(target) (N,): pixels/255, resize to the network's input size and
+    normalise (:func:`to_model_input`), the network (with its test-time augmentation, if any), the
+    target's logit, Platt calibration."""
+
+    def __init__(self, network: torch.nn.Module, *, image_size: int, mean: float, std: float, target_index: int,
+                 calibration: dict):
+        super().__init__()
+        self.network, self.image_size, self.mean, self.std = network, int(image_size), float(mean), float(std)
+        self.target_index, self.scale, self.bias = int(target_index), float(calibration["scale"]), float(
+            calibration["bias"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.network(to_model_input(x, image_size=self.image_size, mean=self.mean, std=self.std))
+        return torch.sigmoid(self.scale * z[:, self.target_index].float() + self.bias)
+
+
 # Acquisition shifts of validation images for model selection (raycxr.select): each a plausible
 # difference between one hospital's films and another's, of a size a radiologist would still
 # read without trouble. name -> what it does to a float image in 0..1 at the stored size S.

@@ -110,3 +110,32 @@ def s3_server(tmp_path_factory):
     yield env
     server.send_signal(signal.SIGTERM)
     server.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def promoted_run(tmp_path_factory, sample_dir, _ray_session):
+    """A real search (2 tiny trials, 2 epochs, local Ray) on the sample ingested at 64 px, promoted
+    once, all through the Python API (raycxr.ingest / search / promote): {"data", "run", "model",
+    "card" (model_card.json), "promoted" (what raycxr.promote returned), "ingested" (the IngestSummary),
+    "searched" (the SearchResult)}. Session-wide and
+    read-only for tests (the card, report, MLflow and Python API tests share it; copy what you change)."""
+    import json
+
+    import ray
+
+    import raycxr
+    from raycxr.search import init_ray
+
+    base = tmp_path_factory.mktemp("promoted")
+    ingested = raycxr.ingest({"kermany": sample_dir}, base / "data", image_size=64, seed=0)
+    space = base / "tiny.yaml"
+    space.write_text("trials: 2\nmax_epochs: 2\nseed: 0\nresources: {workers_per_trial: 1, cpus_per_worker: 1}\n"
+                     "params:\n  model: [test_resnet, test_efficientnet]\n  image_size: 64\n"
+                     "  lr: {loguniform: [2.0e-3, 1.0e-2]}\n  batch_size: 16\n")
+    if not ray.is_initialized():
+        init_ray(address=None, num_cpus=2)
+    searched = raycxr.search(base / "data", space, name="shared", runs_dir=base / "runs", verbosity=0)
+    promoted = raycxr.promote(searched.run, base / "model", n_boot=200)
+    return {"data": base / "data", "run": Path(searched.run), "model": base / "model",
+            "card": json.loads((base / "model" / "model_card.json").read_text()), "promoted": promoted,
+            "ingested": ingested, "searched": searched}

@@ -62,3 +62,43 @@ def test_search_baseline_flags_parse_and_an_unknown_searcher_is_refused(tmp_path
 
     with pytest.raises(ConfigError, match="unknown searcher 'grid'"):  # refused before Ray starts
         run_search(SearchConfig(data=tmp_path, space="demo", searcher="grid"))
+
+
+def test_version_and_every_option_has_help_text(capsys):
+    from raycxr import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"raycxr {__version__}"
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    missing = [f"{name} {a.option_strings or a.dest}" for name, sub in commands.items() for a in sub._actions
+               if not a.help]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("argv, verbose, quiet", [
+    (["-v", "status", "RUN"], True, False),
+    (["status", "RUN", "-v"], True, False),
+    (["status", "-q", "RUN"], False, True),
+    (["-q", "predict", "--model", "M", "f.png"], False, True),
+    (["predict", "--model", "M", "f.png"], False, False),
+])
+def test_verbose_and_quiet_are_accepted_before_or_after_the_command(argv, verbose, quiet):
+    args = build_parser().parse_args(argv)
+    assert (args.verbose, args.quiet) == (verbose, quiet)
+
+
+def test_verbose_and_quiet_together_are_refused(capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["status", "RUN", "-v", "-q"])
+    assert exc.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+
+def test_search_help_lists_the_bundled_spaces(capsys):
+    from raycxr.config import list_spaces
+
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert {"demo", "cpu", "default", "mnist"} <= set(list_spaces()) and ", ".join(list_spaces()) in out

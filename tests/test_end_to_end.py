@@ -59,8 +59,12 @@ def test_end_to_end(ray_local, tmp_path, sample_dir, capsys, monkeypatch):
     assert main(["search", "--data", str(data), "--space", str(_space(tmp_path)), "--name", "e2e",
                  "--runs-dir", str(runs)]) == 0
     shutil.move(hidden, data / "holdout")
-    out = capsys.readouterr().out
+    printed = capsys.readouterr()
+    out = printed.out
     assert "Leaderboard" in out
+    # the console shows a line per trial start and end, not Tune's tables (those come with -v)
+    assert "Trial status" not in out and "Current best trial" not in out
+    assert sum("finished: val_auc" in line and "trials done]" in line for line in printed.err.splitlines()) == 2
 
     board = list(csv.DictReader(open(runs / "e2e" / "leaderboard.csv")))
     assert len(board) == 2 and all(r["status"] == "ok" for r in board)
@@ -276,6 +280,7 @@ def test_end_to_end(ray_local, tmp_path, sample_dir, capsys, monkeypatch):
     fast = json.loads((fast_dir / "model_card.json").read_text())
     assert len(fast["external"]) == 1 and fast["external"][0]["n"] == 300
     assert "measured for this model, holdout AUC" in (fast_dir / "model_card.md").read_text()
+    assert "measured for this model, holdout AUC" in (fast_dir / "report.html").read_text()  # the report too
 
 
 def test_multi_objective_search_reports_latency_to_optuna(ray_local, tmp_path, sample_dir):

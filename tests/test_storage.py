@@ -90,7 +90,9 @@ def test_search_on_s3_stops_resumes_lists_promotes_and_evaluates(s3_server, data
     status = subprocess.run([*RAYCXR, "status", run], cwd=work, env=env, capture_output=True, text=True, timeout=120)
     assert status.returncode == 0, status.stderr
     lines = [ln for ln in status.stdout.splitlines() if ln.strip()]
-    assert lines[0].split()[:3] == ["rank", "trial_id", "val_auc"] and len(lines) == 3, status.stdout
+    # the summary line (read from the bucket), then the leaderboard
+    assert lines[0].startswith("s3run: 2/2 trials done, 0 running, 0 errored"), status.stdout
+    assert lines[1].split()[:3] == ["rank", "trial_id", "val_auc"] and len(lines) == 4, status.stdout
     board = list(csv.DictReader(io.StringIO(RunStore(run).read_text("leaderboard.csv"))))
     assert len(board) == 2 and all(r["status"] == "ok" and r["epochs"] == "3" for r in board), board
     assert all(r["checkpoint"].startswith(run + "/tune/trial_") for r in board), board
