@@ -785,7 +785,8 @@ def run_search(cfg: SearchConfig) -> list[dict]:
                                       checkpoint_score_order="max")),
     )
     RunSigner(store).sign_in_store("tuner.pkl")
-    return _fit(tuner, store, name, time_budget_s=cfg.time_budget_min * 60 if cfg.time_budget_min else None)
+    return _fit(tuner, store, name, time_budget_s=cfg.time_budget_min * 60 if cfg.time_budget_min else None,
+                tune_output=cfg.verbosity >= 2)
 
 
 def resume_search(run: str | Path, *, address: str | None = None, num_cpus: int | None = None,
@@ -825,7 +826,7 @@ def resume_search(run: str | Path, *, address: str | None = None, num_cpus: int 
     tuner = tune.Tuner.restore(tune_path, trainable=_trainable(record, space, plan, manifest, storage=where.uri),
                                resume_unfinished=True, resume_errored=True)
     RunSigner(where).sign_in_store("tuner.pkl")  # restoring rewrote it
-    return _fit(tuner, store, record.name, time_budget_s=None)
+    return _fit(tuner, store, record.name, time_budget_s=None, tune_output=verbosity >= 2)
 
 
 def _trainable(record: RunRecord, space: SearchSpace, plan: dict, manifest: dict, *, storage: str):
@@ -872,17 +873,28 @@ def in_process(plan: dict) -> bool:
     return bool(plan.get("in_process"))
 
 
-def _fit(tuner, store: RunStore, name: str, *, time_budget_s: float | None) -> list[dict]:
+def _fit(tuner, store: RunStore, name: str, *, time_budget_s: float | None, tune_output: bool = True) -> list[dict]:
     """Run the tuner; return the leaderboard. A search stopped by its time budget returns what it
     has; one stopped by Ctrl-C (which Tune catches, saving its state) raises KeyboardInterrupt
     after writing the leaderboard, so the command exits 130 as an interrupted program does."""
     hint = f"resume it with: raycxr search --resume {store.uri}"
     t0 = time.monotonic()
+    # Ray's new console output prints its "Configuration for experiment" box and result paths
+    # even at verbose=0; its older reporter prints nothing then (the env var is read by fit()).
+    quiet = {} if tune_output else {"RAY_AIR_NEW_OUTPUT": "0"}
+    saved = {k: os.environ.get(k) for k in quiet}
+    os.environ.update(quiet)
     try:
         results = tuner.fit()
     except KeyboardInterrupt:
         log.warning(f"Search {name} interrupted; finished trials are kept in {store.uri}. To continue, {hint}")
         raise
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
     for err in results.errors:
         log.warning("a trial failed: %s", str(err).splitlines()[0] if str(err) else type(err).__name__)
     board = leaderboard(store.uri)

@@ -32,6 +32,15 @@ def test_the_stages_return_data(promoted_run):
     assert raycxr.search.run_search and raycxr.promote.PromoteConfig  # still the stage modules
 
 
+def test_search_through_the_api_prints_nothing(promoted_run, tmp_path, capfd):
+    space = tmp_path / "one.yaml"
+    space.write_text("trials: 1\nmax_epochs: 1\nparams: {model: test_resnet, image_size: 32, lr: 0.01}\n")
+    capfd.readouterr()
+    result = raycxr.search(promoted_run["data"], space, name="quiet", runs_dir=tmp_path / "runs", verbosity=0)
+    out = capfd.readouterr().out
+    assert out == "" and len(result.leaderboard) == 1 and result.leaderboard[0]["status"] == "ok", out[-2000:]
+
+
 def test_promote_through_the_api_prints_nothing(promoted_run, tmp_path, capfd):
     run = shutil.copytree(promoted_run["run"], tmp_path / "run")  # a copy: the shared run's holdout log stays as is
     capfd.readouterr()
