@@ -325,7 +325,7 @@ def _arrays(images_or_paths, spec: ModelSpec):
 
 
 def _synthetic_films(size: int, n: int = 6) -> np.ndarray:
-    """A few deterministic greyscale images with structure at every scale (gradients, discs, noise)."""
+    """A few deterministic greyscale images (sinusoidal gradients and noise) to check an export on."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:size, 0:size] / size
     out = [np.clip(255 * (0.3 + 0.5 * np.sin(6 * xx + k) * np.cos(4 * yy - k) ** 2 + 0.1 * rng.standard_normal(
