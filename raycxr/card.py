@@ -79,12 +79,15 @@ HOLDOUT_ROWS = [("AUC", "auc"), ("Accuracy", "accuracy"), ("Sensitivity", "sensi
                 ("PPV", "ppv"), ("NPV", "npv"), ("Brier score", "brier"), ("ECE (10 bins)", "ece")]
 
 
-def _fmt(v) -> str:
-    return "n/a" if v is None or v != v else f"{v:.3f}"
+def fmt(v, digits: int = 3) -> str:
+    """A figure for people: ``digits`` decimals, or n/a (None, NaN). The card, report.html and the
+    MLflow registry's description all print figures through this and :func:`fmt_ci`."""
+    return "n/a" if v is None or v != v else f"{v:.{digits}f}"
 
 
-def _ci(ci) -> str:
-    return f"{_fmt(ci[0])} - {_fmt(ci[1])}"
+def fmt_ci(ci) -> str:
+    """A 95% CI [low, high] as "low - high" (n/a where a bound or the interval is missing)."""
+    return f"{fmt(ci[0])} - {fmt(ci[1])}" if ci else "n/a"
 
 
 def _ms(v) -> str:
@@ -95,7 +98,7 @@ def _metric_table(m: dict) -> str:
     lines = ["| metric | value | 95% CI (patient bootstrap) |", "| --- | --- | --- |"]
     ci = m.get("ci95", {})
     for label, key in HOLDOUT_ROWS:
-        lines.append(f"| {label} | {_fmt(m[key])} | {_ci(ci.get(key, [None, None]))} |")
+        lines.append(f"| {label} | {fmt(m[key])} | {fmt_ci(ci.get(key, [None, None]))} |")
     lines.append(f"| images (positive) | {m['n']} ({m['positives']}) | |")
     lines.append(f"| confusion at threshold | TP {m['tp']}, FP {m['fp']}, TN {m['tn']}, FN {m['fn']} | |")
     return "\n".join(lines)
@@ -106,7 +109,7 @@ def _tta_line(tta: dict) -> str:
         return "Test-time augmentation: off."
     views = ", ".join(f"{v['rotation_deg']:+g} deg x{v['scale']:g}" for v in tta["views"])
     return (f"Test-time augmentation: **{'on' if tta['used'] else 'off'}** (`--tta {tta['mode']}`; validation AUC "
-            f"{_fmt(tta['val_auc_without'])} without, {_fmt(tta['val_auc_with'])} with the mean logit over views "
+            f"{fmt(tta['val_auc_without'])} without, {fmt(tta['val_auc_with'])} with the mean logit over views "
             f"{views}).")
 
 
@@ -121,13 +124,13 @@ def _selection(card: dict) -> str:
                   "", "| trial | model | px | pretrained | val AUC | shift AUC (95% CI) | below the best (95% CI) | "
                       "tied | ONNX CPU ms |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {f['trial_id']} | {f['model']} | {f['image_size']} | {f['pretrained']} | {_fmt(f['val_auc'])} | "
-                  f"{_fmt(f['shift_auc'])} ({_ci(f['shift_auc_ci95'])}) | {_ci(f['below_best_ci95'])} | "
+        lines += [f"| {f['trial_id']} | {f['model']} | {f['image_size']} | {f['pretrained']} | {fmt(f['val_auc'])} | "
+                  f"{fmt(f['shift_auc'])} ({fmt_ci(f['shift_auc_ci95'])}) | {fmt_ci(f['below_best_ci95'])} | "
                   f"{'yes' if f['tied_with_best'] else 'no'} | {_ms(f['latency_ms'])} |" for f in sel["finalists"]]
     if "ensemble" in sel:
         e = sel["ensemble"]
         lines += ["", f"Ensemble of the tied finalists ({' + '.join(e['members'])}, mean logit): shift AUC "
-                      f"{_fmt(e['shift_auc'])} against {_fmt(e['best_single_shift_auc'])} for the best single model; "
+                      f"{fmt(e['shift_auc'])} against {fmt(e['best_single_shift_auc'])} for the best single model; "
                       f"{'promoted' if sel['kind'] == 'ensemble' else 'not promoted'} "
                       f"(`--ensemble {sel['ensemble_mode']}`)."]
     return "\n".join(lines)
@@ -141,10 +144,10 @@ def _operating_points(card: dict) -> str:
     for name, pt in card["operating_points"].items():
         goal = f"target {pt['target']:.2f}: " if pt.get("target") else ""
         cells = [f"{name}{' (exported)' if name == card['threshold_rule'] else ''}", f"{pt['threshold']:.4f}",
-                 f"{goal}sens {_fmt(pt['val_sensitivity'])}, spec {_fmt(pt['val_specificity'])}",
-                 _fmt(pt["sensitivity"]), _fmt(pt["specificity"]), _fmt(pt["ppv"]), _fmt(pt["npv"])]
+                 f"{goal}sens {fmt(pt['val_sensitivity'])}, spec {fmt(pt['val_specificity'])}",
+                 fmt(pt["sensitivity"]), fmt(pt["specificity"]), fmt(pt["ppv"]), fmt(pt["npv"])]
         if prev is not None:
-            cells += [_fmt(pt["ppv_at_prevalence"]), _fmt(pt["npv_at_prevalence"])]
+            cells += [fmt(pt["ppv_at_prevalence"]), fmt(pt["npv_at_prevalence"])]
         lines.append("| " + " | ".join(cells) + " |")
     if prev is not None:
         shift = card["calibration"]["prior_shift"]
@@ -238,17 +241,17 @@ def _external(card: dict) -> str:
                 "and this section will compare the two.")
     worst = min(ext, key=lambda e: e["auc"] if e["auc"] == e["auc"] else 1.0)
     lines = [f"Internal holdouts from one hospital overestimate external performance: measured for this model, "
-             f"holdout AUC {_fmt(internal['auc'])} against {_fmt(worst['auc'])} on {', '.join(worst['sources'])} "
+             f"holdout AUC {fmt(internal['auc'])} against {fmt(worst['auc'])} on {', '.join(worst['sources'])} "
              f"({worst['auc'] - internal['auc']:+.3f}).", "",
              "| data | images (positive) | AUC (95% CI) | accuracy (95% CI) | sensitivity | specificity |",
              "| --- | --- | --- | --- | --- | --- |",
              f"| internal holdout ({', '.join(internal_sources(card))}) | {internal['n']} ({internal['positives']}) | "
-             f"{_fmt(internal['auc'])} ({_ci(internal['ci95']['auc'])}) | {_fmt(internal['accuracy'])} "
-             f"({_ci(internal['ci95']['accuracy'])}) | {_fmt(internal['sensitivity'])} | "
-             f"{_fmt(internal['specificity'])} |"]
+             f"{fmt(internal['auc'])} ({fmt_ci(internal['ci95']['auc'])}) | {fmt(internal['accuracy'])} "
+             f"({fmt_ci(internal['ci95']['accuracy'])}) | {fmt(internal['sensitivity'])} | "
+             f"{fmt(internal['specificity'])} |"]
     lines += [f"| external: {', '.join(e['sources'])} ({e['split']}, `{e['fingerprint']}`) | {e['n']} "
-              f"({e['positives']}) | {_fmt(e['auc'])} ({_ci(e['ci95']['auc'])}) | {_fmt(e['accuracy'])} "
-              f"({_ci(e['ci95']['accuracy'])}) | {_fmt(e['sensitivity'])} | {_fmt(e['specificity'])} |" for e in ext]
+              f"({e['positives']}) | {fmt(e['auc'])} ({fmt_ci(e['ci95']['auc'])}) | {fmt(e['accuracy'])} "
+              f"({fmt_ci(e['ci95']['accuracy'])}) | {fmt(e['sensitivity'])} | {fmt(e['specificity'])} |" for e in ext]
     lines += ["", "External rows use this model's own calibration and exported threshold, fixed on internal validation."]
     return "\n".join(lines)
 
@@ -292,9 +295,9 @@ def card_body(card: dict) -> str:
         warn = (f"\n> **Note:** this run's holdout had already been read {card['holdout_previously_read']} time(s) "
                 "before this promotion. Figures from repeated holdout reads are optimistic.\n")
     per_source = "\n".join(
-        f"| {s} | {m['n']} | {_fmt(m['auc'])} ({_ci(m['ci95']['auc'])}) | "
-        f"{_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} |" for s, m in h["per_source"].items())
-    trials = "\n".join(f"Trial `{m['trial_id']}`: validation AUC {_fmt(m['val_auc'])} at epoch {m['best_epoch']} of "
+        f"| {s} | {m['n']} | {fmt(m['auc'])} ({fmt_ci(m['ci95']['auc'])}) | "
+        f"{fmt(m['sensitivity'])} | {fmt(m['specificity'])} |" for s, m in h["per_source"].items())
+    trials = "\n".join(f"Trial `{m['trial_id']}`: validation AUC {fmt(m['val_auc'])} at epoch {m['best_epoch']} of "
                        f"{m['epochs']}." for m in members)
     hp_rows = "\n".join(f"| {k} | " + " | ".join(str(m.get(k)) for m in members) + " |" for k in HYPERPARAMETERS)
     hp_head = "| hyperparameter | " + " | ".join(m["trial_id"] for m in members) + " |\n|" + " --- |" * (len(members) + 1)
@@ -317,8 +320,8 @@ Classifier of frontal chest radiographs. Selected and thresholded for **{card['t
 ## Operating threshold and calibration
 {card['threshold']:.4f} on Platt-calibrated probabilities (P = sigmoid({card['calibration']['scale']:.3f} x logit
 {card['calibration']['bias']:+.3f}), fitted on validation). Chosen by: {card['threshold_stability']['how']}. Everything here was fixed on the **validation**
-split before the holdout was read (validation at this threshold: sensitivity {_fmt(card['validation']['sensitivity'])},
-specificity {_fmt(card['validation']['specificity'])}, AUC {_fmt(card['validation']['auc'])}).
+split before the holdout was read (validation at this threshold: sensitivity {fmt(card['validation']['sensitivity'])},
+specificity {fmt(card['validation']['specificity'])}, AUC {fmt(card['validation']['auc'])}).
 {_tta_line(card.get('tta', {}))}
 
 ## Holdout metrics ({'read once' if not card['holdout_previously_read'] else 'a repeated read'}, by promote)

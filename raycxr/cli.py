@@ -102,7 +102,8 @@ def _status(args) -> int:
         time.sleep(args.watch)
         summary = run_summary(args.run)
         print(format_summary(summary), flush=True)
-    print(format_leaderboard(leaderboard(args.run), top=args.top))
+    # the board the last summary read; none yet: leaderboard() says why (no Tune state yet)
+    print(format_leaderboard(summary["leaderboard"] or leaderboard(args.run), top=args.top))
     return 0
 
 

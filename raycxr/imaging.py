@@ -131,10 +131,11 @@ def _dicom_pixels(ds) -> np.ndarray:
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     if rows * cols > MAX_PIXELS:
         raise DecodeError(f"image too large ({cols}x{rows} px > {MAX_PIXELS} px): possible decompression bomb")
-    _check_compressed_frame(ds, rows, cols)
     from pydicom.uid import JPEGBaseline8Bit
 
-    if getattr(ds, "file_meta", {}).get("TransferSyntaxUID") == JPEGBaseline8Bit:
+    syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
+    _check_compressed_frame(ds, syntax, rows, cols)
+    if syntax == JPEGBaseline8Bit:
         # Pillow (libjpeg-turbo), not pylibjpeg's libjpeg: that one leaks about 0.3 MB per corrupt
         # JPEG frame it decodes (measured: 54 -> 143 MB over 300 such files; Pillow stays at 54 MB),
         # which a long predict or a fuzzer turns into an out-of-memory. Pillow reads 8-bit baseline only.
@@ -143,7 +144,7 @@ def _dicom_pixels(ds) -> np.ndarray:
         arr = ds.pixel_array
     except Exception as exc:
         raise DecodeError(f"DICOM pixel data could not be decoded (transfer syntax "
-                          f"{ds.file_meta.get('TransferSyntaxUID', '?')}, {type(exc).__name__})") from exc
+                          f"{syntax or '?'}, {type(exc).__name__})") from exc
     del ds.PixelData  # the encoded bytes (as large as the array when uncompressed) are no longer needed
     out = _luts_to_uint8(arr, ds)
     if photometric == "MONOCHROME1":  # MONOCHROME1: high values are dark; invert so air is black.
@@ -151,7 +152,7 @@ def _dicom_pixels(ds) -> np.ndarray:
     return out
 
 
-def _check_compressed_frame(ds, rows: int, cols: int) -> None:
+def _check_compressed_frame(ds, syntax: str | None, rows: int, cols: int) -> None:
     """Refuse a compressed frame whose own header declares another size than Rows x Columns.
 
     JPEG and JPEG 2000 decoders allocate what the codestream declares (up to 65535 x 65535 px
@@ -164,7 +165,6 @@ def _check_compressed_frame(ds, rows: int, cols: int) -> None:
     from pydicom.pixels.utils import _get_jpg_parameters  # pydicom's own SOF parser (used by its decoders)
     from pydicom.uid import JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
 
-    syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
     jpeg = syntax in (*JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes)
     if not (jpeg or syntax in JPEG2000TransferSyntaxes):
         return

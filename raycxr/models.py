@@ -415,6 +415,27 @@ def read_json_spec(raw: dict, *, source: str) -> ModelSpec:
     return spec
 
 
+EXPORT_TOLERANCE = 1e-4  # max |difference| allowed between a model and its exports (logits or probabilities)
+
+
+def export_onnx(module: "torch.nn.Module", sample, path: str | Path, *, output: str):
+    """Export ``module`` to one ONNX file at ``path`` (the dynamo exporter, a dynamic batch axis,
+    input "image") and return ONNX Runtime's output on ``sample`` (a NumPy batch), for the caller
+    to compare with the module's own. Promote's export and the serving export both use it."""
+    import contextlib
+    import io
+
+    import onnxruntime as ort
+    import torch
+
+    x = torch.from_numpy(sample)
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
+        torch.onnx.export(module, (x[:2],), str(path), dynamo=True, input_names=["image"], output_names=[output],
+                          dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, external_data=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: sample})[0]
+
+
 def onnx_cpu_latency_ms(model: "torch.nn.Module", image_size: int, *, repeats: int = 30) -> float:
     """Batch-1 latency in ms of the model's ONNX export under ONNX Runtime on this machine's CPU.
 

@@ -266,13 +266,8 @@ class Model:
         augmentation and calibration inside. Checked against :meth:`predict_proba` on
         ``check_with`` (uint8 (N, S, S); default: a few synthetic films); returns
         {"path", "input", "output", "max_abs_diff"}."""
-        import contextlib
-        import io
-
-        import onnxruntime as ort
-        import torch
-
         from raycxr.errors import ExportError
+        from raycxr.models import EXPORT_TOLERANCE, export_onnx
         from raycxr.transforms import ServingGraph
 
         spec = self.config.spec
@@ -280,20 +275,14 @@ class Model:
                              target_index=spec.target_index, calibration=self.config.calibration).cpu().eval()
         sample = np.asarray(check_with if check_with is not None else _synthetic_films(spec.stored_size), np.uint8)
         sample = sample.reshape(len(sample), *sample.shape[-2:])  # (N, S, S), also from (N, 1, S, S)
-        x = torch.from_numpy(sample[:, None].copy())
-        with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
-            torch.onnx.export(graph, (x[:2],), str(path), dynamo=True, input_names=["image"],
-                              output_names=[f"p_{spec.target}"], dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
-                              external_data=False)
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        served = session.run(None, {session.get_inputs()[0].name: sample[:, None]})[0]
+        served = export_onnx(graph, sample[:, None].copy(), path, output=f"p_{spec.target}")
         cpu = Model(self.network, self.config, directory=self.directory, device="cpu") if self.device != "cpu" else self
         diff = float(np.abs(served - cpu.predict_proba(sample)).max())
         if self.device != "cpu":
             self.network.to(self.device)
-        if not diff <= 1e-4:
-            raise ExportError(f"the serving ONNX graph differs from predict_proba by {diff:.2e} (> 1e-4): not "
-                              "trustworthy; report this with the model's architecture")
+        if not diff <= EXPORT_TOLERANCE:
+            raise ExportError(f"the serving ONNX graph differs from predict_proba by {diff:.2e} (> {EXPORT_TOLERANCE}): "
+                              "not trustworthy; report this with the model's architecture")
         return {"path": str(path), "input": f"uint8 (N, 1, {spec.stored_size}, {spec.stored_size})",
                 "output": f"P({spec.target}), float32 (N,)", "max_abs_diff": diff}
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from raycxr.data import SplitArrays, split_arrays
 from raycxr.errors import ConfigError, DataError, ExportError, NoEligibleTrialError
-from raycxr.models import MemberSpec, ModelSpec, PromotedModel
+from raycxr.models import EXPORT_TOLERANCE, MemberSpec, ModelSpec, PromotedModel, export_onnx
 from raycxr.predict import target_logits, write_predictions
 from raycxr.progress import bar
 from raycxr.storage import RunStore, exists, local_copy
@@ -27,7 +27,6 @@ from raycxr.train import CheckpointRecord
 
 log = logging.getLogger(__name__)
 
-EXPORT_TOLERANCE = 1e-4  # max |logit difference| allowed between eager, TorchScript and ONNX
 
 
 @dataclass(frozen=True)
@@ -54,11 +53,8 @@ class PromoteConfig:
 
 def _export(model, out: Path, sample: "np.ndarray") -> dict:
     """Write TorchScript and ONNX next to the safetensors weights; check both match eager."""
-    import contextlib
-    import io
     import warnings
 
-    import onnxruntime as ort
     import torch
 
     x = torch.from_numpy(sample)
@@ -72,12 +68,7 @@ def _export(model, out: Path, sample: "np.ndarray") -> dict:
         eager = model(x).numpy()
         torch.jit.trace(model, x[:2]).save(str(out / "model.torchscript.pt"))
         ts_out = torch.jit.load(str(out / "model.torchscript.pt"))(x).numpy()
-    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
-        torch.onnx.export(model, (x[:2],), str(out / "model.onnx"), dynamo=True, input_names=["image"],
-                          output_names=["logit"], dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
-                          external_data=False)
-    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    onnx_out = session.run(None, {session.get_inputs()[0].name: sample})[0]
+    onnx_out = export_onnx(model, sample, out / "model.onnx", output="logit")
     diffs = {"torchscript": float(np.abs(ts_out - eager).max()), "onnx": float(np.abs(onnx_out - eager).max())}
     for name, d in diffs.items():
         if d > EXPORT_TOLERANCE:
@@ -272,10 +263,11 @@ def promote(cfg: PromoteConfig) -> dict:
 
     architecture = spec.architecture if ensemble_state is None else "ensemble of " + " + ".join(
         f"{m.architecture}@{m.image_size}px" for m in spec.members)
-    PromotedModel(spec=spec, threshold=threshold, threshold_rule=rule, calibration=calibration,
-                  class_names=(f"not_{target}", target), tta=tta["used"],
-                  operating_points={k: v["threshold"] for k, v in points.items()},
-                  selection={k: selection[k] for k in ("rule", "kind", "why")}).save(out)
+    promoted = PromotedModel(spec=spec, threshold=threshold, threshold_rule=rule, calibration=calibration,
+                             class_names=(f"not_{target}", target), tta=tta["used"],
+                             operating_points={k: v["threshold"] for k, v in points.items()},
+                             selection={k: selection[k] for k in ("rule", "kind", "why")})
+    promoted.save(out)
     log.info("promote 4/4: model card, plots and report")
     card = {
         "run": run.name, "trial": chosen[0], "members": chosen, "architecture": architecture,
@@ -294,7 +286,8 @@ def promote(cfg: PromoteConfig) -> dict:
     if cfg.serving_onnx:
         from raycxr.predict import Model
 
-        card["serving_onnx"] = Model.load(out).export_onnx(out / "model.serving.onnx", check_with=val.images[:16])
+        served = Model(model, promoted, directory=out)  # the network already in memory, as saved
+        card["serving_onnx"] = served.export_onnx(out / "model.serving.onnx", check_with=val.images[:16])
     (out / "model_card.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
     write_model_card(card, out / "model_card.md")
     write_report(out, card=card, holdout_y=hold.y, holdout_p=hp, frames=history.frames)

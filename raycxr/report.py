@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from raycxr.card import fmt, fmt_ci
+
 
 def _figure():
     import matplotlib
@@ -201,14 +203,6 @@ _CAPTIONS = {  # figure id -> caption
 }
 
 
-def _num(v, digits: int = 3) -> str:
-    return "n/a" if v is None or v != v else f"{v:.{digits}f}"
-
-
-def _interval(ci) -> str:
-    return f"{_num(ci[0])} - {_num(ci[1])}" if ci else "n/a"
-
-
 def _png_size(path: Path) -> tuple[int, int]:
     """(width, height) from the PNG's IHDR chunk: the page reserves each figure's box before it decodes."""
     head = path.read_bytes()[:24]
@@ -217,13 +211,13 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 def _alt(name: str, card: dict) -> str:
     """What a figure shows, in words, for readers who cannot see it."""
-    m, t = card["holdout"]["pooled"], _num(card["threshold"], 4)
+    m, t = card["holdout"]["pooled"], fmt(card["threshold"], 4)
     return {
-        "roc": f"ROC curve on the holdout: AUC {_num(m['auc'])} (95% CI {_interval(m['ci95']['auc'])}); at "
-               f"threshold {t} sensitivity {_num(m['sensitivity'])}, specificity {_num(m['specificity'])}",
+        "roc": f"ROC curve on the holdout: AUC {fmt(m['auc'])} (95% CI {fmt_ci(m['ci95']['auc'])}); at "
+               f"threshold {t} sensitivity {fmt(m['sensitivity'])}, specificity {fmt(m['specificity'])}",
         "pr": "Precision-recall curve on the holdout, with the prevalence as baseline",
         "reliability": "Reliability diagram on the holdout: observed against predicted probability, "
-                       f"ECE {_num(m['ece'])}",
+                       f"ECE {fmt(m['ece'])}",
         "confusion": f"Confusion matrix at threshold {t}: TP {m['tp']}, FP {m['fp']}, TN {m['tn']}, FN {m['fn']}",
     }.get(name, _CAPTIONS[name])
 
@@ -290,7 +284,7 @@ def _write_page(out: Path, card: dict, plots: dict[str, Path]) -> None:
                 "src": "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii"),
                 "width": _png_size(path)[0], "height": _png_size(path)[1]} for name, path in plots.items()]
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(num=_num, ci=_interval)
+    env.filters.update(num=fmt, ci=fmt_ci)
     template = env.from_string((files("raycxr") / "templates" / "report.html.j2").read_text(encoding="utf-8"))
     page = template.render(
         run=card["run"], target=card["target"], architecture=card["architecture"],

@@ -88,6 +88,14 @@ class SearchConfig:
     verbosity: int = 1                 # 0: results only; 1: a line per trial start/end; 2: Tune's tables, Ray workers' output
 
 
+@dataclass(frozen=True)
+class SearchResult:
+    """What ``raycxr.search(...)`` returns."""
+
+    run: str            # the run's folder or URI: what promote, status and --resume take
+    leaderboard: list   # one dict per trial, best validation AUC first (see run_history)
+
+
 class RunStarting(ConfigError):
     """run.json holds only the claim of a search that has not written its record yet."""
 
@@ -623,8 +631,8 @@ def _run_dir(cfg: SearchConfig, space: SearchSpace) -> tuple[str, RunStore]:
     """(name, location) of a new run, under ``--storage`` or ``--runs-dir``, the name claimed by
     creating its run.json (O_EXCL on a filesystem: of two searches started together with one
     --name, exactly one gets it; see RunStore.claim for object stores)."""
-    name = cfg.name or default_run_name(space.name)
-    parent = _runs_parent(cfg)
+    name = cfg.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    parent = str(cfg.storage).rstrip("/") if cfg.storage else str(Path(cfg.runs_dir).resolve())
     store = RunStore(f"{parent}/{name}")
     taken = ConfigError(f"run {name!r} already exists in {parent}: choose another --name (or remove {store.uri})",
                         source="--name")
@@ -641,15 +649,6 @@ def _redacted(uri: str | None) -> str | None:
     from raycxr.tracking import redact
 
     return redact(uri)
-
-
-def default_run_name(space_name: str) -> str:
-    return f"{space_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def _runs_parent(cfg: SearchConfig) -> str:
-    """Where a search's run folders go: ``--storage`` or the (absolute) ``--runs-dir``."""
-    return str(cfg.storage).rstrip("/") if cfg.storage else str(Path(cfg.runs_dir).resolve())
 
 
 def _scheduler(name: str, *, space: SearchSpace, max_epochs: int, own_metric: bool):
@@ -686,6 +685,11 @@ def _study_storage(store: RunStore, name: str) -> dict:
 
 def run_search(cfg: SearchConfig) -> list[dict]:
     """Run a search and return its leaderboard (best validation AUC first)."""
+    return _search(cfg).leaderboard
+
+
+def _search(cfg: SearchConfig) -> SearchResult:
+    """Run a search: where its run is and its leaderboard."""
     from ray import tune
 
     from raycxr.data import read_manifest
@@ -785,8 +789,9 @@ def run_search(cfg: SearchConfig) -> list[dict]:
                                       checkpoint_score_order="max")),
     )
     RunSigner(store).sign_in_store("tuner.pkl")
-    return _fit(tuner, store, name, time_budget_s=cfg.time_budget_min * 60 if cfg.time_budget_min else None,
-                tune_output=cfg.verbosity >= 2)
+    board = _fit(tuner, store, name, time_budget_s=cfg.time_budget_min * 60 if cfg.time_budget_min else None,
+                 tune_output=cfg.verbosity >= 2)
+    return SearchResult(run=store.uri, leaderboard=board)
 
 
 def resume_search(run: str | Path, *, address: str | None = None, num_cpus: int | None = None,
@@ -1065,7 +1070,8 @@ def run_history(run: str | Path) -> RunHistory:
 
 def run_summary(run: str | Path) -> dict:
     """Where a search stands: trials done / running / errored / waiting, the best so far, the time
-    elapsed since it started and what is left of its time budget (``raycxr status``)."""
+    elapsed since it started and what is left of its time budget, and the leaderboard it was
+    computed from (``raycxr status``; empty before Tune has saved its first state)."""
     from datetime import datetime
 
     store = RunStore(run)
@@ -1081,7 +1087,8 @@ def run_summary(run: str | Path) -> dict:
     return {"run": record.name, "trials": record.trials, "done": done, "running": running, "errored": errored,
             "waiting": max(0, record.trials - done - running - errored), "best": ok[0] if ok else None,
             "elapsed_s": elapsed, "budget_left_s": None if elapsed is None or not record.time_budget_min else
-            max(0.0, record.time_budget_min * 60 - elapsed), "finished": done + errored >= record.trials}
+            max(0.0, record.time_budget_min * 60 - elapsed), "finished": done + errored >= record.trials,
+            "leaderboard": board}
 
 
 def format_summary(s: dict) -> str:
@@ -1125,22 +1132,11 @@ def format_leaderboard(rows: list[dict], *, top: int = 10) -> str:
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in table)
 
 
-@dataclass(frozen=True)
-class SearchResult:
-    """What ``raycxr.search(...)`` returns."""
-
-    run: str            # the run's folder or URI: what promote, status and --resume take
-    leaderboard: list   # one dict per trial, best validation AUC first (see run_history)
-
-
 def api(data: str | Path, space: str | Path, **options) -> SearchResult:
     """``raycxr.search(data, space, **options)``: :func:`run_search` with keyword options (the
-    fields of :class:`SearchConfig`, e.g. ``runs_dir="runs"``, ``trials=8``, ``verbosity=0``)."""
-    cfg = SearchConfig(data=Path(data), space=str(space), **options)
-    if cfg.name is None:
-        cfg = dataclasses.replace(cfg, name=default_run_name(load_space(cfg.space).name))
-    board = run_search(cfg)
-    return SearchResult(run=f"{_runs_parent(cfg)}/{cfg.name}", leaderboard=board)
+    fields of :class:`SearchConfig`, e.g. ``runs_dir="runs"``, ``trials=8``, ``verbosity=0``),
+    returning where the run is with its leaderboard (:class:`SearchResult`)."""
+    return _search(SearchConfig(data=Path(data), space=str(space), **options))
 
 
 from raycxr import callable_stage  # noqa: E402  (after api, which it calls)

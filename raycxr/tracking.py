@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import time
 import urllib.error
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from ray.tune.callback import Callback
 
+from raycxr.card import fmt
 from raycxr.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ def register_model(model_dir: Path, card: dict, *, uri: str | None, name: str) -
             auc, ci = pooled.get("auc"), pooled.get("ci95", {}).get("auc") or [None, None]
             client.update_model_version(name, version, description=(
                 f"{card['architecture']} for {card['target']} from raycxr run {card['run']}: holdout AUC "
-                f"{_fmt(auc)} (95% CI {_fmt(ci[0])}-{_fmt(ci[1])}), threshold {_fmt(card['threshold'])} "
+                f"{fmt(auc)} (95% CI {fmt(ci[0])}-{fmt(ci[1])}), threshold {fmt(card['threshold'])} "
                 f"({card['threshold_rule']})"))
         except MlflowException as exc:
             raise ConfigError(f"could not register {name!r} at {redact(uri)}: {_first_line(exc)}. The "
@@ -327,7 +327,3 @@ def redact(uri: str) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _fmt(x) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
