@@ -260,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "are trained, unknown labels masked")
     s.add_argument("--searcher", choices=SEARCHERS, default="tpe",
                    help="Optuna sampler: tpe (default), gp (Gaussian process), cmaes (CMA-ES on the numeric "
-                        "parameters), or random (the baseline; BENCHMARKS.md compares them)")
+                        "parameters), random (the baseline; BENCHMARKS.md compares them), or grid (every "
+                        "combination of the space's choices once; the space's trials do not apply)")
     s.add_argument("--objective", choices=list(OBJECTIVES), default="auc",
                    help="auc (default): maximise validation AUC; auc-latency: a Pareto search of validation AUC "
                         "against the batch-1 CPU latency of each trial's ONNX export (for CPU-only clinics)")

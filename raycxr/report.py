@@ -131,8 +131,8 @@ def plot_learning_curves(frames: dict, top_ids: list[str], path: Path) -> Path:
 
 def plot_search_history(frames: dict, path: Path) -> Path:
     starts, best, order = [], [], []
-    for tid, df in frames.items():
-        if "val_auc" in df and df["val_auc"].notna().any():
+    for tid, df in frames.items():  # a trial the time budget stopped before its first report has no frame
+        if df is not None and "val_auc" in df and df["val_auc"].notna().any():
             order.append((float(df["timestamp"].min()), float(df["val_auc"].max()), tid))
     order.sort()
     fig, ax = _figure()

@@ -43,9 +43,10 @@ _TRIAL_DRIVER_CPU = 0.001
 # ten trials (Tune places them before their workers, often on one node) never leave a node a
 # sliver short of a whole worker: N trials still fill N cores, and no trial waits on its own driver.
 _WORKER_CPU_SLACK = 0.01
-# Optuna samplers: TPE (the default), a Gaussian process, CMA-ES, and random search, the baseline
-# every other is compared against (scripts/bench/lcbench_searchers.py, BENCHMARKS.md).
-SEARCHERS = ("tpe", "gp", "cmaes", "random")
+# Optuna samplers: TPE (the default), a Gaussian process, CMA-ES, random search (the baseline every
+# other is compared against: scripts/bench/lcbench_searchers.py, BENCHMARKS.md), and a grid (every
+# combination of a space's choices once, in a seeded order; a space of choices and fixed values only).
+SEARCHERS = ("tpe", "gp", "cmaes", "random", "grid")
 # Early stopping: none (every trial to max_epochs), ASHA (one bracket), or asynchronous HyperBand
 # (ASHA over brackets whose grace periods grow by the reduction factor: more trials run long).
 # The default is none with TPE: on the LCBench surrogate (5 tasks x 20 seeds, 2 and 8 workers,
@@ -78,7 +79,7 @@ class SearchConfig:
     time_budget_min: float | None = None
     target: str = "pneumonia"          # the finding whose validation AUC selects trials
     num_cpus: int | None = None        # local Ray only
-    searcher: str = "tpe"              # Optuna sampler: "tpe" or "random" (a baseline)
+    searcher: str = "tpe"              # Optuna sampler: one of SEARCHERS
     early_stopping: bool = True        # False: every trial runs to max_epochs (FIFO), whatever scheduler says
     scheduler: str = "none"            # "none" (the default: see SCHEDULERS), "asha", or "hyperband"
     objective: str = "auc"             # "auc", or "auc-latency": Pareto search of AUC against CPU latency
@@ -126,6 +127,7 @@ class RunRecord:
     metric: str = METRIC
     mlflow: str | None = None   # the MLflow tracking URI the search logs to, if any
     time_budget_min: float | None = None  # --time-budget, for status's "budget left"
+    ended: str = ""  # when and how the search last stopped ("" while it runs): status --watch stops there
     schema_version: int = 2
 
     FILE = "run.json"
@@ -366,14 +368,31 @@ def run_trial_in_process(config: dict, *, train_ds, val_ds, static: dict) -> Non
             torch.cuda.empty_cache()
 
 
-def _sampler(name: str, *, seed: int, trials: int):
+def grid_of(space: SearchSpace) -> dict[str, list]:
+    """The grid ``--searcher grid`` walks: each searched parameter's choices. A numeric
+    distribution has no grid: ConfigError naming it and what to write instead."""
+    ranged = sorted(k for k, p in space.params.items() if p.kind not in ("value", "choice"))
+    if ranged:
+        raise ConfigError([f"params.{k}: a grid needs a list of values, not a {space.params[k].kind} range "
+                           f"(write e.g. {k}: [a, b, c])" for k in ranged],
+                          source=f"search space {space.name} for --searcher grid")
+    return {k: list(p.values) for k, p in space.params.items() if p.kind == "choice"}
+
+
+def _sampler(name: str, *, seed: int, trials: int, grid: dict[str, list] | None = None):
     """The Optuna sampler named ``name``. The model-based ones start modelling after a quarter of
     the trials (3 to 10) instead of Optuna's fixed 10, which would leave a short search random.
     CMA-ES samples categorical parameters (model, augment, ...) independently at random, as Optuna's
-    CmaEsSampler does; it models only the numeric ones."""
+    CmaEsSampler does; it models only the numeric ones. ``grid`` (for "grid": :func:`grid_of`)
+    is walked in an order shuffled by ``seed``, each combination once."""
     import warnings
 
     import optuna
+
+    if name == "grid":
+        from raycxr.samplers import GridSampler
+
+        return GridSampler(grid, seed=seed)
 
     startup = min(10, max(3, trials // 4))
     with warnings.catch_warnings():  # GP and CMA-ES are "experimental" in Optuna's wording
@@ -707,6 +726,12 @@ def _search(cfg: SearchConfig) -> SearchResult:
         space = dataclasses.replace(space, weights_dir=folder, raw={**space.raw, "weights_dir": folder})
     manifest = read_manifest(cfg.data)
     trials = cfg.trials or space.trials
+    grid = None
+    if cfg.searcher == "grid":
+        grid = grid_of(space)
+        size = math.prod(len(v) for v in grid.values())
+        if trials > size or not cfg.trials:
+            trials = size  # each combination once; --trials N (fewer) runs the first N of the shuffled grid
     max_epochs = cfg.max_epochs or space.max_epochs
     ingest_size = manifest["params"]["image_size"]
     sizes = space.values_of("image_size") if "image_size" in space.params else [ingest_size]
@@ -758,7 +783,7 @@ def _search(cfg: SearchConfig) -> SearchResult:
     searcher = None  # a space with every value fixed has nothing to search: plain repeated trials
     metrics, modes = OBJECTIVES[cfg.objective]
     if any(p.kind != "value" for p in space.params.values()):
-        sampler = _sampler(cfg.searcher, seed=space.seed, trials=trials)
+        sampler = _sampler(cfg.searcher, seed=space.seed, trials=trials, grid=grid)
         # Several objectives: Optuna's TPE models the Pareto front (MOTPE). Tune's own metric stays
         # unset then, or Tune would overwrite the searcher's list with a single metric.
         searcher = _study_search(metric=metrics if len(metrics) > 1 else SEARCH_METRIC,
@@ -882,6 +907,32 @@ def _fit(tuner, store: RunStore, name: str, *, time_budget_s: float | None, tune
     """Run the tuner; return the leaderboard. A search stopped by its time budget returns what it
     has; one stopped by Ctrl-C (which Tune catches, saving its state) raises KeyboardInterrupt
     after writing the leaderboard, so the command exits 130 as an interrupted program does."""
+    _mark_ended(store, "")  # running (again, for a resumed search)
+    ended = {"how": "failed"}
+    try:
+        board = _fit_board(tuner, store, name, time_budget_s=time_budget_s, tune_output=tune_output, ended=ended)
+        ended.setdefault("how", "finished")
+        return board
+    except KeyboardInterrupt:
+        ended["how"] = "interrupted"
+        raise
+    finally:
+        _mark_ended(store, f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}: {ended['how']}")
+
+
+def _mark_ended(store: RunStore, ended: str) -> None:
+    """Record in run.json when and how the search stopped ("" while it runs)."""
+    try:
+        record = RunRecord.load(store)
+        if record.ended != ended:
+            dataclasses.replace(record, ended=ended).save(store)
+    except (ConfigError, OSError) as exc:  # never hide why the search stopped behind this
+        log.warning("could not record in run.json that the search %s: %s", ended or "runs", exc)
+
+
+def _fit_board(tuner, store: RunStore, name: str, *, time_budget_s: float | None, tune_output: bool,
+               ended: dict) -> list[dict]:
+    """:func:`_fit` but for run.json's ``ended``; sets ``ended["how"]`` when the time budget stopped the search."""
     hint = f"resume it with: raycxr search --resume {store.uri}"
     t0 = time.monotonic()
     # Ray's new console output prints its "Configuration for experiment" box and result paths
@@ -904,17 +955,22 @@ def _fit(tuner, store: RunStore, name: str, *, time_budget_s: float | None, tune
         log.warning("a trial failed: %s", str(err).splitlines()[0] if str(err) else type(err).__name__)
     board = leaderboard(store.uri)
     store.write_text("leaderboard.csv", leaderboard_csv(board))
-    if any(r["tune_status"] in ("PENDING", "RUNNING", "PAUSED") for r in board):
-        if time_budget_s is None or time.monotonic() - t0 < time_budget_s:  # not the budget: Ctrl+C (or SIGUSR1)
-            log.warning(f"Search {name} interrupted; its state is saved and finished trials are kept. To continue, "
-                        f"{hint}")
-            raise KeyboardInterrupt
-        log.warning(f"Search {name} used its time budget before every trial finished; {hint}")
-        return board  # --time-budget: not a failure, whatever it has so far
+    unfinished = any(r["tune_status"] in ("PENDING", "RUNNING", "PAUSED") for r in board)
+    budget_spent = time_budget_s is not None and time.monotonic() - t0 >= time_budget_s
+    if unfinished and not budget_spent:  # Ctrl+C (or SIGUSR1)
+        log.warning(f"Search {name} interrupted; its state is saved and finished trials are kept. To continue, {hint}")
+        raise KeyboardInterrupt
+    if budget_spent:
+        ended["how"] = "time budget"
     if not any(row["status"] == "ok" for row in board):
+        if budget_spent:  # Tune marks the trials it stopped at the budget TERMINATED, reported or not
+            raise NoEligibleTrialError(f"the time budget ({time_budget_s / 60:g} min) of {name} ended before any "
+                                       f"trial reported {METRIC}: give it more minutes, or {hint}")
         raise NoEligibleTrialError(f"no trial of {name} reported {METRIC}: see the errors above and "
                                    f"the trial logs in {store.child('tune')}")
-    return board
+    if budget_spent and unfinished:
+        log.warning(f"Search {name} used its time budget before every trial finished; {hint}")
+    return board  # --time-budget: not a failure, whatever it has so far
 
 
 def _pos_weight(labels) -> list[float]:
@@ -1084,10 +1140,13 @@ def run_summary(run: str | Path) -> dict:
     except ValueError:  # an older run.json without the time
         elapsed = None
     done, running, errored = count["TERMINATED"], count["RUNNING"], count["ERROR"]
+    if record.ended:  # Tune's state keeps the trials a stopped search left as RUNNING or PENDING
+        running = 0
     return {"run": record.name, "trials": record.trials, "done": done, "running": running, "errored": errored,
             "waiting": max(0, record.trials - done - running - errored), "best": ok[0] if ok else None,
             "elapsed_s": elapsed, "budget_left_s": None if elapsed is None or not record.time_budget_min else
-            max(0.0, record.time_budget_min * 60 - elapsed), "finished": done + errored >= record.trials,
+            max(0.0, record.time_budget_min * 60 - elapsed),
+            "finished": bool(record.ended) or done + errored >= record.trials, "ended": record.ended,
             "leaderboard": board}
 
 
@@ -1098,7 +1157,11 @@ def format_summary(s: dict) -> str:
     b = s["best"]
     parts.append(f"best {METRIC} {b[METRIC]:.4f} (trial {b['trial_id']}, {b.get('model')} @ {b.get('image_size')} px, "
                  f"epoch {b['best_epoch']})" if b else f"no {METRIC} yet")
-    if s["elapsed_s"] is not None:
+    if s.get("ended") and s["done"] + s["errored"] < s["trials"]:
+        how = s["ended"].partition(": ")[2]
+        parts.append(f"the search stopped ({how}, {s['ended'].partition(': ')[0]}): raycxr search --resume "
+                     "continues it")
+    elif s["elapsed_s"] is not None:
         parts.append(f"{s['elapsed_s'] / 60:.1f} min since it started" +
                      (f", {s['budget_left_s'] / 60:.1f} min of its time budget left"
                       if s["budget_left_s"] is not None else ""))

@@ -174,3 +174,17 @@ def test_report_renders_in_a_browser_with_its_figures(promoted_run, tmp_path):
     match, control = _correlation(drawn, roc), _correlation(drawn, pr)
     assert match > 0.95, f"the ROC <img> box does not show roc.png (correlation {match:.3f})"
     assert match > control + 0.2, f"roc.png {match:.3f} vs pr.png {control:.3f}: the check cannot tell them apart"
+
+
+def test_search_history_skips_trials_the_time_budget_stopped_before_their_first_report(promoted_run, tmp_path):
+    """A --time-budget search leaves trials without a result.json line (their frame is None): the
+    report's history plot, drawn after the holdout has been read, drew a TypeError instead."""
+    import matplotlib.image
+
+    from raycxr.report import plot_search_history
+    from raycxr.search import run_history
+
+    frames = dict(run_history(promoted_run["run"]).frames)
+    assert len(frames) == 2 and all(df is not None for df in frames.values())
+    path = plot_search_history({**frames, "no_result": None}, tmp_path / "search_history.png")
+    assert matplotlib.image.imread(path).shape[0] > 100

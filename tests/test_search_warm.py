@@ -4,6 +4,7 @@ search run twice gives the same figures, epoch by epoch (a real search on the se
 from __future__ import annotations
 
 import json
+import pickle
 
 import pytest
 
@@ -42,3 +43,58 @@ def test_trials_share_one_warm_process_and_a_search_repeats_exactly(ray_local, d
     assert [rows[0]["config"] for rows in first] == [rows[0]["config"] for rows in again]
     assert ([[{k: r[k] for k in figures} for r in rows] for rows in first] ==
             [[{k: r[k] for k in figures} for r in rows] for rows in again])
+
+
+def test_a_grid_search_runs_every_combination_once(ray_local, dataset, tmp_path):
+    import optuna
+
+    space = tmp_path / "grid.yaml"
+    # trials: 9 is the space's own count: a grid runs its 2 x 2 combinations instead
+    space.write_text("trials: 9\nmax_epochs: 1\nseed: 1\n"
+                     "params: {model: [test_resnet, test_efficientnet], image_size: 64, batch_size: 16, "
+                     "lr: [1.0e-3, 1.0e-2]}\n")
+    board = run_search(SearchConfig(data=dataset, space=str(space), name="grid", runs_dir=tmp_path / "runs",
+                                    searcher="grid"))
+    assert sorted((r["model"], r["lr"]) for r in board) == [
+        ("test_efficientnet", 1e-3), ("test_efficientnet", 1e-2), ("test_resnet", 1e-3), ("test_resnet", 1e-2)]
+    assert all(r["status"] == "ok" for r in board), board
+    study = optuna.load_study(study_name="grid", storage=f"sqlite:///{tmp_path / 'runs' / 'grid' / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
+    # Tune saved the searcher (with its grid) for --resume: pickle can read it back
+    saved = list((tmp_path / "runs" / "grid" / "tune").glob("searcher-state-*.pkl"))
+    assert saved and pickle.loads(saved[0].read_bytes())["_sampler"]._all_grids
+
+
+def test_a_grid_needs_lists_not_ranges(dataset, tmp_path):
+    from raycxr.errors import ConfigError
+
+    space = tmp_path / "grid.yaml"
+    space.write_text("params: {model: [test_resnet], lr: {loguniform: [1.0e-3, 1.0e-2]}, batch_size: [8, 16]}\n")
+    with pytest.raises(ConfigError, match=r"params.lr: a grid needs a list of values, not a loguniform range"):
+        run_search(SearchConfig(data=dataset, space=str(space), name="g", runs_dir=tmp_path / "runs",
+                                searcher="grid"))
+    assert not (tmp_path / "runs" / "g").exists()
+
+
+def test_a_search_stopped_by_its_time_budget_says_so_and_status_watch_returns(ray_local, dataset, tmp_path, capsys):
+    from raycxr.cli import main
+    from raycxr.errors import NoEligibleTrialError
+    from raycxr.search import RunRecord, run_summary
+    from raycxr.storage import RunStore
+
+    space = tmp_path / "space.yaml"
+    space.write_text("trials: 8\nmax_epochs: 6\nseed: 2\n"
+                     "params: {model: test_resnet, image_size: 64, batch_size: 16, lr: {loguniform: [1.0e-3, 1.0e-2]}}\n")
+    # 1.2 seconds: Tune stops the trials it started before any can report (a trial process alone takes
+    # longer to start); Tune marks them TERMINATED, which used to read as "no trial reported: see the errors"
+    with pytest.raises(NoEligibleTrialError, match=r"the time budget \(0.02 min\) of short ended before any trial"):
+        run_search(SearchConfig(data=dataset, space=str(space), name="short", runs_dir=tmp_path / "runs",
+                                time_budget_min=0.02))
+    run = tmp_path / "runs" / "short"
+    assert RunRecord.load(RunStore(run)).ended.endswith(": time budget")
+    s = run_summary(run)
+    assert s["finished"] and s["running"] == 0 and s["done"] < 8, s
+    # --watch on a search that stopped short of its trials prints once and returns (it used to wait forever)
+    assert main(["status", str(run), "--watch", "0.1"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "the search stopped (time budget" in first and "raycxr search --resume continues it" in first, first

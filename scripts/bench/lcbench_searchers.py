@@ -88,15 +88,14 @@ class Asha:
     """Ray Tune's ASHAScheduler rule (one or more brackets), for minimisation: at each milestone a
     trial stops if its value is worse than the 1/rf quantile of the values recorded there before."""
 
-    def __init__(self, brackets: int = 1):
-        self.brackets = []
+    def __init__(self, brackets: int = 1, max_epochs: int = MAX_EPOCHS, grace: int = GRACE, rf: int = RF):
+        self.brackets, self.rf = [], rf
         for s in range(brackets):
-            grace = GRACE * RF ** s
             rungs = []
-            m = grace
-            while m < MAX_EPOCHS:
+            m = grace * rf ** s
+            while m < max_epochs:
                 rungs.append(m)
-                m *= RF
+                m *= rf
             self.brackets.append({r: [] for r in rungs})
         self.of_trial = {}
 
@@ -105,7 +104,7 @@ class Asha:
         if epoch not in rungs:
             return False
         recorded = rungs[epoch]
-        cutoff = float(np.nanpercentile(recorded, 100 / RF)) if recorded else None
+        cutoff = float(np.nanpercentile(recorded, 100 / self.rf)) if recorded else None
         recorded.append(value)
         return cutoff is not None and value > cutoff
 
@@ -113,13 +112,16 @@ class Asha:
 ARM_SETTINGS = {  # sampler, scheduler brackets (0: none), protocol ("raycxr" or "ray")
     "random": ("random", 0, "raycxr"), "random+asha": ("random", 1, "raycxr"), "tpe": ("tpe", 0, "raycxr"),
     "tpe+asha(ray)": ("tpe", 1, "ray"), "tpe+asha": ("tpe", 1, "raycxr"), "hyperband": ("random", 3, "raycxr"),
-    "gp+asha": ("gp", 1, "raycxr"), "cmaes+asha": ("cmaes", 1, "raycxr"),
+    "gp+asha": ("gp", 1, "raycxr"), "cmaes+asha": ("cmaes", 1, "raycxr"), "gp": ("gp", 0, "raycxr"),
+    "cmaes": ("cmaes", 0, "raycxr"),
 }
 
 
-def simulate(task: str, arm: str, seed: int, workers: int, budget_s: float, grid: np.ndarray,
-             surrogate: Surrogate) -> dict:
-    """One search on the simulated clock: the incumbent at each grid time, and counts."""
+def replay(arm: str, seed: int, workers: int, budget_s: float, grid: np.ndarray, curves, dist: dict, *,
+           max_epochs: int, budget_runs: int) -> dict:
+    """One search on the simulated clock, minimising: ``curves(params)`` gives a configuration's
+    (epoch durations, values), each of length ``max_epochs``; ``dist`` is the Optuna space. Returns the
+    incumbent (the best value any trial reported at any epoch) at each ``grid`` time, and counts."""
     import optuna
     from optuna.trial import TrialState
 
@@ -129,9 +131,8 @@ def simulate(task: str, arm: str, seed: int, workers: int, budget_s: float, grid
     name, brackets, protocol = ARM_SETTINGS[arm]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        study = optuna.create_study(sampler=_sampler(name, seed=seed, trials=BUDGET_RUNS), direction="minimize")
-    scheduler = Asha(brackets) if brackets else None
-    dist = space()
+        study = optuna.create_study(sampler=_sampler(name, seed=seed, trials=budget_runs), direction="minimize")
+    scheduler = Asha(brackets, max_epochs) if brackets else None
     events = []  # (time, worker, trial index, epoch index)
     trials, incumbent_at = [], []  # incumbent_at: (time, value) whenever the incumbent improves
     best = math.inf
@@ -139,9 +140,9 @@ def simulate(task: str, arm: str, seed: int, workers: int, budget_s: float, grid
 
     def start(worker: int, now: float):
         t = study.ask(dist)
-        durations, ce = surrogate.curves(task, [t.params])
-        trials.append({"trial": t, "durations": durations[0], "ce": ce[0], "best": math.inf})
-        events.append((now + durations[0][0], worker, len(trials) - 1, 0))
+        durations, values = curves(t.params)
+        trials.append({"trial": t, "durations": durations, "values": values, "best": math.inf})
+        events.append((now + durations[0], worker, len(trials) - 1, 0))
 
     for w in range(workers):
         start(w, 0.0)
@@ -151,7 +152,7 @@ def simulate(task: str, arm: str, seed: int, workers: int, budget_s: float, grid
         if now > budget_s:
             break
         tr = trials[i]
-        value = float(tr["ce"][e])
+        value = float(tr["values"][e])
         epochs_run += 1
         tr["best"] = min(tr["best"], value)
         if value < best:
@@ -160,8 +161,8 @@ def simulate(task: str, arm: str, seed: int, workers: int, budget_s: float, grid
         reported = tr["best"] if protocol == "raycxr" else value  # running best, or the last epoch as Ray had it
         tr["trial"].report(reported, e + 1)
         stopped = scheduler is not None and scheduler.stop(i, e + 1, reported)
-        if e + 1 == MAX_EPOCHS or stopped:
-            if e + 1 == MAX_EPOCHS or protocol == "ray":
+        if e + 1 == max_epochs or stopped:
+            if e + 1 == max_epochs or protocol == "ray":
                 study.tell(tr["trial"], reported)  # Ray told a stopped trial COMPLETE with its last value
             else:
                 study.tell(tr["trial"], state=TrialState.PRUNED)
@@ -171,8 +172,19 @@ def simulate(task: str, arm: str, seed: int, workers: int, budget_s: float, grid
     times = np.array([t for t, _ in incumbent_at])
     values = np.array([v for _, v in incumbent_at])
     curve = [float(values[times <= g][-1]) if (times <= g).any() else math.inf for g in grid]
-    return {"task": task, "arm": arm, "seed": seed, "workers": workers, "curve": curve, "final": curve[-1],
+    return {"arm": arm, "seed": seed, "workers": workers, "curve": curve, "final": curve[-1],
             "trials": len(trials), "epochs": epochs_run}
+
+
+def simulate(task: str, arm: str, seed: int, workers: int, budget_s: float, grid: np.ndarray,
+             surrogate: Surrogate) -> dict:
+    """One search of an LCBench task on the simulated clock (:func:`replay` on the surrogate)."""
+    def curves(params):
+        durations, ce = surrogate.curves(task, [params])
+        return durations[0], ce[0]
+
+    return {"task": task, **replay(arm, seed, workers, budget_s, grid, curves, space(), max_epochs=MAX_EPOCHS,
+                                   budget_runs=BUDGET_RUNS)}
 
 
 def _job(args):
@@ -244,7 +256,8 @@ def analyse(results: list[dict], tasks, arms, workers_list, refs: dict, grid_fra
     return summary
 
 
-def plot(summary: dict, tasks, arms, workers_list, grid_fraction, path: Path):
+def plot(summary: dict, tasks, arms, workers_list, grid_fraction, path: Path, *, ylabel="regret (val. cross-entropy)",
+         title="task {task}, {w} workers"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -265,10 +278,10 @@ def plot(summary: dict, tasks, arms, workers_list, grid_fraction, path: Path):
                 ax.fill_between(grid_fraction, np.maximum(s["q25_curve"], 1e-4), np.maximum(s["q75_curve"], 1e-4),
                                 color=colours[arm], alpha=0.08)
             ax.set_yscale("log")
-            ax.set_title(f"task {task}, {w} workers", fontsize=9)
+            ax.set_title(title.format(task=task, w=w), fontsize=9)
             ax.set_xlabel("fraction of the budget (simulated time)")
             if col == 0:
-                ax.set_ylabel("regret (val. cross-entropy)")
+                ax.set_ylabel(ylabel)
             ax.axvline(1 / 3, color="grey", lw=0.6, ls=":")
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
@@ -332,7 +345,7 @@ def tables(d: dict) -> str:
                 within += r is not None and r <= 1 / 3
                 ranks.append(s["mean_rank"])
                 cells.append(f"{'never' if r is None else f'{r:.2f}'} / {s['mean_rank']:.1f} / "
-                             f"{s['median_final_regret']:.3f} / {s['trials_per_search']:.0f}")
+                             f"{s['median_final_regret']:.3g} / {s['trials_per_search']:.0f}")
             lines.append(f"| {arm} | " + " | ".join(cells) + f" | {within}/{len(d['tasks'])} | "
                          f"{sum(ranks) / len(ranks):.2f} |")
         lines += ["", "Paired Wilcoxon over the seeds, final regret against random (two-sided p per task): " + "; ".join(
