@@ -60,8 +60,8 @@ def test_search_baseline_flags_parse_and_an_unknown_searcher_is_refused(tmp_path
     from raycxr.errors import ConfigError
     from raycxr.search import SearchConfig, run_search
 
-    with pytest.raises(ConfigError, match="unknown searcher 'grid'"):  # refused before Ray starts
-        run_search(SearchConfig(data=tmp_path, space="demo", searcher="grid"))
+    with pytest.raises(ConfigError, match="unknown searcher 'bayes'"):  # refused before Ray starts
+        run_search(SearchConfig(data=tmp_path, space="demo", searcher="bayes"))
 
 
 def test_version_and_every_option_has_help_text(capsys):

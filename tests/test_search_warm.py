@@ -48,6 +48,9 @@ def test_trials_share_one_warm_process_and_a_search_repeats_exactly(ray_local, d
 def test_a_grid_search_runs_every_combination_once(ray_local, dataset, tmp_path):
     import optuna
 
+    from raycxr.search import RunRecord
+    from raycxr.storage import RunStore
+
     space = tmp_path / "grid.yaml"
     # trials: 9 is the space's own count: a grid runs its 2 x 2 combinations instead
     space.write_text("trials: 9\nmax_epochs: 1\nseed: 1\n"
@@ -58,6 +61,8 @@ def test_a_grid_search_runs_every_combination_once(ray_local, dataset, tmp_path)
     assert sorted((r["model"], r["lr"]) for r in board) == [
         ("test_efficientnet", 1e-3), ("test_efficientnet", 1e-2), ("test_resnet", 1e-3), ("test_resnet", 1e-2)]
     assert all(r["status"] == "ok" for r in board), board
+    # run.json says the search finished (status --watch stops on it)
+    assert RunRecord.load(RunStore(tmp_path / "runs" / "grid")).ended.endswith(": finished")
     study = optuna.load_study(study_name="grid", storage=f"sqlite:///{tmp_path / 'runs' / 'grid' / 'optuna.db'}")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
     # Tune saved the searcher (with its grid) for --resume: pickle can read it back

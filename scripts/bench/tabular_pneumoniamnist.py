@@ -94,9 +94,14 @@ def describe(table: dict) -> str:
     later = np.array([x for r in rows for x in r["epoch_s"][1:]])
     compute = np.array([x for r in rows for x in r["train_compute_s"]])
     top = sorted(rows, key=lambda r: -max(r["val_auc"]))[:3]
+    near = {d: int(np.sum(best_auc >= best_auc.max() - d)) for d in (0.001, 0.01)}
+    near_loss = {d: int(np.sum(best_loss <= best_loss.min() + d)) for d in (0.005, 0.02)}
     lines = [f"{len(rows)} configurations; best validation AUC per configuration: min {best_auc.min():.4f}, "
              f"median {np.median(best_auc):.4f}, max {best_auc.max():.4f}; best validation log-loss: min "
              f"{best_loss.min():.4f}, median {np.median(best_loss):.4f}, max {best_loss.max():.4f}",
+             f"configurations within 0.001 / 0.01 of the best AUC: {near[0.001]} / {near[0.01]}; within 0.005 / 0.02 "
+             f"of the best log-loss: {near_loss[0.005]} / {near_loss[0.02]}; the two best log-losses "
+             f"{np.sort(best_loss)[0]:.4f}, {np.sort(best_loss)[1]:.4f}",
              f"epoch wall: first {np.median(first):.1f} s (median), later {np.median(later):.1f} s; training compute "
              f"{np.median(compute):.1f} s per epoch; a full run {np.mean(full):.0f} s on average "
              f"({np.min(full):.0f}-{np.max(full):.0f})",
