@@ -6,7 +6,6 @@ RUN is a `raycxr search` run folder (runs/NAME). The search wall is from run.jso
 leaderboard.csv the search writes when it stops; slots are the search's concurrent trials.
 """
 
-import json
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -14,13 +13,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from raycxr.search import run_history  # noqa: E402
+from raycxr.search import RunRecord, run_history  # noqa: E402
+from raycxr.storage import RunStore  # noqa: E402
 
 run = Path(sys.argv[1])
-record = json.loads((run / "run.json").read_text())
-start = datetime.strptime(record["started"], "%Y-%m-%dT%H:%M:%S%z").timestamp()
+record = RunRecord.load(RunStore(run))
+start = datetime.strptime(record.started, "%Y-%m-%dT%H:%M:%S%z").timestamp()
 wall = (run / "leaderboard.csv").stat().st_mtime - start
-slots = record["resources"]["concurrent"]
+slots = record.resources["concurrent"]
 history = run_history(run)
 frames = [history.frames[r["trial_id"]] for r in history.board]
 reported = [df for df in frames if df is not None and len(df)]
@@ -28,7 +28,7 @@ epochs = sum(len(df) for df in reported)
 compute = sum(float(df["train_compute_s"].sum()) for df in reported)
 epoch_wall = sum(float(df["time_this_iter_s"].sum()) for df in reported)
 validation = sum(float(df["val_time_s"].sum()) for df in reported if "val_time_s" in df)
-print(f"search {record['name']}: wall {wall:.0f} s, {slots} trial slots; trials started {len(frames)}, "
+print(f"search {record.name}: wall {wall:.0f} s, {slots} trial slots; trials started {len(frames)}, "
       f"reported {len(reported)}; epochs {epochs}")
 print(f"training compute {compute:.0f} s = {100 * compute / (slots * wall):.0f}% of the slots' time "
       f"({slots} x {wall:.0f} s); validation {validation:.0f} s ({100 * validation / (slots * wall):.0f}%); "

@@ -26,6 +26,7 @@ Prints the tables BENCHMARKS.md quotes; replay writes tabular_searchers.json and
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -147,9 +148,15 @@ class Table:
         return float(np.mean([sum(r["epoch_s"]) for r in self.rows]))
 
 
+@functools.lru_cache(maxsize=None)
+def _table(path: str) -> Table:
+    """The table, read once per worker process (not once per search)."""
+    return Table(json.loads(Path(path).read_text()))
+
+
 def _job(args):
     table_path, objective, arm, seed, workers, budget_s, grid, budget_runs = args
-    table = Table(json.loads(Path(table_path).read_text()))
+    table = _table(table_path)
     t0 = time.perf_counter()
     out = replay(arm, seed, workers, budget_s, np.asarray(grid), lambda p: table.curves(p, objective), table.space(),
                  max_epochs=table.max_epochs, budget_runs=budget_runs)
