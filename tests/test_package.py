@@ -22,7 +22,8 @@ def installed(tmp_path_factory) -> tuple[Path, Path]:
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    shutil.copytree(ROOT / "raycxr", src / "raycxr", ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in ("raycxr", "search_spaces"):  # search_spaces/ is mapped into the package at build time
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(base / "dist"), str(src)], check=True, capture_output=True, timeout=300)
     wheel = next((base / "dist").glob("raycxr-*.whl"))
@@ -45,9 +46,14 @@ def test_the_wheel_holds_the_package_data_and_nothing_else(installed):
     names = zipfile.ZipFile(wheel).namelist()
     from raycxr.config import list_spaces
 
-    assert {f"raycxr/search_spaces/{s}.yaml" for s in list_spaces()} <= set(names)
+    spaces = sorted(p.name for p in (ROOT / "search_spaces").glob("*.yaml"))  # the top-level folder
+    assert spaces and [f"{s}.yaml" for s in list_spaces()] == spaces
+    assert {f"raycxr/search_spaces/{s}" for s in spaces} <= set(names)
     assert "raycxr/templates/report.html.j2" in names
-    assert not [n for n in names if n.startswith(("tests/", "scripts/", "sample/"))]
+    # pyproject lists the packages (a mapped folder rules out packages.find): none may be left out
+    modules = {str(p.relative_to(ROOT)) for p in (ROOT / "raycxr").rglob("*.py")}
+    assert modules <= set(names), sorted(modules - set(names))
+    assert not [n for n in names if n.startswith(("tests/", "scripts/", "sample/", "search_spaces/"))]
 
 
 def test_the_installed_command_finds_its_bundled_spaces(installed, tmp_path):
@@ -62,8 +68,10 @@ def test_the_installed_command_finds_its_bundled_spaces(installed, tmp_path):
     run = _run(bin_dir, "raycxr", "search", "--space", "demo", "--data", str(tmp_path / "none"), cwd=tmp_path)
     assert run.returncode == 2 and "has no manifest.json" in run.stderr, run.stderr
     code = ("import raycxr, raycxr.config as c; from importlib.resources import files; "
-            "print(raycxr.__file__); print(c.load_space('demo').trials); "
-            "print((files('raycxr') / 'templates' / 'report.html.j2').is_file())")
+            "print(raycxr.__file__); print(files('raycxr.search_spaces') / 'demo.yaml'); "
+            "print(c.load_space('demo').trials); print((files('raycxr') / 'templates' / 'report.html.j2').is_file())")
     py = _run(bin_dir, "python", "-c", code, cwd=tmp_path)
-    where, trials, template = py.stdout.split()
-    assert py.returncode == 0 and Path(where).is_relative_to(bin_dir.parent) and int(trials) > 0 and template == "True"
+    assert py.returncode == 0, py.stderr
+    where, space, trials, template = py.stdout.split()
+    assert Path(where).is_relative_to(bin_dir.parent) and Path(space).is_relative_to(bin_dir.parent)  # not the checkout
+    assert int(trials) > 0 and template == "True"

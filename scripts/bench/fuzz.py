@@ -120,7 +120,7 @@ def seeds(target: str, folder: Path, work: Path) -> None:
             if p.stat().st_size < 1 << 20:
                 (folder / p.name).write_bytes(p.read_bytes())
     elif target == "space":
-        for p in sorted((ROOT / "raycxr" / "search_spaces").glob("*.yaml")):
+        for p in sorted((ROOT / "search_spaces").glob("*.yaml")):
             (folder / p.name).write_bytes(p.read_bytes())
     else:
         (folder / "config.json").write_bytes((_seed_model(work / "model") / "config.json").read_bytes())

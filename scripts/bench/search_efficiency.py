@@ -1,6 +1,6 @@
 """Benchmark: Optuna TPE + ASHA against random search without early stopping.
 
-Same space (raycxr/search_spaces/mnist.yaml), same data (PneumoniaMNIST train/val from ../shared,
+Same space (search_spaces/mnist.yaml), same data (PneumoniaMNIST train/val from ../shared,
 ingested once at 28 px), same wall budget per search, several seeds; every search is a real
 `raycxr search` on a fresh local Ray. From each trial's reports: the best validation AUC seen
 so far against wall time since the command started. Reports, per seed, random search's final
@@ -35,7 +35,7 @@ shutil.rmtree(work, ignore_errors=True)
 work.mkdir(parents=True)
 subprocess.run([RAYCXR, "ingest", "--source", f"pneumoniamnist={src}", "--out", str(work / "data"),
                 "--image-size", "28"], check=True, env=env, stdout=subprocess.DEVNULL)
-base = yaml.safe_load((ROOT / "raycxr" / "search_spaces" / "mnist.yaml").read_text())
+base = yaml.safe_load((ROOT / "search_spaces" / "mnist.yaml").read_text())
 METHODS = {"tpe+asha": [], "random": ["--searcher", "random", "--no-early-stopping"]}
 
 
