@@ -1,4 +1,4 @@
-"""Search spaces as validated, frozen data: YAML (bundled in ``raycxr/search_spaces/``, or any file) -> :class:`SearchSpace`.
+"""Search spaces as validated, frozen data: YAML (bundled in ``search_spaces/``, or any file) -> :class:`SearchSpace`.
 
 A space file looks like::
 
@@ -50,6 +50,12 @@ def _augmentations():
     return AUGMENTATIONS
 
 
+def _equalizations():
+    from raycxr.transforms import EQUALIZATIONS
+
+    return EQUALIZATIONS
+
+
 # param -> (python type, check(value) -> problem or None, default or REQUIRED)
 _REQUIRED = object()
 PARAMS: dict[str, tuple[type, Any, Any]] = {
@@ -58,6 +64,10 @@ PARAMS: dict[str, tuple[type, Any, Any]] = {
     "image_size": (int, lambda v: None if 16 <= v <= 1024 else "must be in 16..1024 px", None),
     "augment": (str, lambda v: None if v in _augmentations() else f"allowed: {', '.join(_augmentations())}",
                 "light"),
+    # per-image preprocessing: none, or hist (histogram equalisation). Recorded in the model's spec so
+    # validation, promote and predict apply it too. A string, not a bool: PARAMS take int, float, str
+    "equalize": (str, lambda v: None if v in _equalizations() else f"allowed: {', '.join(_equalizations())}",
+                 "none"),
     "optimizer": (str, lambda v: None if v in ("adamw", "sgd") else "allowed: adamw, sgd", "adamw"),
     "weight_decay": (float, lambda v: None if 0 <= v < 1 else "must be in [0, 1)", 1e-4),
     "batch_size": (int, lambda v: None if 1 <= v <= 4096 else "must be in 1..4096", 32),
@@ -252,11 +262,12 @@ def parse_space(raw: dict, *, name: str) -> SearchSpace:
 
 
 def _bundled():
-    """The search spaces shipped inside the package (package data, read with importlib.resources,
-    so they are found from a wheel as from a checkout)."""
+    """The bundled search spaces: the checkout's top-level ``search_spaces/``, which the build maps
+    into the package as ``raycxr.search_spaces`` (pyproject.toml). Read with importlib.resources, so
+    a wheel and an editable install find the same files."""
     from importlib.resources import files
 
-    return files("raycxr") / "search_spaces"
+    return files("raycxr.search_spaces")
 
 
 def list_spaces() -> list[str]:

@@ -39,6 +39,8 @@ _MODELS: dict[str, tuple[str, int]] = {
     "tf_efficientnet_lite1": ("EfficientNet-Lite1 (4.2M params)", 32),
     "tf_efficientnet_lite2": ("EfficientNet-Lite2 (4.9M params)", 32),
     "resnet18": ("ResNet-18 (11M params)", 16),
+    "resnet26": ("ResNet-26 (16M params): between ResNet-18 and -34 in depth", 16),
+    "resnet34": ("ResNet-34 (22M params)", 16),
     "resnet50": ("ResNet-50 (23M params)", 16),
     "densenet121": ("DenseNet-121 (CheXNet's architecture, 7M params)", 32),
     "efficientnet_b0": ("EfficientNet-B0 (4M params)", 16),
@@ -138,6 +140,7 @@ def input_stats(model: "torch.nn.Module") -> tuple[float, float]:
 SCHEMA_VERSION = 2
 _SIZE_RANGE = (16, 1024)  # px: what ingest stores and what a search space may ask for
 _RESIZE_POLICIES = ("pad", "squash")  # raycxr.imaging.RESIZE_POLICIES (not imported: no PIL for a spec)
+_EQUALIZATIONS = ("none", "hist")  # raycxr.transforms.EQUALIZATIONS (not imported: no torch for a spec)
 
 
 class _Fields:
@@ -202,6 +205,10 @@ def _drop(v):
     return None if 0 <= v < 1 else "must be in [0, 1)"
 
 
+def _equalization(v):
+    return None if v in _EQUALIZATIONS else f"is not one of {', '.join(_EQUALIZATIONS)}"
+
+
 @dataclass(frozen=True)
 class MemberSpec:
     """One network of a model: its architecture and the input it was trained on."""
@@ -213,22 +220,26 @@ class MemberSpec:
     drop_rate: float = 0.0
     pretrained: str = "none"
     trial_id: str = ""
+    equalize: str = "none"            # as ModelSpec.equalize, for this member's own input
 
     @classmethod
     def read(cls, f: "_Fields") -> "MemberSpec":
         return cls(architecture=f.get("architecture", str, check=_architecture),
                    image_size=f.get("image_size", int, check=_size), mean=f.get("mean", float),
                    std=f.get("std", float, check=_std), drop_rate=f.get("drop_rate", float, default=0.0, check=_drop),
-                   pretrained=f.get("pretrained", str, default="none"), trial_id=f.get("trial_id", str, default=""))
+                   pretrained=f.get("pretrained", str, default="none"), trial_id=f.get("trial_id", str, default=""),
+                   equalize=f.get("equalize", str, default="none", check=_equalization))
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     """What rebuilds a network and feeds it: one trial's network, or a mean-logit ensemble of several.
 
-    The network sees the stored image (``stored_size`` px, ingest's ``resize`` policy) resized to
-    ``image_size`` and normalised by ``mean``/``std`` (:func:`raycxr.transforms.to_model_input`);
-    an ensemble takes the stored image as pixels/255 and each member does its own resize.
+    The network sees the stored image (``stored_size`` px, ingest's ``resize`` policy), histogram
+    equalised when ``equalize`` is "hist", resized to ``image_size`` and normalised by
+    ``mean``/``std`` (:func:`raycxr.transforms.to_model_input`); an ensemble takes the stored image
+    as pixels/255 and each member does its own equalisation and resize. A spec written before
+    ``equalize`` existed reads as "none", which is what those models were trained on.
     It gives one logit per finding, in ``findings`` order; ``target`` is the one that decides.
     """
 
@@ -244,6 +255,7 @@ class ModelSpec:
     pretrained: str = "none"
     trial_id: str = ""
     members: tuple[MemberSpec, ...] = ()
+    equalize: str = "none"            # per-image preprocessing, raycxr.transforms.EQUALIZATIONS
 
     @property
     def target_index(self) -> int:
@@ -270,6 +282,8 @@ class ModelSpec:
             f._bad("members", "an ensemble needs at least 2 members")
         if not ensemble and members:
             f._bad("members", "only an ensemble has members")
+        if ensemble and f.data.get("equalize", "none") != "none":
+            f._bad("equalize", "an ensemble's members equalise their own input: set it on the members")
         return cls(
             architecture=f.get("architecture", str, check=None if ensemble else _architecture),
             findings=findings,
@@ -280,7 +294,7 @@ class ModelSpec:
             mean=f.get("mean", float), std=f.get("std", float, check=_std),
             drop_rate=f.get("drop_rate", float, default=0.0, check=_drop),
             pretrained=f.get("pretrained", str, default="none"), trial_id=f.get("trial_id", str, default=""),
-            members=members)
+            members=members, equalize=f.get("equalize", str, default="none", check=_equalization))
 
     def network(self) -> "torch.nn.Module":
         """The untrained network this spec describes (random weights; load a state dict into it)."""
@@ -291,7 +305,7 @@ class ModelSpec:
             return create_model(self.architecture, drop_rate=self.drop_rate, num_classes=k)
         return Ensemble([create_model(m.architecture, drop_rate=m.drop_rate, num_classes=k) for m in self.members],
                         image_sizes=[m.image_size for m in self.members], means=[m.mean for m in self.members],
-                        stds=[m.std for m in self.members])
+                        stds=[m.std for m in self.members], equalizes=[m.equalize for m in self.members])
 
     def load_network(self, directory: str | Path, *, tta: bool = False) -> "torch.nn.Module":
         """The network with ``directory/model.safetensors`` loaded (no pickle), in eval mode;
@@ -354,6 +368,7 @@ class PromotedModel:
 
     def save(self, directory: str | Path) -> Path:
         spec = self.spec
+        equalised = "per-image histogram equalisation (PIL's ImageOps.equalize); " if spec.equalize == "hist" else ""
         doc = {"schema_version": SCHEMA_VERSION, "spec": spec.to_dict(), "threshold": self.threshold,
                "threshold_rule": self.threshold_rule, "calibration": self.calibration,
                "class_names": list(self.class_names), "tta": self.tta, "operating_points": self.operating_points,
@@ -361,7 +376,8 @@ class PromotedModel:
                # for readers of the file, not read back
                "about": {
                    "preprocessing": f"greyscale, air dark (DICOM: modality LUT, VOI LUT, MONOCHROME1 inverted); "
-                                    f"{spec.resize} to {spec.stored_size} px as ingest stored it; then float32 (N,1,"
+                                    f"{spec.resize} to {spec.stored_size} px as ingest stored it; {equalised}"
+                                    f"then float32 (N,1,"
                                     f"{spec.image_size},{spec.image_size}) = (bilinear antialiased resize of "
                                     f"pixels/255 - mean) / std",
                    "output": "one logit per finding (order: spec.findings); P(target) = sigmoid(calibration.scale "

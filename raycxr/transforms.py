@@ -2,8 +2,12 @@
 
 Augmentation runs on whole batches on the training device (GPU when present): per-sample
 random affine (rotation, scale, shift) through one ``affine_grid``/``grid_sample`` call, and
-per-sample brightness/contrast. torchvision v2 transforms draw one set of parameters per call,
-so applied to a batch they would move every image the same way; hence this small module.
+per-sample brightness/contrast; the "robust" strength (aimed at shortcut learning, issue 24) makes
+that affine a random resized crop and adds per-sample gamma and random erasing. torchvision v2
+transforms draw one set of parameters per call, so applied to a batch they would move every image
+the same way; hence this small module. Histogram equalisation (:func:`equalize_histogram`) is
+preprocessing, not augmentation: a model trained on equalised films sees them equalised wherever
+it is scored (:func:`to_model_input`'s ``equalize``, from the model's ``ModelSpec``).
 Also here: batch mixup; :class:`TestTimeAugment`, the averaged-views wrapper promote may choose;
 :class:`Ensemble`, the mean logit of several trained models as one module; and the acquisition
 shifts (:func:`acquisition_shift`) that promote's model selection scores validation under.
@@ -16,13 +20,29 @@ import math
 import torch
 import torch.nn.functional as F
 
-AUGMENTATIONS = ("none", "light", "heavy")
+AUGMENTATIONS = ("none", "light", "heavy", "robust")
+# Per-image preprocessing before the resize: "hist" is histogram equalisation (PIL's algorithm).
+EQUALIZATIONS = ("none", "hist")
 
 # strength -> (max rotation in degrees, scale range, max shift as a fraction, brightness, contrast)
 _AUGMENT = {
     "light": (7.0, (0.95, 1.05), 0.04, 0.10, 0.10),
     "heavy": (15.0, (0.85, 1.15), 0.08, 0.25, 0.25),
 }
+
+# "robust": against shortcut learning (a model fitting one collection's look lost ~0.05 AUC on
+# another's films; a by-hand crop of 0.8-1 plus +-10 degrees beat every searched candidate, issue
+# 24). The crop range here is wider, down to half the area.
+_ROBUST_ROTATION = 10.0                            # degrees, +-
+_ROBUST_CROP_AREA = (0.5, 1.0)                     # random resized crop: fraction of the image's area
+_ROBUST_CROP_RATIO = (3 / 4, 4 / 3)                # its aspect ratio, log-uniform (torchvision's default)
+_ROBUST_GAMMA = (0.7, 1.4)                         # log-uniform: another detector's tone curve
+_ROBUST_BRIGHTNESS, _ROBUST_CONTRAST = 0.2, 0.2    # +-, between light's 0.10 and heavy's 0.25
+# Random erasing (Zhong et al. 2020; torchvision's RandomErasing defaults for area and aspect): one
+# rectangle per image with this probability, filled with that image's mean (a fill with no
+# further random draws, so no full-size noise tensor per batch), hiding markers and text a model
+# could otherwise key on.
+_ERASE_P, _ERASE_AREA, _ERASE_RATIO = 0.5, (0.02, 0.33), (0.3, 3.3)
 
 
 def _resized(x: torch.Tensor, image_size: int) -> torch.Tensor:
@@ -37,13 +57,37 @@ def _scaled(images: torch.Tensor, image_size: int) -> torch.Tensor:
     return _resized(images.float().div_(255.0), image_size)
 
 
-def to_model_input(images: torch.Tensor, *, image_size: int, mean: float, std: float) -> torch.Tensor:
+def equalize_histogram(images: torch.Tensor) -> torch.Tensor:
+    """Per-image histogram equalisation of uint8 (..., H, W), on the images' device.
+
+    torchvision's ``equalize``: PIL's ``ImageOps.equalize`` algorithm, vectorised over the batch
+    (one 256-bin histogram per image by ``scatter_add``, a look-up table from its cumulative sum).
+    """
+    import torchvision.transforms.v2.functional as TF
+
+    if images.dtype != torch.uint8:
+        raise TypeError(f"equalize takes uint8 pixels, got {images.dtype}")
+    return TF.equalize(images)
+
+
+def _preprocessed(images: torch.Tensor, equalize: str) -> torch.Tensor:
+    """uint8 (N, 1, H, W) -> uint8, with the model's per-image preprocessing applied."""
+    if equalize == "none":
+        return images
+    if equalize == "hist":
+        return equalize_histogram(images)
+    raise ValueError(f"equalize {equalize!r} is not one of {EQUALIZATIONS}")
+
+
+def to_model_input(images: torch.Tensor, *, image_size: int, mean: float, std: float,
+                   equalize: str = "none") -> torch.Tensor:
     """uint8 (N, 1, H, W) -> normalised float (N, 1, image_size, image_size).
 
     The one preprocessing path: training (before augmentation), validation, promote and
-    predict all call it.
+    predict all call it. ``equalize`` (one of :data:`EQUALIZATIONS`, a model's ``ModelSpec.equalize``)
+    applies to the uint8 image at the size it comes in, before the resize.
     """
-    return (_scaled(images, image_size) - mean) / std
+    return (_scaled(_preprocessed(images, equalize), image_size) - mean) / std
 
 
 def affine_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -75,6 +119,8 @@ def augment(x: torch.Tensor, strength: str, *, generator: torch.Generator | None
     """Randomly augment a batch of float images in 0..1 (N, 1, H, W), each sample differently."""
     if strength == "none":
         return x
+    if strength == "robust":
+        return _robust(x, generator)
     if strength not in _AUGMENT:
         raise ValueError(f"augment {strength!r} is not one of {AUGMENTATIONS}")
     max_rot, (s_lo, s_hi), max_shift, bright, contrast = _AUGMENT[strength]
@@ -94,10 +140,66 @@ def augment(x: torch.Tensor, strength: str, *, generator: torch.Generator | None
     return ((x - mean) * c + mean + b).clamp_(0.0, 1.0)
 
 
+def _robust(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """The "robust" strength: per sample, a random resized crop (area and aspect as torchvision's
+    RandomResizedCrop, resized back to the full size) rotated by up to +-10 degrees, in one
+    ``grid_sample`` call; then gamma, brightness/contrast and random erasing. All parameters come
+    from one draw of ``generator`` (on the CPU, so a seed gives the same batch on any device)."""
+    n, h, w, dev = x.shape[0], x.shape[-2], x.shape[-1], x.device
+    r = torch.rand(13, n, generator=generator, device="cpu").to(dev)
+
+    def between(u, lo, hi):
+        return u * (hi - lo) + lo
+
+    def log_between(u, lo, hi):
+        return torch.exp(between(u, math.log(lo), math.log(hi)))
+
+    # Crop sides as fractions of the image's; torchvision retries a crop that does not fit, here
+    # it is clipped to the image (only at area near 1 with an extreme aspect).
+    area, ratio = between(r[0], *_ROBUST_CROP_AREA), log_between(r[1], *_ROBUST_CROP_RATIO)
+    cw, ch = (area * ratio).sqrt().clamp(max=1.0), (area / ratio).sqrt().clamp(max=1.0)
+    cx, cy = between(r[2], -1, 1) * (1 - cw), between(r[3], -1, 1) * (1 - ch)  # centre, in grid units
+    angle = torch.deg2rad(between(r[4], -_ROBUST_ROTATION, _ROBUST_ROTATION))
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # output grid -> input: rotate, then scale by the crop's sides (resize, then rotate the image)
+    theta = torch.stack([torch.stack([cw * cos, -cw * sin, cx], dim=1),
+                         torch.stack([ch * sin, ch * cos, cy], dim=1)], dim=1)
+    x = F.grid_sample(x, affine_grid(theta, h, w), mode="bilinear", padding_mode="zeros", align_corners=False)
+    gamma = log_between(r[5], *_ROBUST_GAMMA).view(n, 1, 1, 1)
+    x = x.clamp(0.0, 1.0).pow(gamma)
+    c = between(r[6], 1 - _ROBUST_CONTRAST, 1 + _ROBUST_CONTRAST).view(n, 1, 1, 1)
+    b = between(r[7], -_ROBUST_BRIGHTNESS, _ROBUST_BRIGHTNESS).view(n, 1, 1, 1)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = ((x - mean) * c + mean + b).clamp_(0.0, 1.0)
+    erase = _erase_masks(r[8:], h, w)
+    return torch.where(erase, x.mean(dim=(1, 2, 3), keepdim=True), x)
+
+
+def _erase_masks(r: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Random erasing's rectangles as a bool mask (N, 1, h, w), from uniform draws ``r`` (5, N):
+    whether to erase (probability ``_ERASE_P``), area, aspect, top and left."""
+    apply, u_area, u_ratio, u_top, u_left = r
+    area = u_area * (_ERASE_AREA[1] - _ERASE_AREA[0]) + _ERASE_AREA[0]
+    ratio = torch.exp(u_ratio * (math.log(_ERASE_RATIO[1]) - math.log(_ERASE_RATIO[0])) + math.log(_ERASE_RATIO[0]))
+    eh = ((area * ratio).sqrt() * h).round().clamp(1, h)
+    ew = ((area / ratio).sqrt() * w).round().clamp(1, w)
+    top, left = (u_top * (h - eh + 1)).floor(), (u_left * (w - ew + 1)).floor()
+    rows = torch.arange(h, device=r.device, dtype=r.dtype).view(1, 1, h, 1)
+    cols = torch.arange(w, device=r.device, dtype=r.dtype).view(1, 1, 1, w)
+
+    def v(t):
+        return t.view(-1, 1, 1, 1)
+
+    inside = (rows >= v(top)) & (rows < v(top + eh)) & (cols >= v(left)) & (cols < v(left + ew))
+    return inside & v(apply < _ERASE_P)
+
+
 def train_input(images: torch.Tensor, *, image_size: int, mean: float, std: float, strength: str,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """uint8 batch -> augmented, resized, normalised float batch for a training step."""
-    return (augment(_scaled(images, image_size), strength, generator=generator) - mean) / std
+                equalize: str = "none", generator: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 batch -> preprocessed (as :func:`to_model_input`), augmented, resized, normalised float
+    batch for a training step."""
+    x = _scaled(_preprocessed(images, equalize), image_size)
+    return (augment(x, strength, generator=generator) - mean) / std
 
 
 def mixup(x: torch.Tensor, y: torch.Tensor, *, lam: float, generator: torch.Generator | None = None) -> tuple:
@@ -148,38 +250,46 @@ class Ensemble(torch.nn.Module):
     """The mean logit of several trained models, as one module (and one exported graph).
 
     Its input is the stored image as pixels/255, (N, 1, S, S) at the ingested size S (that is,
-    ``to_model_input`` with ``image_size=S, mean=0, std=1``). Each member then resizes and
-    normalises it exactly as it was trained, so members of different input sizes and
-    normalisations combine; the antialiased resize exports to ONNX unchanged.
+    ``to_model_input`` with ``image_size=S, mean=0, std=1``). Each member then equalises (if it
+    was trained so: ``equalizes``, default none), resizes and normalises it exactly as it was
+    trained, so members of different inputs combine; the antialiased resize exports to ONNX unchanged.
     """
 
     def __init__(self, members: list[torch.nn.Module], *, image_sizes: list[int], means: list[float],
-                 stds: list[float]):
+                 stds: list[float], equalizes: list[str] | None = None):
         super().__init__()
         self.members = torch.nn.ModuleList(members)
         self.inputs = [(int(s), float(m), float(d)) for s, m, d in zip(image_sizes, means, stds)]
+        self.equalizes = list(equalizes or ["none"] * len(members))
+        for e in self.equalizes:
+            _preprocessed(torch.zeros(1, 1, 1, 1, dtype=torch.uint8), e)  # an unknown one fails here, not later
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = [member((_resized(x, size) - mean) / std)
-                  for member, (size, mean, std) in zip(self.members, self.inputs)]
+        views = {"none": x}
+        if "hist" in self.equalizes:  # x is uint8/255 exactly, so *255 and rounding gives the pixels back
+            views["hist"] = equalize_histogram((x * 255).round().to(torch.uint8)).float() / 255
+        logits = [member((_resized(views[e], size) - mean) / std)
+                  for member, (size, mean, std), e in zip(self.members, self.inputs, self.equalizes)]
         return torch.stack(logits).mean(0)
 
 
 class ServingGraph(torch.nn.Module):
     """The whole scoring path as one module, for a serving export: uint8 images (N, 1, S, S) at the
-    stored size S -> calibrated P(target) (N,): pixels/255, resize to the network's input size and
-    normalise (:func:`to_model_input`), the network (with its test-time augmentation, if any), the
-    target's logit, Platt calibration."""
+    stored size S -> calibrated P(target) (N,): equalise (``equalize``, the spec's), pixels/255, resize
+    to the network's input size and normalise (:func:`to_model_input`), the network (with its
+    test-time augmentation, if any), the target's logit, Platt calibration."""
 
     def __init__(self, network: torch.nn.Module, *, image_size: int, mean: float, std: float, target_index: int,
-                 calibration: dict):
+                 calibration: dict, equalize: str = "none"):
         super().__init__()
         self.network, self.image_size, self.mean, self.std = network, int(image_size), float(mean), float(std)
+        self.equalize = equalize
         self.target_index, self.scale, self.bias = int(target_index), float(calibration["scale"]), float(
             calibration["bias"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.network(to_model_input(x, image_size=self.image_size, mean=self.mean, std=self.std))
+        z = self.network(to_model_input(x, image_size=self.image_size, mean=self.mean, std=self.std,
+                                        equalize=self.equalize))
         return torch.sigmoid(self.scale * z[:, self.target_index].float() + self.bias)
 
 

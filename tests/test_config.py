@@ -24,7 +24,9 @@ def test_defaults_fill_unset_params():
 
 @pytest.mark.parametrize("params, expected", [
     ({"model": ["resnet9000"]}, ["params.model.choice[0]: 'resnet9000' is invalid; allowed: test_resnet"]),
-    ({"augment": "extreme"}, ["params.augment: 'extreme' is invalid; allowed: none, light, heavy"]),
+    ({"augment": "extreme"}, ["params.augment: 'extreme' is invalid; allowed: none, light, heavy, robust"]),
+    ({"equalize": "clahe"}, ["params.equalize: 'clahe' is invalid; allowed: none, hist"]),
+    ({"equalize": [False, True]}, ["params.equalize.choice[0]: False is not a string"]),
     ({"optimizer": ["adamw", "lion"]}, ["params.optimizer.choice[1]: 'lion' is invalid; allowed: adamw, sgd"]),
     ({"lr": {"loguniform": [0, 0.1]}}, ["params.lr.loguniform: 0 is invalid; must be in (0, 1)"]),
     ({"lr": {"loguniform": [0.1, 0.01]}}, ["params.lr.loguniform: low 0.1 must be below high 0.01"]),

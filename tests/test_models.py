@@ -3,6 +3,7 @@ refuses to be trusted blindly (every tampered config.json exits 2 naming the fie
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -63,6 +64,89 @@ def test_an_ensemble_spec_round_trips_through_json():
     assert spec.network().eval()(torch.zeros(1, 1, 64, 64)).shape == (1, 2)
 
 
+@pytest.mark.parametrize("equalize", ["none", "hist"])
+def test_a_spec_keeps_its_equalisation_through_json(equalize):
+    from raycxr.models import MemberSpec, read_json_spec
+
+    single = ModelSpec(architecture="test_resnet", findings=("pneumonia",), target="pneumonia", image_size=32,
+                       stored_size=64, resize="pad", mean=0.5, std=0.25, equalize=equalize)
+    ensemble = dataclasses.replace(single, architecture="ensemble", equalize="none", members=(
+        MemberSpec("test_resnet", 32, 0.5, 0.25, equalize=equalize), MemberSpec("test_efficientnet", 48, 0.4, 0.3)))
+    for spec in (single, ensemble):
+        assert read_json_spec(json.loads(json.dumps(spec.to_dict())), source="t") == spec
+    assert ensemble.network().equalizes == [equalize, "none"]
+
+
+def _spec_dict(**changes) -> dict:
+    spec = ModelSpec(architecture="test_resnet", findings=("pneumonia",), target="pneumonia", image_size=32,
+                     stored_size=64, resize="pad", mean=0.5, std=0.25).to_dict()
+    return {**spec, **changes}
+
+
+def _without_equalize(d: dict) -> dict:
+    d = {k: v for k, v in d.items() if k != "equalize"}
+    d["members"] = [{k: v for k, v in m.items() if k != "equalize"} for m in d["members"]]
+    return d
+
+
+@pytest.mark.parametrize("raw, problem", [
+    (_spec_dict(equalize="clahe"), "equalize: 'clahe' is not one of none, hist"),
+    (_spec_dict(equalize=False), "equalize: False is not a string"),
+    (_spec_dict(architecture="ensemble", equalize="hist", members=[
+        {"architecture": "test_resnet", "image_size": 32, "mean": 0.5, "std": 0.25},
+        {"architecture": "test_resnet", "image_size": 48, "mean": 0.5, "std": 0.25}]),
+     "equalize: an ensemble's members equalise their own input"),
+    (_spec_dict(architecture="ensemble", members=[
+        {"architecture": "test_resnet", "image_size": 32, "mean": 0.5, "std": 0.25, "equalize": "yes"},
+        {"architecture": "test_resnet", "image_size": 48, "mean": 0.5, "std": 0.25}]),
+     "members[0].equalize: 'yes' is not one of none, hist"),
+])
+def test_a_bad_equalisation_is_refused_naming_the_field(raw, problem):
+    from raycxr.models import read_json_spec
+
+    with pytest.raises(ConfigError) as exc:
+        read_json_spec(raw, source="t")
+    assert any(problem in p for p in exc.value.problems), exc.value.problems
+
+
+def test_specs_written_before_equalize_existed_read_as_off(model_dir):
+    """trial.json and config.json from earlier raycxr have no equalize field: those models were
+    trained without equalisation, and must be scored without it."""
+    from raycxr.models import read_json_spec
+
+    old = _without_equalize(_spec_dict(architecture="ensemble", members=[
+        {"architecture": "test_resnet", "image_size": 32, "mean": 0.5, "std": 0.25},
+        {"architecture": "test_resnet", "image_size": 48, "mean": 0.5, "std": 0.25}]))
+    spec = read_json_spec(old, source="t")
+    assert spec.equalize == "none" and {m.equalize for m in spec.members} == {"none"}
+    _tamper(model_dir, lambda doc: doc.update(spec=_without_equalize(doc["spec"])))
+    assert "equalize" not in json.loads((model_dir / "config.json").read_text())["spec"]
+    assert PromotedModel.load(model_dir).spec.equalize == "none"
+
+
+def test_a_promoted_model_trained_on_equalised_films_is_scored_on_equalised_films(model_dir):
+    from raycxr.predict import Model
+    from raycxr.transforms import to_model_input
+
+    _tamper(model_dir, _set("spec", "equalize", value="hist"))
+    model = Model.load(model_dir)
+    model.config.save(model_dir)  # saved again: the note for readers says so
+    assert "histogram equalisation" in json.loads((model_dir / "config.json").read_text())["about"]["preprocessing"]
+    films = np.stack([np.asarray(Image.open(f).convert("L").resize((64, 64))) for f in
+                      sorted((SAMPLE / "PNEUMONIA").iterdir())[:3]])
+    spec = model.config.spec
+    from raycxr.metrics import calibrate_logits
+
+    def by_hand(equalize):
+        with torch.no_grad():
+            x = to_model_input(torch.from_numpy(films[:, None]), image_size=spec.image_size, mean=spec.mean,
+                               std=spec.std, equalize=equalize)
+            return calibrate_logits(model.network(x)[:, spec.target_index].double().numpy(), model.config.calibration)
+
+    got = model.predict_proba(films)
+    assert np.allclose(got, by_hand("hist"), atol=1e-6) and not np.allclose(got, by_hand("none"), atol=1e-4)
+
+
 def _tamper(model_dir, edit):
     path = model_dir / "config.json"
     doc = json.loads(path.read_text())
@@ -108,6 +192,8 @@ TAMPERED = {
     "spec missing": (_drop("spec"), "spec: missing"),
     "older schema": (_drop("schema_version"), "schema_version"),
     "bool as size": (_set("spec", "image_size", value=True), "spec.image_size"),
+    "unknown equalisation": (_set("spec", "equalize", value="clahe"), "spec.equalize"),
+    "equalize as a bool": (_set("spec", "equalize", value=True), "spec.equalize"),
 }
 
 

@@ -1,7 +1,16 @@
 import pytest
 import torch
 
-from raycxr.transforms import augment, to_model_input, train_input
+from raycxr.transforms import AUGMENTATIONS, augment, equalize_histogram, to_model_input, train_input
+from tests.conftest import SAMPLE
+
+
+def _films(size: int, n: int = 8) -> torch.Tensor:
+    """n real films of the bundled sample (both classes), uint8 (n, 1, size, size) as ingest stores them."""
+    from raycxr.imaging import load_for_model
+
+    files = sorted((SAMPLE / "NORMAL").iterdir())[:n // 2] + sorted((SAMPLE / "PNEUMONIA").iterdir())[:n - n // 2]
+    return torch.stack([torch.from_numpy(load_for_model(f, size, policy="pad")) for f in files])[:, None]
 
 
 def test_model_input_resizes_and_normalises():
@@ -86,3 +95,142 @@ def test_test_time_augment_is_the_mean_logit_over_its_views():
     assert not torch.allclose(got, expect[0], atol=1e-3)  # the views changed the answer
     assert list(TestTimeAugment(net, image_size=32, mean=mean, std=std).state_dict()) == \
         ["model." + k for k in net.state_dict()]  # the grids are not saved with the weights
+
+
+@pytest.mark.parametrize("strength", [s for s in AUGMENTATIONS if s != "none"])
+def test_every_strength_is_per_sample_seeded_and_in_range_on_real_films(strength):
+    batch = _films(64)[:1].expand(6, 1, 64, 64).float() / 255  # one film six times: differences are the augmentation
+
+    def run(seed):
+        return augment(batch, strength, generator=torch.Generator().manual_seed(seed))
+
+    out = run(0)
+    assert out.shape == batch.shape and 0 <= out.min() and out.max() <= 1
+    assert all(not torch.allclose(out[0], out[i]) for i in range(1, 6))  # each image changed differently
+    assert torch.equal(out, run(0)) and not torch.equal(out, run(1))
+
+
+def _expected_erased_fraction(h: int, w: int) -> float:
+    """E[erased share of an image] under random erasing's documented law, integrated on a fine grid
+    (independently of the module's sampling code): p * E[rectangle area], rectangle sides rounded
+    to pixels and clipped to the image."""
+    import numpy as np
+
+    from raycxr.transforms import _ERASE_AREA, _ERASE_P, _ERASE_RATIO
+
+    area = np.linspace(*_ERASE_AREA, 801)[:, None]
+    ratio = np.exp(np.linspace(np.log(_ERASE_RATIO[0]), np.log(_ERASE_RATIO[1]), 801))[None, :]
+    eh = np.clip(np.round(np.sqrt(area * ratio) * h), 1, h)
+    ew = np.clip(np.round(np.sqrt(area / ratio) * w), 1, w)
+    return _ERASE_P * float(np.mean(eh * ew)) / (h * w)
+
+
+@pytest.mark.parametrize("h, w", [(64, 64), (48, 80), (128, 128)])
+def test_random_erasing_covers_the_expected_share_of_the_image(h, w):
+    from raycxr.transforms import _ERASE_P, _erase_masks
+
+    n = 4000
+    masks = _erase_masks(torch.rand(5, n, generator=torch.Generator().manual_seed(0)), h, w)
+    assert masks.shape == (n, 1, h, w)
+    erased = masks.flatten(1).any(1).float().mean().item()
+    assert erased == pytest.approx(_ERASE_P, abs=0.03)  # one rectangle in about this share of images
+    assert masks.float().mean().item() == pytest.approx(_expected_erased_fraction(h, w), rel=0.05)
+    rows, cols = masks.any(-1).flatten(1).sum(1), masks.any(-2).flatten(1).sum(1)
+    assert torch.equal(masks.flatten(1).sum(1), rows * cols)  # each mask is one axis-aligned rectangle
+
+
+def test_robust_fills_the_erased_rectangle_with_the_image_mean():
+    from raycxr.transforms import _erase_masks
+
+    batch = _films(64).float() / 255
+    out = augment(batch, "robust", generator=torch.Generator().manual_seed(2))
+    draws = torch.rand(13, len(batch), generator=torch.Generator().manual_seed(2))  # _robust's one draw
+    masks = _erase_masks(draws[8:], 64, 64)
+    assert masks.flatten(1).any(1).sum() >= 2  # the check below has rectangles to look at
+    for img, mask in zip(out, masks):
+        if mask.any():
+            assert (img[mask] == img[mask][0]).all()  # one flat fill, not image content
+            assert 0.05 < img[mask][0] < 0.95
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_equalize_matches_pil_on_real_films(size):
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    films = _films(size)
+    got = equalize_histogram(films)  # the whole batch in one call: per-image histograms
+    for film, eq in zip(films, got):
+        expect = np.asarray(ImageOps.equalize(Image.fromarray(film[0].numpy())))
+        assert np.abs(eq[0].numpy().astype(int) - expect.astype(int)).max() <= 1
+    assert not torch.equal(got, films)
+
+
+@pytest.mark.parametrize("case", ["constant", "two levels", "blank with one bright pixel"])
+def test_equalize_matches_pil_on_degenerate_images(case):
+    """Cases no real film has, where PIL leaves the image as it is or nearly so."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    img = np.full((32, 32), 90, np.uint8)
+    if case == "two levels":
+        img[:, :16] = 200
+    elif case == "blank with one bright pixel":
+        img[3, 5] = 255
+    got = equalize_histogram(torch.from_numpy(img)[None, None])[0, 0].numpy()
+    assert np.array_equal(got, np.asarray(ImageOps.equalize(Image.fromarray(img))))
+
+
+def test_equalize_refuses_floats_and_unknown_names():
+    with pytest.raises(TypeError, match="uint8"):
+        equalize_histogram(torch.zeros(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="'clahe' is not one of"):
+        to_model_input(torch.zeros(1, 1, 8, 8, dtype=torch.uint8), image_size=8, mean=0.5, std=0.25, equalize="clahe")
+
+
+def test_equalize_is_applied_alike_by_training_validation_and_predict():
+    """The model's input with equalize="hist" is the same tensor whichever path makes it: by hand
+    (PIL's equalize, then the usual resize and normalisation), to_model_input, training's
+    train_input without augmentation, and predict.logits with a spec that says hist."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from raycxr.labels import FINDINGS
+    from raycxr.models import ModelSpec
+    from raycxr.predict import logits
+
+    films, size, mean, std = _films(64), 32, 0.45, 0.22
+    by_hand = torch.from_numpy(np.stack([np.asarray(ImageOps.equalize(Image.fromarray(f[0].numpy())))
+                                         for f in films]))[:, None]
+    expect = to_model_input(by_hand, image_size=size, mean=mean, std=std)
+    hist = to_model_input(films, image_size=size, mean=mean, std=std, equalize="hist")
+    assert torch.allclose(hist, expect, atol=1e-6)
+    assert not torch.allclose(hist, to_model_input(films, image_size=size, mean=mean, std=std), atol=1e-2)
+    trained = train_input(films, image_size=size, mean=mean, std=std, strength="none", equalize="hist")
+    assert torch.equal(trained, hist)
+
+    class Spy(torch.nn.Module):  # records what the scoring path feeds the network
+        def forward(self, x):
+            self.seen = x
+            return torch.zeros(len(x), len(FINDINGS))
+
+    spy = Spy()
+    spec = ModelSpec(architecture="test_resnet", findings=FINDINGS, target="pneumonia", image_size=size,
+                     stored_size=64, resize="pad", mean=mean, std=std, equalize="hist")
+    logits(spy, spec, films.numpy(), batch_size=len(films))
+    assert torch.equal(spy.seen, hist)
+
+
+def test_an_ensemble_member_trained_on_equalised_films_sees_them_equalised():
+    from raycxr.transforms import Ensemble
+
+    torch.manual_seed(0)
+    a, b = (torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2)) for _ in "ab")
+    films = _films(64, n=4)
+    with torch.no_grad():
+        xa = to_model_input(films, image_size=32, mean=0.5, std=0.25, equalize="hist")
+        xb = to_model_input(films, image_size=48, mean=0.4, std=0.3)
+        expect = (a(xa) + b(xb)) / 2
+        ens = Ensemble([a, b], image_sizes=[32, 48], means=[0.5, 0.4], stds=[0.25, 0.3], equalizes=["hist", "none"])
+        got = ens(to_model_input(films, image_size=64, mean=0.0, std=1.0))
+    assert torch.allclose(got, expect, atol=1e-5)
