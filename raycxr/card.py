@@ -116,7 +116,16 @@ def _tta_line(tta: dict) -> str:
 def _selection(card: dict) -> str:
     sel = card["selection"]
     lines = [f"Rule `{sel['rule']}`: {sel['why']}."]
-    if sel.get("finalists"):
+    score = "site-val AUC" if sel["rule"] == "site" else "shift AUC"
+    if sel.get("finalists") and sel["rule"] == "site":
+        lines += ["", "Finalists: the trials with the best AUC on the deploying site's **site-val** films (their "
+                      "kept epoch), each scored again on site-val; the CI and each finalist's gap to the best come "
+                      f"from a paired patient bootstrap ({sel['n_boot_used']} resamples). Tied: the gap's interval "
+                      "includes 0. Site-val chose, so figures on it are optimistic; site-test did not.",
+                  "", f"| trial | model | px | pretrained | val AUC | {score} (95% CI) | below the best (95% CI) | "
+                      "tied | ONNX CPU ms |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    elif sel.get("finalists"):
         lines += ["", "Finalists, scored on **validation** as stored and under acquisition shifts "
                       f"({', '.join(sel['views'][1:])}). Shift AUC is the mean AUC over these {len(sel['views'])} "
                       f"views; its CI and each finalist's gap to the best come from a paired patient bootstrap "
@@ -129,16 +138,55 @@ def _selection(card: dict) -> str:
                   f"{'yes' if f['tied_with_best'] else 'no'} | {_ms(f['latency_ms'])} |" for f in sel["finalists"]]
     if "ensemble" in sel:
         e = sel["ensemble"]
-        lines += ["", f"Ensemble of the tied finalists ({' + '.join(e['members'])}, mean logit): shift AUC "
+        lines += ["", f"Ensemble of the tied finalists ({' + '.join(e['members'])}, mean logit): {score} "
                       f"{fmt(e['shift_auc'])} against {fmt(e['best_single_shift_auc'])} for the best single model; "
                       f"{'promoted' if sel['kind'] == 'ensemble' else 'not promoted'} "
                       f"(`--ensemble {sel['ensemble_mode']}`)."]
     return "\n".join(lines)
 
 
+def _headline(card: dict) -> str:
+    """The figure that counts: the deploying site's site-test films (read once), or a plain
+    statement that none exists."""
+    h = card.get("headline") or {}
+    if h.get("kind") != "site":
+        return h.get("statement", "No site figure exists: this model was promoted before raycxr recorded one.")
+    m = h["metrics"]["pooled"]
+    sites = h["sites"]
+    described = "; ".join(
+        f"`{s['name']}`: site-test {s['counts']['site-test']['images']} films of "
+        f"{s['counts']['site-test']['patients']} patients ({s['counts']['site-test']['positives']} positive), "
+        f"site-val {s['counts']['site-val']['images']} films (seed {s['seed']}, test fraction {s['test_fraction']:g})"
+        for s in sites)
+    read = ("read once, by this promotion" if not h["previously_read"] else
+            f"read again after {h['previously_read']} earlier read(s): optimistic")
+    small = [s["name"] for s in sites if min(s["counts"]["site-test"]["positives"],
+                                             s["counts"]["site-test"]["negatives"]) < 100]
+    warn = (f"\n> **Few films:** site-test of {', '.join(small)} holds fewer than 100 positive or 100 negative films; "
+            "the intervals are wide (Riley et al., BMJ 2024).\n" if small else "")
+    per_site = ""
+    if len(h["metrics"]["per_source"]) > 1:
+        per_site = "\n\n| site | films | AUC (95% CI) | sensitivity | specificity |\n| --- | --- | --- | --- | --- |\n" + \
+            "\n".join(f"| {name} | {x['n']} | {fmt(x['auc'])} ({fmt_ci(x['ci95']['auc'])}) | {fmt(x['sensitivity'])} | "
+                      f"{fmt(x['specificity'])} |" for name, x in h["metrics"]["per_source"].items())
+    points = "\n".join(f"| {name}{' (exported)' if name == card['threshold_rule'] else ''} | {pt['threshold']:.4f} | "
+                       f"{fmt(pt['sensitivity'])} | {fmt(pt['specificity'])} | {fmt(pt['accuracy'])} |"
+                       for name, pt in h["operating_points"].items())
+    return f"""The deploying site's own films, kept apart from everything that was chosen ({read}). The model,
+its epoch, calibration and threshold were chosen on the site's site-val films and the internal validation split;
+site-test was read once, after all of that. {described}.
+{warn}
+{_metric_table(m)}{per_site}
+
+| operating point | threshold | site-test sensitivity | site-test specificity | site-test accuracy |
+| --- | --- | --- | --- | --- |
+{points}"""
+
+
 def _operating_points(card: dict) -> str:
     prev = card.get("prevalence")
-    cols = ["operating point", "threshold", "on validation", "holdout sensitivity", "holdout specificity",
+    cols = ["operating point", "threshold", f"on {card['selection'].get('on', 'validation')}", "holdout sensitivity",
+            "holdout specificity",
             "PPV", "NPV"] + ([f"PPV at {prev:.0%}", f"NPV at {prev:.0%}"] if prev is not None else [])
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for name, pt in card["operating_points"].items():
@@ -283,6 +331,13 @@ def write_model_card(card: dict, path: Path) -> None:
     ModelCard(f"---\n{card_metadata(card).to_yaml()}\n---\n\n{card_body(card)}").save(path)
 
 
+def _calibrated_on(card: dict) -> str:
+    cal = card["calibration"]
+    if cal.get("fitted_on") == "site-val":
+        return f"the site's site-val films: {cal['refit']}"
+    return "validation"
+
+
 def card_body(card: dict) -> str:
     """The model card's Markdown, without its YAML header."""
     t = card["trial"]
@@ -307,6 +362,9 @@ def card_body(card: dict) -> str:
 Classifier of frontal chest radiographs. Selected and thresholded for **{card['target']}**
 (output: P({card['target']})); trained on every known finding of the pooled label list, unknown labels masked.
 {warn}
+## Headline: {'the deploying site (site-test)' if (card.get('headline') or {}).get('kind') == 'site' else 'no site figure'}
+{_headline(card)}
+
 ## Intended use and limitations
 - Research and model-selection use only; **not a medical device** and not validated for clinical decisions.
 - Trained and evaluated only on the sources listed below; performance on other hospitals, scanners,
@@ -319,8 +377,8 @@ Classifier of frontal chest radiographs. Selected and thresholded for **{card['t
 
 ## Operating threshold and calibration
 {card['threshold']:.4f} on Platt-calibrated probabilities (P = sigmoid({card['calibration']['scale']:.3f} x logit
-{card['calibration']['bias']:+.3f}), fitted on validation). Chosen by: {card['threshold_stability']['how']}. Everything here was fixed on the **validation**
-split before the holdout was read (validation at this threshold: sensitivity {fmt(card['validation']['sensitivity'])},
+{card['calibration']['bias']:+.3f}), fitted on {_calibrated_on(card)}). Chosen by: {card['threshold_stability']['how']}. Everything here was fixed on the **{card['selection'].get('on', 'validation')}**
+films before the holdout was read ({card['selection'].get('on', 'validation')} at this threshold, in-sample: sensitivity {fmt(card['validation']['sensitivity'])},
 specificity {fmt(card['validation']['specificity'])}, AUC {fmt(card['validation']['auc'])}).
 {_tta_line(card.get('tta', {}))}
 

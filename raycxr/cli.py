@@ -81,7 +81,8 @@ def _search(args) -> int:
                                     searcher=args.searcher, early_stopping=not args.no_early_stopping,
                                     scheduler=args.scheduler,
                                     objective=args.objective, weights_dir=args.weights_dir, mlflow=args.mlflow,
-                                    verbosity=_verbosity_level(args)))
+                                    sites=tuple(args.site or ()), site_test_fraction=args.site_test_fraction,
+                                    site_seed=args.site_seed, verbosity=_verbosity_level(args)))
     print("\nLeaderboard (validation AUC; the holdout is untouched):")
     print(format_leaderboard(board))
     return 0
@@ -126,13 +127,24 @@ def _promote(args) -> int:
         print(f"  finalist {f['trial_id']} {f['model']}@{f['image_size']}px: val AUC {f['val_auc']:.4f}, shift AUC "
               f"{f['shift_auc']:.4f}{' (tied with the best)' if f['tied_with_best'] else ''}, "
               f"{'n/a' if f['latency_ms'] is None else format(f['latency_ms'], '.1f')} ms")
-    print(f"Threshold {card['threshold']:.4f} (rule {card['threshold_rule']}, chosen on validation)")
+    print(f"Threshold {card['threshold']:.4f} (rule {card['threshold_rule']}, chosen on "
+          f"{card['selection'].get('on', 'validation')})")
     if "val_auc_with" in (tta := card["tta"]):
         print(f"Test-time augmentation {'on' if tta['used'] else 'off'} (validation AUC "
               f"{tta['val_auc_without']:.4f} without, {tta['val_auc_with']:.4f} with; --tta {tta['mode']})")
+    headline = card["headline"]
+    if headline["kind"] == "site":
+        m, again = headline["metrics"]["pooled"], headline["previously_read"]
+        names = ", ".join(s["name"] for s in headline["sites"])
+        print(f"Site-test of {names} ({m['n']} films, {m['positives']} positive; "
+              f"{'read once' if not again else f'read again after {again} earlier read(s): optimistic'}), "
+              "the headline:")
+        _print_metrics(m)
+    else:
+        print(headline["statement"])
     prior = card["holdout_previously_read"]
     how = "read once" if not prior else f"read again after {prior} earlier read(s): optimistic, see the card"
-    print(f"Holdout ({h['n']} images, {how}):")
+    print(f"Internal holdout ({h['n']} images, {how}):")
     _print_metrics(h)
     print("Operating points (thresholds fixed on validation; holdout sensitivity / specificity):")
     for name, pt in card["operating_points"].items():
@@ -184,10 +196,13 @@ def _predict(args) -> int:
         print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
     else:
         w = csv.writer(sys.stdout)
-        w.writerow(["file", "probability", "label", "error", "warning", "saliency"])
+        w.writerow(["file", "probability", "label", "error", "warning", "saliency", "logit"])
+        # Numbers at full float64 precision (repr round-trips): 4 decimals tied many films at 1.0000
+        # and moved an ROC of this CSV. They are raycxr's own numbers, never escaped: a negative
+        # logit is a number to a spreadsheet, not a formula.
         for r in rows:
-            w.writerow([_cell(r.file), "" if r.probability is None else f"{r.probability:.4f}", _cell(r.label or ""),
-                        _cell(r.error), _cell(r.warning), _cell(r.saliency)])
+            w.writerow([_cell(r.file), "" if r.probability is None else repr(r.probability), _cell(r.label or ""),
+                        _cell(r.error), _cell(r.warning), _cell(r.saliency), "" if r.logit is None else repr(r.logit)])
     failed = sum(bool(r.error) for r in rows)
     if failed:
         print(f"{failed} of {len(rows)} files could not be read", file=sys.stderr)
@@ -264,7 +279,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "combination of the space's choices once; the space's trials do not apply)")
     s.add_argument("--objective", choices=list(OBJECTIVES), default="auc",
                    help="auc (default): maximise validation AUC; auc-latency: a Pareto search of validation AUC "
-                        "against the batch-1 CPU latency of each trial's ONNX export (for CPU-only clinics)")
+                        "against the batch-1 CPU latency of each trial's ONNX export (for CPU-only clinics); site: "
+                        "the AUC on the --site films' site-val part; worst-source: the worst source's validation AUC "
+                        "of a pooled dataset. Each trial's best epoch (its kept checkpoint) is chosen by the same figure")
+    s.add_argument("--site", action="append", metavar="[NAME=]DATA",
+                   help="the deploying site's own labelled films, ingested with `raycxr ingest` at this data's size: "
+                        "divided by patient into site-val (scored every epoch as site_auc / site_loss) and site-test "
+                        "(read once, by promote: the model card's headline). Repeat for several sites")
+    s.add_argument("--site-test-fraction", type=float, default=0.5, metavar="F",
+                   help="share of each site's patients kept for site-test (default 0.5); raycxr warns below 100 "
+                        "positive or 100 negative films there")
+    s.add_argument("--site-seed", type=int, default=0, help="seed of the site-val / site-test division (default 0)")
     s.add_argument("--weights-dir", type=Path, metavar="DIR",
                    help="offline pretrained weights: DIR/MODEL.safetensors for `pretrained: imagenet` (overrides the "
                         "space's weights_dir; scripts/convert_weights.py makes EfficientNet-Lite's)")
@@ -298,9 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--prevalence", type=float, metavar="P",
                     help="the clinic's share of positives (e.g. 0.3): probabilities, PPV and NPV are corrected "
                          "from the training pool's prevalence to P (prior shift); adds the bayes operating point")
-    pr.add_argument("--select", choices=["shift-auc", "val-auc"], default="shift-auc",
-                    help="shift-auc (default): finalists scored on validation under acquisition shifts, ties by "
-                         "patient bootstrap, then an ensemble or the fastest tied model; val-auc: plain arg-max")
+    pr.add_argument("--select", choices=["auto", "site", "shift-auc", "val-auc"], default="auto",
+                    help="auto (default): site for a search with --site, else shift-auc. site: finalists, ensemble, "
+                         "TTA, calibration and threshold chosen on the site's site-val films, site-test read once "
+                         "(the card's headline); shift-auc: finalists scored on validation under acquisition shifts, "
+                         "ties by patient bootstrap, then an ensemble or the fastest tied model; val-auc: plain arg-max")
     pr.add_argument("--finalists", type=int, default=4, help="trials compared by --select shift-auc (default 4)")
     pr.add_argument("--ensemble", choices=["auto", "on", "off"], default="auto",
                     help="mean-logit ensemble: auto (default) promotes the tied finalists' ensemble if its shift AUC "

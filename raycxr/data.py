@@ -94,8 +94,8 @@ def read_split(data_dir: str | Path, split: str, *, columns: list[str] | None = 
     return table
 
 
-def open_split(data_dir: str | Path, split: str) -> "ray.data.Dataset":
-    """One split's training columns as a Ray Dataset, one block per shard.
+def open_split(data_dir: str | Path, split: str, *, extra_columns: list[str] = ()) -> "ray.data.Dataset":
+    """One split's training columns (and ``extra_columns``, e.g. ``source``) as a Ray Dataset, one block per shard.
 
     The driver reads the shards and puts them in the object store, so the dataset folder need
     only exist where the search is launched (no shared file system across the cluster), and no
@@ -104,7 +104,8 @@ def open_split(data_dir: str | Path, split: str) -> "ray.data.Dataset":
     import pyarrow.parquet as pq
     import ray.data
 
-    return ray.data.from_arrow([pq.read_table(f, columns=TRAIN_COLUMNS) for f in _split_files(Path(data_dir), split)])
+    columns = [*TRAIN_COLUMNS, *extra_columns]
+    return ray.data.from_arrow([pq.read_table(f, columns=columns) for f in _split_files(Path(data_dir), split)])
 
 
 def label_matrix(labels) -> np.ndarray:

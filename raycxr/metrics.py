@@ -67,13 +67,48 @@ def fit_calibration(y: np.ndarray, z: np.ndarray) -> dict:
     return {"method": "platt", "scale": float(lr.coef_[0, 0]), "bias": float(lr.intercept_[0])}
 
 
+def fit_site_calibration(y: np.ndarray, z: np.ndarray, *, internal: dict, min_events: int = 100) -> dict:
+    """Platt scaling on a deploying site's own films (site-val), where they are enough.
+
+    With at least ``min_events`` positive and negative films, slope and intercept are fitted on
+    the site (:func:`fit_calibration`). With fewer, only the intercept (calibration-in-the-large)
+    is refitted on the site and the slope is kept from ``internal`` (the fit on internal
+    validation): a slope estimated from few events is itself noisy (Riley et al., BMJ 2024;
+    Steyerberg, Clinical Prediction Models, ch. 20, recalibration in the large).
+    """
+    from scipy.optimize import minimize_scalar
+    from sklearn.metrics import log_loss
+
+    y, z = np.asarray(y, dtype=int), np.asarray(z, dtype=float)
+    events = int(min((y == 1).sum(), (y == 0).sum()))
+    if events >= min_events:
+        return {**fit_calibration(y, z), "fitted_on": "site-val", "refit": "slope and intercept",
+                "site_events": events}
+    scale = float(internal["scale"])
+
+    def loss(bias):
+        return log_loss(y, np.clip(calibrate_logits(z, {"scale": scale, "bias": bias}), 1e-12, 1 - 1e-12),
+                        labels=[0, 1])
+
+    bias = float(minimize_scalar(loss, bounds=(-50.0, 50.0), method="bounded").x)
+    return {"method": "platt", "scale": scale, "bias": bias, "fitted_on": "site-val",
+            "refit": f"intercept only (fewer than {min_events} positive or negative site-val films: {events}); "
+                     "slope from internal validation", "site_events": events}
+
+
 def calibrate_logits(z: np.ndarray, calibration: dict) -> np.ndarray:
     """Calibrated probabilities from raw logits: sigmoid(scale * z + bias). The only place a
     calibration is applied in Python (promote, evaluate and predict all call it, on logits; the
     serving ONNX graph, :class:`raycxr.transforms.ServingGraph`, is checked against it)."""
     from scipy.special import expit
 
-    return expit(calibration["scale"] * np.asarray(z, dtype=float) + calibration["bias"])
+    return expit(calibrated_logits(z, calibration))
+
+
+def calibrated_logits(z: np.ndarray, calibration: dict) -> np.ndarray:
+    """scale * z + bias: the calibrated logit, whose sigmoid :func:`calibrate_logits` returns. Rank by
+    this where probabilities saturate (a float64 sigmoid is exactly 1.0 past a logit of about 37)."""
+    return calibration["scale"] * np.asarray(z, dtype=float) + calibration["bias"]
 
 
 def prior_shift(calibration: dict, *, fitted_prevalence: float, target_prevalence: float) -> dict:
@@ -127,15 +162,17 @@ def threshold_stability(y: np.ndarray, p: np.ndarray, groups: np.ndarray, *, rul
             "n_boot_used": int(len(draws))}
 
 
-def choose_operating_threshold(y, p, groups, *, rule: str, target: float = 0.95, seed: int = 0) -> tuple[float, dict]:
-    """The rule's threshold on validation, or the bagged threshold when that is unstable."""
+def choose_operating_threshold(y, p, groups, *, rule: str, target: float = 0.95, seed: int = 0,
+                               on: str = "validation") -> tuple[float, dict]:
+    """The rule's threshold on validation (``on`` names the split: the site's site-val for
+    ``--select site``), or the bagged threshold when that is unstable."""
     stab = threshold_stability(y, p, groups, rule=rule, target=target, seed=seed)
     chosen = stab["bootstrap_median"] if stab["unstable"] else stab["point"]
     stab["chosen"] = float(chosen)
-    stab["how"] = (f"{rule} on validation; unstable (95% bootstrap range {stab['ci95'][0]:.3f}-{stab['ci95'][1]:.3f} "
+    stab["how"] = (f"{rule} on {on}; unstable (95% bootstrap range {stab['ci95'][0]:.3f}-{stab['ci95'][1]:.3f} "
                    f"> {UNSTABLE_THRESHOLD_RANGE}), so the median of {stab['n_boot_used']} patient-bootstrap "
                    "thresholds is used" if stab["unstable"] else
-                   f"{rule} on validation (95% bootstrap range {stab['ci95'][0]:.3f}-{stab['ci95'][1]:.3f})")
+                   f"{rule} on {on} (95% bootstrap range {stab['ci95'][0]:.3f}-{stab['ci95'][1]:.3f})")
     return float(chosen), stab
 
 
@@ -219,7 +256,8 @@ def report(y: np.ndarray, p: np.ndarray, *, groups: np.ndarray, sources: np.ndar
 
 
 def operating_points(y: np.ndarray, p: np.ndarray, groups: np.ndarray, *, target_sensitivity: float = 0.95,
-                     target_specificity: float = 0.95, bayes: bool = False, seed: int = 0) -> dict:
+                     target_specificity: float = 0.95, bayes: bool = False, seed: int = 0,
+                     on: str = "validation") -> dict:
     """Thresholds fixed on validation for each way a clinic may want to operate.
 
     ``youden`` (balanced), ``sensitivity`` (rule-out: misses at most 1 - target of positives),
@@ -231,7 +269,7 @@ def operating_points(y: np.ndarray, p: np.ndarray, groups: np.ndarray, *, target
     targets = {"youden": 0.0, "sensitivity": target_sensitivity, "specificity": target_specificity}
     points = {}
     for rule, target in targets.items():
-        threshold, stability = choose_operating_threshold(y, p, groups, rule=rule, target=target, seed=seed)
+        threshold, stability = choose_operating_threshold(y, p, groups, rule=rule, target=target, seed=seed, on=on)
         points[rule] = {"threshold": threshold, "target": target if rule != "youden" else None,
                         "how": stability["how"], "stability": stability}
     if bayes:

@@ -7,6 +7,9 @@ predict() classifies DICOM / PNG / JPEG files with a promoted model. It loads ``
 (validated by :class:`raycxr.models.PromotedModel`) and ``model.safetensors`` (never a pickle),
 reads each file with the same functions ingest used (:func:`raycxr.imaging.load_for_model`),
 scores it with :func:`logits` and applies the model's calibration and validation-chosen threshold.
+Each row carries the calibrated probability and the calibrated logit it is the sigmoid of: in
+float64 the sigmoid rounds to exactly 1.0 past a logit of about 37 (and its steps near 1 are
+1.1e-16 wide well before that), so only the logit keeps every film's rank.
 Every input gets one row: a file that cannot be read, for whatever reason, gets an error row and
 every other file is still predicted; a FIFO, socket or device is refused without being opened.
 Warnings flag inputs unlike the training data (a lateral view, another body part, a small image,
@@ -37,6 +40,7 @@ class Prediction:
     error: str = ""
     warning: str = ""
     saliency: str = ""
+    logit: float | None = None  # calibrated, scale * z + bias: probability is its sigmoid; ranks where that saturates
 
 
 def _warnings(path: Path, stored_size: int) -> str:
@@ -151,7 +155,7 @@ def logits(model, spec: ModelSpec, images, *, batch_size: int = 128, device="cpu
 
     ``images`` is a NumPy array or a torch tensor (training's validation batches, already on the
     device). The input is made as in training (:func:`raycxr.transforms.to_model_input` with the
-    spec's size and normalisation); calibration is not applied here. ``progress``: a tqdm bar's
+    spec's equalisation, size and normalisation); calibration is not applied here. ``progress``: a tqdm bar's
     label (none if empty, or when stderr is not a terminal).
     """
     import torch
@@ -168,7 +172,7 @@ def logits(model, spec: ModelSpec, images, *, batch_size: int = 128, device="cpu
         for i in bar(starts, desc=progress, unit="batch", leave=False, show=bool(progress)):
             part = images[i:i + batch_size]
             x = part.to(device) if isinstance(part, torch.Tensor) else torch.from_numpy(np.array(part)).to(device)
-            x = to_model_input(x, image_size=spec.image_size, mean=spec.mean, std=spec.std)
+            x = to_model_input(x, image_size=spec.image_size, mean=spec.mean, std=spec.std, equalize=spec.equalize)
             out.append(model(x).float().cpu().numpy())
     return np.concatenate(out).astype(np.float64) if out else np.zeros((0, len(spec.findings)))
 
@@ -178,16 +182,20 @@ def target_logits(model, spec: ModelSpec, images, **kwargs) -> np.ndarray:
     return logits(model, spec, images, **kwargs)[:, spec.target_index]
 
 
-def write_predictions(path: Path, *, sources, groups, y, probabilities) -> Path:
+def write_predictions(path: Path, *, sources, groups, y, probabilities, logits=None) -> Path:
     """One row per scored image (in shard order): source, salted patient hash, label and calibrated
-    probability. No file names: they can carry IDs."""
+    probability, and with ``logits`` (calibrated, scale * z + bias) a logit column that keeps the
+    ranking where the probability rounds to 1.0. Full float64 precision (repr round-trips). No file
+    names: they can carry IDs."""
     import csv
 
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["row", "source", "patient_hash", "label", "probability"])
-        for i, (src, g, y, p) in enumerate(zip(sources, groups, y, probabilities)):
-            w.writerow([i, src, g, int(y), repr(float(p))])
+        header = ["row", "source", "patient_hash", "label", "probability"]
+        w.writerow(header if logits is None else [*header, "logit"])
+        zs = [None] * len(probabilities) if logits is None else logits
+        for i, (src, g, label, p, z) in enumerate(zip(sources, groups, y, probabilities, zs)):
+            w.writerow([i, src, g, int(label), repr(float(p))] + ([] if z is None else [repr(float(z))]))
     return path
 
 
@@ -202,6 +210,7 @@ class Model:
 
     >>> model = raycxr.Model.load("models/best")            # device="cuda" for a GPU
     >>> model.predict_proba(["a.dcm", "b.png"])             # array([0.93, 0.08]): calibrated P(target)
+    >>> model.predict_logit(["a.dcm", "b.png"])             # array([2.6, -2.4]): its logit, to rank by
     >>> model.predict(["a.dcm", "b.png"])                   # ['pneumonia', 'not_pneumonia']
 
     Inputs: file or folder paths (DICOM, PNG, JPEG; read exactly as ingest and ``raycxr predict``
@@ -250,9 +259,19 @@ class Model:
         """Calibrated P(target) per image, shape (N,)."""
         from raycxr.metrics import calibrate_logits
 
-        images = self.pixels(images_or_paths)
-        z = target_logits(self.network, self.config.spec, images, batch_size=batch_size, device=self.device)
-        return calibrate_logits(z, self.config.calibration)
+        return calibrate_logits(self._target_logits(images_or_paths, batch_size), self.config.calibration)
+
+    def predict_logit(self, images_or_paths, *, batch_size: int = 32) -> np.ndarray:
+        """Calibrated logit per image, shape (N,): scale * z + bias, whose sigmoid is
+        :meth:`predict_proba`. Rank by this: the float64 sigmoid is exactly 1.0 past about 37."""
+        from raycxr.metrics import calibrated_logits
+
+        return calibrated_logits(self._target_logits(images_or_paths, batch_size), self.config.calibration)
+
+    def _target_logits(self, images_or_paths, batch_size: int) -> np.ndarray:
+        """The network's raw target logits (N,), before calibration."""
+        return target_logits(self.network, self.config.spec, self.pixels(images_or_paths), batch_size=batch_size,
+                             device=self.device)
 
     def predict(self, images_or_paths, *, batch_size: int = 32) -> list[str]:
         """The label per image at the model's threshold (``class_names[1]`` at or above it)."""
@@ -272,7 +291,8 @@ class Model:
 
         spec = self.config.spec
         graph = ServingGraph(self.network, image_size=spec.image_size, mean=spec.mean, std=spec.std,
-                             target_index=spec.target_index, calibration=self.config.calibration).cpu().eval()
+                             target_index=spec.target_index, calibration=self.config.calibration,
+                             equalize=spec.equalize).cpu().eval()
         sample = np.asarray(check_with if check_with is not None else _synthetic_films(spec.stored_size), np.uint8)
         sample = sample.reshape(len(sample), *sample.shape[-2:])  # (N, S, S), also from (N, 1, S, S)
         served = export_onnx(graph, sample[:, None].copy(), path, output=f"p_{spec.target}")
@@ -328,6 +348,7 @@ def predict(model_dir: str | Path, paths: list[str | Path], *, batch_size: int =
     import torch
 
     from raycxr.imaging import load_for_model
+    from raycxr.metrics import calibrate_logits, calibrated_logits
     from raycxr.progress import bar
     from raycxr.transforms import to_model_input
 
@@ -338,13 +359,14 @@ def predict(model_dir: str | Path, paths: list[str | Path], *, batch_size: int =
 
     def score(batch: list[tuple[int, np.ndarray]]) -> None:
         images = np.stack([a for _, a in batch])
-        probs = model.predict_proba(images, batch_size=batch_size)
-        for (i, _), prob in zip(batch, probs):
-            results[i].probability = float(prob)
+        z = model._target_logits(images, batch_size)  # one pass of the network for both columns
+        probs, cal_z = calibrate_logits(z, promoted.calibration), calibrated_logits(z, promoted.calibration)
+        for (i, _), prob, logit in zip(batch, probs, cal_z):
+            results[i].probability, results[i].logit = float(prob), float(logit)
             results[i].label = promoted.class_names[int(prob >= promoted.threshold)]
         if saliency_dir is not None:
             x = to_model_input(torch.from_numpy(images[:, None]), image_size=spec.image_size, mean=spec.mean,
-                               std=spec.std)
+                               std=spec.std, equalize=spec.equalize)
             maps = _write_saliency(model.network, x, spec.target_index, images, [results[i].file for i, _ in batch],
                                    Path(saliency_dir))
             for (i, _), path in zip(batch, maps):
@@ -359,7 +381,7 @@ def predict(model_dir: str | Path, paths: list[str | Path], *, batch_size: int =
                 try:
                     score([item])
                 except Exception as exc:
-                    results[item[0]].probability = results[item[0]].label = None
+                    results[item[0]].probability = results[item[0]].label = results[item[0]].logit = None
                     results[item[0]].error = _error_text(exc)
         pending.clear()
 

@@ -5,6 +5,10 @@ Only this stage (and a later ``evaluate``) opens the holdout split. Which model 
 operating threshold are chosen on the validation split, before the holdout is read, and never
 changed after. Every holdout read is logged in the run folder, and the model card says if it was
 read before. ``raycxr evaluate`` (:mod:`raycxr.evaluate`) scores a promoted model on other data later.
+
+For a search with ``--site`` (:mod:`raycxr.sites`), ``--select site`` (the default then) makes all
+of those choices on the site's site-val films instead, and reads the site's site-test films once,
+in the same ledger: their figures are the card's headline, the internal holdout a secondary table.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ class PromoteConfig:
     seed: int = 0
     force: bool = False  # overwrite an existing --out folder
     tta: str = "auto"    # test-time augmentation: auto (kept if it raises validation AUC), on, off
-    select: str = "shift-auc"  # raycxr.select's rule, or val-auc (plain arg-max)
+    select: str = "auto"       # auto (site for a search with --site, else shift-auc), shift-auc, val-auc, site
     finalists: int = 4
     ensemble: str = "auto"     # auto | on | off (raycxr.select)
     fastest_within: float | None = None  # promote the quickest trial within this validation AUC of the best
@@ -99,10 +103,43 @@ def _choose_tta(model, spec: ModelSpec, val: SplitArrays, vz: np.ndarray, *, mod
     return (wrapped, wz, info) if used else (model, vz, info)
 
 
-def _holdout_reads(store: RunStore) -> list[dict]:
-    if not store.exists("holdout_reads.jsonl"):
+LEDGER = "holdout_reads.jsonl"
+
+
+def _holdout_reads(store: RunStore, split: str = "holdout") -> list[dict]:
+    """Earlier reads of ``split`` (``holdout`` or ``site-test``) logged in the run's ledger."""
+    if not store.exists(LEDGER):
         return []
-    return [json.loads(line) for line in store.read_text("holdout_reads.jsonl").splitlines() if line.strip()]
+    reads = []
+    for line in store.read_text(LEDGER).splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a killed promote: it was a read all the same, but not one to count here
+        if isinstance(entry, dict) and entry.get("split", "holdout") == split:
+            reads.append(entry)
+    return reads
+
+
+# The measured gap between an internal holdout and films collected elsewhere, for a card without
+# site data: raycxr's 60-minute Kermany search (BENCHMARKS.md, 2026-11-29 and issue 24): holdout
+# carved from the train split AUC 1.000 / accuracy 0.988; Kermany's separately collected official
+# test split AUC 0.950 / accuracy 0.872, specificity 0.66.
+NO_SITE_STATEMENT = (
+    "No site figure exists: this search had no films of the deploying site (`raycxr search --site`), so "
+    "every figure below is internal (validation and a holdout carved from the training sources). Internal "
+    "figures overestimate how a model does elsewhere: for raycxr's 60-minute Kermany search the internal "
+    "holdout gave AUC 1.000 and accuracy 0.988, but Kermany's separately collected test films gave AUC 0.950, "
+    "accuracy 0.872 and specificity 0.66 (BENCHMARKS.md). Label a few hundred of the site's own films, ingest "
+    "them and search with `--site` before relying on this model there.")
+
+
+def _site_part(sites: list, part: str, target: str) -> SplitArrays:
+    """One part (site-val or site-test) of every site of the run, pooled (sources = site names)."""
+    from raycxr.sites import site_arrays
+
+    parts = [site_arrays(site, part, target) for site in sites]
+    return SplitArrays(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("images", "y", "groups", "sources")))
 
 
 def _checkpoint(row: dict) -> Path:
@@ -110,18 +147,32 @@ def _checkpoint(row: dict) -> Path:
     return local_copy(row["checkpoint"])
 
 
-def _select(cfg: PromoteConfig, eligible: list[dict], val: SplitArrays) -> tuple[list[dict], dict]:
-    """(the chosen leaderboard rows, the selection record for the card), on validation only."""
-    from raycxr.select import SELECTION_RULES, choose, fastest_within, views_of
+def _select(cfg: PromoteConfig, eligible: list[dict], val: SplitArrays, *, rule: str) -> tuple[list[dict], dict]:
+    """(the chosen leaderboard rows, the selection record for the card), on ``val`` only: the
+    validation split, or for ``rule == "site"`` the sites' site-val films."""
+    from raycxr.select import choose, fastest_within, views_of
 
     if cfg.fastest_within is not None:
         i, why = fastest_within(eligible, cfg.fastest_within)
         return [eligible[i]], {"rule": "fastest-within", "kind": "single", "why": why, "finalists": []}
-    if cfg.select not in SELECTION_RULES:
-        raise ConfigError(f"unknown selection rule {cfg.select!r}; use one of {SELECTION_RULES}", source="--select")
+    if rule == "site":  # finalists by their kept epoch's site-val AUC, then ties and ensembles on site-val itself
+        ranked = sorted(eligible, key=lambda r: -(r["site_auc"] if r.get("site_auc") is not None else -1.0))
+        finalists = ranked[:max(1, cfg.finalists)]
+        if len(finalists) == 1:
+            return finalists, {"rule": "site", "kind": "single", "finalists": [],
+                               "why": "the only eligible trial (site-val AUC "
+                                      f"{finalists[0].get('site_auc', float('nan')):.4f})"}
+        logits = []
+        for row in bar(finalists, desc="scoring finalists on site-val", unit="model", leave=False):
+            spec = _record(row).spec
+            logits.append([target_logits(spec.load_network(_checkpoint(row)), spec, val.images)])
+        decision = choose(finalists, np.asarray(logits), val.y, val.groups, ensemble=cfg.ensemble,
+                          n_boot=cfg.n_boot, seed=cfg.seed, score="site-val AUC")
+        decision.update(rule="site", views=["site-val"])
+        return [finalists[i] for i in decision["members"]], decision
     finalists = eligible[:max(1, cfg.finalists)]
-    if cfg.select == "val-auc" or len(finalists) == 1:
-        return finalists[:1], {"rule": cfg.select, "kind": "single", "finalists": [],
+    if rule == "val-auc" or len(finalists) == 1:
+        return finalists[:1], {"rule": rule, "kind": "single", "finalists": [],
                                "why": "highest validation AUC" + (" (the only eligible trial)" if len(eligible) == 1
                                                                    else "")}
     views = views_of(val.images, seed=cfg.seed)
@@ -152,18 +203,47 @@ def _build(chosen: list[dict]) -> tuple:
                      image_size=first.stored_size, stored_size=first.stored_size, resize=first.resize, mean=0.0,
                      std=1.0, members=tuple(MemberSpec(architecture=s.architecture, image_size=s.image_size,
                                                        mean=s.mean, std=s.std, drop_rate=s.drop_rate,
-                                                       pretrained=s.pretrained, trial_id=s.trial_id) for s in specs))
+                                                       pretrained=s.pretrained, trial_id=s.trial_id,
+                                                       equalize=s.equalize) for s in specs))
     model = Ensemble(models, image_sizes=[s.image_size for s in specs], means=[s.mean for s in specs],
-                     stds=[s.std for s in specs]).eval()
+                     stds=[s.std for s in specs], equalizes=[s.equalize for s in specs]).eval()
     return model, spec, {k: v.contiguous() for k, v in model.state_dict().items()}
+
+
+def _site_test(store: RunStore, sites: list, model, spec: ModelSpec, calibration: dict, points: dict, *,
+               threshold: float, target: str, out: Path, cfg: PromoteConfig, trial_ids: str) -> dict:
+    """The sites' site-test films, read once (logged in the run's ledger before they are read):
+    the card's headline figures, with patient-bootstrap CIs, at every operating point."""
+    from raycxr.metrics import binary_metrics, calibrate_logits, report
+
+    previous = _holdout_reads(store, "site-test")
+    store.append_line(LEDGER, json.dumps({
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "split": "site-test", "trial_id": trial_ids,
+        "sites": {s.name: s.digest["site-test"] for s in sites}, "out": str(out.resolve())}))
+    log.info("promote 2/4: scoring the site-test films, once")
+    test = _site_part(sites, "site-test", target)
+    p = calibrate_logits(target_logits(model, spec, test.images, progress="scoring site-test"), calibration)
+    write_predictions(out / "site_test_predictions.csv", sources=test.sources, groups=test.groups, y=test.y,
+                      probabilities=p)
+    at_points = {}
+    for name, pt in points.items():
+        m = binary_metrics(test.y, p, threshold=pt["threshold"])
+        at_points[name] = {"threshold": pt["threshold"], **{k: m[k] for k in ("sensitivity", "specificity", "ppv",
+                                                                               "npv", "accuracy")}}
+    return {"kind": "site", "split": "site-test", "sites": [s.to_dict() for s in sites],
+            "previously_read": len(previous), "operating_points": at_points,
+            "metrics": report(test.y, p, groups=test.groups, sources=test.sources, threshold=threshold,
+                              n_boot=cfg.n_boot, seed=cfg.seed)}
 
 
 def promote(cfg: PromoteConfig) -> dict:
     """Promote the best trial (or ensemble) of ``cfg.run`` into ``cfg.out``; return the model card's data."""
     from raycxr.card import write_model_card
     from raycxr.data import read_manifest
-    from raycxr.metrics import (binary_metrics, calibrate_logits, fit_calibration, operating_points,
-                                predictive_values, prior_shift, report)
+    from raycxr.metrics import (binary_metrics, calibrate_logits, fit_calibration, fit_site_calibration,
+                                operating_points, predictive_values, prior_shift, report)
+    from raycxr.select import SELECTION_RULES
+    from raycxr.sites import MIN_EVENTS
     from raycxr.report import write_report
     from raycxr.search import RunRecord, run_history
     from raycxr.transforms import to_model_input
@@ -175,9 +255,16 @@ def promote(cfg: PromoteConfig) -> dict:
     if cfg.prevalence is not None and not 0 < cfg.prevalence < 1:
         raise ConfigError(f"--prevalence {cfg.prevalence} must be a share of positives in (0, 1), e.g. 0.3",
                           source="--prevalence")
+    if cfg.select not in SELECTION_RULES:
+        raise ConfigError(f"unknown selection rule {cfg.select!r}; use one of {SELECTION_RULES}", source="--select")
     store = RunStore(cfg.run)
     store.require_run("--run")
     run = RunRecord.load(store)
+    sites = run.site_records()
+    select = cfg.select if cfg.select != "auto" else "site" if sites else "shift-auc"
+    if select == "site" and not sites:
+        raise ConfigError("--select site needs a search with the deploying site's films (raycxr search --site DATA); "
+                          f"{run.name} had none: search again with --site, or use --select shift-auc", source="--select")
     data_dir = Path(cfg.data or run.data)
     if not (data_dir / "manifest.json").is_file():
         raise ConfigError(f"the search read its data from {data_dir}, which is not here: pass --data with this "
@@ -202,43 +289,55 @@ def promote(cfg: PromoteConfig) -> dict:
     target = run.target
 
     # 1. Which model, test-time augmentation, calibration (Platt scaling) and the operating points:
-    # all chosen on validation only, before the holdout is read.
-    log.info("promote 1/4: choosing the model, threshold and calibration on validation (%d eligible trials)",
-             len(eligible))
+    # all chosen on validation (or the sites' site-val films) only, before the holdout is read.
     val = split_arrays(data_dir, "val", target)
-    chosen, selection = _select(cfg, eligible, val)
+    on = "site-val" if select == "site" else "validation"
+    sel = _site_part(sites, "site-val", target) if select == "site" else val
+    log.info("promote 1/4: choosing the model, threshold and calibration on %s (%d eligible trials)", on,
+             len(eligible))
+    chosen, selection = _select(cfg, eligible, sel, rule=select)
+    selection["on"] = on
     core, spec, ensemble_state = _build(chosen)
-    vz = target_logits(core, spec, val.images, progress="scoring validation")
-    model, vz, tta = _choose_tta(core, spec, val, vz, mode=cfg.tta)
-    calibration = fit_calibration(val.y, vz)
+    vz = target_logits(core, spec, sel.images, progress=f"scoring {on}")
+    model, vz, tta = _choose_tta(core, spec, sel, vz, mode=cfg.tta)
+    internal_z = vz if select != "site" else target_logits(model, spec, val.images, progress="scoring validation")
+    calibration = fit_calibration(val.y, internal_z)
+    if select == "site":
+        calibration = fit_site_calibration(sel.y, vz, internal=calibration, min_events=MIN_EVENTS)
     if cfg.prevalence is not None:
-        calibration = prior_shift(calibration, fitted_prevalence=float(val.y.mean()),
+        calibration = prior_shift(calibration, fitted_prevalence=float(sel.y.mean()),
                                   target_prevalence=cfg.prevalence)
     vp = calibrate_logits(vz, calibration)
-    points = operating_points(val.y, vp, val.groups, target_sensitivity=cfg.target_sensitivity,
+    points = operating_points(sel.y, vp, sel.groups, target_sensitivity=cfg.target_sensitivity,
                               target_specificity=cfg.target_specificity, bayes=cfg.prevalence is not None,
-                              seed=cfg.seed)
+                              seed=cfg.seed, on=on)
     threshold = points[rule]["threshold"]
     stability = points[rule]["stability"] or {"how": points[rule]["how"], "unstable": False}
     if stability["unstable"]:
-        log.warning("the validation threshold is unstable: %s", stability["how"])
-    val_metrics = binary_metrics(val.y, vp, threshold=threshold)
+        log.warning("the %s threshold is unstable: %s", on, stability["how"])
+    val_metrics = binary_metrics(sel.y, vp, threshold=threshold)
+    internal_val = (binary_metrics(val.y, calibrate_logits(internal_z, calibration), threshold=threshold)
+                    if select == "site" else None)
 
     # 2. The holdout, once.
     log.info("promote 2/4: scoring the holdout, once")
     previous_reads = _holdout_reads(store)
     hold = split_arrays(data_dir, "holdout", target)
     hp = calibrate_logits(target_logits(model, spec, hold.images, progress="scoring the holdout"), calibration)
-    store.append_line("holdout_reads.jsonl", json.dumps({
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "trial_id": "+".join(r["trial_id"] for r in chosen),
-        "out": str(out.resolve())}))
+    store.append_line(LEDGER, json.dumps({
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "split": "holdout",
+        "trial_id": "+".join(r["trial_id"] for r in chosen), "out": str(out.resolve())}))
     write_predictions(out / "holdout_predictions.csv", sources=hold.sources, groups=hold.groups, y=hold.y,
                       probabilities=hp)
     holdout = report(hold.y, hp, groups=hold.groups, sources=hold.sources, threshold=threshold, n_boot=cfg.n_boot,
                      seed=cfg.seed)
+    headline = {"kind": "none", "statement": NO_SITE_STATEMENT}
+    if select == "site":
+        headline = _site_test(store, sites, model, spec, calibration, points, threshold=threshold, target=target,
+                              out=out, cfg=cfg, trial_ids="+".join(r["trial_id"] for r in chosen))
     at_points = {}
     for name, pt in points.items():
-        m, v = (binary_metrics(y, p, threshold=pt["threshold"]) for y, p in ((hold.y, hp), (val.y, vp)))
+        m, v = (binary_metrics(y, p, threshold=pt["threshold"]) for y, p in ((hold.y, hp), (sel.y, vp)))
         at_points[name] = {"threshold": pt["threshold"], "target": pt["target"], "how": pt["how"],
                            **{k: m[k] for k in ("sensitivity", "specificity", "ppv", "npv", "accuracy")},
                            "val_sensitivity": v["sensitivity"], "val_specificity": v["specificity"]}
@@ -258,7 +357,7 @@ def promote(cfg: PromoteConfig) -> dict:
     import torch
 
     sample = to_model_input(torch.from_numpy(val.images[:16].copy()), image_size=spec.image_size,
-                            mean=spec.mean, std=spec.std).numpy()
+                            mean=spec.mean, std=spec.std, equalize=spec.equalize).numpy()
     export_diffs = _export(model, out, sample)
 
     architecture = spec.architecture if ensemble_state is None else "ensemble of " + " + ".join(
@@ -274,7 +373,8 @@ def promote(cfg: PromoteConfig) -> dict:
         "selection": selection, "target": target, "threshold": threshold,
         "threshold_rule": rule, "threshold_stability": stability, "calibration": calibration,
         "operating_points": at_points, "prevalence": cfg.prevalence, "tta": tta,
-        "validation": val_metrics, "holdout": holdout, "export_max_abs_diff": export_diffs,
+        "validation": val_metrics, "internal_validation": internal_val, "headline": headline,
+        "holdout": holdout, "export_max_abs_diff": export_diffs,
         "holdout_previously_read": len(previous_reads), "data": {
             "dir": str(data_dir), "fingerprint": manifest["fingerprint"], "counts": manifest["counts"],
             "split_level": manifest["split_level"], "params": manifest["params"]},
@@ -283,6 +383,10 @@ def promote(cfg: PromoteConfig) -> dict:
                    for r in eligible],
         "external": [],
     }
+    if select != "site" and sites:
+        card["headline"] = {"kind": "none", "statement": (
+            f"No site figure: the search had site films ({', '.join(s.name for s in sites)}) but this promotion "
+            f"chose with --select {select}, so site-test was not read. " + NO_SITE_STATEMENT.split(": ", 1)[1])}
     if cfg.serving_onnx:
         from raycxr.predict import Model
 

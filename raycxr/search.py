@@ -33,7 +33,7 @@ from raycxr.config import HYPERPARAMETERS, SearchSpace, load_space
 from raycxr.errors import ConfigError, NoEligibleTrialError
 from raycxr.signing import RunSigner, SignRunCallback
 from raycxr.storage import RunStore
-from raycxr.train import METRIC
+from raycxr.train import METRIC, SELECTION_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,22 @@ SCHEDULERS = {"asha": 1, "hyperband": 3, "none": 0}
 # which is exactly what the leaderboard and promote rank a trial by (its best epoch). A trial's last
 # epoch is not: a trial that peaks and then overfits would be told worse than it is.
 SEARCH_METRIC = "val_auc_best"
-# What the searcher optimises: validation AUC alone, or (multi-objective) AUC against the batch-1
-# CPU latency of the model's ONNX export, for clinics that run the model on a CPU box.
-OBJECTIVES = {"auc": ([SEARCH_METRIC], ["max"]), "auc-latency": ([SEARCH_METRIC, "latency_ms"], ["max", "min"])}
-LEADERBOARD_COLUMNS = ["rank", "trial_id", METRIC, "best_epoch", "epochs", "val_accuracy", "val_loss", "latency_ms",
+# What the searcher optimises: validation AUC alone; (multi-objective) AUC against the batch-1 CPU
+# latency of the model's ONNX export, for clinics that run the model on a CPU box; the AUC on the
+# deploying site's own films (site-val, --site: raycxr.sites); or the worst source's validation AUC
+# of a pooled dataset (opt-in: DomainBed, Gulrajani & Lopez-Paz 2021, measured selection on a
+# left-out domain worse on average than plain validation on the training domains).
+OBJECTIVES = {"auc": ([SEARCH_METRIC], ["max"]), "auc-latency": ([SEARCH_METRIC, "latency_ms"], ["max", "min"]),
+              "site": (["site_auc_best"], ["max"]), "worst-source": (["worst_source_auc_best"], ["max"])}
+LEADERBOARD_COLUMNS = ["rank", "trial_id", METRIC, "best_epoch", "epochs", "val_accuracy", "val_loss", "site_auc",
+                       "site_loss", "worst_source_auc", "worst_source", "latency_ms",
                        *HYPERPARAMETERS, "status", "tune_status", "resumed_from_epoch", "checkpoint"]
+
+
+def search_metric(objective: str) -> str:
+    """What Tune, the searcher and ASHA see for a one-metric objective: the running best of the
+    figure that selects (:data:`raycxr.train.SELECTION_METRICS`)."""
+    return f"{SELECTION_METRICS[objective]}_best"
 
 
 @dataclass(frozen=True)
@@ -87,6 +98,9 @@ class SearchConfig:
     weights_dir: Path | None = None    # overrides the space's weights_dir (offline pretrained weights)
     callbacks: tuple = ()              # extra Ray Tune callbacks (Python API; not recorded, not resumed)
     mlflow: str | None = None          # MLflow tracking URI: each trial logged as a run (raycxr.tracking)
+    sites: tuple = ()                  # the deploying sites' ingested datasets: "PATH" or "NAME=PATH" (raycxr.sites)
+    site_test_fraction: float = 0.5    # share of each site's patients kept for site-test (read once, by promote)
+    site_seed: int = 0                 # seed of the site-val / site-test division
     verbosity: int = 1                 # 0: results only; 1: a line per trial start/end; 2: Tune's tables, Ray workers' output
 
 
@@ -129,6 +143,7 @@ class RunRecord:
     mlflow: str | None = None   # the MLflow tracking URI the search logs to, if any
     time_budget_min: float | None = None  # --time-budget, for status's "budget left"
     ended: str = ""  # when and how the search last stopped ("" while it runs): status --watch stops there
+    sites: list = dataclasses.field(default_factory=list)  # raycxr.sites.Site.to_dict() of each --site
     schema_version: int = 2
 
     FILE = "run.json"
@@ -157,9 +172,24 @@ class RunRecord:
                  "storage": str}
         problems += [f"{k}: {raw[k]!r:.40} is not {t.__name__}" for k, t in types.items()
                      if k in raw and not isinstance(raw[k], t)]
+        if not isinstance(raw.get("sites", []), list):
+            problems.append("sites: not a list")
         if problems:
             raise ConfigError(problems, source=store.child(cls.FILE))
-        return cls(**{k: v for k, v in raw.items() if k in fields})
+        record = cls(**{k: v for k, v in raw.items() if k in fields})
+        record.site_records()  # checked here: a damaged entry is named now, not deep in promote
+        return record
+
+    def site_records(self) -> list:
+        """The run's sites as :class:`raycxr.sites.Site` records."""
+        from raycxr.sites import Site
+
+        return [Site.from_dict(s, source=self.FILE) for s in self.sites]
+
+    @property
+    def select_metric(self) -> str:
+        """The figure that picked each trial's best epoch and ranks the leaderboard."""
+        return SELECTION_METRICS.get(self.objective, METRIC)
 
 
 def init_ray(*, address: str | None, num_cpus: int | None = None, worker_logs: bool = False):
@@ -313,7 +343,7 @@ def _tune_space(space: SearchSpace) -> dict:
     return {k: make[p.kind](p.values) for k, p in space.params.items()}
 
 
-def run_trial(config: dict, *, train_ds, val_ds, static: dict) -> None:
+def run_trial(config: dict, *, train_ds, val_ds, static: dict, site_ds: dict | None = None) -> None:
     """One Tune trial of several workers: a Ray Train TorchTrainer (DDP) whose reports reach Tune
     through a callback."""
     import ray.train
@@ -321,7 +351,7 @@ def run_trial(config: dict, *, train_ds, val_ds, static: dict) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raycxr.train import train_loop_per_worker
+    from raycxr.train import site_dataset_key, train_loop_per_worker
 
     trial_id = ray.tune.get_context().get_trial_id()
     resources = {"CPU": static["worker_cpu_request"]}
@@ -332,12 +362,14 @@ def run_trial(config: dict, *, train_ds, val_ds, static: dict) -> None:
         train_loop_config={**static["loop"], **config, "trial_id": trial_id},
         scaling_config=ray.train.ScalingConfig(num_workers=static["workers"], use_gpu=bool(static["gpus_per_worker"]),
                                                resources_per_worker=resources),
-        datasets={"train": train_ds, "val": val_ds},
+        datasets={"train": train_ds, "val": val_ds,
+                  **{site_dataset_key(name): ds for name, ds in (site_ds or {}).items()}},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=ray.train.RunConfig(
             name=trial_id, storage_path=static["trials_path"], callbacks=[TuneReportCallback()],
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order="max"),
+                num_to_keep=1, checkpoint_score_attribute=static["loop"]["select_metric"],
+                checkpoint_score_order="max"),
             # A controller error is most often a worker group that cannot be placed: retry a
             # few times (autoscaling may add a node), then fail the trial instead of waiting forever.
             failure_config=ray.train.FailureConfig(max_failures=static["max_failures"], controller_failure_limit=2)),
@@ -345,7 +377,7 @@ def run_trial(config: dict, *, train_ds, val_ds, static: dict) -> None:
     trainer.fit()
 
 
-def run_trial_in_process(config: dict, *, train_ds, val_ds, static: dict) -> None:
+def run_trial_in_process(config: dict, *, train_ds, val_ds, static: dict, site_ds: dict | None = None) -> None:
     """One Tune trial of one worker, trained in the Tune trial's own process (which Tune reuses
     for the next trial): no Ray Train controller, worker group, gloo or dataset split to start, so
     a trial's fixed cost is its model's construction (BENCHMARKS.md, trial overhead)."""
@@ -360,7 +392,7 @@ def run_trial_in_process(config: dict, *, train_ds, val_ds, static: dict) -> Non
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = TrialConfig.from_tune({**static["loop"], **config, "trial_id": trial_id})
     try:
-        run_loop(cfg, TuneSession(train_ds, val_ds, use_gpu=bool(static["gpus_per_worker"])))
+        run_loop(cfg, TuneSession(train_ds, val_ds, use_gpu=bool(static["gpus_per_worker"]), sites=site_ds))
     finally:  # finished, failed or stopped by ASHA: the next trial in this process starts with memory free
         import torch
 
@@ -425,6 +457,8 @@ def _study_search(**kwargs):
         Each Optuna trial carries its Tune trial id (user attribute ``tune_trial_id``).
         """
 
+        FIGURES = ("val_auc", "val_loss", "site_auc", "site_loss", "worst_source_auc")
+
         def __init__(self, *, max_epochs: int, **kw):
             super().__init__(**kw)
             self._max_epochs = max_epochs
@@ -445,6 +479,13 @@ def _study_search(**kwargs):
             if value is not None and not math.isnan(value) and epoch not in reported:
                 self._ot_trials[trial_id].report(float(value), epoch)
                 reported.add(epoch)
+            # the per-epoch figures beside the one optimised, as the study's user attributes
+            # (optuna-dashboard shows them): {"1": 0.93, "2": 0.95, ...} per figure
+            trial = self._ot_trials[trial_id]
+            for name in self.FIGURES:
+                v = result.get(name)
+                if isinstance(v, (int, float)) and not math.isnan(v) and epoch:
+                    trial.set_user_attr(name, {**trial.user_attrs.get(name, {}), str(epoch): float(v)})
 
         def on_trial_complete(self, trial_id, result=None, error=False):
             if trial_id in self._completed_trials or trial_id not in self._ot_trials:
@@ -500,8 +541,8 @@ class ProgressLines(Callback):
     AUC, the search's best so far, how many are done), in place of Tune's own tables (``-v`` brings
     those back). Through raycxr's logger: the console shows it, ``-q`` and the Python API do not."""
 
-    def __init__(self, trials: int):
-        self.trials, self.best = trials, None
+    def __init__(self, trials: int, *, metric: str = SEARCH_METRIC):
+        self.trials, self.best, self.metric = trials, None, metric
 
     def on_trial_start(self, iteration, trials, trial, **info):
         cfg = trial.config
@@ -509,12 +550,13 @@ class ProgressLines(Callback):
                  cfg.get("lr", float("nan")))
 
     def _ended(self, trials, trial, how: str) -> None:
-        score = (trial.last_result or {}).get(SEARCH_METRIC)
+        score = (trial.last_result or {}).get(self.metric)
         if score is not None and (self.best is None or score > self.best[0]):
             self.best = (score, trial.trial_id)
         done = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
         best = f"; best so far {self.best[0]:.4f} ({self.best[1]})" if self.best else ""
-        mine = f"{METRIC} {score:.4f}" if score is not None else f"no {METRIC}"
+        what = self.metric.removesuffix("_best")
+        mine = f"{what} {score:.4f}" if score is not None else f"no {what}"
         log.info("trial %s %s: %s%s [%d/%d trials done]", trial.trial_id, how, mine, best, min(done, self.trials),
                  self.trials)
 
@@ -671,7 +713,7 @@ def _redacted(uri: str | None) -> str | None:
     return redact(uri)
 
 
-def _scheduler(name: str, *, space: SearchSpace, max_epochs: int, own_metric: bool):
+def _scheduler(name: str, *, space: SearchSpace, max_epochs: int, own_metric: bool, metric: str = SEARCH_METRIC):
     """The Tune scheduler ``name`` stands for (see :data:`SCHEDULERS`).
 
     ASHA's clock is the epoch each trial reports, not Tune's iteration count: a trial resumed from
@@ -683,7 +725,7 @@ def _scheduler(name: str, *, space: SearchSpace, max_epochs: int, own_metric: bo
 
     if not SCHEDULERS[name]:
         return FIFOScheduler()
-    own = {"metric": SEARCH_METRIC, "mode": "max"} if own_metric else {}
+    own = {"metric": metric, "mode": "max"} if own_metric else {}
     return ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=min(space.grace_period, max_epochs),
                          reduction_factor=space.reduction_factor, brackets=SCHEDULERS[name], **own)
 
@@ -744,6 +786,7 @@ def _search(cfg: SearchConfig) -> SearchResult:
     problems += _check_weights(space)
     if problems:
         raise ConfigError(problems, source=f"search space {space.name} for this dataset")
+    sites = _plan_sites(cfg, manifest)
 
     name, store = _run_dir(cfg, space)
     try:
@@ -763,7 +806,7 @@ def _search(cfg: SearchConfig) -> SearchResult:
             resources=plan, storage=store.uri, max_failures=cfg.max_failures, searcher=cfg.searcher,
             early_stopping=cfg.early_stopping and cfg.scheduler != "none", scheduler=cfg.scheduler,
             objective=cfg.objective, versions=_versions(), mlflow=_redacted(cfg.mlflow),
-            time_budget_min=cfg.time_budget_min,
+            time_budget_min=cfg.time_budget_min, sites=[site.to_dict() for site in sites],
             started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         trainable = _trainable(record, space, plan, manifest, storage=store.uri)
     except BaseException:  # nothing ran: give the name back, so a corrected command can use it
@@ -776,6 +819,10 @@ def _search(cfg: SearchConfig) -> SearchResult:
              f"({plan['workers']} worker(s) x {plan['cpus_per_worker']:g} CPU{gpu} each)")
     log.info(f"Run: {store.uri} (raycxr status / promote --run / search --resume take this)")
     log.info(f"TensorBoard: tensorboard --logdir {store.child('tune')}")
+    for site in sites:
+        v, t = site.counts["site-val"], site.counts["site-test"]
+        log.info(f"Site {site.name}: site-val {v['images']} films ({v['positives']} positive) scored every epoch; "
+                 f"site-test {t['images']} films ({t['positives']} positive) kept for promote")
 
     if cfg.verbosity < 2:  # Optuna logs "A new study created ..." and each trial at INFO
         import optuna
@@ -787,12 +834,12 @@ def _search(cfg: SearchConfig) -> SearchResult:
         sampler = _sampler(cfg.searcher, seed=space.seed, trials=trials, grid=grid)
         # Several objectives: Optuna's TPE models the Pareto front (MOTPE). Tune's own metric stays
         # unset then, or Tune would overwrite the searcher's list with a single metric.
-        searcher = _study_search(metric=metrics if len(metrics) > 1 else SEARCH_METRIC,
+        searcher = _study_search(metric=metrics if len(metrics) > 1 else metrics[0],
                                  mode=modes if len(modes) > 1 else "max", sampler=sampler, max_epochs=max_epochs,
                                  **_study_storage(store, name))
-    tune_metric = (SEARCH_METRIC, "max") if len(metrics) == 1 else (None, None)
+    tune_metric = (metrics[0], "max") if len(metrics) == 1 else (None, None)
     scheduler = _scheduler(cfg.scheduler if cfg.early_stopping else "none", space=space, max_epochs=max_epochs,
-                           own_metric=tune_metric[0] is None)
+                           own_metric=tune_metric[0] is None, metric=search_metric(cfg.objective))
     tuner = tune.Tuner(
         trainable, param_space=_tune_space(space),
         tune_config=tune.TuneConfig(
@@ -808,10 +855,11 @@ def _search(cfg: SearchConfig) -> SearchResult:
         # default one line per trial start and end (ProgressLines)
         run_config=tune.RunConfig(name="tune", storage_path=store.uri, verbose=1 if cfg.verbosity >= 2 else 0,
                                   callbacks=[KeepTrialHistory(), SignRunCallback(), *tracking,
-                                             *([ProgressLines(trials)] if cfg.verbosity == 1 else []), *cfg.callbacks],
+                                             *([ProgressLines(trials, metric=search_metric(cfg.objective))]
+                                               if cfg.verbosity == 1 else []), *cfg.callbacks],
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                   checkpoint_config=tune.CheckpointConfig(
-                                      num_to_keep=1, checkpoint_score_attribute=METRIC,
+                                      num_to_keep=1, checkpoint_score_attribute=record.select_metric,
                                       checkpoint_score_order="max")),
     )
     RunSigner(store).sign_in_store("tuner.pkl")
@@ -870,12 +918,17 @@ def _trainable(record: RunRecord, space: SearchSpace, plan: dict, manifest: dict
     from raycxr.data import label_matrix, open_split, read_split
     from raycxr.labels import FINDINGS
 
+    from raycxr.sites import site_dataset
+
     data = record.data
     labels = label_matrix(read_split(data, "train", columns=["labels"]).column("labels"))
     _check_target(Path(data), record.target, labels)
+    sources = _val_sources(data)
     # Read once into the object store, shared by every trial: epochs and trials re-read nothing.
     train_ds = open_split(data, "train").materialize()
-    val_ds = open_split(data, "val").materialize()
+    val_ds = open_split(data, "val", extra_columns=["source"] if len(sources) >= 2 else []).materialize()
+    site_ds = {site.name: site_dataset(site, "site-val", record.target).materialize()
+               for site in record.site_records()}
     ingest_size = manifest["params"]["image_size"]
     static = {
         "workers": plan["workers"], "worker_cpu_request": plan["worker_cpu_request"],
@@ -884,7 +937,8 @@ def _trainable(record: RunRecord, space: SearchSpace, plan: dict, manifest: dict
         "loop": {"max_epochs": record.max_epochs, "seed": space.seed, "train_rows": int(len(labels)),
                  "findings": list(FINDINGS), "target": record.target, "pos_weight": _pos_weight(labels),
                  "ingest_image_size": ingest_size, "resize": manifest["params"]["resize"],
-                 "cpus_per_worker": plan["cpus_per_worker"],
+                 "cpus_per_worker": plan["cpus_per_worker"], "select_metric": record.select_metric,
+                 "sites": list(site_ds), "sources": sources if len(sources) >= 2 else [],
                  "weights_dir": str(Path(space.weights_dir).expanduser().resolve()) if space.weights_dir else None,
                  "image_size": ingest_size},
     }
@@ -893,7 +947,37 @@ def _trainable(record: RunRecord, space: SearchSpace, plan: dict, manifest: dict
         fn = run_trial_in_process
     else:
         resources, fn = {"cpu": _TRIAL_DRIVER_CPU}, run_trial
-    return tune.with_resources(tune.with_parameters(fn, train_ds=train_ds, val_ds=val_ds, static=static), resources)
+    return tune.with_resources(tune.with_parameters(fn, train_ds=train_ds, val_ds=val_ds, static=static,
+                                                    site_ds=site_ds), resources)
+
+
+def _val_sources(data: str | Path) -> list[str]:
+    """The sources of a dataset's validation split, sorted."""
+    from raycxr.data import read_manifest
+
+    return sorted(read_manifest(data)["counts"]["val"]["by_source"])
+
+
+def _plan_sites(cfg: SearchConfig, manifest: dict) -> list:
+    """Each ``--site`` divided into site-val and site-test (raycxr.sites), and the objective's needs
+    checked: ``site`` needs a site, ``worst-source`` two or more sources in validation."""
+    from raycxr.sites import parse_site, plan_site
+
+    named = [parse_site(str(s)) if not isinstance(s, tuple) else (s[0], Path(s[1])) for s in cfg.sites]
+    names = [n for n, _ in named]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"two sites share a name ({', '.join(names)}): name them, e.g. --site a=PATH --site b=PATH",
+                          source="--site")
+    if cfg.objective == "site" and not named:
+        raise ConfigError("--objective site needs the deploying site's films: --site PATH (an ingested dataset)",
+                          source="--objective")
+    if cfg.objective == "worst-source":
+        sources = _val_sources(cfg.data)
+        if len(sources) < 2:
+            raise ConfigError(f"--objective worst-source needs a pooled dataset with two or more sources in its "
+                              f"validation split; {cfg.data} has {', '.join(sources) or 'none'}", source="--objective")
+    return [plan_site(name, path, target=cfg.target, test_fraction=cfg.site_test_fraction, seed=cfg.site_seed,
+                      search_data=cfg.data) for name, path in named]
 
 
 def in_process(plan: dict) -> bool:
@@ -1089,23 +1173,28 @@ def _trial_results(store: RunStore, folder: str):
 def run_history(run: str | Path) -> RunHistory:
     """The leaderboard and per-epoch results of a (running, stopped or finished) search, read once.
 
-    ``run`` is the run's folder or URI. A trial's score is its best epoch's validation AUC;
-    ``checkpoint`` is that epoch's checkpoint (the one Ray keeps), as a path or URI. Reads plain
-    JSON only (:func:`_tune_trials`).
+    ``run`` is the run's folder or URI. A trial's score is its best epoch's figure of the run's
+    objective (validation AUC; site-val AUC for ``--objective site``; the worst source's validation
+    AUC for ``worst-source``: :attr:`RunRecord.select_metric`); ``checkpoint`` is that epoch's
+    checkpoint (the one Ray keeps), as a path or URI. Reads plain JSON only (:func:`_tune_trials`).
     """
     store, _ = tune_location(run)
     if not store.exists("tune"):
         raise NoEligibleTrialError(f"{store.uri} holds no Ray Tune experiment: is it a `raycxr search` run? (a "
                                    "search that has just started saves its first state within seconds)")
+    try:
+        select = RunRecord.load(RunStore(run)).select_metric
+    except (ConfigError, OSError):  # a run of raycxr 0.1 or one still starting: validation AUC
+        select = METRIC
     rows, frames = [], {}
     for trial in _tune_trials(store):
         tid = trial["trial_id"]
         df = frames[tid] = _trial_results(store, trial["dir"])
         row = {k: trial["config"].get(k) for k in LEADERBOARD_COLUMNS if k in trial["config"]}
         row.update(trial_id=tid, status="no result", epochs=0, tune_status=trial["status"])
-        if df is not None and METRIC in df and df[METRIC].notna().any():
+        if df is not None and select in df and df[select].notna().any():
             # the last of equally good epochs: the one whose checkpoint Ray keeps on a tie
-            best = df[df[METRIC] == df[METRIC].max()].iloc[-1]
+            best = df[df[select] == df[select].max()].iloc[-1]
             checkpoint = best.get("checkpoint_path")
             if not isinstance(checkpoint, str) and isinstance(best.get("checkpoint_dir_name"), str):
                 checkpoint = store.child("tune", trial["dir"], best["checkpoint_dir_name"])
@@ -1115,10 +1204,13 @@ def run_history(run: str | Path) -> RunHistory:
                         "latency_ms": float(best["latency_ms"]) if "latency_ms" in best else None,
                         "resumed_from_epoch": int(df["resumed_from_epoch"].max()) if "resumed_from_epoch" in df else 0,
                         "checkpoint": store.resolve(checkpoint) if isinstance(checkpoint, str) else None})
+            row.update({k: (float(best[k]) if k != "worst_source" else str(best[k]))
+                        for k in ("site_auc", "site_loss", "worst_source_auc", "worst_source")
+                        if k in best and best[k] == best[k]})
         if trial["status"] == "ERROR":
             row["status"] = "error" if row["status"] != "ok" else "ok (then failed)"
         rows.append(row)
-    rows.sort(key=lambda r: (-(r.get(METRIC) if r.get(METRIC) is not None and not math.isnan(r[METRIC]) else -1),
+    rows.sort(key=lambda r: (-(r.get(select) if r.get(select) is not None and not math.isnan(r[select]) else -1),
                              r["trial_id"]))
     for i, r in enumerate(rows, 1):
         r["rank"] = i
@@ -1183,8 +1275,10 @@ def leaderboard_csv(rows: list[dict]) -> str:
 
 
 def format_leaderboard(rows: list[dict], *, top: int = 10) -> str:
-    cols = ["rank", "trial_id", METRIC, "best_epoch", "epochs", "model", "pretrained", "image_size", "augment", "lr",
-            "batch_size", "latency_ms", "status"]
+    cols = ["rank", "trial_id", METRIC, "site_auc", "worst_source_auc", "best_epoch", "epochs", "model", "pretrained",
+            "image_size", "augment", "lr", "batch_size", "latency_ms", "status"]
+    # the site and worst-source columns only for searches that have them
+    cols = [c for c in cols if c not in ("site_auc", "worst_source_auc") or any(r.get(c) is not None for r in rows)]
 
     def fmt(v):
         if isinstance(v, float):

@@ -31,7 +31,7 @@ import numpy as np
 
 from raycxr.errors import ConfigError
 
-SELECTION_RULES = ("shift-auc", "val-auc")
+SELECTION_RULES = ("auto", "shift-auc", "val-auc", "site")
 ENSEMBLE_MODES = ("auto", "on", "off")
 MAX_ENSEMBLE = 3
 
@@ -91,12 +91,14 @@ def ties(point: np.ndarray, draws: np.ndarray) -> tuple[list[int], np.ndarray]:
 
 
 def choose(finalists: list[dict], logits: np.ndarray, y: np.ndarray, groups: np.ndarray, *, ensemble: str = "auto",
-           n_boot: int = 1000, seed: int = 0) -> dict:
+           n_boot: int = 1000, seed: int = 0, score: str = "shift AUC") -> dict:
     """Apply the rule (steps 2-5 above) to ``finalists`` (leaderboard rows, best validation AUC
     first, each with ``latency_ms``) whose validation logits under every view are ``logits`` (M, V, N).
 
     Returns what was chosen (``members``: indices into ``finalists``; ``kind``: single or
-    ensemble), why, and every finalist's figures for the model card.
+    ensemble), why, and every finalist's figures for the model card. ``score`` names the mean-over-
+    views AUC in the reasons given (``promote --select site`` passes one view, the site's site-val
+    films, and calls it "site-val AUC").
     """
     if ensemble not in ENSEMBLE_MODES:
         raise ConfigError(f"ensemble {ensemble!r} is not one of {ENSEMBLE_MODES}", source="--ensemble")
@@ -121,10 +123,10 @@ def choose(finalists: list[dict], logits: np.ndarray, y: np.ndarray, groups: np.
         out["ensemble"] = {"members": [finalists[i]["trial_id"] for i in members], "shift_auc": ens_point,
                            "best_single_shift_auc": float(point[best])}
         if ensemble == "on" or ens_point > point[best]:
-            why = (f"--ensemble on: the mean logit of the {len(members)} best finalists (shift AUC {ens_point:.4f}, the "
+            why = (f"--ensemble on: the mean logit of the {len(members)} best finalists ({score} {ens_point:.4f}, the "
                    f"best single model {point[best]:.4f})" if ensemble == "on" else
                    f"{len(tied)} finalists tied with the best within the patient bootstrap; the mean logit of "
-                   f"{len(members)} of them scored shift AUC {ens_point:.4f} against the best single model's "
+                   f"{len(members)} of them scored {score} {ens_point:.4f} against the best single model's "
                    f"{point[best]:.4f}")
             out.update(kind="ensemble", members=members, why=why)
             return out
@@ -133,8 +135,8 @@ def choose(finalists: list[dict], logits: np.ndarray, y: np.ndarray, groups: np.
         return r_latency(finalists[i])
 
     fastest = min(ranked_tied, key=lambda i: (latency(i), -point[i]))
-    why = (f"best shift AUC {point[best]:.4f}" if fastest == best and len(tied) == 1 else
-           f"{len(tied)} finalists tied with the best (shift AUC {point[best]:.4f}) within the patient bootstrap; "
+    why = (f"best {score} {point[best]:.4f}" if fastest == best and len(tied) == 1 else
+           f"{len(tied)} finalists tied with the best ({score} {point[best]:.4f}) within the patient bootstrap; "
            f"the fastest of them was chosen ({_ms(latency(fastest))} batch-1 ONNX on CPU)")
     out.update(kind="single", members=[fastest], why=why)
     return out

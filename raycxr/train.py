@@ -39,6 +39,11 @@ from raycxr.models import SCHEMA_VERSION, ModelSpec
 log = logging.getLogger(__name__)
 
 METRIC = "val_auc"
+# What picks a trial's best epoch (its kept checkpoint) and ranks trials, per search objective:
+# internal validation AUC; the site's own films' AUC (site-val, raycxr.sites); or the worst
+# per-source validation AUC of a pooled dataset. The searcher sees the running best of it
+# (NAME_best), which is what the leaderboard ranks by.
+SELECTION_METRICS = {"auc": METRIC, "auc-latency": METRIC, "site": "site_auc", "worst-source": "worst_source_auc"}
 # One batch prepared ahead. With two, Ray Data formats batches in a pool of threads and its seeded
 # local shuffle no longer gives the same order twice, so the same search gave other figures each
 # time (tests/test_search_warm.py). The data path still delivers far more batches per second
@@ -46,9 +51,12 @@ METRIC = "val_auc"
 _PREFETCH_BATCHES = 1
 
 
-def _collate_fn():
-    """A Ray Data collate function: raw bytes -> {"image": uint8 (N,1,H,W), "labels": float (N,K), -1 unknown}."""
+def _collate_fn(sources: tuple = ()):
+    """A Ray Data collate function: raw bytes -> {"image": uint8 (N,1,H,W), "labels": float (N,K), -1 unknown},
+    and, for a batch with a ``source`` column, "source": each row's index into ``sources`` (int64)."""
     from ray.data.collate_fn import NumpyBatchCollateFn
+
+    codes = {s: i for i, s in enumerate(sources)}
 
     class _Collate(NumpyBatchCollateFn):
         def __call__(self, batch: dict) -> dict:
@@ -56,8 +64,11 @@ def _collate_fn():
 
             from raycxr.data import decode_images, label_matrix
 
-            return {"image": torch.from_numpy(decode_images(batch).copy()),
-                    "labels": torch.from_numpy(label_matrix(batch["labels"]).astype(np.float32))}
+            out = {"image": torch.from_numpy(decode_images(batch).copy()),
+                   "labels": torch.from_numpy(label_matrix(batch["labels"]).astype(np.float32))}
+            if "source" in batch:
+                out["source"] = torch.tensor([codes.get(str(s), -1) for s in batch["source"]], dtype=torch.int64)
+            return out
 
     return _Collate()
 
@@ -128,7 +139,10 @@ def _trial_config_fields():
     searchable = [(k, typ, field(default=None)) for k, (typ, _, _) in PARAMS.items()]
     static = [("seed", int), ("findings", tuple), ("target", str), ("max_epochs", int), ("train_rows", int),
               ("ingest_image_size", int), ("resize", str), ("pos_weight", tuple), ("cpus_per_worker", float, 1.0),
-              ("weights_dir", str | None, None), ("trial_id", str, "")]
+              ("weights_dir", str | None, None), ("trial_id", str, ""),
+              # what picks the best epoch (SELECTION_METRICS); the site-val datasets' names; the
+              # validation split's sources when there are two or more (per-source figures)
+              ("select_metric", str, METRIC), ("sites", tuple, ()), ("sources", tuple, ())]
     return searchable, [(n, t, field(default=d[0])) if d else (n, t) for n, t, *d in static]
 
 
@@ -149,8 +163,9 @@ def _make_trial_config():
         for k, (_, _, default) in PARAMS.items():  # absent from older runs' trials: the documented default
             if values.get(k) is None and isinstance(default, (int, float, str)):
                 values[k] = default
-        values["findings"] = tuple(values["findings"])
-        values["pos_weight"] = tuple(values["pos_weight"])
+        for k in ("findings", "pos_weight", "sites", "sources"):
+            if k in values:
+                values[k] = tuple(values[k])
         return cls(**values)
 
     def hyperparameters(self) -> dict:
@@ -261,7 +276,8 @@ def build_trial(cfg, *, rank: int, world: int, device, prepare=lambda m: m) -> _
     mean, std = input_stats(model)
     spec = ModelSpec(architecture=cfg.model, findings=tuple(cfg.findings), target=cfg.target,
                      image_size=cfg.image_size, stored_size=cfg.ingest_image_size, resize=cfg.resize, mean=mean,
-                     std=std, drop_rate=cfg.drop_rate, pretrained=cfg.pretrained or "none", trial_id=cfg.trial_id)
+                     std=std, drop_rate=cfg.drop_rate, pretrained=cfg.pretrained or "none", trial_id=cfg.trial_id,
+                     equalize=cfg.equalize or "none")
     cuda = device.type == "cuda"
     if cuda:  # convolutions run faster on NHWC tensors with cuDNN
         model = model.to(memory_format=torch.channels_last)
@@ -311,7 +327,7 @@ def train_one_epoch(t: _Trial, batches) -> dict:
     for batch in batches:
         c0 = time.perf_counter()
         x = train_input(batch["image"].to(device, non_blocking=True), image_size=cfg.image_size, mean=t.spec.mean,
-                        std=t.spec.std, strength=cfg.augment, generator=t.gen)
+                        std=t.spec.std, strength=cfg.augment, equalize=t.spec.equalize, generator=t.gen)
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         y = batch["labels"].to(device, non_blocking=True)
@@ -338,35 +354,70 @@ def train_one_epoch(t: _Trial, batches) -> dict:
             "train_compute_s": compute_s}
 
 
-def validate(t: _Trial, batches) -> dict:
-    """Validation figures of the evaluated weights on the target finding, where it is known.
-
-    Scores through :func:`raycxr.predict.logits` (the path promote, evaluate and predict use);
-    AUC is computed on the logits (a sigmoid does not change a ranking), the loss on their sigmoid.
-    """
-    from scipy.special import expit
-    from sklearn.metrics import log_loss, roc_auc_score
-
+def _scores(t: _Trial, batches) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(target logits, 0/1 labels, source codes or None) of the evaluated weights over ``batches``,
+    rows with a known target label only. Scores through :func:`raycxr.predict.target_logits` (the
+    path promote, evaluate and predict use)."""
     from raycxr.predict import target_logits
 
-    z, labels = [], []
+    z, labels, codes = [], [], []
     for batch in batches:
         z.append(target_logits(t.evaluated, t.spec, batch["image"], device=t.device))
         labels.append(batch["labels"][:, t.spec.target_index].cpu().numpy())
+        if "source" in batch:
+            codes.append(batch["source"].cpu().numpy())
     z, labels = (np.concatenate(z), np.concatenate(labels)) if z else (np.zeros(0), np.zeros(0))
     known = labels >= 0
-    z, labels = z[known], labels[known]
+    return z[known], labels[known].astype(int), np.concatenate(codes)[known] if codes else None
+
+
+def _figures(z: np.ndarray, y: np.ndarray) -> dict:
+    """AUC (on the logits: a sigmoid does not change a ranking), log-loss and accuracy at 0.5 of the
+    uncalibrated sigmoid; NaN where a figure is undefined (one class, no rows)."""
+    from scipy.special import expit
+    from sklearn.metrics import log_loss, roc_auc_score
+
     probs = expit(z)
-    both = len(np.unique(labels)) == 2
-    return {"val_auc": float(roc_auc_score(labels, z)) if both else float("nan"),
-            "val_loss": float(log_loss(labels, np.clip(probs, 1e-7, 1 - 1e-7), labels=[0, 1])) if len(z) else
-            float("nan"),
-            "val_accuracy": float(np.mean((probs >= 0.5) == labels)) if len(z) else float("nan"),
-            "val_images": int(len(labels))}
+    return {"auc": float(roc_auc_score(y, z)) if len(np.unique(y)) == 2 else float("nan"),
+            "loss": float(log_loss(y, np.clip(probs, 1e-7, 1 - 1e-7), labels=[0, 1])) if len(z) else float("nan"),
+            "accuracy": float(np.mean((probs >= 0.5) == y)) if len(z) else float("nan"), "n": int(len(y))}
 
 
-def _resume(t: _Trial, ckpt) -> tuple[int, float, dict | None]:
-    """(first epoch to run, best validation AUC so far, the checkpoint's metrics) from a checkpoint."""
+def validate(t: _Trial, batches) -> dict:
+    """Validation figures of the evaluated weights on the target finding, where it is known.
+
+    With two or more sources in validation (``cfg.sources``), also each source's AUC
+    (``source_auc/NAME``) and the worst of them (``worst_source_auc``, ``worst_source``): how the
+    model ranks films of its weakest source, the figure ``--objective worst-source`` selects by.
+    """
+    z, y, codes = _scores(t, batches)
+    f = _figures(z, y)
+    out = {"val_auc": f["auc"], "val_loss": f["loss"], "val_accuracy": f["accuracy"], "val_images": f["n"]}
+    if codes is not None and len(t.cfg.sources) >= 2:
+        per = {src: _figures(z[codes == i], y[codes == i])["auc"] for i, src in enumerate(t.cfg.sources)}
+        out.update({f"source_auc/{src}": v for src, v in per.items()})
+        scored = {src: v for src, v in per.items() if not math.isnan(v)}  # a one-class source has no AUC
+        worst = min(scored, key=scored.get) if scored else ""
+        out.update(worst_source_auc=scored.get(worst, float("nan")), worst_source=worst)
+    return out
+
+
+def validate_sites(t: _Trial, sites: dict) -> dict:
+    """Each site's site-val figures (``site_auc/NAME``, ``site_loss/NAME``: the model's own
+    sigmoid, uncalibrated) and their mean over sites (``site_auc``, ``site_loss``).
+    ``sites``: name -> batches."""
+    per = {name: _figures(*_scores(t, batches)[:2]) for name, batches in sites.items()}
+    out = {}
+    for name, f in per.items():
+        out[f"site_auc/{name}"], out[f"site_loss/{name}"] = f["auc"], f["loss"]
+    out["site_auc"] = float(np.mean([f["auc"] for f in per.values()]))
+    out["site_loss"] = float(np.mean([f["loss"] for f in per.values()]))
+    return out
+
+
+def _resume(t: _Trial, ckpt) -> tuple[int, float, float, dict | None]:
+    """(first epoch to run, best validation AUC so far, best selection score so far, the checkpoint's
+    metrics) from a checkpoint."""
     import torch
     from safetensors.torch import load_file
 
@@ -377,7 +428,9 @@ def _resume(t: _Trial, ckpt) -> tuple[int, float, dict | None]:
         t.bare.load_state_dict(state["model"])
     t.opt.load_state_dict(state["optimizer"])
     t.sched.load_state_dict(state["scheduler"])
-    return int(state["epoch"]) + 1, float(state.get("best_val_auc", float("nan"))), state.get("metrics")
+    best = state.get("best_score", state.get("best_val_auc", float("nan")))  # raycxr <= 0.3: val AUC only
+    return (int(state["epoch"]) + 1, float(state.get("best_val_auc", float("nan"))), float(best),
+            state.get("metrics"))
 
 
 class TrainSession:
@@ -386,7 +439,7 @@ class TrainSession:
 
     report_again = True  # Ray Train keeps checkpoints Tune may not have heard of (see run_loop)
 
-    def __init__(self):
+    def __init__(self, *, sites: tuple = ()):
         import ray.train
         import ray.train.torch
 
@@ -395,6 +448,8 @@ class TrainSession:
         self.device = ray.train.torch.get_device()
         self.prepare = ray.train.torch.prepare_model
         self.train, self.val = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+        # each site's site-val films, whole on every worker (validation runs on rank 0): site_dataset_key
+        self.sites = {name: ray.train.get_dataset_shard(site_dataset_key(name)) for name in sites}
 
     def checkpoint(self):
         import ray.train
@@ -417,10 +472,11 @@ class TuneSession:
     report_again = False  # Tune restores a trial from a checkpoint it registered itself
     rank, world = 0, 1
 
-    def __init__(self, train_ds, val_ds, *, use_gpu: bool):
+    def __init__(self, train_ds, val_ds, *, use_gpu: bool, sites: dict | None = None):
         import torch
 
         self.train, self.val = train_ds, val_ds
+        self.sites = dict(sites or {})  # site name -> its site-val dataset
         # Ray sets CUDA_VISIBLE_DEVICES to the trial's GPU (whole or a fraction): it is cuda:0 here.
         self.device = torch.device("cuda", 0) if use_gpu and torch.cuda.is_available() else torch.device("cpu")
         self.prepare = lambda m: m
@@ -455,9 +511,20 @@ def _latency_ms(model, architecture: str, image_size: int) -> float:
     return _LATENCIES[key]
 
 
+def site_dataset_key(name: str) -> str:
+    """The name a site's site-val dataset goes by among a TorchTrainer's datasets."""
+    return f"site:{name}"
+
+
+def _running_max(best: float, value: float) -> float:
+    """The running best of a figure; a NaN (undefined that epoch) neither starts nor ends it."""
+    return value if not math.isnan(value) and not best >= value else best
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One trial on one Ray Train worker (a multi-worker trial): :func:`run_loop` over Ray Train."""
-    run_loop(TrialConfig.from_tune(config), TrainSession())
+    cfg = TrialConfig.from_tune(config)
+    run_loop(cfg, TrainSession(sites=cfg.sites))
 
 
 def run_loop(cfg, session) -> None:
@@ -470,9 +537,9 @@ def run_loop(cfg, session) -> None:
 
     keep_freed_memory()
     t = build_trial(cfg, rank=session.rank, world=session.world, device=session.device, prepare=session.prepare)
-    start_epoch, best_val_auc = 0, float("nan")
+    start_epoch, best_val_auc, best_score = 0, float("nan"), float("nan")
     if (ckpt := session.checkpoint()) is not None:
-        start_epoch, best_val_auc, metrics = _resume(t, ckpt)
+        start_epoch, best_val_auc, best_score, metrics = _resume(t, ckpt)
         log.info("resumed from checkpoint at epoch %d", start_epoch)
         # Report the checkpoint's epoch again: when the driver died, the epochs reported since its
         # last save never reached Tune, and this checkpoint (the one Ray Train kept) would then be
@@ -484,7 +551,7 @@ def run_loop(cfg, session) -> None:
             session.report(again)
 
     record = CheckpointRecord(spec=t.spec, hyperparameters=cfg.hyperparameters(), seed=cfg.seed)
-    collate = _collate_fn()
+    collate, val_collate = _collate_fn(), _collate_fn(cfg.sources)
     cuda = t.device.type == "cuda"
     latency_ms = None  # of the model's ONNX export on this machine's CPU, measured once after the first epoch
     for epoch in range(start_epoch, cfg.max_epochs):
@@ -502,19 +569,23 @@ def run_loop(cfg, session) -> None:
             session.report(metrics)
             continue
         v0 = time.perf_counter()
-        metrics.update(validate(t, session.val.iter_torch_batches(batch_size=256, collate_fn=collate,
+        metrics.update(validate(t, session.val.iter_torch_batches(batch_size=256, collate_fn=val_collate,
                                                                    device=t.device)))
+        if session.sites:
+            metrics.update(validate_sites(t, {name: ds.iter_torch_batches(batch_size=256, collate_fn=collate,
+                                                                          device=t.device)
+                                              for name, ds in session.sites.items()}))
         metrics["val_time_s"] = time.perf_counter() - v0
-        val_auc = metrics["val_auc"]
-        if not math.isnan(val_auc) and not best_val_auc >= val_auc:  # running max; NaN neither starts nor ends it
-            best_val_auc = val_auc
+        best_val_auc = _running_max(best_val_auc, metrics["val_auc"])
+        best_score = _running_max(best_score, metrics.get(cfg.select_metric, float("nan")))
         if latency_ms is None:
             latency_ms = _latency_ms(t.evaluated, cfg.model, cfg.image_size)
-        metrics.update(val_auc_best=best_val_auc, latency_ms=latency_ms)
+        metrics.update({"val_auc_best": best_val_auc, f"{cfg.select_metric}_best": best_score,
+                        "latency_ms": latency_ms})
         with tempfile.TemporaryDirectory() as tmp:
             c0 = time.perf_counter()
             train_state = {"optimizer": t.opt.state_dict(), "scheduler": t.sched.state_dict(), "epoch": epoch,
-                           "best_val_auc": best_val_auc, "metrics": metrics}
+                           "best_val_auc": best_val_auc, "best_score": best_score, "metrics": metrics}
             if t.ema is not None:
                 train_state["model"] = {k: v.detach().cpu() for k, v in t.bare.state_dict().items()}
             save_checkpoint(Path(tmp), model=t.evaluated, record=record, train_state=train_state)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 
 import numpy as np
+import pytest
 from PIL import Image
 from scipy.special import expit
 
@@ -146,6 +147,49 @@ def test_every_hostile_input_gets_its_own_row_and_the_good_files_are_still_score
     assert main(["predict", "--model", str(model_dir), *map(str, inputs)]) == 1  # some rows are errors
     out = list(csv.DictReader(capsys.readouterr().out.splitlines()))
     assert len(out) == len(inputs)
+
+
+@pytest.mark.parametrize("low, high, rank_by", [
+    (5.0, 15.0, "probability"),  # past 9.9 four decimals round to 1.0000; float64 keeps every step
+    (40.0, 80.0, "logit"),       # past ~37 the float64 sigmoid is exactly 1.0: only the logit ranks
+])
+def test_predicts_output_keeps_the_models_ranking(tmp_path, sample_dir, capsys, low, high, rank_by):
+    """An ROC of predict's CSV must be the model's own: 4 decimals tied films at 1.0000 (AUC 0.9495
+    from the CSV where the logits gave 0.952). Real films, calibrated to logits in [low, high]; the
+    ranking column read back from the CSV and the JSON gives the AUC of the network's logits."""
+    import json
+
+    from sklearn.metrics import roc_auc_score
+
+    from raycxr.cli import main
+    from raycxr.imaging import load_for_model
+
+    files = [*sorted((sample_dir / "NORMAL").iterdir())[:30], *sorted((sample_dir / "PNEUMONIA").iterdir())[:30]]
+    y = np.repeat([0, 1], 30)
+    net, promoted = load_promoted(promoted_model(tmp_path / "raw"))
+    spec = promoted.spec
+    images = np.stack([load_for_model(f, spec.stored_size, policy=spec.resize) for f in files])
+    z = target_logits(net, spec, images, batch_size=32)  # predict's batches
+    scale = (high - low) / float(z.max() - z.min())
+    cal = {"method": "platt", "scale": scale, "bias": low - scale * float(z.min())}
+    model_dir = promoted_model(tmp_path / "m", calibration=cal)  # the same network (seeded), calibrated
+
+    capsys.readouterr()
+    assert main(["predict", "--model", str(model_dir), *map(str, files)]) == 0
+    rows = list(csv.DictReader(capsys.readouterr().out.splitlines()))
+    assert main(["predict", "--model", str(model_dir), "--format", "json", *map(str, files)]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [r["file"] for r in rows] == [r["file"] for r in records] == [str(f) for f in files]
+    for got in (rows, records):
+        p = np.array([float(r["probability"]) for r in got])
+        logit = np.array([float(r["logit"]) for r in got])
+        np.testing.assert_array_equal(p, expit(logit))  # the probability is the logit's sigmoid, bit for bit
+        np.testing.assert_allclose(logit, scale * z + cal["bias"], rtol=1e-12, atol=0)
+        ranked = {"probability": p, "logit": logit}[rank_by]
+        assert len(set(ranked)) == len(set(z)) and roc_auc_score(y, ranked) == roc_auc_score(y, z)
+    assert roc_auc_score(y, np.round(p, 4)) != roc_auc_score(y, z)  # what 4 decimals did
+    if rank_by == "logit":
+        assert (p == 1.0).all() and len(set(logit)) == len(set(z))
 
 
 def _png_of(path, arr):

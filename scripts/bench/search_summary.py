@@ -40,3 +40,26 @@ for r, df in zip(history.board, frames):
     print(f"  {r['trial_id']}: {r.get('pretrained') or '-'} {r.get('image_size')} px, {len(df)} epochs, best val AUC "
           f"{r['val_auc']:.4f}, compute {df['train_compute_s'].sum():.0f} s ({df['train_compute_s'].mean():.0f} s "
           f"per epoch), validation {df['val_time_s'].mean():.1f} s per epoch, {r['tune_status']}")
+
+# With --site: every trial's site-val AUC per epoch (optimistic once the search chose on it), printed
+# and plotted beside the run folder (site_auc_per_epoch.png).
+sited = [(r, df) for r, df in zip(history.board, frames) if df is not None and "site_auc" in df]
+if sited:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    print("site-val AUC per epoch (the search chose on these: optimistic):")
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for r, df in sited:
+        print(f"  {r['trial_id']}: {r.get('model')} {r.get('image_size')} px {r.get('augment')}/"
+              f"{r.get('equalize')}: " + " ".join(f"{v:.4f}" for v in df["site_auc"]))
+        ax.plot(df["epoch"], df["site_auc"], marker="o", label=f"{r['trial_id']} {r.get('image_size')}px "
+                f"{r.get('augment')}/{r.get('equalize')}")
+        ax.plot(df["epoch"], df["val_auc"], linestyle=":", color=ax.lines[-1].get_color())
+    ax.set(xlabel="epoch", ylabel="AUC", title="site-val AUC (solid) and internal val AUC (dotted) per epoch")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(run.parent / "site_auc_per_epoch.png")
+    print(f"plot: {run.parent / 'site_auc_per_epoch.png'}")
