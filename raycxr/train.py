@@ -415,6 +415,40 @@ def validate_sites(t: _Trial, sites: dict) -> dict:
     return out
 
 
+def surviving_checkpoint(ckpt):
+    """The checkpoint to resume from: ``ckpt`` (the one Ray hands a restored trial), or, when Ray has
+    deleted it since, the newest complete checkpoint the same trial folder still holds; None when
+    none survives (the trial starts again from its first epoch, with a warning).
+
+    Ray keeps a trial's best checkpoint and its latest, and deletes the previous latest as soon as a
+    newer one is registered; the search's saved state names the latest at its last save (every few
+    seconds). A driver killed between the two resumes the trial from a checkpoint that is gone.
+    """
+    if ckpt is None:
+        return None
+    import pyarrow.fs as pafs
+
+    fs = ckpt.filesystem
+
+    def complete(path: str) -> bool:
+        return all(fs.get_file_info(f"{path}/{name}").type == pafs.FileType.File
+                   for name in ("model.safetensors", "train_state.pt"))
+
+    if complete(ckpt.path):
+        return ckpt
+    trial_dir = ckpt.path.rstrip("/").rsplit("/", 1)[0]
+    kept = [i for i in fs.get_file_info(pafs.FileSelector(trial_dir, allow_not_found=True))
+            if i.type == pafs.FileType.Directory and complete(i.path)]
+    if not kept:
+        log.warning("the checkpoint to resume from (%s) is gone and the trial folder holds no other: the trial "
+                    "starts again from its first epoch", ckpt.path)
+        return None
+    newest = max(kept, key=lambda i: (fs.get_file_info(f"{i.path}/train_state.pt").mtime_ns or 0, i.path))
+    log.warning("the checkpoint to resume from (%s) was deleted by Ray after the search last saved its state: "
+                "resuming from %s, the newest checkpoint the trial kept", ckpt.path, newest.path)
+    return type(ckpt)(path=newest.path, filesystem=fs)
+
+
 def _resume(t: _Trial, ckpt) -> tuple[int, float, float, dict | None]:
     """(first epoch to run, best validation AUC so far, best selection score so far, the checkpoint's
     metrics) from a checkpoint."""
@@ -538,7 +572,7 @@ def run_loop(cfg, session) -> None:
     keep_freed_memory()
     t = build_trial(cfg, rank=session.rank, world=session.world, device=session.device, prepare=session.prepare)
     start_epoch, best_val_auc, best_score = 0, float("nan"), float("nan")
-    if (ckpt := session.checkpoint()) is not None:
+    if (ckpt := surviving_checkpoint(session.checkpoint())) is not None:
         start_epoch, best_val_auc, best_score, metrics = _resume(t, ckpt)
         log.info("resumed from checkpoint at epoch %d", start_epoch)
         # Report the checkpoint's epoch again: when the driver died, the epochs reported since its

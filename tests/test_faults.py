@@ -138,7 +138,9 @@ def test_killed_driver_then_resume_loses_and_repeats_nothing(ray_local, dataset,
     resumed = _search(["--resume", str(run)], tmp_path)
     assert resumed.wait(timeout=400) == 0, (tmp_path / "search-1.log").read_text()[-3000:]
     board = _board(run)
-    assert len(board) == 3 and all(r["status"] == "ok" and r["epochs"] == "3" for r in board), board
+    assert len(board) == 3 and all(r["status"] == "ok" and r["epochs"] == "3" for r in board), \
+        ([{k: r[k] for k in ("trial_id", "status", "tune_status", "epochs", "resumed_from_epoch")} for r in board],
+         (tmp_path / "search-1.log").read_text()[-3000:])
     after = _epochs_reported(run)
     for trial, epochs in finished_before.items():
         assert after[trial] == epochs, f"finished trial {trial} was re-run: {epochs} -> {after[trial]}"

@@ -79,3 +79,33 @@ def test_an_epoch_learns_and_validation_scores_through_the_one_path(dataset, tmp
     rebuilt = back.spec.load_network(tmp_path)
     np.testing.assert_allclose(target_logits(rebuilt, back.spec, val.images),
                                target_logits(t.evaluated, t.spec, val.images), atol=1e-6)
+
+
+def test_a_resumed_trial_whose_checkpoint_ray_deleted_resumes_from_the_newest_it_kept(tmp_path, caplog):
+    """Ray deletes a trial's previous latest checkpoint as soon as a newer one is registered; a
+    driver killed before the search saved its state again hands the resumed trial a checkpoint that
+    is gone (seen in CI as a trial that failed twice on resume)."""
+    import os
+    import shutil
+
+    from ray.train import Checkpoint
+
+    from raycxr.train import surviving_checkpoint
+
+    trial = tmp_path / "trial_x"
+    for i, name in enumerate(["checkpoint_000000", "checkpoint_000002", "checkpoint_000003"]):
+        (trial / name).mkdir(parents=True)
+        for f in ("model.safetensors", "train_state.pt"):
+            (trial / name / f).write_bytes(b"x")
+            os.utime(trial / name / f, ns=(10**18 + i * 10**9,) * 2)
+    (trial / "checkpoint_000003" / "train_state.pt").unlink()  # a checkpoint cut short is no candidate
+    kept = Checkpoint.from_directory(str(trial / "checkpoint_000000"))
+    assert surviving_checkpoint(kept).path == kept.path  # present: used as it is
+    assert surviving_checkpoint(None) is None
+    gone = Checkpoint.from_directory(str(trial / "checkpoint_000001"))
+    with caplog.at_level("WARNING"):
+        resumed = surviving_checkpoint(gone)
+    assert resumed.path == str(trial / "checkpoint_000002") and "deleted by Ray" in caplog.text
+    for name in ("checkpoint_000000", "checkpoint_000002", "checkpoint_000003"):
+        shutil.rmtree(trial / name)
+    assert surviving_checkpoint(gone) is None
