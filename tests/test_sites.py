@@ -227,3 +227,27 @@ def test_objective_worst_source_needs_two_sources(tmp_path, dataset):
     space.write_text(TINY_SPACE)
     with pytest.raises(ConfigError, match="two or more sources"):
         raycxr.search(dataset, space, name="one", runs_dir=tmp_path / "runs", verbosity=0, objective="worst-source")
+
+
+def test_site_figures_reach_tune_from_a_torchtrainer_trial(tmp_path, hospital_and_site, ray_local):
+    """The same site figures when a trial is a Ray Train TorchTrainer (the DDP path: the site-val
+    films travel as one of the trainer's unsplit datasets), and its kept checkpoint is its best
+    site-val epoch."""
+    import torch
+
+    import raycxr
+    from raycxr.search import run_history
+
+    hospital, site_dir = hospital_and_site
+    space = tmp_path / "ddp.yaml"
+    space.write_text(TINY_SPACE.replace("trials: 2", "trials: 1").replace(
+        "cpus_per_worker: 1}", "cpus_per_worker: 1, trainer: ray-train}"))
+    result = raycxr.search(hospital, space, name="ddp", runs_dir=tmp_path / "runs", verbosity=0,
+                           sites=(f"clinic={site_dir}",), objective="site")
+    (row,) = run_history(result.run).board
+    df = run_history(result.run).frames[row["trial_id"]]
+    assert len(df) == 3 and df["site_auc"].between(0, 1).all()
+    best = df[df["site_auc"] == df["site_auc"].max()].iloc[-1]
+    assert row["best_epoch"] == int(best["epoch"]) and "/trials/" in row["checkpoint"]
+    state = torch.load(Path(row["checkpoint"]) / "train_state.pt", weights_only=True)
+    assert state["epoch"] + 1 == row["best_epoch"]
