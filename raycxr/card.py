@@ -138,7 +138,8 @@ def _selection(card: dict) -> str:
                   f"{'yes' if f['tied_with_best'] else 'no'} | {_ms(f['latency_ms'])} |" for f in sel["finalists"]]
     if "ensemble" in sel:
         e = sel["ensemble"]
-        lines += ["", f"Ensemble of the tied finalists ({' + '.join(e['members'])}, mean logit): {score} "
+        which = "the best finalists, forced" if sel["ensemble_mode"] == "on" else "the tied finalists"
+        lines += ["", f"Ensemble of {which} ({' + '.join(e['members'])}, mean logit): {score} "
                       f"{fmt(e['shift_auc'])} against {fmt(e['best_single_shift_auc'])} for the best single model; "
                       f"{'promoted' if sel['kind'] == 'ensemble' else 'not promoted'} "
                       f"(`--ensemble {sel['ensemble_mode']}`)."]

@@ -123,14 +123,15 @@ def _promote(args) -> int:
     ids = ", ".join(f"{r['trial_id']} (val AUC {r['val_auc']:.4f})" for r in card["members"])
     print(f"Promoted {card['architecture']}: trial {ids} -> {args.out}")
     print(f"Selection ({card['selection']['rule']}): {card['selection']['why']}")
+    on = card["selection"].get("on", "validation")
+    score = "site-val AUC" if card["selection"]["rule"] == "site" else "shift AUC"  # what the finalists were ranked by
     for f in card["selection"].get("finalists", []):
-        print(f"  finalist {f['trial_id']} {f['model']}@{f['image_size']}px: val AUC {f['val_auc']:.4f}, shift AUC "
+        print(f"  finalist {f['trial_id']} {f['model']}@{f['image_size']}px: val AUC {f['val_auc']:.4f}, {score} "
               f"{f['shift_auc']:.4f}{' (tied with the best)' if f['tied_with_best'] else ''}, "
               f"{'n/a' if f['latency_ms'] is None else format(f['latency_ms'], '.1f')} ms")
-    print(f"Threshold {card['threshold']:.4f} (rule {card['threshold_rule']}, chosen on "
-          f"{card['selection'].get('on', 'validation')})")
+    print(f"Threshold {card['threshold']:.4f} (rule {card['threshold_rule']}, chosen on {on})")
     if "val_auc_with" in (tta := card["tta"]):
-        print(f"Test-time augmentation {'on' if tta['used'] else 'off'} (validation AUC "
+        print(f"Test-time augmentation {'on' if tta['used'] else 'off'} ({on} AUC "
               f"{tta['val_auc_without']:.4f} without, {tta['val_auc_with']:.4f} with; --tta {tta['mode']})")
     headline = card["headline"]
     if headline["kind"] == "site":

@@ -176,12 +176,19 @@ def choose_operating_threshold(y, p, groups, *, rule: str, target: float = 0.95,
     return float(chosen), stab
 
 
+def reliability_bins(p: np.ndarray, *, bins: int = 10) -> np.ndarray:
+    """Each probability's bin among ``bins`` equal-width ones, by scikit-learn's own rule for
+    ``calibration_curve(strategy="uniform")`` (an edge belongs to the bin below it), so that counts
+    and per-bin intervals line up with its points. The ECE and the reliability plot both bin here."""
+    return np.searchsorted(np.linspace(0.0, 1.0, bins + 1)[1:-1], np.asarray(p, dtype=float))
+
+
 def expected_calibration_error(y: np.ndarray, p: np.ndarray, *, bins: int = 10) -> float:
     """ECE over equal-width probability bins: sum over bins of |observed - predicted| x share."""
     from sklearn.calibration import calibration_curve
 
     prob_true, prob_pred = calibration_curve(y, p, n_bins=bins, strategy="uniform")
-    counts = np.histogram(p, bins=np.linspace(0, 1, bins + 1))[0]
+    counts = np.bincount(reliability_bins(p, bins=bins), minlength=bins)
     counts = counts[counts > 0]  # calibration_curve drops empty bins too
     return float(np.sum(np.abs(prob_true - prob_pred) * counts) / len(p))
 

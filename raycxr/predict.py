@@ -107,25 +107,45 @@ def _last_conv(model):
     return convs[-1]
 
 
+def grad_cam(model, x, target: int, size: tuple[int, int]) -> np.ndarray:
+    """Grad-CAM (captum) of ``model``'s ``target`` logit for input ``x``, resized to ``size`` (the
+    film's), each map scaled to a maximum of 1: (N, H, W). Of the network itself under test-time
+    augmentation, not of the averaged views; of an :class:`~raycxr.transforms.Ensemble`, the mean of
+    its members' maps, each taken at the member's own input size through its own preprocessing."""
+    from raycxr.transforms import Ensemble, TestTimeAugment
+
+    if isinstance(model, TestTimeAugment):
+        model = model.model
+    if isinstance(model, Ensemble):
+        return np.mean([_scaled(_cam(lambda v, i=i: model.member_logits(v, i), model.members[i], x, target, size))
+                        for i in range(len(model.members))], axis=0)
+    return _scaled(_cam(model, model, x, target, size))
+
+
+def _cam(forward, network, x, target: int, size) -> np.ndarray:
+    import torch.nn.functional as F
+    from captum.attr import LayerGradCam
+
+    cam = LayerGradCam(forward, _last_conv(network)).attribute(x, target=target, relu_attributions=True)
+    return F.interpolate(cam, size=size, mode="bilinear", align_corners=False).detach().numpy()[:, 0]
+
+
+def _scaled(maps: np.ndarray) -> np.ndarray:
+    peak = maps.max(axis=(1, 2), keepdims=True)
+    return np.where(peak > 0, maps / np.where(peak > 0, peak, 1), maps)
+
+
 def _write_saliency(model, x, target: int, images: np.ndarray, names: list[str], out_dir: Path) -> list[str]:
-    """Grad-CAM heat maps (captum) over the input images, as PNG overlays."""
+    """Grad-CAM heat maps (:func:`grad_cam`) over the input images, as PNG overlays."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import torch.nn.functional as F
-    from captum.attr import LayerGradCam
 
-    from raycxr.transforms import TestTimeAugment
-
-    if isinstance(model, TestTimeAugment):  # Grad-CAM of the network itself, not of the averaged views
-        model = model.model
-    cam = LayerGradCam(model, _last_conv(model)).attribute(x, target=target, relu_attributions=True)
-    cam = F.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False).detach().numpy()[:, 0]
+    cam = grad_cam(model, x, target, images.shape[-2:])
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for img, heat, name in zip(images, cam, names):
-        heat = heat / heat.max() if heat.max() > 0 else heat
         fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
         ax.imshow(img, cmap="gray")
         ax.imshow(heat, cmap="jet", alpha=0.35)

@@ -54,6 +54,12 @@ class PromoteConfig:
     register: str | None = None  # register the promoted model under this name in the MLflow Model Registry
     mlflow: str | None = None    # the MLflow tracking URI for --register (default $MLFLOW_TRACKING_URI)
 
+    def __post_init__(self):
+        if self.ensemble == "on" and (self.select == "val-auc" or self.fastest_within is not None):
+            rule = "--select val-auc" if self.select == "val-auc" else "--fastest-within"
+            raise ConfigError(f"--ensemble on asks for an ensemble but {rule} promotes one trial: drop one of the "
+                              "two (--select shift-auc or site compare finalists and can ensemble them)")
+
 
 def _export(model, out: Path, sample: "np.ndarray") -> dict:
     """Write TorchScript and ONNX next to the safetensors weights; check both match eager."""

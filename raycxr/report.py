@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from raycxr.card import fmt, fmt_ci
+from raycxr.metrics import reliability_bins
 
 
 def _figure():
@@ -77,9 +78,9 @@ def plot_reliability(y, p, ece: float, path: Path, *, bins: int = 10) -> Path:
     from scipy.stats import binomtest
 
     prob_true, prob_pred = calibration_curve(y, p, n_bins=bins, strategy="uniform")
-    # the same bins as calibration_curve's "uniform" strategy, to put a Wilson 95% CI on each point:
+    # the same bins as calibration_curve's and the ECE's, to put a Wilson 95% CI on each point:
     # a bin of three images says little, and the bar shows it
-    ids = np.searchsorted(np.linspace(0, 1, bins + 1)[1:-1], p)
+    ids = reliability_bins(p, bins=bins)
     y = np.asarray(y, dtype=int)
     cis = np.array([binomtest(int(y[ids == b].sum()), int((ids == b).sum())).proportion_ci(method="wilson")
                     for b in np.unique(ids)])
@@ -88,7 +89,8 @@ def plot_reliability(y, p, ece: float, path: Path, *, bins: int = 10) -> Path:
     ax.errorbar(prob_pred, prob_true, yerr=[prob_true - cis[:, 0], cis[:, 1] - prob_true], marker="o", lw=2,
                 capsize=3, label=f"model (ECE {ece:.3f}), 95% CI per bin")
     ax2 = ax.twinx()
-    ax2.hist(p, bins=np.linspace(0, 1, bins + 1), alpha=0.2, color="grey")
+    ax2.bar((np.arange(bins) + 0.5) / bins, np.bincount(ids, minlength=bins), width=1 / bins, alpha=0.2,
+            color="grey")
     ax2.set_ylabel("images per bin", color="grey")
     ax.set(xlabel="predicted probability", ylabel="observed frequency", title="Reliability, holdout",
            xlim=(0, 1), ylim=(0, 1.01))

@@ -264,13 +264,23 @@ class Ensemble(torch.nn.Module):
         for e in self.equalizes:
             _preprocessed(torch.zeros(1, 1, 1, 1, dtype=torch.uint8), e)  # an unknown one fails here, not later
 
+    @staticmethod
+    def _view(x: torch.Tensor, equalize: str) -> torch.Tensor:
+        # x is uint8/255 exactly, so *255 and rounding gives the pixels back
+        return x if equalize == "none" else _preprocessed((x * 255).round().to(torch.uint8), equalize).float() / 255
+
+    def _member(self, i: int, view: torch.Tensor) -> torch.Tensor:
+        size, mean, std = self.inputs[i]
+        return self.members[i]((_resized(view, size) - mean) / std)
+
+    def member_logits(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """Member ``i``'s logits for the ensemble's input, through its own preprocessing (Grad-CAM
+        explains an ensemble member by member)."""
+        return self._member(i, self._view(x, self.equalizes[i]))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        views = {"none": x}
-        if "hist" in self.equalizes:  # x is uint8/255 exactly, so *255 and rounding gives the pixels back
-            views["hist"] = equalize_histogram((x * 255).round().to(torch.uint8)).float() / 255
-        logits = [member((_resized(views[e], size) - mean) / std)
-                  for member, (size, mean, std), e in zip(self.members, self.inputs, self.equalizes)]
-        return torch.stack(logits).mean(0)
+        views = {e: self._view(x, e) for e in sorted(set(self.equalizes))}  # each equalisation once
+        return torch.stack([self._member(i, views[e]) for i, e in enumerate(self.equalizes)]).mean(0)
 
 
 class ServingGraph(torch.nn.Module):

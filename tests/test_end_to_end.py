@@ -262,7 +262,7 @@ def test_end_to_end(ray_local, tmp_path, sample_dir, capsys, monkeypatch):
     got = logits(ens, ens_cfg.spec, imgs)
     assert np.abs(got - expect).max() < 1e-5
     md = (ens_dir / "model_card.md").read_text()
-    assert "PPV at 30%" in md and "specificity (exported)" in md and "Ensemble of the tied finalists" in md
+    assert "PPV at 30%" in md and "specificity (exported)" in md and "Ensemble of the best finalists, forced" in md
 
     # --fastest-within: the quickest trial whose validation AUC is within the delta of the best.
     fast_dir = tmp_path / "model-fast"

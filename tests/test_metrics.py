@@ -62,6 +62,13 @@ def test_ece_is_zero_for_calibrated_and_large_for_overconfident():
     assert expected_calibration_error(y, np.where(p > 0.5, 0.999, 0.001)) > 0.2
 
 
+def test_ece_weighs_each_bin_by_the_images_calibration_curve_put_in_it():
+    """0.45 and 0.5 share a bin (an edge belongs to the bin below, scikit-learn's rule), 0.55 is
+    alone: (2 x |0.5 - 0.475| + 1 x |1 - 0.55|) / 3. Counting with np.histogram's rule (0.5 in the
+    bin above) weighed the bins the wrong way round: 0.308."""
+    assert expected_calibration_error(np.array([0, 1, 1]), np.array([0.45, 0.5, 0.55])) == pytest.approx(0.5 / 3)
+
+
 def test_platt_scaling_fixes_overconfidence_and_a_shifted_prior():
     from sklearn.metrics import log_loss
 

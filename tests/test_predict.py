@@ -195,3 +195,32 @@ def test_predicts_output_keeps_the_models_ranking(tmp_path, sample_dir, capsys, 
 def _png_of(path, arr):
     Image.fromarray(arr).save(path)
     return path
+
+
+def test_grad_cam_of_an_ensemble_is_the_mean_of_its_members_maps_each_through_its_own_input():
+    """Issue 26: an ensemble's saliency explained its last member only. Each member's map is taken
+    at its own input size, equalisation and normalisation; a one-member ensemble gives its member's."""
+    import torch
+
+    from raycxr.predict import grad_cam
+    from raycxr.transforms import Ensemble, to_model_input
+
+    torch.manual_seed(0)
+
+    def net():
+        m = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3, padding=1),
+                                torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(64, 2))
+        return m.eval()
+
+    a, b = net(), net()
+    rng = np.random.default_rng(0)
+    films = torch.from_numpy(rng.integers(0, 256, (3, 1, 64, 64), dtype=np.uint8))
+    stored = to_model_input(films, image_size=64, mean=0.0, std=1.0)  # an ensemble's input
+    own_a = grad_cam(a, to_model_input(films, image_size=32, mean=0.5, std=0.25, equalize="hist"), 1, (64, 64))
+    own_b = grad_cam(b, to_model_input(films, image_size=48, mean=0.4, std=0.3), 1, (64, 64))
+    assert own_a.shape == (3, 64, 64) and np.allclose(own_a.max(axis=(1, 2)), 1) and not np.allclose(own_a, own_b)
+
+    alone = Ensemble([a], image_sizes=[32], means=[0.5], stds=[0.25], equalizes=["hist"])
+    assert np.allclose(grad_cam(alone, stored, 1, (64, 64)), own_a, atol=1e-5)
+    both = Ensemble([a, b], image_sizes=[32, 48], means=[0.5, 0.4], stds=[0.25, 0.3], equalizes=["hist", "none"])
+    assert np.allclose(grad_cam(both, stored, 1, (64, 64)), (own_a + own_b) / 2, atol=1e-5)

@@ -62,3 +62,7 @@ def test_promote_refuses_what_a_user_can_get_wrong(tmp_path, capsys):
     assert "has not written its record yet" in capsys.readouterr().err
     with pytest.raises(Exception, match="needs --prevalence"):
         promote(PromoteConfig(run=str(run), out=tmp_path / "m", threshold_rule="bayes"))
+    for flags in (["--select", "val-auc"], ["--fastest-within", "0.01"]):  # one trial cannot be an ensemble
+        assert main(["promote", "--run", str(run), "--out", str(tmp_path / "m"), "--ensemble", "on", *flags]) == 2
+        assert "--ensemble on asks for an ensemble" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
