@@ -132,7 +132,7 @@ def _cam(forward, network, x, target: int, size) -> np.ndarray:
 
 def _scaled(maps: np.ndarray) -> np.ndarray:
     peak = maps.max(axis=(1, 2), keepdims=True)
-    return np.where(peak > 0, maps / np.where(peak > 0, peak, 1), maps)
+    return maps / np.where(peak > 0, peak, 1)  # an all-zero map stays as it is
 
 
 def _write_saliency(model, x, target: int, images: np.ndarray, names: list[str], out_dir: Path) -> list[str]:

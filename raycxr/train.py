@@ -430,23 +430,24 @@ def surviving_checkpoint(ckpt):
 
     fs = ckpt.filesystem
 
-    def complete(path: str) -> bool:
-        return all(fs.get_file_info(f"{path}/{name}").type == pafs.FileType.File
-                   for name in ("model.safetensors", "train_state.pt"))
+    def train_state(path: str):
+        """The checkpoint's train_state.pt entry when the checkpoint is complete, else None."""
+        weights, state = fs.get_file_info([f"{path}/model.safetensors", f"{path}/train_state.pt"])
+        return state if weights.type == state.type == pafs.FileType.File else None
 
-    if complete(ckpt.path):
+    if train_state(ckpt.path) is not None:
         return ckpt
     trial_dir = ckpt.path.rstrip("/").rsplit("/", 1)[0]
-    kept = [i for i in fs.get_file_info(pafs.FileSelector(trial_dir, allow_not_found=True))
-            if i.type == pafs.FileType.Directory and complete(i.path)]
+    kept = [(state.mtime_ns or 0, d.path) for d in fs.get_file_info(pafs.FileSelector(trial_dir, allow_not_found=True))
+            if d.type == pafs.FileType.Directory and (state := train_state(d.path)) is not None]
     if not kept:
         log.warning("the checkpoint to resume from (%s) is gone and the trial folder holds no other: the trial "
                     "starts again from its first epoch", ckpt.path)
         return None
-    newest = max(kept, key=lambda i: (fs.get_file_info(f"{i.path}/train_state.pt").mtime_ns or 0, i.path))
+    _, newest = max(kept)
     log.warning("the checkpoint to resume from (%s) was deleted by Ray after the search last saved its state: "
-                "resuming from %s, the newest checkpoint the trial kept", ckpt.path, newest.path)
-    return type(ckpt)(path=newest.path, filesystem=fs)
+                "resuming from %s, the newest checkpoint the trial kept", ckpt.path, newest)
+    return type(ckpt)(path=newest, filesystem=fs)
 
 
 def _resume(t: _Trial, ckpt) -> tuple[int, float, float, dict | None]:
