@@ -82,6 +82,9 @@ PARAMS: dict[str, tuple[type, Any, Any]] = {
     # where a trial's starting weights come from (raycxr.models.create_model): none (from scratch),
     # imagenet (timm's, or weights_dir/MODEL.safetensors offline), tag:..., hf-hub:..., file:...
     "pretrained": (str, lambda v: _check_pretrained(v), "none"),
+    # training's autocast (raycxr.precision): auto = bf16 on GPUs and on CPUs with AMX/AVX512-BF16
+    # (fp32 for depthwise networks on CPU, which bf16 does not speed up); validation scores in fp32
+    "precision": (str, lambda v: None if v in ("auto", "fp32", "bf16") else "allowed: auto, fp32, bf16", "auto"),
 }
 
 # The hyperparameters a trial reports, in the order tables show them: the leaderboard, each

@@ -67,7 +67,7 @@ SEARCH_METRIC = "val_auc_best"
 OBJECTIVES = {"auc": ([SEARCH_METRIC], ["max"]), "auc-latency": ([SEARCH_METRIC, "latency_ms"], ["max", "min"]),
               "site": (["site_auc_best"], ["max"]), "worst-source": (["worst_source_auc_best"], ["max"])}
 LEADERBOARD_COLUMNS = ["rank", "trial_id", METRIC, "best_epoch", "epochs", "val_accuracy", "val_loss", "site_auc",
-                       "site_loss", "worst_source_auc", "worst_source", "latency_ms",
+                       "site_loss", "worst_source_auc", "worst_source", "latency_ms", "train_images_per_s",
                        *HYPERPARAMETERS, "status", "tune_status", "resumed_from_epoch", "checkpoint"]
 
 
@@ -1205,8 +1205,10 @@ def run_history(run: str | Path) -> RunHistory:
                         "resumed_from_epoch": int(df["resumed_from_epoch"].max()) if "resumed_from_epoch" in df else 0,
                         "checkpoint": store.resolve(checkpoint) if isinstance(checkpoint, str) else None})
             row.update({k: (float(best[k]) if k != "worst_source" else str(best[k]))
-                        for k in ("site_auc", "site_loss", "worst_source_auc", "worst_source")
+                        for k in ("site_auc", "site_loss", "worst_source_auc", "worst_source", "train_images_per_s")
                         if k in best and best[k] == best[k]})
+            if isinstance(best.get("precision"), str):  # what `auto` resolved to on the trial's node
+                row["precision"] = best["precision"]
         if trial["status"] == "ERROR":
             row["status"] = "error" if row["status"] != "ok" else "ok (then failed)"
         rows.append(row)

@@ -249,6 +249,7 @@ class _Trial:
     sched: Any
     scaler: Any
     amp_dtype: Any
+    precision: Any          # raycxr.precision.Precision: autocast dtype and layout
     device: Any
     pos_weight: Any
     rank: int
@@ -265,12 +266,14 @@ def build_trial(cfg, *, rank: int, world: int, device, prepare=lambda m: m) -> _
     import torch
 
     from raycxr.models import create_model, input_stats
+    from raycxr.precision import resolve as resolve_precision
+    from raycxr.precision import set_cpu_threads
 
     seed = cfg.seed * 1000 + rank
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)  # mixup's Beta draws
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    set_cpu_threads(cfg.cpus_per_worker)
     model = create_model(cfg.model, pretrained=cfg.pretrained or "none", weights_dir=cfg.weights_dir,
                          drop_rate=cfg.drop_rate, num_classes=len(cfg.findings))
     mean, std = input_stats(model)
@@ -278,14 +281,14 @@ def build_trial(cfg, *, rank: int, world: int, device, prepare=lambda m: m) -> _
                      image_size=cfg.image_size, stored_size=cfg.ingest_image_size, resize=cfg.resize, mean=mean,
                      std=std, drop_rate=cfg.drop_rate, pretrained=cfg.pretrained or "none", trial_id=cfg.trial_id,
                      equalize=cfg.equalize or "none")
-    cuda = device.type == "cuda"
-    if cuda:  # convolutions run faster on NHWC tensors with cuDNN
+    # autocast dtype and memory layout for this device and network (raycxr.precision): bf16 on GPUs
+    # and on CPUs with AMX/AVX512-BF16 under `auto`, fp16 with a gradient scaler on older GPUs
+    precision = resolve_precision(cfg.precision or "auto", device=device, model=model)
+    if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = prepare(model.to(device))
     bare = model.module if hasattr(model, "module") else model
-    # Mixed precision on GPU: bf16 where the card has it (no loss scaling needed), else fp16 with a
-    # gradient scaler. CPU trains in fp32.
-    amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
+    amp_dtype = precision.dtype
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
@@ -308,7 +311,7 @@ def build_trial(cfg, *, rank: int, world: int, device, prepare=lambda m: m) -> _
 
         ema = ModelEmaV3(bare, decay=cfg.ema_decay, use_warmup=True)
     return _Trial(cfg=cfg, spec=spec, model=model, bare=bare, evaluated=ema.module if ema is not None else bare,
-                  ema=ema, opt=opt, sched=sched, scaler=scaler, amp_dtype=amp_dtype, device=device,
+                  ema=ema, opt=opt, sched=sched, scaler=scaler, amp_dtype=amp_dtype, precision=precision, device=device,
                   pos_weight=pos_weight, rank=rank, world=world, gen=gen, rng=rng)
 
 
@@ -328,7 +331,7 @@ def train_one_epoch(t: _Trial, batches) -> dict:
         c0 = time.perf_counter()
         x = train_input(batch["image"].to(device, non_blocking=True), image_size=cfg.image_size, mean=t.spec.mean,
                         std=t.spec.std, strength=cfg.augment, equalize=t.spec.equalize, generator=t.gen)
-        if cuda:
+        if t.precision.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = batch["labels"].to(device, non_blocking=True)
         if cfg.mixup:
@@ -568,7 +571,6 @@ def run_loop(cfg, session) -> None:
     ``session`` is a :class:`TrainSession` or a :class:`TuneSession`: the only difference between a
     DDP trial and one trained in Tune's own process is where batches come from and where reports go.
     """
-    import torch
 
     keep_freed_memory()
     t = build_trial(cfg, rank=session.rank, world=session.world, device=session.device, prepare=session.prepare)
@@ -598,8 +600,7 @@ def run_loop(cfg, session) -> None:
             pin_memory=cuda, device=t.device))
         metrics.update({"epoch": epoch + 1, "resumed_from_epoch": start_epoch, "world_size": t.world,
                         "device": t.device.type, "nodes": _worker_nodes(t.world),
-                        "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(t.amp_dtype, "fp32"),
-                        "channels_last": cuda})
+                        "precision": t.precision.name, "channels_last": t.precision.channels_last})
         if t.rank != 0:
             session.report(metrics)
             continue

@@ -7,7 +7,10 @@ import json
 import pickle
 
 import pytest
+import torch
 
+from raycxr.models import create_model
+from raycxr.precision import resolve
 from raycxr.search import SearchConfig, run_search
 
 pytestmark = pytest.mark.slow
@@ -38,6 +41,12 @@ def test_trials_share_one_warm_process_and_a_search_repeats_exactly(ray_local, d
     # measured the trial's training itself (no Ray Train worker: world size 1, no start-up per trial)
     assert len({rows[0]["pid"] for rows in first}) == 1, [rows[0]["pid"] for rows in first]
     assert all(r["world_size"] == 1 and r["train_compute_s"] > 0 for rows in first for r in rows)
+    # each trial trained in what `precision: auto` picks on this machine for its network (bf16 on an
+    # AMX/AVX512-BF16 CPU, fp32 for the depthwise test_efficientnet), and says so with its speed
+    for rows in first:
+        expected = resolve("auto", device=torch.device("cpu"), model=create_model(rows[0]["config"]["model"]))
+        assert all((r["precision"], r["channels_last"]) == (expected.name, expected.channels_last) for r in rows)
+        assert all(r["train_images_per_s"] > 0 for r in rows)
     # the same seed, space and data: the same configurations, and the same figures to the last bit
     figures = ("train_loss", "val_auc", "val_loss", "val_accuracy")
     assert [rows[0]["config"] for rows in first] == [rows[0]["config"] for rows in again]
