@@ -110,7 +110,9 @@ def _tta_line(tta: dict) -> str:
     views = ", ".join(f"{v['rotation_deg']:+g} deg x{v['scale']:g}" for v in tta["views"])
     return (f"Test-time augmentation: **{'on' if tta['used'] else 'off'}** (`--tta {tta['mode']}`; validation AUC "
             f"{fmt(tta['val_auc_without'])} without, {fmt(tta['val_auc_with'])} with the mean logit over views "
-            f"{views}).")
+            f"{views}" + (f"; the gain's paired patient-bootstrap 95% CI {fmt(tta['gain_ci95'][0], 4)} to "
+                          f"{fmt(tta['gain_ci95'][1], 4)}: `auto` keeps TTA only when it lies above 0"
+                          if tta.get("gain_ci95") else "") + ").")
 
 
 def _selection(card: dict) -> str:
@@ -288,17 +290,24 @@ def _external(card: dict) -> str:
         return (f"Internal holdouts from one hospital overestimate external performance{measured}. This model has no "
                 "external evaluation yet: run `raycxr evaluate --model THIS --data OTHER` on a dataset from elsewhere, "
                 "and this section will compare the two.")
-    worst = min(ext, key=lambda e: e["auc"] if e["auc"] == e["auc"] else 1.0)
+    def kind(e: dict) -> str:  # external only when checked disjoint from the training and validation films
+        o = e.get("overlap") or {"checked": False, "verdict": "overlap with the training data not checked"}
+        return "external" if o["checked"] and not o["images"] else o["verdict"].split(":")[0]
+
+    disjoint = [e for e in ext if kind(e) == "external"]
+    worst = min(disjoint, key=lambda e: e["auc"] if e["auc"] == e["auc"] else 1.0) if disjoint else None
     lines = [f"Internal holdouts from one hospital overestimate external performance: measured for this model, "
              f"holdout AUC {fmt(internal['auc'])} against {fmt(worst['auc'])} on {', '.join(worst['sources'])} "
-             f"({worst['auc'] - internal['auc']:+.3f}).", "",
+             f"({worst['auc'] - internal['auc']:+.3f})." if worst else
+             "No evaluation below is external: each shares films with the model's training or validation data, or "
+             "could not be checked for it, so none measures performance elsewhere.", "",
              "| data | images (positive) | AUC (95% CI) | accuracy (95% CI) | sensitivity | specificity |",
              "| --- | --- | --- | --- | --- | --- |",
              f"| internal holdout ({', '.join(internal_sources(card))}) | {internal['n']} ({internal['positives']}) | "
              f"{fmt(internal['auc'])} ({fmt_ci(internal['ci95']['auc'])}) | {fmt(internal['accuracy'])} "
              f"({fmt_ci(internal['ci95']['accuracy'])}) | {fmt(internal['sensitivity'])} | "
              f"{fmt(internal['specificity'])} |"]
-    lines += [f"| external: {', '.join(e['sources'])} ({e['split']}, `{e['fingerprint']}`) | {e['n']} "
+    lines += [f"| {kind(e)}: {', '.join(e['sources'])} ({e['split']}, `{e['fingerprint']}`) | {e['n']} "
               f"({e['positives']}) | {fmt(e['auc'])} ({fmt_ci(e['ci95']['auc'])}) | {fmt(e['accuracy'])} "
               f"({fmt_ci(e['ci95']['accuracy'])}) | {fmt(e['sensitivity'])} | {fmt(e['specificity'])} |" for e in ext]
     lines += ["", "External rows use this model's own calibration and exported threshold, fixed on internal validation."]
@@ -322,6 +331,34 @@ def _serving_line(card: dict) -> str:
     return (f"\n`model.serving.onnx` (`--serving-onnx`): {s['input']} in, calibrated {s['output']} out, with the "
             f"resize, normalisation, test-time augmentation and calibration inside; max |difference| from "
             f"`raycxr.Model.predict_proba` on validation images {s['max_abs_diff']:.1e}.")
+
+
+def _cpu_serving(card: dict) -> str:
+    """The exports' CPU latency (ONNX Runtime, median of 30 after warm-up) and the int8 decision."""
+    table = card.get("latency") or {}
+    if not table:
+        return ""
+    lines = ["\n## Serving on a CPU\n", "Latency of the ONNX exports under ONNX Runtime (graph optimisations on) on the "
+             "promoting machine's CPU, median of 30 runs after warm-up:\n",
+             "| model | batch | threads | ms per batch | ms per image |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {name} | {r['batch']} | {r['threads']} | {r['median_ms']:.2f} | {r['per_image_ms']:.2f} |"
+              for name, rows in table.items() for r in rows]
+    trial = ", ".join(f"{m['trial_id']} {_ms(m.get('latency_ms'))} ms" for m in card["members"])
+    lines.append(f"\nThe promoted model itself{' (ensemble)' if len(card['members']) > 1 else ''}"
+                 f"{' with test-time augmentation' if card['tta']['used'] else ''}, measured as trials measure theirs "
+                 f"(batch 1, one thread, the minimum of 30): {_ms(card.get('latency_ms'))} ms; its trial(s) "
+                 f"reported {trial}.")
+    q = card.get("int8")
+    if q:
+        lines.append(f"\nint8 (`--quantize int8`, {q['format']}, activation ranges from {q['calibration_films']} "
+                     f"{q['on']} films): {q['why']} (paired patient bootstrap, {q['n_boot_used']} resamples).")
+        if "holdout" in q:
+            lines += ["", "| holdout | AUC (95% CI) | accuracy | sensitivity | specificity |",
+                      "| --- | --- | --- | --- | --- |"]
+            lines += [f"| {name} (`{'model.onnx' if name == 'fp32' else q['file']}`) | {fmt(m['auc'])} "
+                      f"({fmt_ci(m['auc_ci95'])}) | {fmt(m['accuracy'])} | {fmt(m['sensitivity'])} | "
+                      f"{fmt(m['specificity'])} |" for name, m in q["holdout"].items()]
+    return "\n".join(lines) + "\n"
 
 
 def write_model_card(card: dict, path: Path) -> None:
@@ -348,8 +385,11 @@ def card_body(card: dict) -> str:
     counts = data["counts"]
     warn = ""
     if card["holdout_previously_read"]:
-        warn = (f"\n> **Note:** this run's holdout had already been read {card['holdout_previously_read']} time(s) "
-                "before this promotion. Figures from repeated holdout reads are optimistic.\n")
+        earlier = "; ".join(f"{e.get('time')} by {e.get('by') or 'promote'}"
+                            + (f" (run {e['run']})" if e.get("run") else "") for e in card.get("holdout_earlier_reads", []))
+        warn = (f"\n> **Note:** these holdout films had already been read {card['holdout_previously_read']} time(s) "
+                f"before this promotion{': ' + earlier if earlier else ''}. Figures from repeated holdout reads are "
+                "optimistic.\n")
     per_source = "\n".join(
         f"| {s} | {m['n']} | {fmt(m['auc'])} ({fmt_ci(m['ci95']['auc'])}) | "
         f"{fmt(m['sensitivity'])} | {fmt(m['specificity'])} |" for s, m in h["per_source"].items())
@@ -427,6 +467,6 @@ the whole space and the top of the leaderboard.
 `model.safetensors` (source of truth), `model.torchscript.pt`, `model.onnx`; max |logit difference| against
 the eager model on real images: TorchScript {card['export_max_abs_diff']['torchscript']:.1e},
 ONNX {card['export_max_abs_diff']['onnx']:.1e}. Preprocessing is in `config.json`.{_serving_line(card)}
-
+{_cpu_serving(card)}
 ## Software
 """ + ", ".join(f"{k} {v}" for k, v in card["versions"].items()) + "\n"

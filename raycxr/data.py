@@ -29,7 +29,7 @@ from raycxr.labels import FINDINGS, index
 if TYPE_CHECKING:
     import ray.data
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: group_hash
 SPLITS = ("train", "val", "holdout")
 
 SCHEMA = pa.schema([
@@ -46,6 +46,10 @@ SCHEMA = pa.schema([
     pa.field("source", pa.string(), nullable=False, metadata={"doc": "dataset key, e.g. kermany"}),
     pa.field("patient_hash", pa.string(), nullable=False,
              metadata={"doc": "salted SHA-256 of the source's patient key (16 hex); raw IDs are never stored"}),
+    pa.field("group_hash", pa.string(), nullable=False,
+             metadata={"doc": "the split group: patients merged because they share an identical or near-duplicate "
+                              "film (or a twin across sources) are one group, named by its smallest patient_hash; "
+                              "splits keep groups whole and every bootstrap resamples groups"}),
     pa.field("split", pa.string(), nullable=False, metadata={"doc": "train, val or holdout (patient-disjoint)"}),
     pa.field("path", pa.string(), nullable=False,
              metadata={"doc": "pseudonymised file name: salted hash of the path under the source root + suffix "
@@ -136,17 +140,17 @@ class SplitArrays:
 
     images: np.ndarray   # uint8 (N, 1, S, S)
     y: np.ndarray        # 0/1
-    groups: np.ndarray   # patient hashes
+    groups: np.ndarray   # split groups (group_hash): the bootstrap's clusters
     sources: np.ndarray
 
 
 def split_arrays(data_dir: str | Path, split: str, target: str) -> SplitArrays:
     """A split read whole into memory (promote and evaluate score every row of it)."""
-    table = read_split(data_dir, split, columns=["image", "height", "width", "labels", "source", "patient_hash"])
+    table = read_split(data_dir, split, columns=["image", "height", "width", "labels", "source", "group_hash"])
     labels = target_labels(table, target)
     table = table.filter(pa.array(labels >= 0))
     images = (decode_images(table.select(["image", "height", "width"]).to_pydict()) if table.num_rows
               else np.zeros((0, 1, 1, 1), np.uint8))
     return SplitArrays(images, labels[labels >= 0].astype(int),
-                       table.column("patient_hash").to_numpy(zero_copy_only=False),
+                       table.column("group_hash").to_numpy(zero_copy_only=False),
                        table.column("source").to_numpy(zero_copy_only=False))

@@ -59,6 +59,7 @@ class IngestConfig:
     twin_similarity: float = TWIN_SIMILARITY  # thumbnail cosine at which images of two sources are one film; <=0 off
     source_options: dict[str, dict[str, str]] = field(default_factory=dict)
     allow_empty_splits: bool = False  # write a dataset whose train, val or holdout ends up empty (warns)
+    max_file_mb: float = 512.0  # a larger file is quarantined unread (a chest film is a few MB; a hostile one is not)
 
     def __post_init__(self):
         problems = []
@@ -71,6 +72,8 @@ class IngestConfig:
         for name in ("val_fraction", "holdout_fraction"):
             if not 0.0 < getattr(self, name) < 1.0:
                 problems.append(f"{name}: {getattr(self, name)} must be between 0 and 1 (exclusive)")
+        if not self.max_file_mb > 0:
+            problems.append(f"max_file_mb: {self.max_file_mb} must be above 0 (MB)")
         if self.val_fraction + self.holdout_fraction >= 0.9:
             problems.append("val_fraction + holdout_fraction must leave at least 10% for train")
         if not self.sources:
@@ -102,15 +105,23 @@ class IngestSummary:
 
 def _resolve_salt(salt: str | None) -> str:
     """The secret mixed into patient hashes: stable per user, never written into a dataset."""
-    if salt:
-        return salt
-    if os.environ.get(_SALT_ENV):
-        return os.environ[_SALT_ENV]
-    if not _SALT_FILE.exists():
+    salt, where = salt or None, "the salt"
+    if salt is None and os.environ.get(_SALT_ENV) is not None:
+        salt, where = os.environ[_SALT_ENV], f"${_SALT_ENV}"
+    if salt is None:
         _SALT_FILE.parent.mkdir(parents=True, exist_ok=True)
-        _SALT_FILE.write_text(secrets.token_hex(32))
-        _SALT_FILE.chmod(0o600)
-    return _SALT_FILE.read_text().strip()
+        try:  # created private and whole, in one step (never world-readable, even for an instant)
+            fd = os.open(_SALT_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        except FileExistsError:
+            pass  # made earlier (or by a concurrent ingest): read it
+        salt, where = _SALT_FILE.read_text().strip(), str(_SALT_FILE)
+    if not salt.strip():
+        raise ConfigError(f"{where} is empty: an empty salt makes patient hashes guessable from the patient IDs; "
+                          f"delete the file (raycxr makes a new one) or set {_SALT_ENV} to a long random secret",
+                          source="salt")
+    return salt
 
 
 def salted_hash(salt: str, *parts: str) -> str:
@@ -128,14 +139,14 @@ def _pseudonym(salt: str, rec: Record) -> str:
     return salted_hash(salt, "path", rec.source, rec.rel_path) + (suffix if suffix in _KEPT_SUFFIXES else "")
 
 
-def _decode_one(args: tuple[str, int, str, str, bool, bool]) -> tuple:
+def _decode_one(args: tuple[str, int, str, str, bool, bool, float]) -> tuple:
     """Worker: read the file once, hash its bytes, decode, resize, dHash, twin views. Never raises.
 
     Returns (content hash, pixels or None, original size, dHash, twin views, reason)."""
     from raycxr.dedup import dhash, twin_views
     from raycxr.imaging import blank_reason, decode, not_regular, resize
 
-    path, size, policy, fmt, want_hash, want_twins = args
+    path, size, policy, fmt, want_hash, want_twins, max_mb = args
     raw = None
     if fmt.startswith("npz:"):  # one image of an archive: hash the image, not the whole archive
         content_hash = ""
@@ -143,9 +154,14 @@ def _decode_one(args: tuple[str, int, str, str, bool, bool]) -> tuple:
         if why := not_regular(path):  # a FIFO or device named by a manifest would block the read for ever
             return "", None, (0, 0), None, None, why
         try:
+            if (nbytes := os.stat(path).st_size) > max_mb * 2**20:
+                return "", None, (0, 0), None, None, (f"file of {nbytes / 2**20:.0f} MB, over the {max_mb:g} MB "
+                                                      "limit (ingest --max-file-mb): not read")
             raw = Path(path).read_bytes()
         except OSError as exc:
             return "", None, (0, 0), None, None, f"cannot open file: {exc.strerror}"
+        except MemoryError:
+            return "", None, (0, 0), None, None, "not enough memory to read the file: not read"
         content_hash = hashlib.sha256(raw).hexdigest()
     try:
         arr, original = decode(path, draft_size=size, fmt=fmt, data=raw)
@@ -188,7 +204,8 @@ def _decode_all(records: list[Record], cfg: IngestConfig) -> list[tuple]:
     from concurrent.futures.process import BrokenProcessPool
 
     twins = cfg.twin_similarity > 0 and len(cfg.sources) > 1  # only a pool can hold another set's copies
-    jobs = [(str(r.path), cfg.image_size, cfg.resize, r.fmt, cfg.near_duplicate_bits >= 0, twins) for r in records]
+    jobs = [(str(r.path), cfg.image_size, cfg.resize, r.fmt, cfg.near_duplicate_bits >= 0, twins, cfg.max_file_mb)
+            for r in records]
     workers = cfg.workers or os.cpu_count() or 1
     bar = progress.bar(total=len(jobs), desc="decode", unit="img")
     results: dict[int, tuple] = {}
@@ -286,6 +303,15 @@ def _screen(records: list[Record], cfg: IngestConfig) -> tuple[list[Record], lis
         else:
             keep.append(r)
     return keep, quarantine
+
+
+def _is_dataset(folder: Path) -> bool:
+    """True if ``folder`` holds a manifest written by raycxr ingest (any schema version)."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(manifest, dict) and {"schema_version", "fingerprint", "params"} <= set(manifest)
 
 
 def _groups(kept: list[tuple], salt: str, cfg: IngestConfig) -> tuple[list[str], _UnionFind, dict]:
@@ -412,8 +438,9 @@ def ingest(cfg: IngestConfig) -> IngestSummary:
     import tempfile
 
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not (out / "manifest.json").exists():
-        raise DataError(f"{out} exists and is not a raycxr dataset: choose an empty or new --out folder")
+    if out.exists() and any(out.iterdir()) and not _is_dataset(out):
+        raise DataError(f"{out} exists and is not a raycxr dataset (no manifest.json written by raycxr ingest): "
+                        "nothing in it was touched; choose an empty or new --out folder")
     salt = _resolve_salt(cfg.salt)
 
     records = _scan(cfg)
@@ -435,7 +462,8 @@ def ingest(cfg: IngestConfig) -> IngestSummary:
         rows_by_split[split].append({
             "image": pixels, "height": cfg.image_size, "width": cfg.image_size,
             "labels": to_vector(rec.labels), "label_detail": rec.label_detail, "view": rec.view,
-            "source": rec.source, "patient_hash": hashes[i], "split": split, "path": _pseudonym(salt, rec),
+            "source": rec.source, "patient_hash": hashes[i], "group_hash": uf.find(hashes[i]), "split": split,
+            "path": _pseudonym(salt, rec),
             "content_hash": content_hash, "orig_height": orig[0], "orig_width": orig[1],
         })
     if empty := _check_splits(rows_by_split, cfg):
@@ -455,6 +483,10 @@ def ingest(cfg: IngestConfig) -> IngestSummary:
         _write_quarantine(quarantine, build / "quarantine.csv", salt)
         summary = _write_manifest(build, cfg, salt, records, kept, quarantine, rows_by_split, dup_stats)
         if out.exists():  # swap: the old dataset is moved aside, then removed once the new one is in place
+            from raycxr.ledger import FILE as LEDGER
+
+            if (out / LEDGER).is_file():  # every earlier read of a holdout stays with the films (raycxr.ledger)
+                shutil.copyfile(out / LEDGER, build / LEDGER)
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             out.rename(old / "dataset")
             try:

@@ -137,9 +137,12 @@ def predictive_values(sensitivity: float, specificity: float, prevalence: float)
     return (tp / (tp + fp) if tp + fp else float("nan"), tn / (tn + fn) if tn + fn else float("nan"))
 
 
-# A threshold whose bootstrap 95% range is wider than this (in probability) is "unstable": the
-# validation split cannot pin it down (typical when validation is nearly separable).
-UNSTABLE_THRESHOLD_RANGE = 0.2
+# A threshold whose bootstrap 95% range is wider than this, in logits, is "unstable": the
+# validation split cannot pin it down (typical when validation is nearly separable). Judged on the
+# logit scale (1.0 is about 0.25 in probability near 0.5), where a --prevalence prior shift moves
+# every threshold by the same offset: the decision, and so sensitivity and specificity, do not
+# depend on the prevalence given.
+UNSTABLE_LOGIT_RANGE = 1.0
 
 
 def threshold_stability(y: np.ndarray, p: np.ndarray, groups: np.ndarray, *, rule: str, target: float = 0.95,
@@ -155,11 +158,14 @@ def threshold_stability(y: np.ndarray, p: np.ndarray, groups: np.ndarray, *, rul
     for idx in patient_resamples(groups, n_boot=n_boot, seed=seed):
         if len(np.unique(y[idx])) == 2:
             draws.append(choose_threshold(y[idx], p[idx], rule=rule, target=target))
+    from scipy.special import expit, logit
+
     draws = np.asarray(draws) if draws else np.array([choose_threshold(y, p, rule=rule, target=target)])
-    lo, hi = np.percentile(draws, [2.5, 97.5])
-    return {"point": choose_threshold(y, p, rule=rule, target=target), "bootstrap_median": float(np.median(draws)),
-            "ci95": [float(lo), float(hi)], "unstable": bool(hi - lo > UNSTABLE_THRESHOLD_RANGE),
-            "n_boot_used": int(len(draws))}
+    z = logit(np.clip(draws, 1e-12, 1 - 1e-12))  # the median and range on the logit scale (see above)
+    lo, hi = np.percentile(z, [2.5, 97.5])
+    return {"point": choose_threshold(y, p, rule=rule, target=target), "bootstrap_median": float(expit(np.median(z))),
+            "ci95": [float(expit(lo)), float(expit(hi))], "ci95_logit": [float(lo), float(hi)],
+            "unstable": bool(hi - lo > UNSTABLE_LOGIT_RANGE), "n_boot_used": int(len(draws))}
 
 
 def choose_operating_threshold(y, p, groups, *, rule: str, target: float = 0.95, seed: int = 0,
@@ -169,9 +175,9 @@ def choose_operating_threshold(y, p, groups, *, rule: str, target: float = 0.95,
     stab = threshold_stability(y, p, groups, rule=rule, target=target, seed=seed)
     chosen = stab["bootstrap_median"] if stab["unstable"] else stab["point"]
     stab["chosen"] = float(chosen)
-    stab["how"] = (f"{rule} on {on}; unstable (95% bootstrap range {stab['ci95'][0]:.3f}-{stab['ci95'][1]:.3f} "
-                   f"> {UNSTABLE_THRESHOLD_RANGE}), so the median of {stab['n_boot_used']} patient-bootstrap "
-                   "thresholds is used" if stab["unstable"] else
+    stab["how"] = (f"{rule} on {on}; unstable (95% bootstrap range {stab['ci95'][0]:.3f}-{stab['ci95'][1]:.3f}, "
+                   f"wider than {UNSTABLE_LOGIT_RANGE:g} in logits), so the median of {stab['n_boot_used']} "
+                   "patient-bootstrap thresholds is used" if stab["unstable"] else
                    f"{rule} on {on} (95% bootstrap range {stab['ci95'][0]:.3f}-{stab['ci95'][1]:.3f})")
     return float(chosen), stab
 
@@ -193,12 +199,32 @@ def expected_calibration_error(y: np.ndarray, p: np.ndarray, *, bins: int = 10) 
     return float(np.sum(np.abs(prob_true - prob_pred) * counts) / len(p))
 
 
-def binary_metrics(y: np.ndarray, p: np.ndarray, *, threshold: float) -> dict:
-    """Point estimates at ``threshold``; AUC is threshold-free. NaN where a class is absent."""
+def bias_shift(calibration: dict) -> float:
+    """The logit offset a ``--prevalence`` prior shift added to ``calibration`` (0 without one)."""
+    return float((calibration.get("prior_shift") or {}).get("bias_shift", 0.0))
+
+
+def without_prior_shift(p: np.ndarray, shift: float) -> np.ndarray:
+    """Probabilities moved back to the prevalence their calibration was fitted at (``shift``: the
+    prior shift's logit offset, :func:`bias_shift`): what calibration figures are measured on."""
+    from scipy.special import expit, logit
+
+    p = np.asarray(p, dtype=float)
+    return p if not shift else expit(logit(np.clip(p, 1e-12, 1 - 1e-12)) - shift)
+
+
+def binary_metrics(y: np.ndarray, p: np.ndarray, *, threshold: float, prior_shift: float = 0.0) -> dict:
+    """Point estimates at ``threshold``; AUC is threshold-free. NaN where a class is absent.
+
+    ``prior_shift``: the logit offset ``--prevalence`` folded into ``p`` (:func:`bias_shift`). The
+    threshold's figures are unchanged by it (a monotone shift moves the threshold with the scores);
+    Brier and ECE are measured on the probabilities at the split's own prevalence, never on a
+    deliberate shift to another one."""
     from sklearn.metrics import brier_score_loss, confusion_matrix, roc_auc_score
 
     y = np.asarray(y).astype(int)
     p = np.asarray(p, dtype=float)
+    pc = without_prior_shift(p, prior_shift)
     pred = (p >= threshold).astype(int)
     tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
 
@@ -212,8 +238,8 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, *, threshold: float) -> dict:
         "accuracy": ratio(tp + tn, len(y)),
         "sensitivity": ratio(tp, tp + fn), "specificity": ratio(tn, tn + fp),
         "ppv": ratio(tp, tp + fp), "npv": ratio(tn, tn + fn),
-        "brier": float(brier_score_loss(y, p, pos_label=1)) if len(y) else float("nan"),
-        "ece": expected_calibration_error(y, p) if both else float("nan"),
+        "brier": float(brier_score_loss(y, pc, pos_label=1)) if len(y) else float("nan"),
+        "ece": expected_calibration_error(y, pc) if both else float("nan"),
         "tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn),
     }
 
@@ -222,7 +248,7 @@ CI_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "br
 
 
 def bootstrap_ci(y: np.ndarray, p: np.ndarray, groups: np.ndarray, *, threshold: float, n_boot: int = 1000,
-                 seed: int = 0, level: float = 0.95) -> dict:
+                 seed: int = 0, level: float = 0.95, prior_shift: float = 0.0) -> dict:
     """Percentile CIs for :data:`CI_METRICS`, resampling *patients* (``groups``) with replacement.
 
     Images of one patient are correlated; resampling images would make the intervals too narrow.
@@ -235,7 +261,7 @@ def bootstrap_ci(y: np.ndarray, p: np.ndarray, groups: np.ndarray, *, threshold:
     for idx in bar(resamples, total=n_boot, desc="bootstrap", unit="resample", leave=False, show=n_boot >= 200):
         if len(np.unique(y[idx])) < 2:
             continue  # a resample with one class has no AUC; skip it (counted in n_boot_used)
-        m = binary_metrics(y[idx], p[idx], threshold=threshold)
+        m = binary_metrics(y[idx], p[idx], threshold=threshold, prior_shift=prior_shift)
         for k in CI_METRICS:
             samples[k].append(m[k])
     lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
@@ -249,16 +275,17 @@ def bootstrap_ci(y: np.ndarray, p: np.ndarray, groups: np.ndarray, *, threshold:
 
 
 def report(y: np.ndarray, p: np.ndarray, *, groups: np.ndarray, sources: np.ndarray, threshold: float,
-           n_boot: int = 1000, seed: int = 0) -> dict:
-    """Pooled and per-source metrics, each with patient-level bootstrap 95% CIs."""
-    out = {"pooled": {**binary_metrics(y, p, threshold=threshold),
-                      "ci95": bootstrap_ci(y, p, groups, threshold=threshold, n_boot=n_boot, seed=seed)}}
+           n_boot: int = 1000, seed: int = 0, prior_shift: float = 0.0) -> dict:
+    """Pooled and per-source metrics, each with patient-level bootstrap 95% CIs (``prior_shift``:
+    :func:`binary_metrics`)."""
+    kw = {"threshold": threshold, "prior_shift": prior_shift}
+    out = {"pooled": {**binary_metrics(y, p, **kw),
+                      "ci95": bootstrap_ci(y, p, groups, n_boot=n_boot, seed=seed, **kw)}}
     out["per_source"] = {}
     for s in sorted(set(sources)):
         m = np.asarray(sources) == s
-        out["per_source"][s] = {**binary_metrics(y[m], p[m], threshold=threshold),
-                                "ci95": bootstrap_ci(y[m], p[m], groups[m], threshold=threshold,
-                                                     n_boot=n_boot, seed=seed)}
+        out["per_source"][s] = {**binary_metrics(y[m], p[m], **kw),
+                                "ci95": bootstrap_ci(y[m], p[m], groups[m], n_boot=n_boot, seed=seed, **kw)}
     return out
 
 

@@ -62,6 +62,59 @@ def check_pretrained(spec: str) -> str | None:
     return f"allowed: {', '.join(PRETRAINED_FORMS)}"
 
 
+def safe_weights(path: str | Path) -> Path:
+    """A ``file:`` weights path as a safetensors file, which loads without running code.
+
+    ``.safetensors`` is returned as it is, once its header reads. Any other file (``.pth``, ``.pt``,
+    ``.bin``) is read here with ``torch.load(weights_only=True)`` (tensors only: a pickle that would
+    call anything is refused by torch's restricted unpickler, whatever torch's default) and written
+    once as safetensors into raycxr's cache, keyed by the file's SHA-256; timm then loads that copy.
+    ConfigError naming the file when it is not plain tensors. The search calls this for every
+    ``file:`` value before any trial starts.
+    """
+    import hashlib
+    import os
+
+    from safetensors import safe_open
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"weights file {file} does not exist", source="pretrained")
+    if file.suffix == ".safetensors":
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as exc:  # safetensors raises its own error types for a bad header
+            raise ConfigError(f"{file} is not a readable safetensors file ({type(exc).__name__}: {exc})",
+                              source="pretrained") from None
+        return file
+    import torch
+    from safetensors.torch import save_file
+
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()[:32]
+    cache = Path(os.environ.get("RAYCXR_CACHE", Path.home() / ".cache" / "raycxr")).expanduser() / "weights"
+    out = cache / f"{digest}.safetensors"
+    if out.is_file():
+        return out
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"{file} was refused: it is not plain tensors (torch's weights-only loader: "
+                          f"{str(exc).splitlines()[0][:200]}). raycxr never unpickles weights; save the state dict "
+                          "as safetensors (safetensors.torch.save_file) or with torch.save(model.state_dict())",
+                          source="pretrained") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a training checkpoint's weights
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"{file} holds no state dict (a mapping of names to tensors): save "
+                          "model.state_dict() in it", source="pretrained")
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    tmp.replace(out)
+    return out
+
+
 def register_model(name: str, description: str, min_size: int = 32) -> None:
     _MODELS[name] = (description, min_size)
 
@@ -116,7 +169,7 @@ def create_model(name: str, *, pretrained: str | bool = "none", weights_dir: str
             raise ConfigError(f"weights file {file} does not exist: put the timm weights of {name} there "
                               f"(.safetensors or .pth; for EfficientNet-Lite, scripts/convert_weights.py makes "
                               f"them offline), or use pretrained: none", source="pretrained")
-        kwargs["pretrained_cfg_overlay"] = {"file": str(file)}
+        kwargs["pretrained_cfg_overlay"] = {"file": str(safe_weights(file))}  # never unpickled
     elif pretrained.startswith("hf-hub:"):
         kwargs["pretrained_cfg_overlay"] = {"source": "hf-hub", "hf_hub_id": pretrained[len("hf-hub:"):]}
     elif pretrained.startswith("tag:"):
@@ -326,9 +379,12 @@ class ModelSpec:
         return (self.with_tta(model) if tta else model).eval()
 
     def with_tta(self, model: "torch.nn.Module") -> "torch.nn.Module":
-        """``model`` wrapped in test-time augmentation over this spec's input."""
-        from raycxr.transforms import TestTimeAugment
+        """``model`` under test-time augmentation over this spec's input; an ensemble's members each
+        over their own input (:meth:`raycxr.transforms.Ensemble.with_tta`)."""
+        from raycxr.transforms import Ensemble, TestTimeAugment
 
+        if isinstance(model, Ensemble):
+            return model.with_tta()
         return TestTimeAugment(model, image_size=self.image_size, mean=self.mean, std=self.std).eval()
 
 

@@ -203,7 +203,7 @@ def target_logits(model, spec: ModelSpec, images, **kwargs) -> np.ndarray:
 
 
 def write_predictions(path: Path, *, sources, groups, y, probabilities, logits=None) -> Path:
-    """One row per scored image (in shard order): source, salted patient hash, label and calibrated
+    """One row per scored image (in shard order): source, salted group hash (the split group), label and calibrated
     probability, and with ``logits`` (calibrated, scale * z + bias) a logit column that keeps the
     ranking where the probability rounds to 1.0. Full float64 precision (repr round-trips). No file
     names: they can carry IDs."""
@@ -211,7 +211,7 @@ def write_predictions(path: Path, *, sources, groups, y, probabilities, logits=N
 
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        header = ["row", "source", "patient_hash", "label", "probability"]
+        header = ["row", "source", "group_hash", "label", "probability"]
         w.writerow(header if logits is None else [*header, "logit"])
         zs = [None] * len(probabilities) if logits is None else logits
         for i, (src, g, label, p, z) in enumerate(zip(sources, groups, y, probabilities, zs)):
@@ -298,13 +298,20 @@ class Model:
         return [self.class_names[int(p >= self.threshold)]
                 for p in self.predict_proba(images_or_paths, batch_size=batch_size)]
 
-    def export_onnx(self, path: str | Path, *, check_with=None) -> dict:
+    def export_onnx(self, path: str | Path, *, check_with=None, quantize: str = "none", calibration=None,
+                    labels=None, groups=None) -> dict:
         """Write a serving ONNX graph: uint8 images (N, 1, S, S) at the stored size S in (resized
         to S x S with the model's policy, as ingest stores them), calibrated P(target) (N,) out,
         with the pixel scaling, resize to the network's input, normalisation, test-time
         augmentation and calibration inside. Checked against :meth:`predict_proba` on
         ``check_with`` (uint8 (N, S, S); default: a few synthetic films); returns
-        {"path", "input", "output", "max_abs_diff"}."""
+        {"path", "input", "output", "max_abs_diff"}.
+
+        ``quantize="int8"``: the graph at ``path`` is the int8 one (:func:`raycxr.serving.quantize_int8`,
+        activation ranges from ``calibration``, validation films (N, S, S) uint8), written only if it
+        keeps the fp32 graph's AUC on those films (``labels`` 0/1, ``groups`` patient ids, default one
+        per film): :func:`raycxr.serving.int8_rule`, else ExportError with the measured drop. The
+        result gains "int8" (the rule's figures)."""
         from raycxr.errors import ExportError
         from raycxr.models import EXPORT_TOLERANCE, export_onnx
         from raycxr.transforms import ServingGraph
@@ -323,8 +330,47 @@ class Model:
         if not diff <= EXPORT_TOLERANCE:
             raise ExportError(f"the serving ONNX graph differs from predict_proba by {diff:.2e} (> {EXPORT_TOLERANCE}): "
                               "not trustworthy; report this with the model's architecture")
-        return {"path": str(path), "input": f"uint8 (N, 1, {spec.stored_size}, {spec.stored_size})",
-                "output": f"P({spec.target}), float32 (N,)", "max_abs_diff": diff}
+        result = {"path": str(path), "input": f"uint8 (N, 1, {spec.stored_size}, {spec.stored_size})",
+                  "output": f"P({spec.target}), float32 (N,)", "max_abs_diff": diff}
+        if quantize == "int8":
+            result["int8"] = _quantize_serving(Path(path), calibration, labels, groups)
+        elif quantize != "none":
+            raise ValueError(f"quantize={quantize!r}: allowed: none, int8")
+        return result
+
+
+def _quantize_serving(path: Path, films, labels, groups) -> dict:
+    """Replace the fp32 serving graph at ``path`` by its int8 version if it keeps the AUC on ``films``."""
+    from scipy.special import logit
+
+    from raycxr.errors import ExportError
+    from raycxr.serving import int8_rule, onnx_outputs, quantize_int8
+
+    if films is None or labels is None:
+        raise ValueError("quantize='int8' needs calibration= (validation films, uint8 (N, S, S)) and labels= "
+                         "(their 0/1 labels): the int8 graph is kept only if it keeps the AUC on them")
+    films = np.asarray(films, np.uint8)
+    x = films.reshape(len(films), 1, *films.shape[-2:])
+    fp32 = path.with_name(path.stem + ".fp32.onnx")
+    path.replace(fp32)
+    try:
+        quantize_int8(fp32, path, x[:256])
+        # probabilities out: compared as logits (a sigmoid keeps the ranking; the bootstrap ranks)
+        z32, z8 = (logit(np.clip(onnx_outputs(f, x), 1e-7, 1 - 1e-7)) for f in (fp32, path))
+        y = np.asarray(labels).astype(int)
+        rule = int8_rule(y, np.arange(len(y)) if groups is None else np.asarray(groups), z32, z8)
+        if not rule["accepted"]:
+            path.unlink()
+            raise ExportError(f"the int8 graph loses AUC on these films: int8 - fp32 {rule['difference']:+.4f}, 95% CI "
+                              f"lower bound {rule['difference_ci95'][0]:+.4f} < -{rule['tolerance']}; the checked fp32 "
+                              f"graph stays at {path}")
+        return rule
+    except BaseException:
+        if not path.exists():
+            fp32.replace(path)  # leave the checked fp32 graph where it was asked for
+        raise
+    finally:
+        fp32.unlink(missing_ok=True)
 
 
 def _arrays(images_or_paths, spec: ModelSpec):

@@ -26,7 +26,7 @@ from raycxr.errors import ConfigError, DataError, ExportError, NoEligibleTrialEr
 from raycxr.models import EXPORT_TOLERANCE, MemberSpec, ModelSpec, PromotedModel, export_onnx
 from raycxr.predict import target_logits, write_predictions
 from raycxr.progress import bar
-from raycxr.storage import RunStore, exists, local_copy
+from raycxr.storage import RunStore, exists, local_copy, write_atomic
 from raycxr.train import CheckpointRecord
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,11 @@ class PromoteConfig:
     serving_onnx: bool = False  # also export model.serving.onnx: uint8 pixels in, calibrated P(target) out
     register: str | None = None  # register the promoted model under this name in the MLflow Model Registry
     mlflow: str | None = None    # the MLflow tracking URI for --register (default $MLFLOW_TRACKING_URI)
+    quantize: str = "none"       # none | int8: also export model.int8.onnx if it keeps the AUC (raycxr.serving)
 
     def __post_init__(self):
+        if self.quantize not in ("none", "int8"):
+            raise ConfigError(f"--quantize {self.quantize!r}: allowed: none, int8", source="--quantize")
         if self.ensemble == "on" and (self.select == "val-auc" or self.fastest_within is not None):
             rule = "--select val-auc" if self.select == "val-auc" else "--fastest-within"
             raise ConfigError(f"--ensemble on asks for an ensemble but {rule} promotes one trial: drop one of the "
@@ -87,25 +90,28 @@ def _export(model, out: Path, sample: "np.ndarray") -> dict:
     return diffs
 
 
-def _choose_tta(model, spec: ModelSpec, val: SplitArrays, vz: np.ndarray, *, mode: str) -> tuple:
+def _choose_tta(model, spec: ModelSpec, val: SplitArrays, vz: np.ndarray, *, mode: str, n_boot: int = 1000,
+                seed: int = 0) -> tuple:
     """(model, validation logits, what was decided) for test-time augmentation.
 
-    ``auto`` keeps TTA only if it raises the validation AUC (a tie leaves it off: it costs 4x);
-    ``on`` and ``off`` force it. Both AUCs are recorded either way, except with ``off``.
+    ``auto`` keeps TTA only if its AUC gain on ``val`` is clear of noise: the paired patient
+    bootstrap's 95% interval of the gain lies above 0 (:func:`raycxr.select.paired_gain`, the rule
+    ensembles follow; TTA costs 4x the latency). ``on`` and ``off`` force it. Both AUCs and the
+    gain's interval are recorded either way, except with ``off``.
     """
-    from sklearn.metrics import roc_auc_score
-
+    from raycxr.select import paired_gain
     from raycxr.transforms import TTA_VIEWS
 
     if mode == "off":
         return model, vz, {"used": False, "mode": mode}
     wrapped = spec.with_tta(model)
     wz = target_logits(wrapped, spec, val.images, progress="scoring validation with TTA")
-    both = len(np.unique(val.y)) == 2
-    without, with_tta = (roc_auc_score(val.y, vz), roc_auc_score(val.y, wz)) if both else (float("nan"),) * 2
-    used = mode == "on" or bool(with_tta > without)
-    info = {"used": used, "mode": mode, "val_auc_without": float(without), "val_auc_with": float(with_tta),
-            "views": [{"rotation_deg": r, "scale": sc} for r, sc in TTA_VIEWS]}
+    nan = float("nan")
+    g = (paired_gain(val.y, val.groups, vz, wz, n_boot=n_boot, seed=seed) if len(np.unique(val.y)) == 2 else
+         {"base": nan, "candidate": nan, "gain": nan, "gain_ci95": [nan, nan], "kept": False})
+    used = mode == "on" or g["kept"]
+    info = {"used": used, "mode": mode, "val_auc_without": g["base"], "val_auc_with": g["candidate"],
+            "gain_ci95": g["gain_ci95"], "views": [{"rotation_deg": r, "scale": sc} for r, sc in TTA_VIEWS]}
     return (wrapped, wz, info) if used else (model, vz, info)
 
 
@@ -181,12 +187,14 @@ def _select(cfg: PromoteConfig, eligible: list[dict], val: SplitArrays, *, rule:
         return finalists[:1], {"rule": rule, "kind": "single", "finalists": [],
                                "why": "highest validation AUC" + (" (the only eligible trial)" if len(eligible) == 1
                                                                    else "")}
-    views = views_of(val.images, seed=cfg.seed)
+    views = {}  # per input size: each finalist is shifted in its own input space (views_of)
     logits = []
     for row in bar(finalists, desc="scoring finalists on validation views", unit="model", leave=False):
         spec = _record(row).spec
         model = spec.load_network(_checkpoint(row))
-        logits.append([target_logits(model, spec, v) for v in views.values()])
+        if spec.image_size not in views:
+            views[spec.image_size] = views_of(val.images, size=spec.image_size, seed=cfg.seed)
+        logits.append([target_logits(model, spec, v) for v in views[spec.image_size].values()])
     decision = choose(finalists, np.asarray(logits), val.y, val.groups, ensemble=cfg.ensemble,
                       n_boot=cfg.n_boot, seed=cfg.seed)
     return [finalists[i] for i in decision["members"]], decision
@@ -217,15 +225,22 @@ def _build(chosen: list[dict]) -> tuple:
 
 
 def _site_test(store: RunStore, sites: list, model, spec: ModelSpec, calibration: dict, points: dict, *,
-               threshold: float, target: str, out: Path, cfg: PromoteConfig, trial_ids: str) -> dict:
+               threshold: float, target: str, out: Path, final: Path, cfg: PromoteConfig, trial_ids: str) -> dict:
     """The sites' site-test films, read once (logged in the run's ledger before they are read):
     the card's headline figures, with patient-bootstrap CIs, at every operating point."""
-    from raycxr.metrics import binary_metrics, calibrate_logits, report
+    from raycxr.metrics import bias_shift, binary_metrics, calibrate_logits, report
 
-    previous = _holdout_reads(store, "site-test")
+    from raycxr.ledger import record_read
+
+    # write-ahead, in the run's ledger and in each site's own (raycxr.ledger: every read of these films,
+    # whichever run made it)
+    in_run = _holdout_reads(store, "site-test")
     store.append_line(LEDGER, json.dumps({
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "split": "site-test", "trial_id": trial_ids,
-        "sites": {s.name: s.digest["site-test"] for s in sites}, "out": str(out.resolve())}))
+        "sites": {s.name: s.digest["site-test"] for s in sites}, "out": str(final.resolve())}))
+    earlier = [record_read(s.data, fingerprint=s.fingerprint, split="site-test", digest=s.digest["site-test"],
+                           by="promote", site=s.name, trial_id=trial_ids, out=str(final.resolve())) for s in sites]
+    previous = max([in_run, *earlier], key=len)
     log.info("promote 2/4: scoring the site-test films, once")
     test = _site_part(sites, "site-test", target)
     p = calibrate_logits(target_logits(model, spec, test.images, progress="scoring site-test"), calibration)
@@ -233,26 +248,90 @@ def _site_test(store: RunStore, sites: list, model, spec: ModelSpec, calibration
                       probabilities=p)
     at_points = {}
     for name, pt in points.items():
-        m = binary_metrics(test.y, p, threshold=pt["threshold"])
+        m = binary_metrics(test.y, p, threshold=pt["threshold"], prior_shift=bias_shift(calibration))
         at_points[name] = {"threshold": pt["threshold"], **{k: m[k] for k in ("sensitivity", "specificity", "ppv",
                                                                                "npv", "accuracy")}}
     return {"kind": "site", "split": "site-test", "sites": [s.to_dict() for s in sites],
             "previously_read": len(previous), "operating_points": at_points,
             "metrics": report(test.y, p, groups=test.groups, sources=test.sources, threshold=threshold,
+                              prior_shift=bias_shift(calibration),
                               n_boot=cfg.n_boot, seed=cfg.seed)}
 
 
+def _check_out(out: Path, *, force: bool) -> None:
+    """Refuse an ``--out`` that holds anything but, with ``--force``, a promoted model: a flag must
+    never delete a home folder or a dataset."""
+    if not (out.exists() and any(out.iterdir())):
+        return
+    if not force:
+        raise ConfigError(f"{out} already exists: choose another --out or pass --force", source="--out")
+    try:
+        PromotedModel.load(out)
+    except ConfigError:
+        raise ConfigError(f"{out} is not a model raycxr promoted (no valid config.json): --force replaces only "
+                          "a promoted model, and nothing in this folder was touched; choose another --out",
+                          source="--out") from None
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Put the finished model folder ``staging`` at ``out``; an old model there is removed only once the
+    new one is in place (a crash at any point leaves one complete model at ``out``)."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    old = out.with_name(f".{out.name}.replaced-{staging.name.rsplit('-', 1)[-1]}")
+    out.rename(old)
+    try:
+        staging.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def promote(cfg: PromoteConfig) -> dict:
-    """Promote the best trial (or ensemble) of ``cfg.run`` into ``cfg.out``; return the model card's data."""
+    """Promote the best trial (or ensemble) of ``cfg.run`` into ``cfg.out``; return the model card's data.
+
+    The model is built in a hidden sibling folder and moved to ``cfg.out`` when complete, so a failed
+    or killed promote leaves ``cfg.out`` as it was (with ``--force``, the old model)."""
+    import tempfile
+
+    final = Path(cfg.out)
+    _check_out(final, force=cfg.force)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.promoting-", dir=final.parent))
+    try:
+        card = _promote(cfg, out=staging, final=final)
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from colleagues
+        _swap_in(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if cfg.register:
+        from raycxr.tracking import register_model
+
+        card["registry"] = register_model(final, card, uri=cfg.mlflow, name=cfg.register)
+        _write_json(final / "model_card.json", card)
+    return card
+
+
+def _write_json(path: Path, doc: dict) -> None:
+    """Write ``path`` whole or not at all: a crash never leaves half a card."""
+    write_atomic(path, json.dumps(doc, indent=2, default=str) + "\n", mode=0o644)
+
+
+def _promote(cfg: PromoteConfig, *, out: Path, final: Path) -> dict:
+    """:func:`promote`'s work, written into ``out`` (the staging folder); ``final`` is where it will be."""
     from raycxr.card import write_model_card
     from raycxr.data import read_manifest
-    from raycxr.metrics import (binary_metrics, calibrate_logits, fit_calibration, fit_site_calibration,
+    from raycxr.ledger import record_read, split_digest
+    from raycxr.metrics import (bias_shift, binary_metrics, calibrate_logits, fit_calibration, fit_site_calibration,
                                 operating_points, predictive_values, prior_shift, report)
     from raycxr.select import SELECTION_RULES
     from raycxr.sites import MIN_EVENTS
     from raycxr.report import write_report
     from raycxr.search import RunRecord, run_history
-    from raycxr.transforms import to_model_input
+    from raycxr.serving import model_inputs, serving_exports, trial_like_latency
 
     rule = cfg.threshold_rule
     if rule == "bayes" and cfg.prevalence is None:
@@ -279,12 +358,6 @@ def promote(cfg: PromoteConfig) -> dict:
     if manifest["fingerprint"] != run.data_fingerprint:
         raise DataError(f"{data_dir} is not the dataset the search used (fingerprint {manifest['fingerprint']} != "
                         f"{run.data_fingerprint}): promote against the dataset the search used")
-    out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()):
-        if not cfg.force:
-            raise ConfigError(f"{out} already exists: choose another --out or pass --force", source="--out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
 
     history = run_history(store.uri)
     board = history.board
@@ -305,7 +378,7 @@ def promote(cfg: PromoteConfig) -> dict:
     selection["on"] = on
     core, spec, ensemble_state = _build(chosen)
     vz = target_logits(core, spec, sel.images, progress=f"scoring {on}")
-    model, vz, tta = _choose_tta(core, spec, sel, vz, mode=cfg.tta)
+    model, vz, tta = _choose_tta(core, spec, sel, vz, mode=cfg.tta, n_boot=cfg.n_boot, seed=cfg.seed)
     internal_z = vz if select != "site" else target_logits(model, spec, val.images, progress="scoring validation")
     calibration = fit_calibration(val.y, internal_z)
     if select == "site":
@@ -321,26 +394,37 @@ def promote(cfg: PromoteConfig) -> dict:
     stability = points[rule]["stability"] or {"how": points[rule]["how"], "unstable": False}
     if stability["unstable"]:
         log.warning("the %s threshold is unstable: %s", on, stability["how"])
-    val_metrics = binary_metrics(sel.y, vp, threshold=threshold)
-    internal_val = (binary_metrics(val.y, calibrate_logits(internal_z, calibration), threshold=threshold)
+    # Brier and ECE at each split's own prevalence: --prevalence moves the probabilities served and the
+    # PPV/NPV quoted at it, never the calibration figures (raycxr.metrics.binary_metrics)
+    shift = bias_shift(calibration)
+    val_metrics = binary_metrics(sel.y, vp, threshold=threshold, prior_shift=shift)
+    internal_val = (binary_metrics(val.y, calibrate_logits(internal_z, calibration), threshold=threshold,
+                                   prior_shift=shift)
                     if select == "site" else None)
 
     # 2. The holdout, once.
     log.info("promote 2/4: scoring the holdout, once")
-    previous_reads = _holdout_reads(store)
+    # write-ahead, before the films are read: in the run's ledger and in the dataset's own, which counts
+    # every read of these films (raycxr.ledger), from this run, another search over the data or evaluate
+    trial_ids = "+".join(r["trial_id"] for r in chosen)
+    in_run = _holdout_reads(store)
+    store.append_line(LEDGER, json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "split": "holdout",
+                                          "trial_id": trial_ids, "out": str(final.resolve())}))
+    in_data = record_read(data_dir, fingerprint=manifest["fingerprint"], split="holdout",
+                          digest=split_digest(data_dir, "holdout"), by="promote", run=run.name, trial_id=trial_ids,
+                          out=str(final.resolve()))
+    previous_reads = max(in_run, in_data, key=len)
     hold = split_arrays(data_dir, "holdout", target)
     hp = calibrate_logits(target_logits(model, spec, hold.images, progress="scoring the holdout"), calibration)
-    store.append_line(LEDGER, json.dumps({
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "split": "holdout",
-        "trial_id": "+".join(r["trial_id"] for r in chosen), "out": str(out.resolve())}))
     write_predictions(out / "holdout_predictions.csv", sources=hold.sources, groups=hold.groups, y=hold.y,
                       probabilities=hp)
-    holdout = report(hold.y, hp, groups=hold.groups, sources=hold.sources, threshold=threshold, n_boot=cfg.n_boot,
+    holdout = report(hold.y, hp, groups=hold.groups, sources=hold.sources, threshold=threshold, prior_shift=shift,
+                     n_boot=cfg.n_boot,
                      seed=cfg.seed)
     headline = {"kind": "none", "statement": NO_SITE_STATEMENT}
     if select == "site":
         headline = _site_test(store, sites, model, spec, calibration, points, threshold=threshold, target=target,
-                              out=out, cfg=cfg, trial_ids="+".join(r["trial_id"] for r in chosen))
+                              out=out, final=final, cfg=cfg, trial_ids="+".join(r["trial_id"] for r in chosen))
     at_points = {}
     for name, pt in points.items():
         m, v = (binary_metrics(y, p, threshold=pt["threshold"]) for y, p in ((hold.y, hp), (sel.y, vp)))
@@ -360,11 +444,9 @@ def promote(cfg: PromoteConfig) -> dict:
         from safetensors.torch import save_file
 
         save_file(ensemble_state, str(out / "model.safetensors"))
-    import torch
-
-    sample = to_model_input(torch.from_numpy(val.images[:16].copy()), image_size=spec.image_size,
-                            mean=spec.mean, std=spec.std, equalize=spec.equalize).numpy()
-    export_diffs = _export(model, out, sample)
+    export_diffs = _export(model, out, model_inputs(spec, val.images[:16]))
+    latencies, int8 = serving_exports(out, spec, quantize=cfg.quantize, n_boot=cfg.n_boot, seed=cfg.seed, sel=sel,
+                                      val=val, hold=hold, calibration=calibration, threshold=threshold, on=on)
 
     architecture = spec.architecture if ensemble_state is None else "ensemble of " + " + ".join(
         f"{m.architecture}@{m.image_size}px" for m in spec.members)
@@ -381,12 +463,15 @@ def promote(cfg: PromoteConfig) -> dict:
         "operating_points": at_points, "prevalence": cfg.prevalence, "tta": tta,
         "validation": val_metrics, "internal_validation": internal_val, "headline": headline,
         "holdout": holdout, "export_max_abs_diff": export_diffs,
-        "holdout_previously_read": len(previous_reads), "data": {
+        "holdout_previously_read": len(previous_reads),
+        "holdout_earlier_reads": [{k: e.get(k) for k in ("time", "by", "run", "trial_id")} for e in previous_reads],
+        "data": {
             "dir": str(data_dir), "fingerprint": manifest["fingerprint"], "counts": manifest["counts"],
             "split_level": manifest["split_level"], "params": manifest["params"]},
         "search_space": run.space_config, "versions": run.versions, "leaderboard_top": board[:5],
         "pareto": [{k: r.get(k) for k in ("trial_id", "model", "image_size", "val_auc", "latency_ms")}
                    for r in eligible],
+        "latency": latencies, "int8": int8, "latency_ms": trial_like_latency(latencies),
         "external": [],
     }
     if select != "site" and sites:
@@ -398,14 +483,10 @@ def promote(cfg: PromoteConfig) -> dict:
 
         served = Model(model, promoted, directory=out)  # the network already in memory, as saved
         card["serving_onnx"] = served.export_onnx(out / "model.serving.onnx", check_with=val.images[:16])
-    (out / "model_card.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
+        card["serving_onnx"]["path"] = str(final / "model.serving.onnx")  # where it will be
+    _write_json(out / "model_card.json", card)
     write_model_card(card, out / "model_card.md")
-    write_report(out, card=card, holdout_y=hold.y, holdout_p=hp, frames=history.frames)
-    if cfg.register:
-        from raycxr.tracking import register_model
-
-        card["registry"] = register_model(out, card, uri=cfg.mlflow, name=cfg.register)
-        (out / "model_card.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
+    write_report(out, card=card, holdout_y=hold.y, holdout_p=hp, frames=history.frames, prior_shift=shift)
     return card
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from raycxr.card import fmt, fmt_ci
-from raycxr.metrics import reliability_bins
+from raycxr.metrics import reliability_bins, without_prior_shift
 
 
 def _figure():
@@ -169,8 +169,11 @@ def _plain_log_ticks(ax, decades: float) -> None:
     ax.xaxis.grid(True, which="minor", alpha=0.15)  # a narrow span has no decade (major) line inside it
 
 
-def plot_pareto(rows: list[dict], chosen: list[str], path: Path) -> Path:
-    """Validation AUC against batch-1 ONNX CPU latency for every trial, the Pareto front drawn."""
+def plot_pareto(rows: list[dict], chosen: list[str], path: Path, *, int8: dict | None = None,
+                latency: dict | None = None) -> Path:
+    """Validation AUC against batch-1 ONNX CPU latency for every trial, the Pareto front drawn; with
+    an accepted int8 export (``int8``, the card's), the promoted model in fp32 and in int8 as promote
+    measured them (validation AUC of each ONNX file; median batch-1 one-thread latency, ``latency``)."""
     rows = [r for r in rows if r.get("latency_ms") is not None and r["latency_ms"] == r["latency_ms"]]
     pts = [(r["val_auc"], r["latency_ms"]) for r in rows]
     front = sorted(pareto_front(pts), key=lambda i: pts[i][1])
@@ -185,6 +188,13 @@ def plot_pareto(rows: list[dict], chosen: list[str], path: Path) -> Path:
     if picked:
         ax.scatter([pts[i][1] for i in picked], [pts[i][0] for i in picked], s=140, facecolors="none",
                    edgecolors="crimson", lw=2, label="promoted")
+    if int8 and int8.get("accepted") and latency and "int8" in latency:
+        served = [(int8["val_auc"][k], next(r["median_ms"] for r in latency[k] if r["batch"] == 1 and r["threads"] == 1))
+                  for k in ("fp32", "int8")]
+        ax.plot([t for _, t in served], [a for a, _ in served], c="crimson", lw=1, ls=":")
+        for (a, t), k, m in zip(served, ("fp32", "int8"), ("s", "D")):
+            ax.scatter([t], [a], marker=m, s=60, c="crimson", label=f"promoted, {k} ONNX (promote's median)")
+        pts = pts + served
     ax.set_xscale("log")
     if pts:
         _plain_log_ticks(ax, np.log10(max(t for _, t in pts) / min(t for _, t in pts)))
@@ -245,7 +255,8 @@ def _card_html(out: Path, plots: dict[str, Path]) -> str:
     return md.convert(body)
 
 
-def write_report(out: Path, *, card: dict, holdout_y, holdout_p, frames: dict) -> dict[str, Path]:
+def write_report(out: Path, *, card: dict, holdout_y, holdout_p, frames: dict,
+                 prior_shift: float = 0.0) -> dict[str, Path]:
     """Write every plot as PNG and ``report.html``; return {plot name: path}. ``frames`` are the
     trials' per-epoch results (:func:`raycxr.search.run_history`), for the learning curves and the
     search history. The page is ``templates/report.html.j2`` rendered with Jinja2 (autoescaped):
@@ -255,12 +266,14 @@ def write_report(out: Path, *, card: dict, holdout_y, holdout_p, frames: dict) -
     plots = {
         "roc": plot_roc(holdout_y, holdout_p, card["threshold"], pooled["ci95"]["auc"], out / "roc.png"),
         "pr": plot_pr(holdout_y, holdout_p, card["threshold"], out / "pr.png"),
-        "reliability": plot_reliability(holdout_y, holdout_p, pooled["ece"], out / "reliability.png"),
+        # at the holdout's own prevalence, as the card's ECE (a --prevalence shift is not a miscalibration)
+        "reliability": plot_reliability(holdout_y, without_prior_shift(holdout_p, prior_shift), pooled["ece"],
+                                        out / "reliability.png"),
         "confusion": plot_confusion(pooled, card["target"], out / "confusion.png"),
         "learning_curves": plot_learning_curves(frames, top, out / "learning_curves.png"),
         "search_history": plot_search_history(frames, out / "search_history.png"),
         "pareto": plot_pareto(card.get("pareto", []), [m["trial_id"] for m in card.get("members", [])],
-                              out / "pareto.png"),
+                              out / "pareto.png", int8=card.get("int8"), latency=card.get("latency")),
     }
     _write_page(out, card, plots)
     return plots

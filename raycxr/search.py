@@ -68,7 +68,7 @@ OBJECTIVES = {"auc": ([SEARCH_METRIC], ["max"]), "auc-latency": ([SEARCH_METRIC,
               "site": (["site_auc_best"], ["max"]), "worst-source": (["worst_source_auc_best"], ["max"])}
 LEADERBOARD_COLUMNS = ["rank", "trial_id", METRIC, "best_epoch", "epochs", "val_accuracy", "val_loss", "site_auc",
                        "site_loss", "worst_source_auc", "worst_source", "latency_ms", "train_images_per_s",
-                       *HYPERPARAMETERS, "status", "tune_status", "resumed_from_epoch", "checkpoint"]
+                       "trained_in", *HYPERPARAMETERS, "status", "tune_status", "resumed_from_epoch", "checkpoint"]
 
 
 def search_metric(objective: str) -> str:
@@ -573,10 +573,19 @@ def _trial_dirname(trial) -> str:
 
 def _check_weights(space: SearchSpace) -> list[str]:
     """Problems with the space's pretrained weights that can be seen before any trial starts:
-    a ``file:`` that is missing, or ``imagenet`` with a ``weights_dir`` that lacks a model's file."""
+    a ``file:`` that is missing or not plain tensors (:func:`raycxr.models.safe_weights`), or
+    ``imagenet`` with a ``weights_dir`` that lacks a model's file."""
+    from raycxr.models import safe_weights
+
     pretrained = space.values_of("pretrained") if "pretrained" in space.params else []
     problems = [f"params.pretrained: {p}: no such file" for p in pretrained
                 if p.startswith("file:") and not Path(p[5:]).expanduser().is_file()]
+    for p in pretrained:  # read (never unpickled) now, not deep inside every trial
+        if p.startswith("file:") and Path(p[5:]).expanduser().is_file():
+            try:
+                safe_weights(p[5:])
+            except ConfigError as exc:
+                problems += [f"params.pretrained: {q}" for q in exc.problems]
     if "imagenet" in pretrained and space.weights_dir:
         folder = Path(space.weights_dir).expanduser()
         problems += [f"weights_dir: {folder / (m + '.safetensors')} is missing (offline ImageNet weights for {m}; "
@@ -1198,17 +1207,24 @@ def run_history(run: str | Path) -> RunHistory:
             checkpoint = best.get("checkpoint_path")
             if not isinstance(checkpoint, str) and isinstance(best.get("checkpoint_dir_name"), str):
                 checkpoint = store.child("tune", trial["dir"], best["checkpoint_dir_name"])
+            kept = store.resolve(checkpoint) if isinstance(checkpoint, str) else None
+            if isinstance(checkpoint, str) and kept is None:
+                log.warning("trial %s: its results name a checkpoint outside the run (%r): refused (raycxr reads a "
+                            "run's checkpoints only inside the run)", tid, checkpoint)
             row.update({METRIC: float(best[METRIC]), "best_epoch": int(best["epoch"]),
                         "epochs": int(df["epoch"].max()), "val_accuracy": float(best["val_accuracy"]),
                         "val_loss": float(best["val_loss"]), "status": "ok",
                         "latency_ms": float(best["latency_ms"]) if "latency_ms" in best else None,
                         "resumed_from_epoch": int(df["resumed_from_epoch"].max()) if "resumed_from_epoch" in df else 0,
-                        "checkpoint": store.resolve(checkpoint) if isinstance(checkpoint, str) else None})
+                        "checkpoint": kept})
+            if isinstance(checkpoint, str) and kept is None:
+                row["status"] = "refused: checkpoint outside the run"
             row.update({k: (float(best[k]) if k != "worst_source" else str(best[k]))
                         for k in ("site_auc", "site_loss", "worst_source_auc", "worst_source", "train_images_per_s")
                         if k in best and best[k] == best[k]})
-            if isinstance(best.get("precision"), str):  # what `auto` resolved to on the trial's node
-                row["precision"] = best["precision"]
+            if isinstance(best.get("precision"), str):  # what `precision: auto` resolved to on the trial's node
+                layout = " + channels-last" if str(best.get("channels_last")) == "True" else ""
+                row["trained_in"] = best["precision"] + layout
         if trial["status"] == "ERROR":
             row["status"] = "error" if row["status"] != "ok" else "ok (then failed)"
         rows.append(row)

@@ -13,8 +13,9 @@ The rule here, in this order, is what every model card states:
 3. **Ties**: a finalist is tied with the best when the paired patient-bootstrap 95% interval of
    (best - finalist) shift AUC includes 0 (the same resampled patients score both models).
 4. **Ensemble**: with ``ensemble="auto"`` and two or more tied finalists, the mean logit of the
-   (up to three) best tied finalists is promoted if its shift AUC is above the best single
-   model's. ``"on"`` promotes the ensemble of the (up to three) best finalists, tied or not (as
+   (up to three) best tied finalists is promoted if its shift AUC gain over the best single
+   model has a paired patient-bootstrap 95% interval above 0 (:func:`paired_gain`: the one
+   noise rule for every extra cost, test-time augmentation's too). ``"on"`` promotes the ensemble of the (up to three) best finalists, tied or not (as
    ``--tta on`` forces test-time augmentation); ``"off"`` never.
 5. **Otherwise the fastest tied finalist** (batch-1 ONNX CPU latency measured in its trial):
    within noise, the cheaper model is preferred.
@@ -36,20 +37,46 @@ ENSEMBLE_MODES = ("auto", "on", "off")
 MAX_ENSEMBLE = 3
 
 
-def views_of(images: np.ndarray, *, seed: int = 0, batch_size: int = 256) -> dict[str, np.ndarray]:
-    """The validation images as stored ("clean") and under each acquisition shift, as uint8 (N, 1, S, S)."""
+def views_of(images: np.ndarray, *, size: int | None = None, seed: int = 0,
+             batch_size: int = 256) -> dict[str, np.ndarray]:
+    """The validation images ("clean") and each acquisition shift of them, as uint8 (N, 1, s, s) at
+    ``size`` s, the scored model's own input size (default: as stored).
+
+    Each image is resized to s (antialiased, as the model's preprocessing resizes) and shifted
+    there, so blur and noise are defined in the model's own pixels: a 96 px and a 224 px model see
+    a similar change (mean absolute change of the input, the bundled films at 224 px: blur 0.82x,
+    noise 1.00x; noise made at 224 px and then downsized was 0.30x for the 96 px model, so shift
+    AUC favoured small inputs). The lower-resolution source (:data:`FILM_SHIFTS`) halves the
+    film's own resolution before the resize instead: halving each model's input would change a
+    96 px input 2.7x more than a 224 px one, while the film's half resolution changes them alike
+    (0.74x). The model's own equalisation, if any, then runs on the s-px image.
+    """
     import torch
 
-    from raycxr.transforms import ACQUISITION_SHIFTS, acquisition_shift
+    from raycxr.transforms import ACQUISITION_SHIFTS, _resized, acquisition_shift
 
-    views = {"clean": images}
-    for name in ACQUISITION_SHIFTS:
-        parts = []
-        for i in range(0, len(images), batch_size):  # bounded memory at any split size
-            x = torch.from_numpy(np.array(images[i:i + batch_size])).float().div_(255.0)  # a writable copy
-            parts.append(acquisition_shift(x, name, seed=seed + i).mul_(255.0).round_().to(torch.uint8).numpy())
-        views[name] = np.concatenate(parts)
-    return views
+    size = size or images.shape[-1]
+    views = {name: [] for name in ("clean", *ACQUISITION_SHIFTS)}
+    for i in range(0, len(images), batch_size):  # bounded memory at any split size
+        batch = torch.from_numpy(np.array(images[i:i + batch_size]))
+        film = (batch[:, None] if batch.ndim == 3 else batch).float().div_(255.0)
+        x = _resized(film, size)
+        views["clean"].append(_uint8(x))
+        for name in ACQUISITION_SHIFTS:
+            shifted = (_resized(acquisition_shift(film.clone(), name, seed=seed + i), size) if name in FILM_SHIFTS
+                       else acquisition_shift(x.clone(), name, seed=seed + i))
+            views[name].append(_uint8(shifted))
+    return {name: np.concatenate(parts) for name, parts in views.items()}
+
+
+# Shifts made at the film's stored size, before the model's resize (see views_of)
+FILM_SHIFTS = ("lowres_0.5",)
+
+
+def _uint8(x) -> np.ndarray:
+    import torch
+
+    return x.mul(255.0).round_().to(torch.uint8).numpy()
 
 
 def rank_auc(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -76,6 +103,21 @@ def shift_auc_bootstrap(y: np.ndarray, groups: np.ndarray, logits: np.ndarray, *
     draws = [rank_auc(y[idx], logits[..., idx]).mean(axis=-1)
              for idx in patient_resamples(groups, n_boot=n_boot, seed=seed) if 0 < y[idx].sum() < len(idx)]
     return point, np.asarray(draws).reshape(-1, logits.shape[0])
+
+
+def paired_gain(y: np.ndarray, groups: np.ndarray, base: np.ndarray, candidate: np.ndarray, *, n_boot: int = 1000,
+                seed: int = 0) -> dict:
+    """The mean-over-views AUC gain of ``candidate`` over ``base`` (logits (V, N) each, or (N,)) with
+    its paired patient-bootstrap 95% interval (both scored on the same resampled patients):
+    {"gain", "gain_ci95", "kept"}; kept when the interval excludes 0 (lower bound above 0). The
+    one noise rule for every extra cost: an ensemble, test-time augmentation (and, with a tolerance,
+    int8 serving: :func:`raycxr.serving.int8_rule`)."""
+    pair = np.stack([np.atleast_2d(base), np.atleast_2d(candidate)])
+    point, draws = shift_auc_bootstrap(y, groups, pair, n_boot=n_boot, seed=seed)
+    diff = draws[:, 1] - draws[:, 0] if len(draws) else np.full(1, np.nan)
+    lo, hi = (float(np.percentile(diff, q)) for q in (2.5, 97.5))
+    return {"base": float(point[0]), "candidate": float(point[1]), "gain": float(point[1] - point[0]),
+            "gain_ci95": [lo, hi], "kept": bool(lo > 0), "n_boot_used": int(len(draws))}
 
 
 def ties(point: np.ndarray, draws: np.ndarray) -> tuple[list[int], np.ndarray]:
@@ -117,19 +159,27 @@ def choose(finalists: list[dict], logits: np.ndarray, y: np.ndarray, groups: np.
     ranked_tied = sorted(tied, key=lambda i: -point[i])
     # "on" forces an ensemble of the best finalists, tied or not (as --tta on forces TTA)
     pool = sorted(range(len(point)), key=lambda i: -point[i]) if ensemble == "on" else ranked_tied
+    not_kept = ""
     if ensemble != "off" and len(pool) >= 2:
         members = pool[:MAX_ENSEMBLE]
-        ens_point = float(rank_auc(y, logits[members].mean(axis=0)).mean())
+        # an ensemble costs its members' latency together: kept (auto) only if its gain over the best
+        # single model is clear of noise, by the paired patient bootstrap that decides ties
+        g = paired_gain(y, groups, logits[best], logits[members].mean(axis=0), n_boot=n_boot, seed=seed)
+        ens_point, (glo, ghi) = g["candidate"], g["gain_ci95"]
+        gain = f"a gain of {g['gain']:+.4f} (paired patient bootstrap 95% CI {glo:+.4f} to {ghi:+.4f})"
         out["ensemble"] = {"members": [finalists[i]["trial_id"] for i in members], "shift_auc": ens_point,
-                           "best_single_shift_auc": float(point[best])}
-        if ensemble == "on" or ens_point > point[best]:
+                           "best_single_shift_auc": float(point[best]), "gain": g["gain"], "gain_ci95": [glo, ghi],
+                           "kept": ensemble == "on" or g["kept"]}
+        if ensemble == "on" or g["kept"]:
             why = (f"--ensemble on: the mean logit of the {len(members)} best finalists ({score} {ens_point:.4f}, the "
                    f"best single model {point[best]:.4f})" if ensemble == "on" else
                    f"{len(tied)} finalists tied with the best within the patient bootstrap; the mean logit of "
                    f"{len(members)} of them scored {score} {ens_point:.4f} against the best single model's "
-                   f"{point[best]:.4f}")
+                   f"{point[best]:.4f}, {gain}, which excludes 0")
             out.update(kind="ensemble", members=members, why=why)
             return out
+        not_kept = (f"; the ensemble of {len(members)} ({score} {ens_point:.4f}, {gain}) was not kept: its "
+                    "interval includes 0, not worth its cost")
 
     def latency(i):
         return r_latency(finalists[i])
@@ -138,7 +188,7 @@ def choose(finalists: list[dict], logits: np.ndarray, y: np.ndarray, groups: np.
     why = (f"best {score} {point[best]:.4f}" if fastest == best and len(tied) == 1 else
            f"{len(tied)} finalists tied with the best ({score} {point[best]:.4f}) within the patient bootstrap; "
            f"the fastest of them was chosen ({_ms(latency(fastest))} batch-1 ONNX on CPU)")
-    out.update(kind="single", members=[fastest], why=why)
+    out.update(kind="single", members=[fastest], why=why + not_kept)
     return out
 
 

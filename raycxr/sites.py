@@ -91,7 +91,7 @@ def _rows(data_dir: Path, target: str) -> dict:
     out = {"y": [], "patient": [], "content": [], "split": [], "index": []}
     for split in SPLITS:
         try:
-            table = read_split(data_dir, split, columns=["labels", "patient_hash", "content_hash"])
+            table = read_split(data_dir, split, columns=["labels", "group_hash", "content_hash"])
         except DataError as exc:
             if "holds no shards" in str(exc):
                 continue  # an empty split (ingest --allow-empty-splits)
@@ -99,7 +99,7 @@ def _rows(data_dir: Path, target: str) -> dict:
         y = target_labels(table, target)
         known = np.flatnonzero(y >= 0)
         out["y"].append(y[known].astype(int))
-        out["patient"].append(table.column("patient_hash").to_numpy(zero_copy_only=False)[known])
+        out["patient"].append(table.column("group_hash").to_numpy(zero_copy_only=False)[known])  # split groups
         out["content"].append(table.column("content_hash").to_numpy(zero_copy_only=False)[known])
         out["split"].append(np.full(len(known), split, dtype=object))
         out["index"].append(np.arange(len(known)))  # position among the split's known-label films
@@ -128,7 +128,9 @@ def assign(patients: np.ndarray, y: np.ndarray, *, test_fraction: float, seed: i
 
 
 def _digest(content: np.ndarray) -> str:
-    return hashlib.sha256("\n".join(sorted(map(str, content))).encode()).hexdigest()[:16]
+    from raycxr.ledger import films_digest
+
+    return films_digest(content)
 
 
 def _counts(y: np.ndarray, patients: np.ndarray) -> dict:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from raycxr.errors import ConfigError, DataError
 
@@ -94,12 +94,7 @@ class RunStore:
     def write_text(self, rel: str, text: str) -> None:
         """Replace ``rel`` whole: a reader sees the old or the new file, never half of one."""
         if self.local is not None:
-            path = Path(self._path(rel))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
+            write_atomic(Path(self._path(rel)), text)
             return
         with self.fs.open_output_stream(self._path(rel)) as f:  # an object store's put is whole or nothing
             f.write(text.encode())
@@ -147,16 +142,27 @@ class RunStore:
         except FileNotFoundError:
             pass
 
-    def resolve(self, reported: str) -> str:
+    def resolve(self, reported: str) -> str | None:
         """A checkpoint path as Ray reports it (a filesystem path without scheme) as a location
-        users can pass on: the same path locally, a URI for an object store."""
-        if self.local is not None or is_uri(reported):
-            return reported
-        root = self.root.rstrip("/") + "/"
-        if reported.startswith(root):
-            return self.child(reported[len(root):])
-        scheme = self.uri.split("://", 1)[0]
-        return f"{scheme}://{reported}"
+        users can pass on: a path locally, a URI for an object store; always inside this run.
+
+        A run's result files are not signed, so what they name is confined here: a location under
+        this run's root is kept; one under another root that names this run's own ``tune/`` tree
+        (the run was copied or moved) is read from this run; anything else is None (refused:
+        promote never fetches what a run folder merely points at)."""
+        path = reported.split("://", 1)[1] if is_uri(reported) else reported
+        if is_uri(reported) and self.local is None and not reported.startswith(self.uri.split("://", 1)[0] + "://"):
+            return None  # another storage service
+        root = self.root.rstrip("/")
+        parts = PurePosixPath(path).parts
+        if ".." in parts:
+            return None
+        if path.startswith(root + "/"):
+            return self.child(path[len(root) + 1:])
+        if "tune" in parts:  # a moved or copied run: the same trial folder in this run
+            rel = "/".join(parts[len(parts) - parts[::-1].index("tune") - 1:])
+            return self.child(rel) if self.exists(rel) else None
+        return None
 
     def require_run(self, option: str) -> None:
         if not self.exists("run.json"):
@@ -171,6 +177,15 @@ def exists(location: str | os.PathLike) -> bool:
         return Path(location).exists()
     store = RunStore(location)
     return store.exists()
+
+
+_FETCH_CAP_ENV = "RAYCXR_MAX_FETCH_MB"
+
+
+def _fetch_cap() -> int:
+    """The most bytes :func:`local_copy` fetches for one location (default 8 GB: a VGG-16 ensemble's
+    checkpoints are a few GB; a whole bucket is not a checkpoint)."""
+    return int(float(os.environ.get(_FETCH_CAP_ENV, 8192)) * 2**20)
 
 
 def local_copy(location: str | os.PathLike) -> Path:
@@ -189,6 +204,10 @@ def local_copy(location: str | os.PathLike) -> Path:
     if not listing:
         raise DataError(f"{location} is empty or missing: the run's storage lost this checkpoint (or the URI is "
                         "wrong); check it with your storage's own tools, or promote another run")
+    total, cap = sum(size or 0 for _, size, _ in listing), _fetch_cap()
+    if total > cap:
+        raise DataError(f"{location} holds {total / 2**20:.0f} MB, more than a checkpoint ({cap / 2**20:.0f} MB, "
+                        f"${_FETCH_CAP_ENV}): not fetched; is the run's result pointing at the right folder?")
     key = hashlib.sha256(repr((location, listing)).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("RAYCXR_CACHE", Path.home() / ".cache" / "raycxr")).expanduser()
     dest = cache / "runs" / key / Path(path).name
@@ -200,6 +219,9 @@ def local_copy(location: str | os.PathLike) -> Path:
         try:
             for file, _, _ in listing:
                 target = tmp / dest.name / file[len(path):].lstrip("/")
+                if ".." in PurePosixPath(file[len(path):]).parts or not file.startswith(path.rstrip("/") + "/"):
+                    raise DataError(f"{location} lists a file outside itself ({file!r}): not fetched; the storage "
+                                    "holds a key that would write outside raycxr's cache")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with fs.open_input_stream(file) as src, open(target, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
@@ -211,3 +233,19 @@ def local_copy(location: str | os.PathLike) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
+
+def write_atomic(path: Path, text: str, *, mode: int | None = None) -> None:
+    """Replace a local file whole (a temp file beside it, then a rename): a reader or a crash sees
+    the old or the new file, never half of one. ``mode``: its permissions (default mkstemp's 0600)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -139,3 +139,18 @@ def promoted_run(tmp_path_factory, sample_dir, _ray_session):
     return {"data": base / "data", "run": Path(searched.run), "model": base / "model",
             "card": json.loads((base / "model" / "model_card.json").read_text()), "promoted": promoted,
             "ingested": ingested, "searched": searched}
+
+
+@pytest.fixture(scope="session")
+def second_promotion(promoted_run, tmp_path_factory):
+    """The shared run promoted a second time, from a copy of its folder (as a second search over the
+    same data would be), with ``--quantize int8``: {"run", "model", "card"}. Read-only for tests:
+    the int8 serving, the holdout ledger and the --force tests share it."""
+    import shutil
+
+    import raycxr
+
+    base = tmp_path_factory.mktemp("second")
+    run = shutil.copytree(promoted_run["run"], base / "run")  # the shared run's own ledger stays as it is
+    card = raycxr.promote(run, base / "model", n_boot=200, tta="off", quantize="int8")
+    return {"run": Path(run), "model": base / "model", "card": card}

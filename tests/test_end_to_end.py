@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from raycxr.cli import main
+from raycxr.data import read_split
 
 pytestmark = pytest.mark.slow
 
@@ -272,15 +273,26 @@ def test_end_to_end(ray_local, tmp_path, sample_dir, capsys, monkeypatch):
     lat = {r["trial_id"]: float(r["latency_ms"]) for r in board}
     assert fast["trial"]["trial_id"] == min(lat, key=lat.get) and fast["selection"]["rule"] == "fastest-within"
 
-    # External validation lands in the card: another ingested dataset (here a re-ingest of the
-    # sample at another size, a different fingerprint) is compared with the internal holdout.
+    # Another ingested dataset lands in the card beside the internal holdout, but external only if it
+    # shares no film with training and validation (issue 26): a re-ingest of the sample at another size
+    # (a different fingerprint) holds the training films, so it is listed as overlapping, not external.
     other = tmp_path / "other"
     assert main(["ingest", "--source", f"kermany={sample_dir}", "--out", str(other), "--image-size", "80"]) == 0
     assert main(["evaluate", "--model", str(fast_dir), "--data", str(other), "--split", "all", "--bootstrap", "50"]) == 0
     fast = json.loads((fast_dir / "model_card.json").read_text())
-    assert len(fast["external"]) == 1 and fast["external"][0]["n"] == 300
-    assert "measured for this model, holdout AUC" in (fast_dir / "model_card.md").read_text()
-    assert "measured for this model, holdout AUC" in (fast_dir / "report.html").read_text()  # the report too
+    def hashes(folder, splits):
+        return [h for s in splits for h in read_split(folder, s, columns=["content_hash"]).column("content_hash")
+                .to_pylist()]
+
+    seen = set(hashes(data, ("train", "val")))
+    shared = sum(h in seen for h in hashes(other, ("train", "val", "holdout")))  # the sample's one copy counts twice
+    overlap = fast["external"][0]["overlap"]
+    assert len(fast["external"]) == 1 and fast["external"][0]["n"] == 300 and shared >= len(seen)
+    assert overlap["checked"] and overlap["same_files"] == shared and overlap["images"] >= shared
+    for page in ("model_card.md", "report.html"):  # the report too
+        text = (fast_dir / page).read_text()
+        assert "overlaps training data" in text and "No evaluation below is external" in text, page
+        assert "measured for this model, holdout AUC" not in text
 
 
 def test_multi_objective_search_reports_latency_to_optuna(ray_local, tmp_path, sample_dir):

@@ -1,6 +1,7 @@
 import csv
 import hashlib
 import json
+import os
 import shutil
 
 from collections import Counter
@@ -10,7 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raycxr.data import SCHEMA, SPLITS, decode_images, label_matrix, read_manifest, read_split, target_labels
+from raycxr.data import (SCHEMA, SPLITS, decode_images, label_matrix, read_manifest, read_split, split_arrays,
+                         target_labels)
 from raycxr.errors import ConfigError, DataError
 from raycxr.ingest import IngestConfig, assign_splits, ingest
 from raycxr.labels import FINDINGS, UNKNOWN
@@ -102,11 +104,23 @@ def test_byte_identical_images_share_a_split(sample_copy, tmp_path, dataset):
     s = ingest(IngestConfig(sources={"kermany": sample_copy}, out=tmp_path / "o", image_size=32))
     assert already == 1
     assert s.merged_duplicate_groups == 20 and s.exact_duplicates == already + 20
-    split_of = {}
+    split_of, group_of, patients_of = {}, {}, {}
     for split in SPLITS:
-        t = read_split(tmp_path / "o", split, columns=["content_hash", "split"])
-        for h in t.column("content_hash").to_pylist():
+        t = read_split(tmp_path / "o", split, columns=["content_hash", "split", "patient_hash", "group_hash"])
+        for h, patient, group in zip(*(t.column(c).to_pylist() for c in ("content_hash", "patient_hash", "group_hash"))):
             assert split_of.setdefault(h, split) == split
+            assert group_of.setdefault(h, group) == group  # a copy is in its original's group
+            patients_of.setdefault(h, set()).add(patient)
+    # the bootstrap's clusters are the split groups (issue 26): two patients who share a film are one
+    # group_hash (a salted patient hash, never a raw ID), their own patient_hash kept apart
+    shared = [h for h, ps in patients_of.items() if len(ps) == 2]
+    assert len(shared) == 20
+    for split in SPLITS:  # promote's and evaluate's arrays resample by group, not by patient
+        t = read_split(tmp_path / "o", split, columns=["patient_hash", "group_hash"])
+        groups = split_arrays(tmp_path / "o", split, "pneumonia").groups
+        assert set(groups) == set(t.column("group_hash").to_pylist())
+        merged = sum(split_of[h] == split for h in shared)
+        assert len(set(groups)) == len(set(t.column("patient_hash").to_pylist())) - merged
 
 
 def test_assign_splits_is_whole_group_and_near_fractions():
@@ -136,6 +150,11 @@ def test_refuses_to_overwrite_foreign_folder(tmp_path, sample_dir):
     (tmp_path / "o" / "precious.txt").write_text("x")
     with pytest.raises(DataError, match="not a raycxr dataset"):
         ingest(IngestConfig(sources={"kermany": sample_dir}, out=tmp_path / "o"))
+    # a file merely named manifest.json (issue 27) is not a dataset either: nothing is replaced
+    (tmp_path / "o" / "manifest.json").write_text('{"name": "my web app"}')
+    with pytest.raises(DataError, match="not a raycxr dataset"):
+        ingest(IngestConfig(sources={"kermany": sample_dir}, out=tmp_path / "o"))
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["manifest.json", "precious.txt"]
 
 
 def test_parquet_is_readable_without_raycxr(dataset):
@@ -235,5 +254,44 @@ def test_a_fifo_named_as_an_input_is_quarantined_not_read(tmp_path):
 
     fifo = tmp_path / "film.png"
     os.mkfifo(fifo)
-    *_, reason = _decode_one((str(fifo), 64, "pad", "", True, False))
+    *_, reason = _decode_one((str(fifo), 64, "pad", "", True, False, 512.0))
     assert reason == "a FIFO, not a regular file: not read"
+
+
+def test_a_file_over_the_size_limit_is_quarantined_unread(sample_copy, tmp_path):
+    """Issue 27: a per-file size cap (ingest --max-file-mb) quarantines a file too large to be a chest
+    film with the reason, instead of reading it whole; the others are ingested."""
+    big = sample_copy / "train" / "NORMAL" / "IM-7777-0001.jpeg"
+    shutil.copyfile(sorted((sample_copy / "train" / "NORMAL").iterdir())[0], big)
+    with open(big, "ab") as f:
+        f.write(b"\0" * (3 * 2**20))  # a 3 MB film (JPEG ignores what follows its end marker)
+    s = ingest(IngestConfig(sources={"kermany": sample_copy}, out=tmp_path / "o", image_size=32, max_file_mb=2))
+    rows = list(csv.DictReader(open(tmp_path / "o" / "quarantine.csv")))
+    assert s.quarantined == 1 and s.rows_written == 300 and "over the 2 MB limit" in rows[0]["reason"]
+    with pytest.raises(ConfigError, match="max_file_mb"):
+        IngestConfig(sources={"kermany": sample_copy}, out=tmp_path / "p", max_file_mb=0)
+
+
+def test_the_salt_file_is_made_private_in_one_step_and_an_empty_salt_is_refused(tmp_path, monkeypatch):
+    """Issue 27: the per-user salt is created 0600 (never readable by others, even for an instant) and
+    kept; an empty salt (file or environment) would make patient hashes guessable and is refused."""
+    import stat
+
+    import raycxr.ingest as ingest_module
+
+    salt_file = tmp_path / "cfg" / "salt"
+    monkeypatch.setattr(ingest_module, "_SALT_FILE", salt_file)
+    monkeypatch.delenv("RAYCXR_SALT")
+    old = os.umask(0)  # a permissive umask must not leak into the file's mode
+    try:
+        first = ingest_module._resolve_salt(None)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(salt_file.stat().st_mode) == 0o600 and len(first) == 64
+    assert ingest_module._resolve_salt(None) == first  # kept
+    salt_file.write_text("  \n")
+    with pytest.raises(ConfigError, match="is empty"):
+        ingest_module._resolve_salt(None)
+    monkeypatch.setenv("RAYCXR_SALT", "")
+    with pytest.raises(ConfigError, match="RAYCXR_SALT is empty"):
+        ingest_module._resolve_salt(None)

@@ -163,3 +163,31 @@ def test_operating_points_are_all_fixed_on_validation():
     assert set(pts) == {"youden", "sensitivity", "specificity", "bayes"}
     assert pts["sensitivity"]["threshold"] < pts["youden"]["threshold"] < pts["specificity"]["threshold"]
     assert pts["bayes"]["threshold"] == 0.5
+
+
+@pytest.mark.parametrize("n, sep, seed", [(40, 0.7, 7), (400, 1.2, 11)])  # an unstable (bagged) and a stable one
+def test_prevalence_moves_the_probabilities_not_the_operating_points_or_the_calibration_figures(n, sep, seed):
+    """--prevalence P (a prior shift folded into the calibration) leaves every rule's sensitivity and
+    specificity on new films, and Brier and ECE, as they are without it, for several P (issue 26)."""
+    from scipy.special import logit
+
+    from raycxr.metrics import IDENTITY_CALIBRATION, bias_shift, binary_metrics, calibrate_logits, operating_points, prior_shift
+
+    y, p = _scores(n, seed=seed, sep=sep)
+    hy, hp = _scores(500, seed=12, sep=sep)
+    z, hz = logit(p), logit(hp)
+    figures = {}
+    for prevalence in (None, 0.05, 0.3, 0.5, 0.9):
+        cal = IDENTITY_CALIBRATION if prevalence is None else prior_shift(
+            IDENTITY_CALIBRATION, fitted_prevalence=float(y.mean()), target_prevalence=prevalence)
+        vp, hold = calibrate_logits(z, cal), calibrate_logits(hz, cal)
+        points = operating_points(y, vp, np.arange(n), seed=0)
+        out = {}
+        for rule, pt in points.items():
+            m = binary_metrics(hy, hold, threshold=pt["threshold"], prior_shift=bias_shift(cal))
+            out[rule] = (m["sensitivity"], m["specificity"], pt["stability"]["unstable"], round(m["brier"], 12),
+                         round(m["ece"], 12))
+        figures[prevalence] = out
+    assert any(v[2] for v in figures[None].values()) == (n == 40)  # the small split's thresholds are bagged
+    for prevalence, out in figures.items():
+        assert out == figures[None], prevalence

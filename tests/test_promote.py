@@ -66,3 +66,33 @@ def test_promote_refuses_what_a_user_can_get_wrong(tmp_path, capsys):
         assert main(["promote", "--run", str(run), "--out", str(tmp_path / "m"), "--ensemble", "on", *flags]) == 2
         assert "--ensemble on asks for an ensemble" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.slow
+def test_force_replaces_only_a_promoted_model_and_a_failed_promote_keeps_the_old_one(promoted_run, second_promotion,
+                                                                                   tmp_path):
+    """Nothing destroyed by a flag or a crash (issue 27): --force at a folder that is not a promoted
+    model refuses and touches nothing; a promote that fails midway (after it began building) leaves
+    the model it would have replaced whole, and no half-built folder beside it."""
+    import shutil
+
+    from raycxr.errors import ConfigError, DataError
+
+    run, out = second_promotion["run"], second_promotion["model"]
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "thesis.tex").write_text("years of work")
+    with pytest.raises(ConfigError, match="not a model raycxr promoted"):
+        promote(PromoteConfig(run=str(run), out=home, force=True, n_boot=20, tta="off"))
+    assert [p.name for p in home.iterdir()] == ["thesis.tex"]
+
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    other = tmp_path / "other"  # not the search's dataset: promote fails once it has begun building
+    shutil.copytree(promoted_run["data"], other)
+    manifest = other / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"fingerprint": "', '"fingerprint": "x'))
+    with pytest.raises(DataError, match="not the dataset the search used"):
+        promote(PromoteConfig(run=str(run), out=out, data=other, force=True, n_boot=20, tta="off"))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
+    PromotedModel.load(out)  # still a whole model

@@ -47,6 +47,12 @@ def test_trials_share_one_warm_process_and_a_search_repeats_exactly(ray_local, d
         expected = resolve("auto", device=torch.device("cpu"), model=create_model(rows[0]["config"]["model"]))
         assert all((r["precision"], r["channels_last"]) == (expected.name, expected.channels_last) for r in rows)
         assert all(r["train_images_per_s"] > 0 for r in rows)
+    from raycxr.search import leaderboard
+
+    for row in leaderboard(tmp_path / "runs" / "first"):  # asked for and trained in, side by side
+        expected = resolve("auto", device=torch.device("cpu"), model=create_model(row["model"]))
+        assert row["precision"] == "auto" and row["trained_in"] == expected.name + (
+            " + channels-last" if expected.channels_last else "")
     # the same seed, space and data: the same configurations, and the same figures to the last bit
     figures = ("train_loss", "val_auc", "val_loss", "val_accuracy")
     assert [rows[0]["config"] for rows in first] == [rows[0]["config"] for rows in again]

@@ -49,6 +49,31 @@ def test_run_store_on_s3_claims_reads_writes_and_fetches(s3_server):
     assert not store.exists("run.json")
 
 
+def test_a_fetch_never_writes_outside_the_cache_nor_takes_a_whole_bucket(s3_server, tmp_path, monkeypatch):
+    """Issue 27: a bucket key with '..' under a checkpoint would, joined onto the cache folder, write
+    outside it; a location far larger than a checkpoint is not fetched; a checkpoint a run's results
+    name in another bucket or above the run is not the run's."""
+    import boto3
+
+    from raycxr.errors import DataError
+
+    monkeypatch.setenv("RAYCXR_CACHE", str(tmp_path / "cache"))
+    s3 = boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"])
+    s3.put_object(Bucket="raycxr", Key="unit/evil/ckpt/trial.json", Body=b"{}")
+    s3.put_object(Bucket="raycxr", Key="unit/evil/ckpt/../../../../../escaped.txt", Body=b"x")
+    store = RunStore("s3://raycxr/unit/evil")
+    with pytest.raises(DataError, match="outside itself"):
+        local_copy(store.child("ckpt"))
+    assert not list(tmp_path.rglob("escaped.txt"))
+    store.write_text("big/ckpt/a.bin", "x" * 3 * 2**20)
+    monkeypatch.setenv("RAYCXR_MAX_FETCH_MB", "2")
+    with pytest.raises(DataError, match="more than a checkpoint"):
+        local_copy(store.child("big/ckpt"))
+    assert store.resolve("raycxr/unit/evil/tune/t/ckpt") == "s3://raycxr/unit/evil/tune/t/ckpt"
+    for elsewhere in ("gs://raycxr/unit/evil/tune/t/ckpt", "raycxr/unit/other/x", "raycxr/unit/evil/../other/x"):
+        assert store.resolve(elsewhere) is None, elsewhere
+
+
 def test_a_run_uri_that_is_no_run_says_what_to_pass(s3_server):
     with pytest.raises(ConfigError, match="no run.json.*s3://bucket/raycxr/NAME"):
         RunStore("s3://raycxr/nothing-here").require_run("--run")

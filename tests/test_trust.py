@@ -113,3 +113,61 @@ def _resume_trusted(run: Path) -> list[dict]:
     from raycxr.search import resume_search
 
     return resume_search(run, trust_run=True)
+
+
+def test_weights_that_would_run_code_are_refused_before_any_trial_and_run_nothing(dataset, tmp_path, capsys):
+    """A space's `file:` weights are data too (issue 27): a .pth whose pickle would create a file is
+    refused by the search before Ray starts (exit 2, the file named), and nothing ran. Plain tensors
+    saved with torch.save are read without unpickling code, and load into the network as timm would."""
+    import torch
+
+    from raycxr.models import create_model, safe_weights
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    torch.save({"conv1.weight": torch.zeros(1), "payload": _Planted(marker)}, evil)
+    space = tmp_path / "space.yaml"
+    space.write_text(f"trials: 1\nmax_epochs: 1\nparams: {{model: test_resnet, image_size: 64, lr: 0.001, "
+                     f"pretrained: 'file:{evil}'}}\n")
+    code = main(["search", "--data", str(dataset), "--space", str(space), "--runs-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == 2 and str(evil) in err and "refused" in err and not marker.exists()
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+    good = tmp_path / "good.pth"
+    reference = create_model("test_resnet")
+    torch.save(reference.state_dict(), good)
+    converted = safe_weights(good)
+    assert converted.suffix == ".safetensors" and safe_weights(good) == converted  # cached by content
+    loaded = create_model("test_resnet", pretrained=f"file:{good}")
+    body = {k: v for k, v in reference.state_dict().items() if not k.startswith(("fc.", "conv1.", "stem."))}
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in body.items())
+
+
+def test_a_run_cannot_point_promote_at_checkpoints_outside_itself(promoted_run, tmp_path):
+    """Issue 27: a trial's result.json is unsigned, so the checkpoint it names is confined to the run: a
+    path elsewhere (or climbing out with ..) is refused and that trial named; a path from where the
+    run used to live (a moved or copied run) is read from this run's own tune/ folder."""
+    from raycxr.errors import NoEligibleTrialError
+    from raycxr.promote import PromoteConfig, promote
+    from raycxr.search import leaderboard
+
+    run = shutil.copytree(promoted_run["run"], tmp_path / "run")
+    trials = sorted((run / "tune").glob("trial_*"))
+    first, second = trials[0], trials[1]
+    kept = sorted(p.name for p in first.glob("checkpoint_*"))[-1]
+
+    def point(trial, where):
+        lines = [json.loads(line) for line in (trial / "result.json").read_text().splitlines() if line.strip()]
+        (trial / "result.json").write_text("".join(json.dumps({**r, "checkpoint_path": where}) + "\n" for r in lines))
+
+    point(first, f"/somewhere/else/tune/{first.name}/{kept}")  # moved: read from this run
+    point(second, str(tmp_path / "elsewhere"))                 # outside: refused
+    board = {r["trial_id"]: r for r in leaderboard(run)}
+    moved = next(r for r in board.values() if first.name.endswith(r["trial_id"]))
+    outside = next(r for r in board.values() if second.name.endswith(r["trial_id"]))
+    assert moved["checkpoint"] == str(run / "tune" / first.name / kept) and moved["status"] == "ok"
+    assert outside["checkpoint"] is None and outside["status"] == "refused: checkpoint outside the run"
+    point(first, str(run / "tune" / first.name / ".." / ".." / ".." / "elsewhere"))
+    with pytest.raises(NoEligibleTrialError):
+        promote(PromoteConfig(run=str(run), out=tmp_path / "model", n_boot=20, tta="off"))
