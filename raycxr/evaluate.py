@@ -52,7 +52,8 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path, *, split: str = 
         from raycxr.ledger import record_read, split_digest
 
         earlier = record_read(data_dir, fingerprint=manifest["fingerprint"], split="holdout",
-                              digest=split_digest(data_dir, "holdout"), by="evaluate", model=str(Path(model_dir).resolve()))
+                              digest=split_digest(data_dir, "holdout"), by="evaluate",
+                              model=str(Path(model_dir).resolve()))
         if own or earlier:
             log.warning("these holdout films were read %d time(s) before (%s); figures from repeated holdout reads are "
                         "optimistic. Use another dataset for external validation.", max(len(earlier), int(own)),
@@ -71,10 +72,10 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path, *, split: str = 
               "metrics": report(y, probabilities, groups=g, sources=src,
                                 threshold=promoted.threshold, n_boot=n_boot, seed=seed,
                                 prior_shift=bias_shift(promoted.calibration))}
+    result["overlap"] = overlap = training_overlap(card, data_dir, splits) if card is not None and not own else None
     out = Path(model_dir) / "evaluations" / f"{manifest['fingerprint']}-{split}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    result["overlap"] = overlap = training_overlap(card, data_dir, splits) if card is not None and not own else None
     result["predictions"] = str(write_predictions(out.with_name(out.stem + "-predictions.csv"), sources=src, groups=g,
                                                   y=y, probabilities=probabilities))
     if card is not None and not own:  # the card compares internal with every external evaluation (one entry per dataset and split)
@@ -117,11 +118,11 @@ def training_overlap(card: dict, data_dir: str | Path, splits: list[str]) -> dic
     films). An evaluation with any overlap is not external validation, and the card says so."""
     from raycxr.dedup import cross_source_twins, twin_views
 
-    train_dir = Path(card["data"]["dir"])
+    train_dir = Path(str((card.get("data") or {}).get("dir", "")))
     try:
         if read_manifest(train_dir)["fingerprint"] != card["data"]["fingerprint"]:
             raise DataError("another dataset")
-    except (DataError, OSError, KeyError):
+    except (DataError, OSError, KeyError, TypeError, ValueError):
         return {"checked": False, "images": None, "same_files": None, "twins": None, "training_data": str(train_dir),
                 "verdict": f"overlap with the training data not checked: the model's training data is not at "
                            f"{train_dir} (evaluate on the machine that holds it)"}

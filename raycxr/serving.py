@@ -62,8 +62,9 @@ def onnx_outputs(path: str | Path, inputs: np.ndarray, *, batch_size: int = 64) 
 
 def quantize_int8(model: str | Path, out: str | Path, calibration: np.ndarray, *, batch_size: int = 16) -> Path:
     """Write ``out``: ``model`` (an fp32 ONNX file) quantised to int8, QDQ format, activation ranges
-    from ``calibration`` (what the graph takes: float32 network inputs (N, 1, S, S), or uint8 pixels). ONNX Runtime's pre-processing (shape
-    inference, graph optimisation) runs first, as its documentation asks."""
+    from ``calibration`` (what the graph takes: float32 network inputs (N, 1, S, S), or uint8
+    pixels). ONNX Runtime's pre-processing (shape inference, graph optimisation) runs first, as its
+    documentation asks."""
     import tempfile
 
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
