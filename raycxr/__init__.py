@@ -9,7 +9,7 @@ The Python API (what the ``raycxr`` command calls; each returns data and prints 
     import raycxr
     summary = raycxr.ingest({"kermany": "chest_xray"}, "data", image_size=64)
     result = raycxr.search("data", "demo", runs_dir="runs")       # .run, .leaderboard
-    card = raycxr.promote(result.run, "model")                     # the model card's data
+    card = raycxr.promote(result.run, "model")                     # a raycxr.ModelCard: card.holdout, ...
     model = raycxr.Model.load("model")
     model.predict_proba(["a.dcm", "b.png"]), model.predict(["a.dcm"])
 
@@ -23,7 +23,7 @@ import sys
 import types
 
 __version__ = "0.1.0"
-__all__ = ["Model", "ingest", "search", "promote", "__version__"]
+__all__ = ["Model", "ModelCard", "ingest", "search", "promote", "__version__"]
 
 
 class _Stage(types.ModuleType):
@@ -45,4 +45,8 @@ def __getattr__(name: str):
         from raycxr.predict import Model
 
         return Model
+    if name == "ModelCard":
+        from raycxr.card import ModelCard
+
+        return ModelCard
     raise AttributeError(f"module 'raycxr' has no attribute {name!r}")

@@ -1,6 +1,9 @@
-"""The model card: what a reader needs to judge a promoted model, in Markdown.
+"""The model card: what a reader needs to judge a promoted model, as data and in Markdown.
 
-``model_card.md`` is a Hugging Face Hub model card: a YAML header (licence, tags, the sources
+:class:`ModelCard` is the one writer and reader of ``model_card.json``: promote fills it; the card,
+report, tracking, evaluate and the CLI read its fields. Every section is a field, present in every
+card; a section that does not apply (no int8 export, no prevalence, no registry) is ``None``, never a
+missing key. ``model_card.md`` is a Hugging Face Hub model card: a YAML header (licence, tags, the sources
 used, and a ``model-index`` with the holdout figures and their 95% CIs, written by
 ``huggingface_hub``'s ``ModelCardData``/``EvalResult`` so ``ModelCard.load`` reads them back)
 above the Markdown a person reads. ``report.html`` (:mod:`raycxr.report`) renders the same body.
@@ -8,13 +11,115 @@ above the Markdown a person reads. ``report.html`` (:mod:`raycxr.report`) render
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from raycxr.config import HYPERPARAMETERS
+from raycxr.errors import ConfigError
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCardData
+
+
+CARD_SCHEMA_VERSION = 2  # 1: the untyped cards before ModelCard (no schema_version key)
+
+
+@dataclasses.dataclass(kw_only=True)
+class ModelCard:
+    """A promoted model's record (``model_card.json``). Sections are JSON-shaped dicts as promote
+    computed them; optional ones are ``None`` when they do not apply. Paths are relative: ``data.dir``
+    to the model folder, the exports to it (no user's home folder goes into a card or MLflow)."""
+
+    run: str                        # the search's name
+    trial: dict                     # the first (or only) chosen leaderboard row
+    members: list[dict]             # every chosen row (an ensemble's members)
+    architecture: str
+    selection: dict                 # rule, kind, why, on, finalists, ...
+    target: str
+    threshold: float
+    threshold_rule: str
+    threshold_stability: dict
+    calibration: dict
+    operating_points: dict
+    tta: dict
+    validation: dict                # on the films that chose (in-sample)
+    headline: dict                  # kind "site" (site-test figures) or "none" (a statement)
+    holdout: dict
+    export_max_abs_diff: dict
+    holdout_previously_read: int
+    holdout_earlier_reads: list[dict]
+    data: dict
+    search_space: dict
+    versions: dict
+    leaderboard_top: list[dict]
+    pareto: list[dict]
+    external: list[dict]            # raycxr evaluate's results, appended
+    latency: dict | None            # ONNX Runtime latency table of the exports
+    latency_ms: float | None        # the promoted artefact measured as trials measure theirs
+    prevalence: float | None        # --prevalence
+    internal_validation: dict | None  # internal validation figures when a site chose
+    int8: dict | None               # --quantize int8's decision and figures
+    serving_onnx: dict | None       # --serving-onnx's export check
+    registry: dict | None           # --register's MLflow model version
+    schema_version: int = CARD_SCHEMA_VERSION
+
+    FILE = "model_card.json"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``model_card.json`` whole or not at all (a crash never leaves half a card)."""
+        from raycxr.storage import write_atomic
+
+        path = Path(directory) / self.FILE
+        write_atomic(path, json.dumps(self.to_dict(), indent=2, default=str) + "\n", mode=0o644)
+        return path
+
+    @classmethod
+    def from_dict(cls, doc: dict, *, source: str = FILE) -> ModelCard:
+        """Check a card's keys against this schema: a newer card, an unknown section or a missing
+        required one is a ConfigError that says what to do. A card of schema 1 (before this class)
+        gets ``None`` for the optional sections it lacks."""
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{source} is not a model card (a JSON object): promote the run again", source=source)
+        version = doc.get("schema_version", 1)
+        if not isinstance(version, int) or version > CARD_SCHEMA_VERSION:
+            raise ConfigError(f"{source} has card schema {version!r}; this raycxr reads up to {CARD_SCHEMA_VERSION}: "
+                              "upgrade raycxr", source=source)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(doc) - set(fields))
+        if unknown:
+            raise ConfigError(f"{source} has sections this raycxr does not know ({', '.join(unknown)}): promote the "
+                              "run again with this version", source=source)
+        optional = {name for name, f in fields.items() if "None" in str(f.type)}
+        values = dict(doc)
+        if version < CARD_SCHEMA_VERSION:
+            values.update({name: None for name in optional if name not in values})
+            values.setdefault("external", [])
+            values["schema_version"] = CARD_SCHEMA_VERSION
+        missing = sorted(set(fields) - set(values) - {"schema_version"})
+        if missing:
+            raise ConfigError(f"{source} lacks {', '.join(missing)}: it was not written by raycxr promote, or was cut "
+                              "short; promote the run again", source=source)
+        return cls(**values)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ModelCard:
+        """Read ``DIR/model_card.json`` (ConfigError when it is missing or unreadable)."""
+        path = Path(directory) / cls.FILE
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read {path} ({type(exc).__name__}): is {directory} a model folder written by "
+                              "raycxr promote?", source=str(path)) from None
+        return cls.from_dict(doc, source=str(path))
+
+    def data_dir(self, model_dir: str | Path) -> Path:
+        """The training dataset's folder, as the card records it (relative to the model folder)."""
+        return (Path(model_dir) / self.data["dir"]).resolve()
 
 
 class DataSource(NamedTuple):
@@ -115,8 +220,8 @@ def _tta_line(tta: dict) -> str:
                           if tta.get("gain_ci95") else "") + ").")
 
 
-def _selection(card: dict) -> str:
-    sel = card["selection"]
+def _selection(card: ModelCard) -> str:
+    sel = card.selection
     lines = [f"Rule `{sel['rule']}`: {sel['why']}."]
     score = "site-val AUC" if sel["rule"] == "site" else "shift AUC"
     if sel.get("finalists") and sel["rule"] == "site":
@@ -148,12 +253,12 @@ def _selection(card: dict) -> str:
     return "\n".join(lines)
 
 
-def _headline(card: dict) -> str:
+def _headline(card: ModelCard) -> str:
     """The figure that counts: the deploying site's site-test films (read once), or a plain
     statement that none exists."""
-    h = card.get("headline") or {}
-    if h.get("kind") != "site":
-        return h.get("statement", "No site figure exists: this model was promoted before raycxr recorded one.")
+    h = card.headline
+    if h["kind"] != "site":
+        return h["statement"]
     m = h["metrics"]["pooled"]
     sites = h["sites"]
     described = "; ".join(
@@ -172,7 +277,7 @@ def _headline(card: dict) -> str:
         per_site = "\n\n| site | films | AUC (95% CI) | sensitivity | specificity |\n| --- | --- | --- | --- | --- |\n" + \
             "\n".join(f"| {name} | {x['n']} | {fmt(x['auc'])} ({fmt_ci(x['ci95']['auc'])}) | {fmt(x['sensitivity'])} | "
                       f"{fmt(x['specificity'])} |" for name, x in h["metrics"]["per_source"].items())
-    points = "\n".join(f"| {name}{' (exported)' if name == card['threshold_rule'] else ''} | {pt['threshold']:.4f} | "
+    points = "\n".join(f"| {name}{' (exported)' if name == card.threshold_rule else ''} | {pt['threshold']:.4f} | "
                        f"{fmt(pt['sensitivity'])} | {fmt(pt['specificity'])} | {fmt(pt['accuracy'])} |"
                        for name, pt in h["operating_points"].items())
     return f"""The deploying site's own films, kept apart from everything that was chosen ({read}). The model,
@@ -186,22 +291,22 @@ site-test was read once, after all of that. {described}.
 {points}"""
 
 
-def _operating_points(card: dict) -> str:
-    prev = card.get("prevalence")
-    cols = ["operating point", "threshold", f"on {card['selection'].get('on', 'validation')}", "holdout sensitivity",
+def _operating_points(card: ModelCard) -> str:
+    prev = card.prevalence
+    cols = ["operating point", "threshold", f"on {card.selection['on']}", "holdout sensitivity",
             "holdout specificity",
             "PPV", "NPV"] + ([f"PPV at {prev:.0%}", f"NPV at {prev:.0%}"] if prev is not None else [])
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
-    for name, pt in card["operating_points"].items():
+    for name, pt in card.operating_points.items():
         goal = f"target {pt['target']:.2f}: " if pt.get("target") else ""
-        cells = [f"{name}{' (exported)' if name == card['threshold_rule'] else ''}", f"{pt['threshold']:.4f}",
+        cells = [f"{name}{' (exported)' if name == card.threshold_rule else ''}", f"{pt['threshold']:.4f}",
                  f"{goal}sens {fmt(pt['val_sensitivity'])}, spec {fmt(pt['val_specificity'])}",
                  fmt(pt["sensitivity"]), fmt(pt["specificity"]), fmt(pt["ppv"]), fmt(pt["npv"])]
         if prev is not None:
             cells += [fmt(pt["ppv_at_prevalence"]), fmt(pt["npv_at_prevalence"])]
         lines.append("| " + " | ".join(cells) + " |")
     if prev is not None:
-        shift = card["calibration"]["prior_shift"]
+        shift = card.calibration["prior_shift"]
         lines += ["", f"Probabilities are corrected from the training pool's prevalence ({shift['fitted_prevalence']:.0%}, "
                       f"as in validation) to the stated {prev:.0%} (`--prevalence`): the calibration bias moved by "
                       f"{shift['bias_shift']:+.3f}. Ranking, sensitivity and specificity do not change with "
@@ -209,22 +314,22 @@ def _operating_points(card: dict) -> str:
     return "\n".join(lines)
 
 
-def internal_sources(card: dict) -> list[str]:
-    return sorted({s for c in card["data"]["counts"].values() for s in c["by_source"]})
+def internal_sources(card: ModelCard) -> list[str]:
+    return sorted({s for c in card.data["counts"].values() for s in c["by_source"]})
 
 
-def _source_info(card: dict, name: str) -> DataSource:
+def _source_info(card: ModelCard, name: str) -> DataSource:
     """SOURCES' entry for a source as named in the shards (a CSV source may be renamed: ``csv.name``)."""
-    csv_name = card["data"]["params"].get("source_options", {}).get("csv", {}).get("name", "csv")
+    csv_name = card.data["params"].get("source_options", {}).get("csv", {}).get("name", "csv")
     return SOURCES.get("csv" if name == csv_name else name, _UNKNOWN_SOURCE)
 
 
-def reference_standards(card: dict) -> dict[str, str]:
+def reference_standards(card: ModelCard) -> dict[str, str]:
     """{source: how its labels were made} for every source the model was trained and evaluated on."""
     return {name: _source_info(card, name).reference for name in internal_sources(card)}
 
 
-def _licence(card: dict) -> tuple[str, str]:
+def _licence(card: ModelCard) -> tuple[str, str]:
     """(Hub licence id, a Markdown sub-list of each source's terms). The weights derive from the
     training images, so their terms apply; raycxr's own Apache-2.0 covers only the code."""
     infos = [(name, _source_info(card, name)) for name in internal_sources(card)]
@@ -233,7 +338,7 @@ def _licence(card: dict) -> tuple[str, str]:
     return (ids.pop() if len(ids) == 1 and None not in ids else "other"), terms
 
 
-def card_metadata(card: dict) -> ModelCardData:
+def card_metadata(card: ModelCard) -> ModelCardData:
     """The card's YAML header as ``huggingface_hub.ModelCardData``: the holdout figures (and every
     external evaluation) in ``model-index``.
 
@@ -243,8 +348,8 @@ def card_metadata(card: dict) -> ModelCardData:
     """
     from huggingface_hub import EvalResult, ModelCardData
 
-    target = card["target"]
-    threshold = {"threshold": card["threshold"], "threshold_rule": card["threshold_rule"]}
+    target = card.target
+    threshold = {"threshold": card.threshold, "threshold_rule": card.threshold_rule}
 
     def results(m: dict, ci: dict, *, sources: list[str], split: str, fingerprint: str, name: str) -> list:
         where = dict(task_type="image-classification", task_name=f"{target} classification (binary)",
@@ -263,16 +368,16 @@ def card_metadata(card: dict) -> ModelCardData:
                     for t, n, v, a in figures if v is not None and v == v]  # no NaN/None into YAML
         return out
 
-    pooled, sources = card["holdout"]["pooled"], internal_sources(card)
+    pooled, sources = card.holdout["pooled"], internal_sources(card)
     evals = results(pooled, pooled.get("ci95", {}), sources=sources, split="holdout",
-                    fingerprint=card["data"]["fingerprint"],
+                    fingerprint=card.data["fingerprint"],
                     name=f"internal holdout ({', '.join(sources)})")
-    for e in card.get("external") or []:
+    for e in card.external:
         evals += results(e, e.get("ci95", {}), sources=e["sources"], split=e["split"], fingerprint=e["fingerprint"],
                          name=f"external: {', '.join(e['sources'])} ({e['split']})")
     licence = _licence(card)[0]
     return ModelCardData(
-        model_name=card["run"], eval_results=evals or None, license=licence,
+        model_name=card.run, eval_results=evals or None, license=licence,
         license_name="training-data-terms" if licence == "other" else None,  # spelled out in the body
         # the raycxr source keys: most of these datasets have no canonical Hugging Face Hub id
         datasets=sources, library_name="raycxr", pipeline_tag="image-classification",
@@ -280,9 +385,9 @@ def card_metadata(card: dict) -> ModelCardData:
         metrics=[metric for _, metric, _ in _INDEX_METRICS])
 
 
-def _external(card: dict) -> str:
-    internal = card["holdout"]["pooled"]
-    ext = card.get("external") or []
+def _external(card: ModelCard) -> str:
+    internal = card.holdout["pooled"]
+    ext = card.external
     if not ext:
         measured = (" (measured for raycxr's Kermany models: internal holdout AUC 0.998 and accuracy 0.98, but AUC "
                     "0.953 and accuracy 0.84 on Kermany's separately collected official test split; BENCHMARKS.md)"
@@ -324,8 +429,8 @@ def _per_source_splits(counts: dict) -> str:
     return "\n".join(lines)
 
 
-def _serving_line(card: dict) -> str:
-    s = card.get("serving_onnx")
+def _serving_line(card: ModelCard) -> str:
+    s = card.serving_onnx
     if not s:
         return ""
     return (f"\n`model.serving.onnx` (`--serving-onnx`): {s['input']} in, calibrated {s['output']} out, with the "
@@ -333,9 +438,9 @@ def _serving_line(card: dict) -> str:
             f"`raycxr.Model.predict_proba` on validation images {s['max_abs_diff']:.1e}.")
 
 
-def _cpu_serving(card: dict) -> str:
+def _cpu_serving(card: ModelCard) -> str:
     """The exports' CPU latency (ONNX Runtime, median of 30 after warm-up) and the int8 decision."""
-    table = card.get("latency") or {}
+    table = card.latency
     if not table:
         return ""
     lines = ["\n## Serving on a CPU\n", "Latency of the ONNX exports under ONNX Runtime (graph optimisations on) on the "
@@ -343,12 +448,12 @@ def _cpu_serving(card: dict) -> str:
              "| model | batch | threads | ms per batch | ms per image |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {name} | {r['batch']} | {r['threads']} | {r['median_ms']:.2f} | {r['per_image_ms']:.2f} |"
               for name, rows in table.items() for r in rows]
-    trial = ", ".join(f"{m['trial_id']} {_ms(m.get('latency_ms'))} ms" for m in card["members"])
-    lines.append(f"\nThe promoted model itself{' (ensemble)' if len(card['members']) > 1 else ''}"
-                 f"{' with test-time augmentation' if card['tta']['used'] else ''}, measured as trials measure theirs "
-                 f"(batch 1, one thread, the minimum of 30): {_ms(card.get('latency_ms'))} ms; its trial(s) "
+    trial = ", ".join(f"{m['trial_id']} {_ms(m.get('latency_ms'))} ms" for m in card.members)
+    lines.append(f"\nThe promoted model itself{' (ensemble)' if len(card.members) > 1 else ''}"
+                 f"{' with test-time augmentation' if card.tta['used'] else ''}, measured as trials measure theirs "
+                 f"(batch 1, one thread, the minimum of 30): {_ms(card.latency_ms)} ms; its trial(s) "
                  f"reported {trial}.")
-    q = card.get("int8")
+    q = card.int8
     if q:
         lines.append(f"\nint8 (`--quantize int8`, {q['format']}, activation ranges from {q['calibration_films']} "
                      f"{q['on']} films): {q['why']} (paired patient bootstrap, {q['n_boot_used']} resamples).")
@@ -361,7 +466,7 @@ def _cpu_serving(card: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_model_card(card: dict, path: Path) -> None:
+def write_model_card(card: ModelCard, path: Path) -> None:
     """Write ``model_card.md``: the YAML header of :func:`card_metadata` above :func:`card_body`."""
     from huggingface_hub import ModelCard
 
@@ -369,25 +474,24 @@ def write_model_card(card: dict, path: Path) -> None:
     ModelCard(f"---\n{card_metadata(card).to_yaml()}\n---\n\n{card_body(card)}").save(path)
 
 
-def _calibrated_on(card: dict) -> str:
-    cal = card["calibration"]
+def _calibrated_on(card: ModelCard) -> str:
+    cal = card.calibration
     if cal.get("fitted_on") == "site-val":
         return f"the site's site-val films: {cal['refit']}"
     return "validation"
 
 
-def card_body(card: dict) -> str:
+def card_body(card: ModelCard) -> str:
     """The model card's Markdown, without its YAML header."""
-    t = card["trial"]
-    members = card.get("members") or [t]
-    h = card["holdout"]
-    data = card["data"]
+    members = card.members
+    h = card.holdout
+    data = card.data
     counts = data["counts"]
     warn = ""
-    if card["holdout_previously_read"]:
+    if card.holdout_previously_read:
         earlier = "; ".join(f"{e.get('time')} by {e.get('by') or 'promote'}"
-                            + (f" (run {e['run']})" if e.get("run") else "") for e in card.get("holdout_earlier_reads", []))
-        warn = (f"\n> **Note:** these holdout films had already been read {card['holdout_previously_read']} time(s) "
+                            + (f" (run {e['run']})" if e.get("run") else "") for e in card.holdout_earlier_reads)
+        warn = (f"\n> **Note:** these holdout films had already been read {card.holdout_previously_read} time(s) "
                 f"before this promotion{': ' + earlier if earlier else ''}. Figures from repeated holdout reads are "
                 "optimistic.\n")
     per_source = "\n".join(
@@ -398,12 +502,12 @@ def card_body(card: dict) -> str:
     hp_rows = "\n".join(f"| {k} | " + " | ".join(str(m.get(k)) for m in members) + " |" for k in HYPERPARAMETERS)
     hp_head = "| hyperparameter | " + " | ".join(m["trial_id"] for m in members) + " |\n|" + " --- |" * (len(members) + 1)
     references = "\n".join(f"- Reference standard ({src}): {how}." for src, how in reference_standards(card).items())
-    return f"""# Model card: {card.get('architecture', t.get('model'))} from run `{card['run']}`
+    return f"""# Model card: {card.architecture} from run `{card.run}`
 
-Classifier of frontal chest radiographs. Selected and thresholded for **{card['target']}**
-(output: P({card['target']})); trained on every known finding of the pooled label list, unknown labels masked.
+Classifier of frontal chest radiographs. Selected and thresholded for **{card.target}**
+(output: P({card.target})); trained on every known finding of the pooled label list, unknown labels masked.
 {warn}
-## Headline: {'the deploying site (site-test)' if (card.get('headline') or {}).get('kind') == 'site' else 'no site figure'}
+## Headline: {'the deploying site (site-test)' if card.headline['kind'] == 'site' else 'no site figure'}
 {_headline(card)}
 
 ## Intended use and limitations
@@ -417,13 +521,13 @@ Classifier of frontal chest radiographs. Selected and thresholded for **{card['t
 {_selection(card)}
 
 ## Operating threshold and calibration
-{card['threshold']:.4f} on Platt-calibrated probabilities (P = sigmoid({card['calibration']['scale']:.3f} x logit
-{card['calibration']['bias']:+.3f}), fitted on {_calibrated_on(card)}). Chosen by: {card['threshold_stability']['how']}. Everything here was fixed on the **{card['selection'].get('on', 'validation')}**
-films before the holdout was read ({card['selection'].get('on', 'validation')} at this threshold, in-sample: sensitivity {fmt(card['validation']['sensitivity'])},
-specificity {fmt(card['validation']['specificity'])}, AUC {fmt(card['validation']['auc'])}).
-{_tta_line(card.get('tta', {}))}
+{card.threshold:.4f} on Platt-calibrated probabilities (P = sigmoid({card.calibration['scale']:.3f} x logit
+{card.calibration['bias']:+.3f}), fitted on {_calibrated_on(card)}). Chosen by: {card.threshold_stability['how']}. Everything here was fixed on the **{card.selection['on']}**
+films before the holdout was read ({card.selection['on']} at this threshold, in-sample: sensitivity {fmt(card.validation['sensitivity'])},
+specificity {fmt(card.validation['specificity'])}, AUC {fmt(card.validation['auc'])}).
+{_tta_line(card.tta)}
 
-## Holdout metrics ({'read once' if not card['holdout_previously_read'] else 'a repeated read'}, by promote)
+## Holdout metrics ({'read once' if not card.holdout_previously_read else 'a repeated read'}, by promote)
 ![ROC](roc.png) ![Reliability](reliability.png)
 
 {_metric_table(h['pooled'])}
@@ -460,13 +564,13 @@ Every threshold below was fixed on validation; the holdout columns are what it g
 {hp_head}
 {hp_rows}
 
-Search space `{card['search_space'].get('description', '').strip() or 'see run.json'}`: see `model_card.json` for
+Search space `{card.search_space.get('description', '').strip() or 'see run.json'}`: see `model_card.json` for
 the whole space and the top of the leaderboard.
 
 ## Exports
 `model.safetensors` (source of truth), `model.torchscript.pt`, `model.onnx`; max |logit difference| against
-the eager model on real images: TorchScript {card['export_max_abs_diff']['torchscript']:.1e},
-ONNX {card['export_max_abs_diff']['onnx']:.1e}. Preprocessing is in `config.json`.{_serving_line(card)}
+the eager model on real images: TorchScript {card.export_max_abs_diff['torchscript']:.1e},
+ONNX {card.export_max_abs_diff['onnx']:.1e}. Preprocessing is in `config.json`.{_serving_line(card)}
 {_cpu_serving(card)}
 ## Software
-""" + ", ".join(f"{k} {v}" for k, v in card["versions"].items()) + "\n"
+""" + ", ".join(f"{k} {v}" for k, v in card.versions.items()) + "\n"

@@ -64,7 +64,8 @@ def _ingest(args) -> int:
 
 
 def _search(args) -> int:
-    from raycxr.search import SearchConfig, format_leaderboard, resume_search, run_search
+    from raycxr.runs import format_leaderboard
+    from raycxr.search import SearchConfig, resume_search, run_search
 
     if args.resume:
         board = resume_search(args.resume, address=args.address, num_cpus=args.num_cpus, trust_run=args.trust_run,
@@ -95,7 +96,7 @@ def _verbosity_level(args) -> int:
 def _status(args) -> int:
     import time
 
-    from raycxr.search import format_leaderboard, format_summary, leaderboard, run_summary
+    from raycxr.runs import format_leaderboard, format_summary, leaderboard, run_summary
 
     summary = run_summary(args.run)
     print(format_summary(summary), flush=True)
@@ -119,21 +120,21 @@ def _promote(args) -> int:
                                  fastest_within=args.fastest_within, register=args.register,
                                  serving_onnx=args.serving_onnx, quantize=args.quantize,
                                  mlflow=args.mlflow))
-    h = card["holdout"]["pooled"]
-    ids = ", ".join(f"{r['trial_id']} (val AUC {r['val_auc']:.4f})" for r in card["members"])
-    print(f"Promoted {card['architecture']}: trial {ids} -> {args.out}")
-    print(f"Selection ({card['selection']['rule']}): {card['selection']['why']}")
-    on = card["selection"].get("on", "validation")
-    score = "site-val AUC" if card["selection"]["rule"] == "site" else "shift AUC"  # what the finalists were ranked by
-    for f in card["selection"].get("finalists", []):
+    h = card.holdout["pooled"]
+    ids = ", ".join(f"{r['trial_id']} (val AUC {r['val_auc']:.4f})" for r in card.members)
+    print(f"Promoted {card.architecture}: trial {ids} -> {args.out}")
+    print(f"Selection ({card.selection['rule']}): {card.selection['why']}")
+    on = card.selection["on"]
+    score = "site-val AUC" if card.selection["rule"] == "site" else "shift AUC"  # what the finalists were ranked by
+    for f in card.selection.get("finalists", []):
         print(f"  finalist {f['trial_id']} {f['model']}@{f['image_size']}px: val AUC {f['val_auc']:.4f}, {score} "
               f"{f['shift_auc']:.4f}{' (tied with the best)' if f['tied_with_best'] else ''}, "
               f"{'n/a' if f['latency_ms'] is None else format(f['latency_ms'], '.1f')} ms")
-    print(f"Threshold {card['threshold']:.4f} (rule {card['threshold_rule']}, chosen on {on})")
-    if "val_auc_with" in (tta := card["tta"]):
+    print(f"Threshold {card.threshold:.4f} (rule {card.threshold_rule}, chosen on {on})")
+    if "val_auc_with" in (tta := card.tta):
         print(f"Test-time augmentation {'on' if tta['used'] else 'off'} ({on} AUC "
               f"{tta['val_auc_without']:.4f} without, {tta['val_auc_with']:.4f} with; --tta {tta['mode']})")
-    headline = card["headline"]
+    headline = card.headline
     if headline["kind"] == "site":
         m, again = headline["metrics"]["pooled"], headline["previously_read"]
         names = ", ".join(s["name"] for s in headline["sites"])
@@ -143,30 +144,30 @@ def _promote(args) -> int:
         _print_metrics(m)
     else:
         print(headline["statement"])
-    prior = card["holdout_previously_read"]
+    prior = card.holdout_previously_read
     how = "read once" if not prior else f"read again after {prior} earlier read(s): optimistic, see the card"
     print(f"Internal holdout ({h['n']} images, {how}):")
     _print_metrics(h)
     print("Operating points (thresholds fixed on validation; holdout sensitivity / specificity):")
-    for name, pt in card["operating_points"].items():
+    for name, pt in card.operating_points.items():
         print(f"  {name:12s} threshold {pt['threshold']:.4f}: {pt['sensitivity']:.3f} / {pt['specificity']:.3f}")
     _print_serving(card)
     print(f"Model card: {Path(args.out) / 'model_card.md'}   Report with plots: {Path(args.out) / 'report.html'}")
-    if r := card.get("registry"):
+    if r := card.registry:
         print(f"Registered {r['model_name']} version {r['version']} ({r['model_uri']}) at {r['tracking_uri']}")
     return 0
 
 
-def _print_serving(card: dict) -> None:
+def _print_serving(card) -> None:  # a raycxr.card.ModelCard
     from raycxr.serving import format_latency
 
-    if q := card.get("int8"):
+    if q := card.int8:
         print(f"int8 ONNX: {q['why']}")
         for name, m in q.get("holdout", {}).items():
             print(f"  {name} holdout AUC {m['auc']:.4f} (95% CI {m['auc_ci95'][0]:.4f} - {m['auc_ci95'][1]:.4f})")
-    if card.get("latency"):
+    if card.latency:
         print("CPU latency (ONNX Runtime, median of 30 after warm-up):")
-        print(format_latency(card["latency"]))
+        print(format_latency(card.latency))
 
 
 def _print_metrics(m: dict) -> None:

@@ -24,21 +24,32 @@ def dhash(image: np.ndarray) -> np.ndarray:
     return (small[:, 1:] > small[:, :-1]).ravel()
 
 
+def _distinct(keys) -> tuple[list[int], list[int]]:
+    """(the first index of each distinct key, each index's first index with its key)."""
+    first: dict = {}
+    rep_of = [first.setdefault(k, i) for i, k in enumerate(keys)]
+    return sorted(first.values()), rep_of
+
+
 def near_duplicate_pairs(hashes: np.ndarray, *, max_bits: int) -> list[tuple[int, int]]:
-    """Index pairs (i < j) whose hashes differ in at most ``max_bits`` bits."""
+    """Index pairs (i < j) that link every image to each one whose hash differs from its own in at
+    most ``max_bits`` bits (what grouping needs, not every such pair): identical hashes are
+    compared once, and each further copy is linked to the first, so a thousand copies of one film
+    cost a thousand pairs, not half a million."""
     n, bits = hashes.shape
     if n < 2 or max_bits < 0:
         return []
-    bands = np.array_split(np.arange(bits), max_bits + 1)
     full = np.packbits(hashes, axis=1)
-    seen: set[tuple[int, int]] = set()
-    for band in bands:
+    reps, rep_of = _distinct(map(bytes, full))
+    seen: set[tuple[int, int]] = {(r, i) for i, r in enumerate(rep_of) if r != i}
+    sub, packed = hashes[reps], full[reps]
+    for band in np.array_split(np.arange(bits), max_bits + 1):
         buckets = defaultdict(list)
-        for i, key in enumerate(map(bytes, np.packbits(hashes[:, band], axis=1))):
+        for i, key in enumerate(map(bytes, np.packbits(sub[:, band], axis=1))):
             buckets[key].append(i)
         for members in buckets.values():
             if len(members) > 1:
-                seen.update(_close_pairs(full, np.asarray(members), max_bits))
+                seen.update((reps[i], reps[j]) for i, j in _close_pairs(packed, np.asarray(members), max_bits))
     return sorted(seen)
 
 
@@ -115,7 +126,27 @@ def cross_source_twins(views: list[np.ndarray], sources: list[str], *,
     Exact, chunked matrix products of each source's centre squares against the other sources'
     views: about 30 s for Kermany224 x PneumoniaMNIST (5,232 x 5,232 images) on two cores, far less
     when one source is small. Images of one source are never compared here (dHash covers them).
+    Images of one source with identical descriptors are compared once: each copy is paired with
+    the other side's first image only, so the pairs grow linearly in the copies, not as their square.
     """
+    reps, rep_of = _distinct((s, v.tobytes()) for s, v in zip(sources, views))
+    if len(reps) == len(views):
+        return _twins_of_distinct(views, sources, min_similarity=min_similarity, margin=margin, block=block)
+    copies = defaultdict(list)
+    for i, r in enumerate(rep_of):
+        copies[r].append(i)
+    out: dict[tuple[int, int], float] = {}
+    for a, b, sim in _twins_of_distinct([views[r] for r in reps], [sources[r] for r in reps],
+                                        min_similarity=min_similarity, margin=margin, block=block):
+        u, v = reps[a], reps[b]
+        for i, j in [(c, v) for c in copies[u]] + [(u, c) for c in copies[v]]:
+            out[(min(i, j), max(i, j))] = sim
+    return [(i, j, s) for (i, j), s in sorted(out.items())]
+
+
+def _twins_of_distinct(views: list[np.ndarray], sources: list[str], *, min_similarity: float, margin: float,
+                       block: int) -> list[tuple[int, int, float]]:
+    """:func:`cross_source_twins` over images whose descriptors are distinct within each source."""
     src = np.asarray(sources)
     if len(views) < 2 or len(set(sources)) < 2:
         return []

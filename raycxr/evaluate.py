@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from raycxr.data import read_manifest
 from raycxr.errors import ConfigError, DataError
 from raycxr.storage import write_atomic
+
+if TYPE_CHECKING:
+    from raycxr.card import ModelCard
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +31,7 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path, *, split: str = 
     """Score a promoted model on any ingested dataset (external validation), with the model's own
     calibration and threshold; written to ``MODEL/evaluations/FINGERPRINT-SPLIT.json`` and, when the
     data is not the model's own, added to the model card's internal-vs-external comparison."""
-    from raycxr.card import write_model_card
+    from raycxr.card import ModelCard, write_model_card
     from raycxr.data import SPLITS, split_arrays
     from raycxr.metrics import bias_shift, calibrate_logits, report
     from raycxr.predict import load_promoted, target_logits, write_predictions
@@ -37,16 +42,9 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path, *, split: str = 
     model, promoted = load_promoted(model_dir)
     spec = promoted.spec
     manifest = read_manifest(data_dir)
-    card_path = Path(model_dir) / "model_card.json"
-    card = None  # a folder without its card is still scored; only the card's comparison is skipped
-    if card_path.exists():
-        try:
-            card = json.loads(card_path.read_text())
-            fingerprint = card["data"]["fingerprint"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"cannot read {card_path} ({type(exc).__name__}): the external evaluation is added "
-                              "to the model card; promote the run again", source=str(model_dir)) from None
-    own = card is not None and manifest["fingerprint"] == fingerprint
+    # a folder without its card is still scored; only the card's comparison is skipped
+    card = ModelCard.load(model_dir) if (Path(model_dir) / ModelCard.FILE).exists() else None
+    own = card is not None and manifest["fingerprint"] == card.data["fingerprint"]
     earlier = []
     if split in ("holdout", "all"):  # a read of the dataset's holdout films, logged before it happens
         from raycxr.ledger import record_read, split_digest
@@ -72,24 +70,25 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path, *, split: str = 
               "metrics": report(y, probabilities, groups=g, sources=src,
                                 threshold=promoted.threshold, n_boot=n_boot, seed=seed,
                                 prior_shift=bias_shift(promoted.calibration))}
-    result["overlap"] = overlap = training_overlap(card, data_dir, splits) if card is not None and not own else None
+    result["overlap"] = overlap = (training_overlap(card, model_dir, data_dir, splits) if card is not None and not own
+                                   else None)
     out = Path(model_dir) / "evaluations" / f"{manifest['fingerprint']}-{split}.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_atomic(out, json.dumps(result, indent=2, default=str) + "\n", mode=0o644)
     result["predictions"] = str(write_predictions(out.with_name(out.stem + "-predictions.csv"), sources=src, groups=g,
                                                   y=y, probabilities=probabilities))
     if card is not None and not own:  # the card compares internal with every external evaluation (one entry per dataset and split)
         pooled = result["metrics"]["pooled"]
-        entry = {"data": result["data"], "fingerprint": result["fingerprint"], "split": split,
+        entry = {"data": os.path.relpath(result["data"], Path(model_dir).resolve()), "fingerprint": result["fingerprint"], "split": split,
                  "sources": result["sources"], "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                  **{k: pooled[k] for k in ("n", "positives", "auc", "accuracy", "sensitivity", "specificity")},
                  "ci95": {k: pooled["ci95"][k] for k in ("auc", "accuracy", "sensitivity", "specificity")},
                  "overlap": overlap}
         if overlap["images"] or not overlap["checked"]:
             log.warning("%s: the model card lists it apart, not as external validation", overlap["verdict"])
-        card["external"] = [e for e in card.get("external", [])
-                            if (e["fingerprint"], e["split"]) != (entry["fingerprint"], split)] + [entry]
-        write_atomic(card_path, json.dumps(card, indent=2, default=str) + "\n", mode=0o644)  # whole or not at all
+        card.external = [e for e in card.external if (e["fingerprint"], e["split"]) != (entry["fingerprint"], split)]
+        card.external.append(entry)
+        card.save(model_dir)  # whole or not at all
         write_model_card(card, Path(model_dir) / "model_card.md")
         refresh_report(Path(model_dir), card)
     result["written_to"] = str(out)
@@ -111,21 +110,22 @@ def _stored(data_dir: Path, splits) -> tuple[list[str], list[np.ndarray]]:
 OVERLAP_SIMILARITY = 0.99
 
 
-def training_overlap(card: dict, data_dir: str | Path, splits: list[str]) -> dict:
+def training_overlap(card: ModelCard, model_dir: str | Path, data_dir: str | Path, splits: list[str]) -> dict:
     """How many films of ``data_dir``'s ``splits`` the model saw in training or validation: the same
     file (content hash) or a copy of one film (ingest's cross-dataset twin test, on the stored
     pixels: another size, crop or re-encoding of it, e.g. PneumoniaMNIST's 28 px copies of Kermany's
     films). An evaluation with any overlap is not external validation, and the card says so."""
     from raycxr.dedup import cross_source_twins, twin_views
 
-    train_dir = Path(str((card.get("data") or {}).get("dir", "")))
+    train_dir = card.data_dir(model_dir)
+    where = card.data["dir"]  # as the card has it: relative to the model folder
     try:
-        if read_manifest(train_dir)["fingerprint"] != card["data"]["fingerprint"]:
+        if read_manifest(train_dir)["fingerprint"] != card.data["fingerprint"]:
             raise DataError("another dataset")
     except (DataError, OSError, KeyError, TypeError, ValueError):
-        return {"checked": False, "images": None, "same_files": None, "twins": None, "training_data": str(train_dir),
+        return {"checked": False, "images": None, "same_files": None, "twins": None, "training_data": where,
                 "verdict": f"overlap with the training data not checked: the model's training data is not at "
-                           f"{train_dir} (evaluate on the machine that holds it)"}
+                           f"{where} from the model folder (evaluate on the machine that holds both)"}
     theirs, their_pixels = _stored(train_dir, ("train", "val"))
     ours, our_pixels = _stored(Path(data_dir), splits)
     seen = set(theirs)
@@ -139,5 +139,5 @@ def training_overlap(card: dict, data_dir: str | Path, splits: list[str]) -> dic
     n = len(same | twins)
     verdict = (f"overlaps training data ({n} images: {len(same)} identical files, {len(twins)} copies of a training "
                f"or validation film)" if n else "external: no film shared with the model's training or validation data")
-    return {"checked": True, "images": n, "same_files": len(same), "twins": len(twins), "training_data": str(train_dir),
+    return {"checked": True, "images": n, "same_files": len(same), "twins": len(twins), "training_data": where,
             "verdict": verdict}

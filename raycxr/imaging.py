@@ -95,6 +95,19 @@ class _BoundedReader:
         return getattr(self._f, name)
 
 
+def read_dicom_header(path: str | Path):
+    """A DICOM's attributes without its pixels, through the bounded reader (an element that
+    declares more bytes than the file holds costs nothing); pydicom's warnings, which quote the
+    file's values, are kept out of the logs. Raises what pydicom raises for a broken file."""
+    import pydicom
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with open(path, "rb") as f:
+            return pydicom.dcmread(_BoundedReader(f, os.fstat(f.fileno()).st_size), stop_before_pixels=True,
+                                   force=True)
+
+
 def _read_dicom(path: Path) -> np.ndarray:
     import pydicom
 
@@ -119,12 +132,19 @@ def _read_dicom(path: Path) -> np.ndarray:
     return out
 
 
+# DICOM's colour interpretations (PS3.3 C.7.6.3.1.2): named in a reason; any other value is the
+# file's own text and is not quoted
+_COLOUR_PHOTOMETRIC = {"RGB", "PALETTE COLOR", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT",
+                       "ARGB", "CMYK", "HSV", "YBR_PARTIAL_422"}
+
+
 def _dicom_pixels(ds) -> np.ndarray:
     if "PixelData" not in ds:
         raise DecodeError("DICOM has no pixel data")
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     if photometric not in {"MONOCHROME1", "MONOCHROME2"}:
-        raise DecodeError(f"unsupported PhotometricInterpretation {photometric or 'missing'}: "
+        named = photometric if photometric in _COLOUR_PHOTOMETRIC else "non-standard" if photometric else "missing"
+        raise DecodeError(f"unsupported PhotometricInterpretation {named}: "
                           "only greyscale (MONOCHROME1/2) radiographs are supported")
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         raise DecodeError("multi-frame DICOM: a chest radiograph is one frame")
@@ -264,9 +284,10 @@ def _read_pillow(path: Path, draft_size: int | None, data: bytes | None = None) 
     except UnidentifiedImageError as exc:
         raise DecodeError("not a PNG, JPEG or DICOM file (its bytes say otherwise, whatever its name)") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DecodeError(f"image too large: possible decompression bomb ({exc})") from exc
+        raise DecodeError(f"image too large: possible decompression bomb ({type(exc).__name__})") from exc
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for broken files
-        raise DecodeError(f"not a readable image: {exc}") from exc
+        # the type, never the text: a decoder's message may quote a path or the file's own bytes
+        raise DecodeError(f"not a readable image ({type(exc).__name__})") from exc
 
 
 JSRT_SIZE = 2048  # JSRT films: 2048 x 2048 px, 12 bits in big-endian 16-bit words, no header
@@ -283,15 +304,45 @@ def _read_jsrt(path: Path) -> np.ndarray:
     return 255 - _to_uint8(arr)
 
 
+# The most one member of an .npz archive may hold (MedMNIST+'s largest, 224 px train images, is
+# about 0.3 GB): checked from the member's .npy header before anything is inflated.
+MAX_NPZ_MEMBER_BYTES = 4 * 2**30
+
+
+def npz_member(path: str | Path, key: str, *, max_bytes: int = MAX_NPZ_MEMBER_BYTES) -> np.ndarray:
+    """One array of an ``.npz`` archive, loaded alone (not every member) after its ``.npy`` header
+    says it fits: a hostile archive that declares a huge array, or holds a zip bomb in another
+    member, is a DecodeError, never an allocation. Object arrays (pickles) are refused."""
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+            version = npy.read_magic(f)
+            shape, _, dtype = (npy.read_array_header_1_0(f) if version == (1, 0) else npy.read_array_header_2_0(f))
+    except KeyError:
+        raise DecodeError(f"npz archive has no array {key}") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DecodeError(f"not a readable npz archive ({type(exc).__name__})") from exc
+    if dtype.hasobject:
+        raise DecodeError("npz archive holds an object array (a pickle): not read")
+    nbytes = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    if nbytes > max_bytes:
+        raise DecodeError(f"npz array too large ({nbytes / 2**30:.1f} GiB declared, over {max_bytes / 2**30:g} GiB): "
+                          "not read")
+    with np.load(path, allow_pickle=False) as npz:
+        return npz[key]
+
+
 @functools.lru_cache(maxsize=2)
-def _npz(path: str) -> dict:
-    with np.load(path) as npz:
-        return {k: npz[k] for k in npz.files}
+def _npz(path: str, key: str) -> np.ndarray:
+    return npz_member(path, key)
 
 
 def _read_npz(path: Path, fmt: str) -> np.ndarray:
     _, key, index = fmt.split(":")
-    arr = _npz(str(path))[key][int(index)]
+    arr = _npz(str(path), key)[int(index)]
     return arr if arr.ndim == 2 else arr[..., 0]
 
 
@@ -318,7 +369,7 @@ def not_regular(path: str | Path) -> str:
     except FileNotFoundError:
         return "no such file"
     except OSError as exc:
-        return f"cannot stat the file: {exc.strerror or exc}"
+        return f"cannot stat the file: {exc.strerror or type(exc).__name__}"
     if not stat.S_ISREG(mode):
         kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
                 "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")

@@ -174,7 +174,28 @@ def _decode_one(args: tuple[str, int, str, str, bool, bool, float]) -> tuple:
     except DecodeError as exc:
         return content_hash, None, (0, 0), None, None, str(exc)
     except Exception as exc:  # an unexpected decoder failure must quarantine, not kill the run
-        return content_hash, None, (0, 0), None, None, f"decoder failed: {type(exc).__name__}: {exc}"
+        return content_hash, None, (0, 0), None, None, f"decoder failed ({type(exc).__name__})"
+
+
+# What quarantine.csv and manifest.json may say about a file: each reason raycxr writes starts with
+# one of these fixed texts, and carries at most an exception's type, a count or a constant after it,
+# never an exception's message, a cell of a manifest or a path (the files are shared with the dataset).
+QUARANTINE_REASONS = (
+    "no such file", "cannot stat the file", "a FIFO", "a socket", "a device", "not a file", "file of",
+    "cannot open file", "not enough memory", "empty file", "not a PNG, JPEG or DICOM file", "image too large",
+    "not a readable image", "not a readable DICOM file", "DICOM pixel pipeline failed", "DICOM has no pixel data",
+    "unsupported PhotometricInterpretation", "multi-frame DICOM", "DICOM pixel data", "not a JSRT raw film",
+    "unexpected image shape", "blank image", "decoder process died", "decoder failed", "excluded",
+    "unusable row", "unlisted", "unknown label", "missing file", "no labels", "npz archive", "npz array too large",
+    "not a readable npz archive",
+)
+
+
+def written_reason(reason: str) -> str:
+    """``reason`` as quarantine.csv and manifest.json hold it: one of :data:`QUARANTINE_REASONS`'
+    texts, or ``unclassified`` for anything else (a message raycxr did not word itself is never
+    copied into a file beside the dataset; the console still shows it)."""
+    return reason if reason.startswith(QUARANTINE_REASONS) else "unclassified"
 
 
 _DIED = "decoder process died on this file (out of memory, or a crash in a decoding library)"
@@ -517,7 +538,7 @@ def _write_manifest(out: Path, cfg: IngestConfig, salt: str, records, kept, quar
         for r in sorted(rows_by_split[split], key=lambda r: (r["patient_hash"], r["path"])):
             fp.update(f"{split}\t{r['source']}\t{r['path']}\t{r['content_hash']}\t{r['labels']}\n".encode())
     fp.update(json.dumps(params, sort_keys=True).encode())
-    reasons = dict(sorted(Counter(q["reason"].split(":")[0] for q in quarantine).items()))
+    reasons = dict(sorted(Counter(written_reason(q["reason"]).split(":")[0] for q in quarantine).items()))
     summary = IngestSummary(
         files_in=len(records), rows_written=len(kept), quarantined=len(quarantine), counts=counts,
         quarantine_reasons=reasons, fingerprint=fp.hexdigest()[:16], out=out, **dup_stats,
@@ -536,8 +557,9 @@ def _write_manifest(out: Path, cfg: IngestConfig, salt: str, records, kept, quar
 
 
 def _write_quarantine(quarantine: list[dict], path: Path, salt: str) -> None:
-    """``quarantine.csv``: source, pseudonymised path, reason. Every skipped file is listed."""
-    rows = [{"source": q["source"], "path": _pseudonym(salt, q["record"]), "reason": q["reason"]}
+    """``quarantine.csv``: source, pseudonymised path, reason (:func:`written_reason`). Every skipped
+    file is listed."""
+    rows = [{"source": q["source"], "path": _pseudonym(salt, q["record"]), "reason": written_reason(q["reason"])}
             for q in quarantine]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["source", "path", "reason"])

@@ -73,10 +73,10 @@ def _header_warnings(path: Path, stored_size: int) -> str:
     except OSError:
         return ""
     if head[128:132] == b"DICM" or path.suffix.lower() in {".dcm", ".dicom"}:
-        import pydicom
+        from raycxr.imaging import read_dicom_header
 
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            ds = read_dicom_header(path)
         except Exception:
             return ""
         from raycxr.sources import normalise_view
@@ -84,8 +84,9 @@ def _header_warnings(path: Path, stored_size: int) -> str:
         if normalise_view(ds.get("ViewPosition")) == "LATERAL":
             out.append("lateral view: the model was trained on frontal films")
         part = str(ds.get("BodyPartExamined", "") or "").upper()
-        if part and part not in {"CHEST", "THORAX", "LUNG"}:
-            out.append(f"body part {part}, not chest")
+        if part and part not in {"CHEST", "THORAX", "LUNG"}:  # a code string (CS): at most 16 of A-Z, 0-9, _
+            shown = part[:16] if part.replace("_", "").replace(" ", "").isalnum() and part.isascii() else "non-standard"
+            out.append(f"body part {shown}, not chest")
         rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     else:
         from PIL import Image

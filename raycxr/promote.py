@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ from raycxr.errors import ConfigError, DataError, ExportError, NoEligibleTrialEr
 from raycxr.models import EXPORT_TOLERANCE, MemberSpec, ModelSpec, PromotedModel, export_onnx
 from raycxr.predict import target_logits, write_predictions
 from raycxr.progress import bar
-from raycxr.storage import RunStore, exists, local_copy, write_atomic
+from raycxr.card import ModelCard
+from raycxr.storage import RunStore, exists, local_copy
 from raycxr.train import CheckpointRecord
 
 log = logging.getLogger(__name__)
@@ -289,8 +291,8 @@ def _swap_in(staging: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def promote(cfg: PromoteConfig) -> dict:
-    """Promote the best trial (or ensemble) of ``cfg.run`` into ``cfg.out``; return the model card's data.
+def promote(cfg: PromoteConfig) -> ModelCard:
+    """Promote the best trial (or ensemble) of ``cfg.run`` into ``cfg.out``; return its :class:`~raycxr.card.ModelCard`.
 
     The model is built in a hidden sibling folder and moved to ``cfg.out`` when complete, so a failed
     or killed promote leaves ``cfg.out`` as it was (with ``--force``, the old model)."""
@@ -310,17 +312,25 @@ def promote(cfg: PromoteConfig) -> dict:
     if cfg.register:
         from raycxr.tracking import register_model
 
-        card["registry"] = register_model(final, card, uri=cfg.mlflow, name=cfg.register)
-        _write_json(final / "model_card.json", card)
+        card.registry = register_model(final, card, uri=cfg.mlflow, name=cfg.register)
+        card.save(final)
     return card
 
 
-def _write_json(path: Path, doc: dict) -> None:
-    """Write ``path`` whole or not at all: a crash never leaves half a card."""
-    write_atomic(path, json.dumps(doc, indent=2, default=str) + "\n", mode=0o644)
+def _card_row(row: dict, model_dir: Path) -> dict:
+    """A leaderboard row as the card keeps it: a local checkpoint path relative to the model folder
+    (a bucket URI stays as it is: it names no one's home folder)."""
+    ckpt = row.get("checkpoint")
+    return {**row, "checkpoint": _relative(ckpt, model_dir)} if ckpt and "://" not in ckpt else dict(row)
 
 
-def _promote(cfg: PromoteConfig, *, out: Path, final: Path) -> dict:
+def _relative(path: str | Path, model_dir: Path) -> str:
+    """``path`` relative to the model folder (as the card stores data paths: no home folder in a card,
+    and the pair can move together)."""
+    return os.path.relpath(Path(path).resolve(), model_dir.resolve())
+
+
+def _promote(cfg: PromoteConfig, *, out: Path, final: Path) -> ModelCard:
     """:func:`promote`'s work, written into ``out`` (the staging folder); ``final`` is where it will be."""
     from raycxr.card import write_model_card
     from raycxr.data import read_manifest
@@ -330,7 +340,7 @@ def _promote(cfg: PromoteConfig, *, out: Path, final: Path) -> dict:
     from raycxr.select import SELECTION_RULES
     from raycxr.sites import MIN_EVENTS
     from raycxr.report import write_report
-    from raycxr.search import RunRecord, run_history
+    from raycxr.runs import RunRecord, run_history
     from raycxr.serving import model_inputs, serving_exports, trial_like_latency
 
     rule = cfg.threshold_rule
@@ -456,43 +466,44 @@ def _promote(cfg: PromoteConfig, *, out: Path, final: Path) -> dict:
                              selection={k: selection[k] for k in ("rule", "kind", "why")})
     promoted.save(out)
     log.info("promote 4/4: model card, plots and report")
-    card = {
-        "run": run.name, "trial": chosen[0], "members": chosen, "architecture": architecture,
-        "selection": selection, "target": target, "threshold": threshold,
-        "threshold_rule": rule, "threshold_stability": stability, "calibration": calibration,
-        "operating_points": at_points, "prevalence": cfg.prevalence, "tta": tta,
-        "validation": val_metrics, "internal_validation": internal_val, "headline": headline,
-        "holdout": holdout, "export_max_abs_diff": export_diffs,
-        "holdout_previously_read": len(previous_reads),
-        "holdout_earlier_reads": [{k: e.get(k) for k in ("time", "by", "run", "trial_id")} for e in previous_reads],
-        "data": {
-            "dir": str(data_dir), "fingerprint": manifest["fingerprint"], "counts": manifest["counts"],
-            "split_level": manifest["split_level"], "params": manifest["params"]},
-        "search_space": run.space_config, "versions": run.versions, "leaderboard_top": board[:5],
-        "pareto": [{k: r.get(k) for k in ("trial_id", "model", "image_size", "val_auc", "latency_ms")}
-                   for r in eligible],
-        "latency": latencies, "int8": int8, "latency_ms": trial_like_latency(latencies),
-        "external": [],
-    }
     if select != "site" and sites:
-        card["headline"] = {"kind": "none", "statement": (
+        headline = {"kind": "none", "statement": (
             f"No site figure: the search had site films ({', '.join(s.name for s in sites)}) but this promotion "
             f"chose with --select {select}, so site-test was not read. " + NO_SITE_STATEMENT.split(": ", 1)[1])}
+    elif headline["kind"] == "site":  # where the site data is, relative to the model folder like data.dir
+        headline["sites"] = [{**s, "data": _relative(s["data"], final)} for s in headline["sites"]]
+    serving = None
     if cfg.serving_onnx:
         from raycxr.predict import Model
 
         served = Model(model, promoted, directory=out)  # the network already in memory, as saved
-        card["serving_onnx"] = served.export_onnx(out / "model.serving.onnx", check_with=val.images[:16])
-        card["serving_onnx"]["path"] = str(final / "model.serving.onnx")  # where it will be
-    _write_json(out / "model_card.json", card)
+        serving = {**served.export_onnx(out / "model.serving.onnx", check_with=val.images[:16]),
+                   "path": "model.serving.onnx"}  # relative to the model folder
+    rows = {id(r): _card_row(r, final) for r in [*chosen, *board[:5]]}  # checkpoints relative to the model
+    card = ModelCard(
+        run=run.name, trial=rows[id(chosen[0])], members=[rows[id(r)] for r in chosen], architecture=architecture,
+        selection=selection, target=target, threshold=threshold,
+        threshold_rule=rule, threshold_stability=stability, calibration=calibration,
+        operating_points=at_points, prevalence=cfg.prevalence, tta=tta,
+        validation=val_metrics, internal_validation=internal_val, headline=headline,
+        holdout=holdout, export_max_abs_diff=export_diffs,
+        holdout_previously_read=len(previous_reads),
+        holdout_earlier_reads=[{k: e.get(k) for k in ("time", "by", "run", "trial_id")} for e in previous_reads],
+        data={"dir": _relative(data_dir, final), "fingerprint": manifest["fingerprint"], "counts": manifest["counts"],
+              "split_level": manifest["split_level"], "params": manifest["params"]},
+        search_space=run.space_config, versions=run.versions, leaderboard_top=[rows[id(r)] for r in board[:5]],
+        pareto=[{k: r.get(k) for k in ("trial_id", "model", "image_size", "val_auc", "latency_ms")} for r in eligible],
+        latency=latencies, int8=int8, latency_ms=trial_like_latency(latencies),
+        external=[], serving_onnx=serving, registry=None)
+    card.save(out)
     write_model_card(card, out / "model_card.md")
     write_report(out, card=card, holdout_y=hold.y, holdout_p=hp, frames=history.frames, prior_shift=shift)
     return card
 
 
-def api(run: str | Path, out: str | Path, **options) -> dict:
+def api(run: str | Path, out: str | Path, **options) -> ModelCard:
     """``raycxr.promote(run, out, **options)``: :func:`promote` with keyword options (the fields
-    of :class:`PromoteConfig`, e.g. ``threshold_rule="sensitivity"``); returns the model card's data."""
+    of :class:`PromoteConfig`, e.g. ``threshold_rule="sensitivity"``); returns the :class:`~raycxr.card.ModelCard`."""
     return promote(PromoteConfig(run=run, out=Path(out), **options))
 
 

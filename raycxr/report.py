@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raycxr.card import fmt, fmt_ci
+from raycxr.card import ModelCard, fmt, fmt_ci
 from raycxr.metrics import reliability_bins, without_prior_shift
 
 
@@ -221,9 +221,9 @@ def _png_size(path: Path) -> tuple[int, int]:
     return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
 
 
-def _alt(name: str, card: dict) -> str:
+def _alt(name: str, card: ModelCard) -> str:
     """What a figure shows, in words, for readers who cannot see it."""
-    m, t = card["holdout"]["pooled"], fmt(card["threshold"], 4)
+    m, t = card.holdout["pooled"], fmt(card.threshold, 4)
     return {
         "roc": f"ROC curve on the holdout: AUC {fmt(m['auc'])} (95% CI {fmt_ci(m['ci95']['auc'])}); at "
                f"threshold {t} sensitivity {fmt(m['sensitivity'])}, specificity {fmt(m['specificity'])}",
@@ -252,40 +252,55 @@ def _card_html(out: Path, plots: dict[str, Path]) -> str:
     md = markdown.Markdown(extensions=["tables"])
     md.preprocessors.deregister("html_block")
     md.inlinePatterns.deregister("html")
-    return md.convert(body)
+    return sanitise(md.convert(body))
 
 
-def write_report(out: Path, *, card: dict, holdout_y, holdout_p, frames: dict,
+# What the card's HTML may hold: Markdown's own output (tables, lists, code, links), nothing that
+# runs or loads (no script, style, img or form), and links only to the web, mail or this page.
+_TAGS = {"a", "blockquote", "br", "code", "em", "h1", "h2", "h3", "h4", "hr", "li", "ol", "p", "pre", "strong",
+         "table", "tbody", "td", "th", "thead", "tr", "ul"}
+
+
+def sanitise(html: str) -> str:
+    """``html`` through an allow-list sanitiser (nh3, the Rust ammonia library): a ``javascript:`` or
+    ``data:`` link in user text (a search space's description, say) loses its target."""
+    import nh3
+
+    return nh3.clean(html, tags=_TAGS, attributes={"a": {"href", "title"}, "th": {"align"}, "td": {"align"}},
+                     url_schemes={"http", "https", "mailto"}, link_rel="noopener noreferrer")
+
+
+def write_report(out: Path, *, card: ModelCard, holdout_y, holdout_p, frames: dict,
                  prior_shift: float = 0.0) -> dict[str, Path]:
     """Write every plot as PNG and ``report.html``; return {plot name: path}. ``frames`` are the
-    trials' per-epoch results (:func:`raycxr.search.run_history`), for the learning curves and the
+    trials' per-epoch results (:func:`raycxr.runs.run_history`), for the learning curves and the
     search history. The page is ``templates/report.html.j2`` rendered with Jinja2 (autoescaped):
     summary, holdout and per-source tables, the figures inline (ROC first) and the model card."""
-    pooled = card["holdout"]["pooled"]
-    top = [r["trial_id"] for r in card["leaderboard_top"][:5]]
+    pooled = card.holdout["pooled"]
+    top = [r["trial_id"] for r in card.leaderboard_top[:5]]
     plots = {
-        "roc": plot_roc(holdout_y, holdout_p, card["threshold"], pooled["ci95"]["auc"], out / "roc.png"),
-        "pr": plot_pr(holdout_y, holdout_p, card["threshold"], out / "pr.png"),
+        "roc": plot_roc(holdout_y, holdout_p, card.threshold, pooled["ci95"]["auc"], out / "roc.png"),
+        "pr": plot_pr(holdout_y, holdout_p, card.threshold, out / "pr.png"),
         # at the holdout's own prevalence, as the card's ECE (a --prevalence shift is not a miscalibration)
         "reliability": plot_reliability(holdout_y, without_prior_shift(holdout_p, prior_shift), pooled["ece"],
                                         out / "reliability.png"),
-        "confusion": plot_confusion(pooled, card["target"], out / "confusion.png"),
+        "confusion": plot_confusion(pooled, card.target, out / "confusion.png"),
         "learning_curves": plot_learning_curves(frames, top, out / "learning_curves.png"),
         "search_history": plot_search_history(frames, out / "search_history.png"),
-        "pareto": plot_pareto(card.get("pareto", []), [m["trial_id"] for m in card.get("members", [])],
-                              out / "pareto.png", int8=card.get("int8"), latency=card.get("latency")),
+        "pareto": plot_pareto(card.pareto, [m["trial_id"] for m in card.members],
+                              out / "pareto.png", int8=card.int8, latency=card.latency),
     }
     _write_page(out, card, plots)
     return plots
 
 
-def refresh_report(out: Path, card: dict) -> None:
+def refresh_report(out: Path, card: ModelCard) -> None:
     """Render ``report.html`` again from the card and the plots already in ``out`` (after
     ``raycxr evaluate`` adds an external evaluation to the card)."""
     _write_page(out, card, {name: out / f"{name}.png" for name in _CAPTIONS if (out / f"{name}.png").is_file()})
 
 
-def _write_page(out: Path, card: dict, plots: dict[str, Path]) -> None:
+def _write_page(out: Path, card: ModelCard, plots: dict[str, Path]) -> None:
     """Render ``report.html`` from the card, the written plots and ``model_card.md``."""
     from importlib.resources import files
 
@@ -294,7 +309,7 @@ def _write_page(out: Path, card: dict, plots: dict[str, Path]) -> None:
 
     from raycxr.card import HOLDOUT_ROWS, internal_sources, reference_standards
 
-    pooled = card["holdout"]["pooled"]
+    pooled = card.holdout["pooled"]
     figures = [{"id": name, "caption": _CAPTIONS[name], "alt": _alt(name, card),
                 "src": "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii"),
                 "width": _png_size(path)[0], "height": _png_size(path)[1]} for name, path in plots.items()]
@@ -302,11 +317,11 @@ def _write_page(out: Path, card: dict, plots: dict[str, Path]) -> None:
     env.filters.update(num=fmt, ci=fmt_ci)
     template = env.from_string((files("raycxr") / "templates" / "report.html.j2").read_text(encoding="utf-8"))
     page = template.render(
-        run=card["run"], target=card["target"], architecture=card["architecture"],
-        versions=card.get("versions", {}), fingerprint=card["data"]["fingerprint"], sources=internal_sources(card),
-        previous_reads=card["holdout_previously_read"], selection_rule=card["selection"]["rule"],
-        selection_kind=card["selection"]["kind"], threshold=card["threshold"], threshold_rule=card["threshold_rule"],
-        threshold_how=card["threshold_stability"]["how"], pooled=pooled, per_source=card["holdout"]["per_source"],
-        metric_rows=HOLDOUT_ROWS, counts=card["data"]["counts"], references=reference_standards(card),
+        run=card.run, target=card.target, architecture=card.architecture,
+        versions=card.versions, fingerprint=card.data["fingerprint"], sources=internal_sources(card),
+        previous_reads=card.holdout_previously_read, selection_rule=card.selection["rule"],
+        selection_kind=card.selection["kind"], threshold=card.threshold, threshold_rule=card.threshold_rule,
+        threshold_how=card.threshold_stability["how"], pooled=pooled, per_source=card.holdout["per_source"],
+        metric_rows=HOLDOUT_ROWS, counts=card.data["counts"], references=reference_standards(card),
         figures=figures, card_html=Markup(_card_html(out, plots)))
     (out / "report.html").write_text(page, encoding="utf-8")

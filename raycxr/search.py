@@ -15,22 +15,23 @@ The holdout split is never opened here: only train and val reach the trials.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import logging
 import math
 import os
+import secrets
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ray.tune.callback import Callback
 
-from raycxr.config import HYPERPARAMETERS, SearchSpace, load_space
+from raycxr.cluster import _plan_resources, init_ray
+from raycxr.config import SearchSpace, load_space
 from raycxr.errors import ConfigError, NoEligibleTrialError
+from raycxr.runs import RunRecord, leaderboard, leaderboard_csv, tune_location
 from raycxr.signing import RunSigner, SignRunCallback
 from raycxr.storage import RunStore
 from raycxr.train import METRIC, SELECTION_METRICS
@@ -39,10 +40,6 @@ log = logging.getLogger(__name__)
 
 # The Tune function that drives one TorchTrainer needs almost no CPU; Ray refuses 0.
 _TRIAL_DRIVER_CPU = 0.001
-# Each Train worker asks for this much less than cpus_per_worker, so that the drivers of up to
-# ten trials (Tune places them before their workers, often on one node) never leave a node a
-# sliver short of a whole worker: N trials still fill N cores, and no trial waits on its own driver.
-_WORKER_CPU_SLACK = 0.01
 # Optuna samplers: TPE (the default), a Gaussian process, CMA-ES, random search (the baseline every
 # other is compared against: scripts/bench/lcbench_searchers.py, BENCHMARKS.md), and a grid (every
 # combination of a space's choices once, in a seeded order; a space of choices and fixed values only).
@@ -66,11 +63,6 @@ SEARCH_METRIC = "val_auc_best"
 # left-out domain worse on average than plain validation on the training domains).
 OBJECTIVES = {"auc": ([SEARCH_METRIC], ["max"]), "auc-latency": ([SEARCH_METRIC, "latency_ms"], ["max", "min"]),
               "site": (["site_auc_best"], ["max"]), "worst-source": (["worst_source_auc_best"], ["max"])}
-LEADERBOARD_COLUMNS = ["rank", "trial_id", METRIC, "best_epoch", "epochs", "val_accuracy", "val_loss", "site_auc",
-                       "site_loss", "worst_source_auc", "worst_source", "latency_ms", "train_images_per_s",
-                       "trained_in", *HYPERPARAMETERS, "status", "tune_status", "resumed_from_epoch", "checkpoint"]
-
-
 def search_metric(objective: str) -> str:
     """What Tune, the searcher and ASHA see for a one-metric objective: the running best of the
     figure that selects (:data:`raycxr.train.SELECTION_METRICS`)."""
@@ -110,227 +102,6 @@ class SearchResult:
 
     run: str            # the run's folder or URI: what promote, status and --resume take
     leaderboard: list   # one dict per trial, best validation AUC first (see run_history)
-
-
-class RunStarting(ConfigError):
-    """run.json holds only the claim of a search that has not written its record yet."""
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    """A run's ``run.json``: the resolved search, enough to resume, promote and repeat it.
-    This class is the file's only reader and writer."""
-
-    name: str
-    space: str
-    target: str
-    space_config: dict
-    data: str
-    data_fingerprint: str
-    trials: int
-    max_epochs: int
-    seed: int
-    resources: dict
-    storage: str
-    max_failures: int = 1
-    searcher: str = "tpe"
-    early_stopping: bool = True
-    scheduler: str = "none"
-    objective: str = "auc"
-    versions: dict = dataclasses.field(default_factory=dict)
-    started: str = ""
-    metric: str = METRIC
-    mlflow: str | None = None   # the MLflow tracking URI the search logs to, if any
-    time_budget_min: float | None = None  # --time-budget, for status's "budget left"
-    ended: str = ""  # when and how the search last stopped ("" while it runs): status --watch stops there
-    sites: list = dataclasses.field(default_factory=list)  # raycxr.sites.Site.to_dict() of each --site
-    schema_version: int = 2
-
-    FILE = "run.json"
-
-    def save(self, store: RunStore) -> None:
-        store.write_text(self.FILE, json.dumps(dataclasses.asdict(self), indent=2, default=str) + "\n")
-
-    @classmethod
-    def load(cls, store: RunStore) -> "RunRecord":
-        """Read and check ``run.json``: a corrupt or half-written file is named, never a traceback."""
-        try:
-            raw = json.loads(store.read_text(cls.FILE))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"not valid JSON ({exc}): the file is damaged; restore it from a copy of the run, "
-                              "or start the search again", source=store.child(cls.FILE)) from None
-        if isinstance(raw, dict) and "claimed" in raw and "data" not in raw:
-            raise RunStarting("the search that claimed this name has not written its record yet (it is starting, "
-                              "or it failed before it started): wait, or start it again", source=store.child(cls.FILE))
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        if not isinstance(raw, dict):
-            raise ConfigError("must be a JSON object", source=store.child(cls.FILE))
-        problems = [f"{k}: missing" for k, f in fields.items() if k not in raw and
-                    f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-        types = {"name": str, "space": str, "target": str, "space_config": dict, "data": str,
-                 "data_fingerprint": str, "trials": int, "max_epochs": int, "seed": int, "resources": dict,
-                 "storage": str}
-        problems += [f"{k}: {raw[k]!r:.40} is not {t.__name__}" for k, t in types.items()
-                     if k in raw and not isinstance(raw[k], t)]
-        if not isinstance(raw.get("sites", []), list):
-            problems.append("sites: not a list")
-        if problems:
-            raise ConfigError(problems, source=store.child(cls.FILE))
-        record = cls(**{k: v for k, v in raw.items() if k in fields})
-        record.site_records()  # checked here: a damaged entry is named now, not deep in promote
-        return record
-
-    def site_records(self) -> list:
-        """The run's sites as :class:`raycxr.sites.Site` records."""
-        from raycxr.sites import Site
-
-        return [Site.from_dict(s, source=self.FILE) for s in self.sites]
-
-    @property
-    def select_metric(self) -> str:
-        """The figure that picked each trial's best epoch and ranks the leaderboard."""
-        return SELECTION_METRICS.get(self.objective, METRIC)
-
-
-def init_ray(*, address: str | None, num_cpus: int | None = None, worker_logs: bool = False):
-    """Join a cluster (``address`` or $RAY_ADDRESS) or start a local Ray; return its context.
-
-    The local dashboard is always on (bound to 127.0.0.1): besides showing trials, it serves
-    the state API that Ray Train's placement-group cleaner polls. Without it, the resources of a
-    trial stopped early by ASHA are never released and the next trial waits forever.
-
-    Every process of the search (Tune's trials, Ray Train's controller and its detached
-    placement-group cleaner) is told which cluster is its own through the job's runtime
-    environment (``RAY_API_SERVER_ADDRESS`` for a local Ray, ``RAY_ADDRESS`` for a joined one).
-    Left to find it themselves, Ray's helpers scan the host for Ray processes and fail with
-    "Found multiple active Ray instances" as soon as a second Ray runs on the machine; the
-    finished trials' placement groups then leak and later trials wait for ever.
-
-    ``worker_logs``: print what the Ray workers print (trial processes, Ray Data, Ray Train) on the
-    driver's console (``-v``); off by default, as their errors reach the driver through Tune anyway.
-    Applies when this call starts or joins Ray, not to a Ray already initialised in this process.
-    """
-    import ray
-
-    address = address or os.environ.get("RAY_ADDRESS")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Ray Data's per-epoch progress bars, printed by every trial's workers and dataset
-    # coordinators, reach the driver's output as broken lines between Tune's status tables, which
-    # already show the search's progress. RAY_DATA_DISABLE_PROGRESS_BARS=0 brings them back.
-    if os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1") != "0":
-        from ray.data import DataContext
-
-        DataContext.get_current().enable_progress_bars = False
-    # Fail rather than wait forever when workers cannot be placed (see docs/notes on Ray 2.60): soon
-    # on this machine; on a joined cluster only after a cloud node has had time to boot for them.
-    # Read by Ray Train's controller, so it travels in the job's environment (below), not only here.
-    start_timeout = os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600" if address else "120")
-    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = start_timeout
-    # The trials' own processes iterate the datasets too: they get the same progress-bar setting.
-    job_env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": start_timeout,
-               "RAY_DATA_DISABLE_PROGRESS_BARS": os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"]}
-    # Save Tune's experiment state every 2 s (default: every 10 s or more), so a killed driver
-    # loses at most that much bookkeeping; a finished trial restarted by --resume finds its last
-    # checkpoint at the final epoch and trains nothing.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-    # Keeping one checkpoint per trial makes Tune save its state after every trial checkpoint (so
-    # that a resume never looks for a deleted one), and warn each time that it does: by design here.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    if ray.is_initialized():
-        return ray.get_runtime_context()
-    kwargs: dict[str, Any] = {"log_to_driver": worker_logs, "logging_level": logging.WARNING}
-    if address:
-        ctx = _join(address, kwargs, job_env)
-    else:
-        # "local": a new Ray of our own, never a cluster that /tmp/ray/ray_current_cluster still
-        # names after it crashed (ray.init would wait for that dead cluster forever). The dashboard
-        # port is chosen here so that the job's processes can be told it before they start.
-        # Only through the job's runtime environment, never this process's own: a subprocess the
-        # driver starts later (another search, a test's cluster) must not inherit this cluster's address.
-        port = _free_port()
-        api = f"http://127.0.0.1:{port}"
-        ctx = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                       dashboard_port=port, runtime_env={"env_vars": {**job_env, "RAY_API_SERVER_ADDRESS": api}}, **kwargs)
-    if address:
-        _pin_data_singletons()
-    if getattr(ctx, "dashboard_url", None):
-        log.info("Ray dashboard: http://%s", ctx.dashboard_url)
-    return ctx
-
-
-def _pin_data_singletons() -> None:
-    """Create Ray Data's two detached singleton actors (its stats actor and autoscaling
-    coordinator) on this driver's node (the head, for a job) before any trial does.
-
-    Ray Data pins each to the node of whichever process first asks for it; left to a trial's
-    dataset coordinator on a worker, they keep that worker busy for ever, and the autoscaler never
-    removes it (a GPU node billed after the search ends). Ray-internal calls: if they move, the
-    search still runs, only the pinning is lost.
-    """
-    try:
-        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
-            get_or_create_autoscaling_coordinator)
-        from ray.data._internal.stats import get_or_create_stats_actor
-
-        get_or_create_stats_actor()
-        get_or_create_autoscaling_coordinator()
-    except Exception as exc:
-        log.warning("could not place Ray Data's coordinators on this node (%s): an autoscaler may keep the worker "
-                    "that holds them", exc)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _token_available() -> bool:
-    """Whether this user has a Ray auth token where Ray looks for one ($RAY_AUTH_TOKEN,
-    $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)."""
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return True
-    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser().is_file()
-
-
-def _join(address: str, kwargs: dict, job_env: dict):
-    """ray.init on an existing cluster, with token authentication the way Ray documents it.
-
-    A head started with ``ray start --head`` where a token exists enforces token auth, but Ray's
-    client sends the token only when ``RAY_AUTH_MODE=token`` is set: for a local cluster found
-    automatically Ray turns that on when a token exists, for an explicit address it never does.
-    raycxr does the same for an explicit address; ``RAY_AUTH_MODE=disabled`` opts out.
-    """
-    import ray
-
-    from raycxr.errors import RaycxrError
-
-    if os.environ.get("RAY_AUTH_MODE") is None and _token_available():
-        # Ray reads RAY_AUTH_MODE into a config cached at import: setting the variable now is not
-        # enough. Ray's own helper for a local cluster sets it and refreshes that config.
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available)
-
-        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-        log.info("sending this user's Ray auth token to %s (RAY_AUTH_MODE=token)", address)
-    # A Ray Client address (ray://) is not what processes inside the cluster connect to; the
-    # cluster's own nodes run only that cluster, so there is nothing to pin there.
-    env = dict(job_env) if "://" in address or address == "auto" else {**job_env, "RAY_ADDRESS": address}
-    try:
-        return ray.init(address=address, runtime_env={"env_vars": env}, **kwargs)
-    except Exception as exc:  # Ray raises ConnectionError, RuntimeError or its own AuthenticationError
-        text = str(exc)
-        if "auth" in text.lower() or "token" in text.lower() or os.environ.get("RAY_AUTH_MODE") == "token":
-            hint = ("this client sent a Ray auth token (RAY_AUTH_MODE=token): if the head refused it, put the head's "
-                    "token in ~/.ray/auth_token (or $RAY_AUTH_TOKEN / $RAY_AUTH_TOKEN_PATH); `ray get-auth-token` on "
-                    "the head prints it")
-        else:
-            hint = ("is the head running (`ray status` on it) and is its GCS port reachable from here? For a laptop, "
-                    "submit the search with `ray job submit` through `ray dashboard cluster.yaml` instead")
-        raise RaycxrError(f"could not join the Ray cluster at {address}: {text.splitlines()[0] if text else exc!r}; "
-                          f"{hint}") from exc
 
 
 def _tune_space(space: SearchSpace) -> dict:
@@ -594,111 +365,7 @@ def _check_weights(space: SearchSpace) -> list[str]:
     return problems
 
 
-def _cluster_capacity() -> dict:
-    """What the cluster has, has free, and can grow to: {"total", "free", "ceiling", "node_cpus",
-    "autoscaler"}.
-
-    ``ceiling`` is the autoscaler's maximum (its node types times their max workers, Ray's own
-    reading of the cluster config that Ray Data's autoscaler uses too), or None when unknown.
-    Autoscaler v2 publishes that config; v1 (the cluster launcher's default in Ray 2.60) does
-    not, and only its status says it runs: then ``autoscaler`` is True and ``ceiling`` None.
-    ``node_cpus`` is the most CPUs any one node has or can have (as far as is known).
-    """
-    import ray
-
-    total, free = ray.cluster_resources(), ray.available_resources()
-    node_cpus = max([n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")] or [0.0])
-    ceiling = None
-    try:
-        from ray._private.state import state
-
-        config = state.get_cluster_config()
-        if config is not None and config.node_group_configs:
-            ceiling = state.get_max_resources_from_cluster_config() or None
-            node_cpus = max([node_cpus] + [g.resources.get("CPU", 0) for g in config.node_group_configs
-                                           if g.max_count != 0])
-    except Exception as exc:  # an older or stripped Ray without the autoscaler's config: plan from what is up
-        log.info("no autoscaler config readable (%s); planning from the nodes up now", exc)
-    autoscaler = ceiling is not None
-    if not autoscaler:
-        try:
-            from ray._private import ray_constants
-            from ray.experimental.internal_kv import _internal_kv_get
-
-            status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
-            # A head started without --autoscaling-config runs a read-only autoscaler that names
-            # each node's type after the node ("node_<id>"); a launched cluster's types are its own.
-            mapping = (json.loads(status).get("autoscaler_report") or {}).get("node_type_mapping") or {}
-            autoscaler = any(kind != f"node_{node}" for node, kind in mapping.items())
-        except Exception as exc:
-            log.info("could not ask whether an autoscaler runs (%s)", exc)
-    return {"total": dict(total), "free": dict(free), "ceiling": ceiling, "node_cpus": float(node_cpus),
-            "autoscaler": autoscaler}
-
-
-def plan_resources(space: SearchSpace, *, trials: int, capacity: dict) -> dict:
-    """Per-trial resources and concurrency for ``capacity`` (see :func:`_cluster_capacity`), or a
-    ConfigError saying why a trial can never fit.
-
-    Concurrency is sized to what is free now, or, on an autoscaling cluster, to what it can grow
-    to (pending trials are what make the autoscaler add nodes); when an autoscaler runs but does not
-    say its maximum (v1), every trial is queued and the autoscaler adds what it may. A trial is
-    refused only when it could never fit: more CPUs or GPUs than the cluster has or can ever have,
-    or a worker larger than any node.
-    """
-    total, free, ceiling = capacity["total"], capacity["free"], capacity["ceiling"]
-    gpw = space.gpus_per_worker
-    per_trial_cpu = space.workers_per_trial * space.cpus_per_worker
-    if capacity.get("autoscaler") and ceiling is None:
-        # Nothing to refuse against: a trial that no node type can hold waits until Ray Train's
-        # worker-group start timeout (10 minutes on a joined cluster) and then fails with the reason.
-        log.warning("an autoscaler runs but does not publish its node types (autoscaler v1): queueing all %d "
-                    "trials; it adds nodes up to its max_workers and the rest wait", trials)
-        concurrent = trials
-    else:
-        def most(key):  # the most of a resource the cluster has or can have
-            return max(total.get(key, 0.0), (ceiling or {}).get(key, 0.0))
-
-        cpus, gpus = most("CPU"), most("GPU")
-        if gpw and not gpus:
-            log.warning("the space asks for %s GPU per worker but the cluster has none and cannot add any: "
-                        "training on CPU", gpw)
-            gpw = 0.0
-        if per_trial_cpu > cpus:
-            grow = f" and can grow to {ceiling.get('CPU', 0):g}" if ceiling else ""
-            raise ConfigError(
-                f"a trial needs {per_trial_cpu:g} CPUs (workers_per_trial {space.workers_per_trial} x "
-                f"cpus_per_worker {space.cpus_per_worker:g}) but the Ray cluster has {total.get('CPU', 0):g}{grow}: "
-                "lower resources in the space, or add nodes", source="resources")
-        if space.cpus_per_worker > capacity["node_cpus"] > 0:
-            raise ConfigError(f"a worker needs {space.cpus_per_worker:g} CPUs but no node has or can have more than "
-                              f"{capacity['node_cpus']:g}: lower cpus_per_worker", source="resources")
-        if gpw and space.workers_per_trial * gpw > gpus:
-            raise ConfigError(f"a trial needs {space.workers_per_trial * gpw:g} GPUs but the cluster has {gpus:g}",
-                              source="resources")
-        # what this search may count on: all it can grow to when autoscaling, else what is free now
-        # (another search on the same cluster holds the rest)
-        room = ceiling if ceiling else free
-        concurrent = int(room.get("CPU", 0.0) // per_trial_cpu)
-        if gpw:
-            concurrent = min(concurrent, int(room.get("GPU", 0.0) // (space.workers_per_trial * gpw)))
-        if concurrent < 1:
-            log.warning("the cluster has no room free for a trial now (%s CPUs free): trials will wait for it",
-                        room.get("CPU", 0.0))
-    return {"workers": space.workers_per_trial, "cpus_per_worker": space.cpus_per_worker,
-            "in_process": space.workers_per_trial == 1 and space.trainer == "auto",
-            "worker_cpu_request": space.cpus_per_worker - _WORKER_CPU_SLACK,
-            "gpus_per_worker": gpw, "concurrent": max(1, min(concurrent, trials)),
-            "cluster_cpus": total.get("CPU", 0.0), "cluster_gpus": total.get("GPU", 0.0),
-            "free_cpus": free.get("CPU", 0.0), "autoscaler_max": ceiling,
-            "autoscaler": bool(capacity.get("autoscaler"))}
-
-
-def _plan_resources(space: SearchSpace, *, trials: int) -> dict:
-    return plan_resources(space, trials=trials, capacity=_cluster_capacity())
-
-
-def _run_dir(cfg: SearchConfig, space: SearchSpace) -> tuple[str, RunStore]:
+def _run_dir(cfg: SearchConfig, space: SearchSpace) -> tuple[str, RunStore, str]:
     """(name, location) of a new run, under ``--storage`` or ``--runs-dir``, the name claimed by
     creating its run.json (O_EXCL on a filesystem: of two searches started together with one
     --name, exactly one gets it; see RunStore.claim for object stores)."""
@@ -707,10 +374,11 @@ def _run_dir(cfg: SearchConfig, space: SearchSpace) -> tuple[str, RunStore]:
     store = RunStore(f"{parent}/{name}")
     taken = ConfigError(f"run {name!r} already exists in {parent}: choose another --name (or remove {store.uri})",
                         source="--name")
-    if store.exists("tune") or not store.claim(
-            "run.json", json.dumps({"name": name, "claimed": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n"):
+    claim = json.dumps({"name": name, "claimed": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        "by": f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(8)}"}) + "\n"
+    if store.exists("tune") or not store.claim("run.json", claim):
         raise taken
-    return name, store
+    return name, store, claim
 
 
 def _redacted(uri: str | None) -> str | None:
@@ -797,7 +465,7 @@ def _search(cfg: SearchConfig) -> SearchResult:
         raise ConfigError(problems, source=f"search space {space.name} for this dataset")
     sites = _plan_sites(cfg, manifest)
 
-    name, store = _run_dir(cfg, space)
+    name, store, claim = _run_dir(cfg, space)
     try:
         init_ray(address=cfg.address, num_cpus=cfg.num_cpus, worker_logs=cfg.verbosity >= 2)
         plan = _plan_resources(space, trials=trials)
@@ -818,10 +486,11 @@ def _search(cfg: SearchConfig) -> SearchResult:
             time_budget_min=cfg.time_budget_min, sites=[site.to_dict() for site in sites],
             started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         trainable = _trainable(record, space, plan, manifest, storage=store.uri)
-    except BaseException:  # nothing ran: give the name back, so a corrected command can use it
-        store.delete("run.json")
+    except BaseException:  # nothing ran: give the name back (if still ours), so a corrected command can use it
+        store.release("run.json", claim)
         raise
     record.save(store)
+    RunSigner(store).sign_in_store(RunRecord.FILE)
 
     gpu = f" + {plan['gpus_per_worker']:g} GPU" if plan["gpus_per_worker"] else ""
     log.info(f"Search {name}: {trials} trials x up to {max_epochs} epochs, {plan['concurrent']} at a time "
@@ -871,9 +540,10 @@ def _search(cfg: SearchConfig) -> SearchResult:
                                       num_to_keep=1, checkpoint_score_attribute=record.select_metric,
                                       checkpoint_score_order="max")),
     )
-    RunSigner(store).sign_in_store("tuner.pkl")
-    board = _fit(tuner, store, name, time_budget_s=cfg.time_budget_min * 60 if cfg.time_budget_min else None,
-                 tune_output=cfg.verbosity >= 2)
+    RunSigner(store).sign_in_store("tune/tuner.pkl")
+    with store.lease(f"raycxr search {name}"):  # a --resume of this run meanwhile is refused
+        board = _fit(tuner, store, name, time_budget_s=cfg.time_budget_min * 60 if cfg.time_budget_min else None,
+                     tune_output=cfg.verbosity >= 2)
     return SearchResult(run=store.uri, leaderboard=board)
 
 
@@ -883,21 +553,28 @@ def resume_search(run: str | Path, *, address: str | None = None, num_cpus: int 
     ones restart from their last checkpoint, and the Optuna searcher keeps its history.
 
     Ray restores a search by unpickling its state: the run must carry this user's signature
-    (signing.py) unless ``trust_run``."""
+    (signing.py) unless ``trust_run``. Holds the run's lease (RunStore.lease) while it works."""
+    store = RunStore(run)
+    store.require_run("--resume")
+    record = RunRecord.load(store)
+    with store.lease(f"raycxr search --resume {record.name}"):  # one driver per run: a second is refused
+        return _resume(store, record, address=address, num_cpus=num_cpus, trust_run=trust_run, verbosity=verbosity)
+
+
+def _resume(store: RunStore, record: RunRecord, *, address: str | None, num_cpus: int | None, trust_run: bool,
+            verbosity: int) -> list[dict]:
+    """:func:`resume_search`'s work, under the run's lease."""
     from ray import tune
 
     from raycxr.config import parse_space
     from raycxr.data import read_manifest
-    from raycxr.signing import verify
+    from raycxr.signing import verified_filesystem, verify
 
-    store = RunStore(run)
-    store.require_run("--resume")
-    record = RunRecord.load(store)
     where, tune_path = tune_location(store.uri)  # where the run is now: it may have been moved
     if trust_run:
         log.warning("--trust-run: resuming %s without checking its signature", where.uri)
     else:
-        verify(where)
+        checked = verify(where)
     manifest = read_manifest(record.data)
     if manifest["fingerprint"] != record.data_fingerprint:
         raise ConfigError(f"{record.data} changed since the search started (fingerprint {manifest['fingerprint']}"
@@ -911,9 +588,15 @@ def resume_search(run: str | Path, *, address: str | None = None, num_cpus: int 
         raise ConfigError(f"nothing to resume at {tune_path}: the search stopped before Tune saved its state; "
                           "start it again", source="--resume")
     log.info(f"Resuming search {record.name} from {tune_path}")
-    tuner = tune.Tuner.restore(tune_path, trainable=_trainable(record, space, plan, manifest, storage=where.uri),
-                               resume_unfinished=True, resume_errored=True)
-    RunSigner(where).sign_in_store("tuner.pkl")  # restoring rewrote it
+    # Ray reads the state through a filesystem that serves the bytes verify() checked (signing.py):
+    # what it unpickles is what was verified, whatever is written to the run meanwhile
+    restore_from, fs = tune_path, None
+    if not trust_run:
+        fs = verified_filesystem(where, checked)
+        restore_from = f"{where.root.rstrip('/')}/tune"
+    tuner = tune.Tuner.restore(restore_from, trainable=_trainable(record, space, plan, manifest, storage=where.uri),
+                               resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
+    RunSigner(where).sign_in_store("tune/tuner.pkl")  # restoring rewrote it
     return _fit(tuner, store, record.name, time_budget_s=None, tune_output=verbosity >= 2)
 
 
@@ -1020,6 +703,7 @@ def _mark_ended(store: RunStore, ended: str) -> None:
         record = RunRecord.load(store)
         if record.ended != ended:
             dataclasses.replace(record, ended=ended).save(store)
+            RunSigner(store).sign_in_store(RunRecord.FILE)
     except (ConfigError, OSError) as exc:  # never hide why the search stopped behind this
         log.warning("could not record in run.json that the search %s: %s", ended or "runs", exc)
 
@@ -1097,215 +781,6 @@ def _versions() -> dict:
 
     return {"raycxr": raycxr.__version__, "ray": ray.__version__, "torch": torch.__version__,
             "timm": timm.__version__}
-
-
-def tune_location(run: str | Path) -> tuple[RunStore, str]:
-    """(where the run's files are, where its Tune experiment is): ``tune/`` beside run.json (also for
-    a run folder copied or moved since it ran), else under the storage a run.json of raycxr 0.1
-    recorded."""
-    store = RunStore(run)
-    if not store.exists("tune") and store.exists(RunRecord.FILE):
-        try:
-            storage = RunRecord.load(store).storage
-        except RunStarting:
-            storage = None
-        if storage and storage != store.uri:
-            return RunStore(storage), storage.rstrip("/") + "/tune"
-    return store, store.child("tune")
-
-
-def epochs_of(df):
-    """A trial's results, one row per epoch: a trial resumed from a checkpoint reports that
-    checkpoint's epoch again, and the later row (which names the checkpoint kept) wins."""
-    if df is None or "epoch" not in df:
-        return df
-    return df.drop_duplicates("epoch", keep="last").sort_values("epoch")
-
-
-@dataclass(frozen=True)
-class RunHistory:
-    """What a run's trials reported: the leaderboard and each trial's results, one row per epoch."""
-
-    board: list[dict]
-    frames: dict  # trial id -> pandas DataFrame
-
-
-def _tune_trials(store: RunStore) -> list[dict]:
-    """A run's Tune trials as plain data: ``trial_id``, ``status``, ``config`` and ``dir`` (the trial's
-    folder under ``tune/``), from the newest ``tune/experiment_state-*.json`` read as plain JSON.
-
-    Never through Ray Tune's own reader (``ExperimentAnalysis``), which unpickles objects the file
-    holds: a run folder copied from a cluster or a bucket is data, and reading its leaderboard must
-    not run code planted in it. Only a resumed search hands Ray the pickles (see signing.py).
-    """
-    states = [n for n in store.files("tune") if n.startswith("experiment_state-") and n.endswith(".json")]
-    if not states:
-        raise NoEligibleTrialError(f"{store.uri} holds no Ray Tune experiment state yet: is it a `raycxr search` "
-                                   "run? (a search that has just started saves its first state within seconds)")
-    source = store.child("tune", states[-1])
-    try:
-        doc = json.loads(store.read_text(f"tune/{states[-1]}"))
-        trials = []
-        for entry in doc["trial_data"]:
-            state = json.loads(entry[0]) if isinstance(entry[0], str) else entry[0]
-            trial_id = str(state["trial_id"])
-            config = state.get("config")
-            trials.append({"trial_id": trial_id, "status": str(state.get("status", "UNKNOWN")),
-                           "config": config if isinstance(config, dict) else {},
-                           "dir": Path(str(state.get("relative_logdir") or f"trial_{trial_id}")).name})
-    except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError) as exc:
-        raise ConfigError(f"not a Ray Tune experiment state raycxr can read ({type(exc).__name__}: {exc}): the file "
-                          "is damaged; the trials' own folders still hold their results", source=source) from None
-    return trials
-
-
-def _trial_results(store: RunStore, folder: str):
-    """One trial's reported results (its ``result.json``, one JSON object per line) as a DataFrame, one
-    row per epoch (see :func:`epochs_of`); None before its first report. A damaged line is skipped."""
-    import pandas as pd
-
-    rel = f"tune/{folder}/result.json"
-    if not store.exists(rel):
-        return None
-    rows = []
-    for line in store.read_text(rel).splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a killed driver
-        if isinstance(row, dict):
-            row.pop("config", None)
-            rows.append(row)
-    return epochs_of(pd.DataFrame(rows)) if rows else None
-
-
-def run_history(run: str | Path) -> RunHistory:
-    """The leaderboard and per-epoch results of a (running, stopped or finished) search, read once.
-
-    ``run`` is the run's folder or URI. A trial's score is its best epoch's figure of the run's
-    objective (validation AUC; site-val AUC for ``--objective site``; the worst source's validation
-    AUC for ``worst-source``: :attr:`RunRecord.select_metric`); ``checkpoint`` is that epoch's
-    checkpoint (the one Ray keeps), as a path or URI. Reads plain JSON only (:func:`_tune_trials`).
-    """
-    store, _ = tune_location(run)
-    if not store.exists("tune"):
-        raise NoEligibleTrialError(f"{store.uri} holds no Ray Tune experiment: is it a `raycxr search` run? (a "
-                                   "search that has just started saves its first state within seconds)")
-    try:
-        select = RunRecord.load(RunStore(run)).select_metric
-    except (ConfigError, OSError):  # a run of raycxr 0.1 or one still starting: validation AUC
-        select = METRIC
-    rows, frames = [], {}
-    for trial in _tune_trials(store):
-        tid = trial["trial_id"]
-        df = frames[tid] = _trial_results(store, trial["dir"])
-        row = {k: trial["config"].get(k) for k in LEADERBOARD_COLUMNS if k in trial["config"]}
-        row.update(trial_id=tid, status="no result", epochs=0, tune_status=trial["status"])
-        if df is not None and select in df and df[select].notna().any():
-            # the last of equally good epochs: the one whose checkpoint Ray keeps on a tie
-            best = df[df[select] == df[select].max()].iloc[-1]
-            checkpoint = best.get("checkpoint_path")
-            if not isinstance(checkpoint, str) and isinstance(best.get("checkpoint_dir_name"), str):
-                checkpoint = store.child("tune", trial["dir"], best["checkpoint_dir_name"])
-            kept = store.resolve(checkpoint) if isinstance(checkpoint, str) else None
-            if isinstance(checkpoint, str) and kept is None:
-                log.warning("trial %s: its results name a checkpoint outside the run (%r): refused (raycxr reads a "
-                            "run's checkpoints only inside the run)", tid, checkpoint)
-            row.update({METRIC: float(best[METRIC]), "best_epoch": int(best["epoch"]),
-                        "epochs": int(df["epoch"].max()), "val_accuracy": float(best["val_accuracy"]),
-                        "val_loss": float(best["val_loss"]), "status": "ok",
-                        "latency_ms": float(best["latency_ms"]) if "latency_ms" in best else None,
-                        "resumed_from_epoch": int(df["resumed_from_epoch"].max()) if "resumed_from_epoch" in df else 0,
-                        "checkpoint": kept})
-            if isinstance(checkpoint, str) and kept is None:
-                row["status"] = "refused: checkpoint outside the run"
-            row.update({k: (float(best[k]) if k != "worst_source" else str(best[k]))
-                        for k in ("site_auc", "site_loss", "worst_source_auc", "worst_source", "train_images_per_s")
-                        if k in best and best[k] == best[k]})
-            if isinstance(best.get("precision"), str):  # what `precision: auto` resolved to on the trial's node
-                layout = " + channels-last" if str(best.get("channels_last")) == "True" else ""
-                row["trained_in"] = best["precision"] + layout
-        if trial["status"] == "ERROR":
-            row["status"] = "error" if row["status"] != "ok" else "ok (then failed)"
-        rows.append(row)
-    rows.sort(key=lambda r: (-(r.get(select) if r.get(select) is not None and not math.isnan(r[select]) else -1),
-                             r["trial_id"]))
-    for i, r in enumerate(rows, 1):
-        r["rank"] = i
-    return RunHistory(board=rows, frames=frames)
-
-
-def run_summary(run: str | Path) -> dict:
-    """Where a search stands: trials done / running / errored / waiting, the best so far, the time
-    elapsed since it started and what is left of its time budget, and the leaderboard it was
-    computed from (``raycxr status``; empty before Tune has saved its first state)."""
-    from datetime import datetime
-
-    store = RunStore(run)
-    record = RunRecord.load(store)
-    board = leaderboard(run) if store.exists("tune") else []
-    count = {k: sum(r["tune_status"] == k for r in board) for k in ("TERMINATED", "RUNNING", "ERROR")}
-    ok = [r for r in board if r["status"].startswith("ok")]
-    try:
-        elapsed = time.time() - datetime.strptime(record.started, "%Y-%m-%dT%H:%M:%S%z").timestamp()
-    except ValueError:  # an older run.json without the time
-        elapsed = None
-    done, running, errored = count["TERMINATED"], count["RUNNING"], count["ERROR"]
-    if record.ended:  # Tune's state keeps the trials a stopped search left as RUNNING or PENDING
-        running = 0
-    return {"run": record.name, "trials": record.trials, "done": done, "running": running, "errored": errored,
-            "waiting": max(0, record.trials - done - running - errored), "best": ok[0] if ok else None,
-            "elapsed_s": elapsed, "budget_left_s": None if elapsed is None or not record.time_budget_min else
-            max(0.0, record.time_budget_min * 60 - elapsed),
-            "finished": bool(record.ended) or done + errored >= record.trials, "ended": record.ended,
-            "leaderboard": board}
-
-
-def format_summary(s: dict) -> str:
-    """One line of :func:`run_summary`."""
-    parts = [f"{s['run']}: {s['done']}/{s['trials']} trials done, {s['running']} running, {s['errored']} errored, "
-             f"{s['waiting']} waiting"]
-    b = s["best"]
-    parts.append(f"best {METRIC} {b[METRIC]:.4f} (trial {b['trial_id']}, {b.get('model')} @ {b.get('image_size')} px, "
-                 f"epoch {b['best_epoch']})" if b else f"no {METRIC} yet")
-    if s.get("ended") and s["done"] + s["errored"] < s["trials"]:
-        how = s["ended"].partition(": ")[2]
-        parts.append(f"the search stopped ({how}, {s['ended'].partition(': ')[0]}): raycxr search --resume "
-                     "continues it")
-    elif s["elapsed_s"] is not None:
-        parts.append(f"{s['elapsed_s'] / 60:.1f} min since it started" +
-                     (f", {s['budget_left_s'] / 60:.1f} min of its time budget left"
-                      if s["budget_left_s"] is not None else ""))
-    return "; ".join(parts)
-
-
-def leaderboard(run: str | Path) -> list[dict]:
-    """One row per trial of a search, best validation AUC first (see :func:`run_history`)."""
-    return run_history(run).board
-
-
-def leaderboard_csv(rows: list[dict]) -> str:
-    f = io.StringIO(newline="")
-    w = csv.DictWriter(f, fieldnames=LEADERBOARD_COLUMNS, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    return f.getvalue()
-
-
-def format_leaderboard(rows: list[dict], *, top: int = 10) -> str:
-    cols = ["rank", "trial_id", METRIC, "site_auc", "worst_source_auc", "best_epoch", "epochs", "model", "pretrained",
-            "image_size", "augment", "lr", "batch_size", "latency_ms", "status"]
-    # the site and worst-source columns only for searches that have them
-    cols = [c for c in cols if c not in ("site_auc", "worst_source_auc") or any(r.get(c) is not None for r in rows)]
-
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
-        return "" if v is None else str(v)
-
-    table = [cols] + [[fmt(r.get(c)) for c in cols] for r in rows[:top]]
-    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in table)
 
 
 def api(data: str | Path, space: str | Path, **options) -> SearchResult:

@@ -7,11 +7,15 @@ a search runs, raycxr signs every file Ray writes at the top of ``tune/`` with a
 a key of this user's (created on first use, mode 0600), into ``RUN/signature.json``; ``--resume``
 checks every such file against it first and refuses a folder it did not sign, naming the file, unless
 ``--trust-run`` says the user vouches for it. ``status``, ``promote``, ``evaluate`` and the report
-never unpickle anything (search.run_history reads plain JSON), so they need no signature.
+never unpickle anything (runs.run_history reads plain JSON), so they need no signature.
 
-Ray saves the experiment state to a staging folder and uploads it in the background, so the copy
-in the run's storage may lag the newest state by one save: each file keeps its last few signed
-versions, and any version this key signed is accepted.
+Each MAC binds the run's own random id, the file's path in the run, a version counter and the
+bytes: a file copied in from another run (even one of this user's) does not verify. Ray saves the
+experiment state to a staging folder and uploads it in the background, so the copy in the run's
+storage may lag the newest state by a few saves: each ``tune/`` file keeps its last
+``_KEEP_VERSIONS`` signed versions (older ones are refused: no rollback past them); ``run.json``
+is signed too (its newest two versions). Signatures of raycxr before this format are refused
+(``--trust-run`` resumes such a run, which is then signed anew).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import os
 import secrets
 from pathlib import Path
 
+import pyarrow.fs
 from ray.tune.callback import Callback
 
 from raycxr.errors import RaycxrError
@@ -32,7 +37,9 @@ from raycxr.storage import RunStore
 log = logging.getLogger(__name__)
 
 SIGNATURE_FILE = "signature.json"
-_KEEP_VERSIONS = 8
+_FORMAT = 2
+_KEEP_VERSIONS = 8        # of a tune/ file: Ray's upload of the staging folder lags a few saves
+_KEEP_RECORD_VERSIONS = 2  # of run.json, which raycxr writes itself
 _KEY_BYTES = 32
 
 
@@ -65,8 +72,9 @@ def _key() -> bytes:
     return bytes.fromhex(path.read_text().strip())
 
 
-def _mac(key: bytes, name: str, data: bytes) -> str:
-    return hmac.new(key, name.encode() + b"\0" + data, hashlib.sha256).hexdigest()
+def _mac(key: bytes, run_id: str, rel: str, counter: int, data: bytes) -> str:
+    message = b"\0".join([b"raycxr-run-file-v2", run_id.encode(), rel.encode(), str(counter).encode(), data])
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
 
 
 def _key_id(key: bytes) -> str:
@@ -74,7 +82,8 @@ def _key_id(key: bytes) -> str:
 
 
 class RunSigner:
-    """Signs the files at the top of a Tune experiment folder into the run's ``signature.json``.
+    """Signs the files at the top of a Tune experiment folder (and ``run.json``) into the run's
+    ``signature.json``.
 
     ``sign(folder)`` reads ``folder`` (the run's own ``tune/`` or Ray's staging copy of it), adds the
     HMAC of every file that changed since the last call, and rewrites ``signature.json`` if any did.
@@ -83,12 +92,15 @@ class RunSigner:
     def __init__(self, store: RunStore):
         self.store, self.key = store, _key()
         self._seen: dict[str, tuple] = {}
-        self.doc = {"key_id": _key_id(self.key), "files": {}}
-        if store.exists(SIGNATURE_FILE):  # a resumed run keeps the versions signed before
+        self.doc = {"format": _FORMAT, "key_id": _key_id(self.key), "run_id": secrets.token_hex(16), "counter": 0,
+                    "files": {}}
+        if store.exists(SIGNATURE_FILE):  # a resumed run keeps its id and the versions signed before
             try:
                 old = json.loads(store.read_text(SIGNATURE_FILE))
-                if old.get("key_id") == self.doc["key_id"] and isinstance(old.get("files"), dict):
-                    self.doc["files"] = old["files"]
+                if (old.get("format") == _FORMAT and old.get("key_id") == self.doc["key_id"]
+                        and isinstance(old.get("files"), dict) and isinstance(old.get("run_id"), str)
+                        and isinstance(old.get("counter"), int)):
+                    self.doc = old
             except ValueError:
                 pass
 
@@ -101,23 +113,24 @@ class RunSigner:
             if self._seen.get(path.name) == (stat.st_size, stat.st_mtime_ns):
                 continue
             self._seen[path.name] = (stat.st_size, stat.st_mtime_ns)
-            changed |= self._add(path.name, path.read_bytes())
+            changed |= self._add(f"tune/{path.name}", path.read_bytes())
         if changed:
             self._save()
 
-    def sign_in_store(self, name: str) -> None:
-        """Sign ``tune/NAME`` as it is in the run's storage: for ``tuner.pkl``, which the Tuner this
-        process just built writes there directly (not through Tune's staging folder)."""
-        if self._add(name, self.store.read_bytes(f"tune/{name}")):
+    def sign_in_store(self, rel: str) -> None:
+        """Sign the run's file ``rel`` as it is in the run's storage: ``tune/tuner.pkl``, which the
+        Tuner this process just built writes there directly (not through Tune's staging folder),
+        and ``run.json``."""
+        if self._add(rel, self.store.read_bytes(rel)):
             self._save()
 
-    def _add(self, name: str, data: bytes) -> bool:
-        mac = _mac(self.key, name, data)
-        versions = self.doc["files"].setdefault(name, [])
-        if mac in versions:
+    def _add(self, rel: str, data: bytes) -> bool:
+        versions = self.doc["files"].setdefault(rel, [])
+        if any(hmac.compare_digest(_mac(self.key, self.doc["run_id"], rel, n, data), mac) for n, mac in versions):
             return False
-        versions.append(mac)
-        del versions[:-_KEEP_VERSIONS]
+        self.doc["counter"] += 1
+        versions.append([self.doc["counter"], _mac(self.key, self.doc["run_id"], rel, self.doc["counter"], data)])
+        del versions[:-(_KEEP_VERSIONS if rel.startswith("tune/") else _KEEP_RECORD_VERSIONS)]
         return True
 
     def _save(self) -> None:
@@ -158,9 +171,10 @@ class SignRunCallback(Callback):
         self._sign(trials)
 
 
-def verify(store: RunStore) -> None:
-    """Raise :class:`UntrustedRunError` unless every file at the top of the run's ``tune/`` carries
-    a signature of this user's key."""
+def verify(store: RunStore) -> dict[str, bytes]:
+    """Raise :class:`UntrustedRunError` unless every file at the top of the run's ``tune/`` (and
+    ``run.json``) carries a signature of this user's key for this run; return the bytes checked,
+    by their path in the run (what :class:`VerifiedFiles` hands Ray)."""
     hint = ("resume only runs you or raycxr on your account wrote; if you trust this folder's origin (e.g. you "
             "copied it from your own cluster), pass --trust-run")
     if not store.exists(SIGNATURE_FILE):
@@ -174,12 +188,127 @@ def verify(store: RunStore) -> None:
     key = _key()
     if doc.get("key_id") != _key_id(key):
         raise UntrustedRunError(f"{store.uri} was signed with another key than this user's ({key_path()}); {hint}")
-    for name in store.files("tune"):
-        rel = f"tune/{name}"
-        if name.startswith("."):
-            continue
-        mac = _mac(key, name, store.read_bytes(rel))
-        if not any(hmac.compare_digest(mac, v) for v in files.get(name, [])):
-            raise UntrustedRunError(f"{store.child(rel)} is not as raycxr wrote it (its signature does not match): "
-                                    f"it was changed or added after the search; {hint}")
+    if doc.get("format") != _FORMAT or not isinstance(doc.get("run_id"), str) or not isinstance(files, dict):
+        raise UntrustedRunError(f"{store.child(SIGNATURE_FILE)} is in an older raycxr's format, which did not bind "
+                                f"each file to its run; {hint}")
+    run_id = doc["run_id"]
+    names = [f"tune/{name}" for name in store.files("tune") if not name.startswith(".")]
+    checked = {}
+    for rel in names + ["run.json"]:
+        data = checked[rel] = store.read_bytes(rel)
+        versions = files.get(rel, [])
+        if not any(isinstance(v, list) and len(v) == 2 and hmac.compare_digest(_mac(key, run_id, rel, v[0], data),
+                                                                              str(v[1])) for v in versions):
+            raise UntrustedRunError(f"{store.child(rel)} is not as raycxr wrote it for this run (its signature does "
+                                    f"not match): it was changed, added, rolled back or copied from another run "
+                                    f"after the search; {hint}")
+    return checked
 
+
+def verified_filesystem(store: RunStore, checked: dict[str, bytes]):
+    """The run's storage as a pyarrow filesystem for ``Tuner.restore``: the files :func:`verify`
+    checked are read from the bytes it checked, so a writer to the run between the check and Ray's
+    read changes nothing Ray unpickles (:class:`VerifiedFiles`)."""
+    fs = store.fs if store.local is None else pyarrow.fs.LocalFileSystem()
+    root = store.root.rstrip("/")
+    return pyarrow.fs.PyFileSystem(VerifiedFiles(fs, {f"{root}/{rel}": data for rel, data in checked.items()},
+                                                 hidden=f"{root}/tune"))
+
+
+class VerifiedFiles(pyarrow.fs.FileSystemHandler):
+    """A pyarrow filesystem handler over a run's storage: reads of the verified files return the
+    verified bytes (until Ray writes that file itself), and a file that appeared at the top of
+    ``tune/`` after the check, written by anyone but this process, is not listed or read. Everything
+    else (trials' results and checkpoints, new state) goes to the storage as it is."""
+
+    def __init__(self, fs, snapshot: dict[str, bytes], *, hidden: str):
+        self.fs, self.snapshot, self.hidden = fs, dict(snapshot), hidden
+        self.written: set[str] = set()
+
+    def __eq__(self, other):
+        return isinstance(other, VerifiedFiles) and other.fs.equals(self.fs) and other.snapshot == self.snapshot
+
+    def _unknown(self, path: str) -> bool:  # a top-level tune/ file neither verified nor written by us
+        return (path.rsplit("/", 1)[0] == self.hidden and path not in self.snapshot and path not in self.written)
+
+    def get_type_name(self):
+        return f"raycxr-verified+{self.fs.type_name}"
+
+    def normalize_path(self, path):
+        return self.fs.normalize_path(path)
+
+    def _info(self, info):
+        import pyarrow.fs
+
+        if info.path in self.snapshot:
+            return pyarrow.fs.FileInfo(info.path, pyarrow.fs.FileType.File, size=len(self.snapshot[info.path]),
+                                       mtime=info.mtime)
+        if info.type == pyarrow.fs.FileType.File and self._unknown(info.path):
+            return pyarrow.fs.FileInfo(info.path, pyarrow.fs.FileType.NotFound)
+        return info
+
+    def get_file_info(self, paths):
+        return [self._info(i) for i in self.fs.get_file_info(paths)]
+
+    def get_file_info_selector(self, selector):
+        import pyarrow.fs
+
+        return [i for i in map(self._info, self.fs.get_file_info(selector)) if i.type != pyarrow.fs.FileType.NotFound]
+
+    def create_dir(self, path, recursive):
+        self.fs.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path):
+        self.fs.delete_dir(path)
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self):
+        self.fs.delete_dir_contents("/", accept_root_dir=True)
+
+    def _wrote(self, path: str) -> None:
+        self.snapshot.pop(path, None)
+        self.written.add(path)
+
+    def delete_file(self, path):
+        self._wrote(path)
+        self.fs.delete_file(path)
+
+    def move(self, src, dest):
+        self._wrote(src)
+        self._wrote(dest)
+        self.fs.move(src, dest)
+
+    def copy_file(self, src, dest):
+        self._wrote(dest)
+        if src in self.snapshot:
+            with self.fs.open_output_stream(dest) as f:
+                f.write(self.snapshot[src])
+        else:
+            self.fs.copy_file(src, dest)
+
+    def _read(self, path):
+        import pyarrow
+
+        if path in self.snapshot:
+            return pyarrow.BufferReader(self.snapshot[path])
+        if self._unknown(path):
+            raise FileNotFoundError(f"{path} appeared after the run was verified: not read")
+        return None
+
+    def open_input_stream(self, path):
+        verified = self._read(path)
+        return self.fs.open_input_stream(path) if verified is None else verified
+
+    def open_input_file(self, path):
+        verified = self._read(path)
+        return self.fs.open_input_file(path) if verified is None else verified
+
+    def open_output_stream(self, path, metadata):
+        self._wrote(path)
+        return self.fs.open_output_stream(path, metadata=metadata)
+
+    def open_append_stream(self, path, metadata):
+        self._wrote(path)
+        return self.fs.open_append_stream(path, metadata=metadata)

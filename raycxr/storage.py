@@ -10,12 +10,37 @@ usual environment (``AWS_*``, ``AWS_ENDPOINT_URL``, ``GOOGLE_APPLICATION_CREDENT
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
+import logging
 import os
 import tempfile
+import time
 from pathlib import Path, PurePosixPath
 
-from raycxr.errors import ConfigError, DataError
+from raycxr.errors import ConfigError, DataError, RaycxrError
+
+log = logging.getLogger(__name__)
+
+
+class RunBusyError(RaycxrError):
+    """Another driver holds the run (its lease)."""
+
+
+def _dead_here(holder: dict) -> bool:
+    """Whether a lease's holder was a process on this host that no longer runs."""
+    import socket
+
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def is_uri(location: str | os.PathLike) -> bool:
@@ -109,11 +134,14 @@ class RunStore:
         self.write_text(rel, old + line.rstrip("\n") + "\n")
 
     def claim(self, rel: str, text: str) -> bool:
-        """Create ``rel`` only if it does not exist; False when it does.
+        """Create ``rel`` only if it does not exist; False when it does. ``text`` should be unique
+        to the claimant (it is what :meth:`release` checks).
 
-        Atomic on a filesystem (O_EXCL). An object store has no create-if-absent in pyarrow: there
-        the check and the write are two steps, so two searches started within the same second
-        with one name on one bucket can both pass (names default to SPACE-DATE-TIME).
+        Atomic on a filesystem (O_EXCL) and on S3 (a conditional put, ``If-None-Match: *``: of two
+        claims, S3 refuses the second with 412). Other object stores (``gs://`` through pyarrow)
+        have no create-if-absent here: there the rule is one writer per run name (names default to
+        SPACE-DATE-TIME), and the write is read back so that a claim overwritten at once is lost,
+        not shared.
         """
         if self.local is not None:
             path = Path(self._path(rel))
@@ -124,9 +152,72 @@ class RunStore:
             except FileExistsError:
                 return False
             return True
+        if self.fs.type_name == "s3":
+            return self._claim_s3(rel, text)
         if self.exists(rel):
             return False
         self.write_text(rel, text)
+        return self.read_text(rel) == text
+
+    def _claim_s3(self, rel: str, text: str) -> bool:
+        """S3's create-if-absent (boto3 reads the same AWS_* environment as pyarrow)."""
+        import boto3
+        from botocore.exceptions import ClientError
+
+        bucket, _, key = self._path(rel).partition("/")
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        client = boto3.client("s3", endpoint_url=endpoint or None, region_name=getattr(self.fs, "region", None) or None)
+        try:
+            client.put_object(Bucket=bucket, Key=key, Body=text.encode(), IfNoneMatch="*")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
+        return True
+
+    LEASE = "lease.json"
+
+    @contextlib.contextmanager
+    def lease(self, what: str):
+        """Hold the run exclusively while ``what`` (a search, a resume) works on it: a second driver
+        on the same run is refused with the holder named (:class:`RunBusyError`). The lease is a
+        claimed file (:meth:`claim`: O_EXCL, or S3's conditional put); one left by a process that
+        died on this host is taken over."""
+        import secrets
+        import socket
+
+        mine = json.dumps({"what": what, "host": socket.gethostname(), "pid": os.getpid(),
+                           "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": secrets.token_hex(8)}) + "\n"
+        if not self.claim(self.LEASE, mine):
+            try:
+                held = self.read_text(self.LEASE)
+                holder = json.loads(held)
+            except (OSError, ValueError):
+                held, holder = None, {}
+            holder = holder if isinstance(holder, dict) else {}
+            if held is not None and _dead_here(holder):
+                log.warning("%s: taking over the lease of %s (pid %s, gone)", self.uri, holder.get("what"),
+                            holder.get("pid"))
+                self.release(self.LEASE, held)
+            if held is None or not (_dead_here(holder) and self.claim(self.LEASE, mine)):
+                raise RunBusyError(
+                    f"{self.uri} is in use by {holder.get('what', 'another raycxr')} on {holder.get('host', '?')} "
+                    f"(pid {holder.get('pid', '?')}, since {holder.get('since', '?')}): wait for it to end (raycxr "
+                    f"status shows it), or, if that process is gone, delete {self.child(self.LEASE)}")
+        try:
+            yield
+        finally:
+            self.release(self.LEASE, mine)
+
+    def release(self, rel: str, text: str) -> bool:
+        """Delete ``rel`` only if it still holds ``text`` (a claim this process made and nobody has
+        replaced): a search that failed to start never deletes what another one wrote."""
+        try:
+            if self.read_text(rel) != text:
+                return False
+        except (FileNotFoundError, OSError):
+            return False
+        self.delete(rel)
         return True
 
     def delete(self, rel: str) -> None:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ray.tune.callback import Callback
 
-from raycxr.card import fmt
+from raycxr.card import ModelCard, fmt
 from raycxr.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,11 @@ class MLflowTrials(Callback):
     (a resumed trial would restart at 1, and an epoch reported again would be counted twice), logs
     Tune's bookkeeping (pid, timestamps) as metrics, and starts a second run for a resumed trial.
 
-    Pickled into Tune's ``tuner.pkl`` (a resumed search gets it back): only the URI and the
-    experiment's name are kept; the client and the trial-to-run map are rebuilt on use. An MLflow
+    Pickled into Tune's ``tuner.pkl`` (a resumed search gets it back): only the URI, without any
+    ``user:password@`` (a run folder is shared: no secret goes into it), and the experiment's name
+    are kept; the client and the trial-to-run map are rebuilt on use. A resumed search against a
+    server that needs a login takes it from MLflow's own ``MLFLOW_TRACKING_USERNAME`` and
+    ``MLFLOW_TRACKING_PASSWORD`` (or ``MLFLOW_TRACKING_TOKEN``). An MLflow
     failure is logged once and ends MLflow logging for the rest of the search, which goes on (the
     run folder holds every result): a slow or down server must not stall or kill a long search.
     """
@@ -85,7 +88,7 @@ class MLflowTrials(Callback):
         self._failed = False
 
     def __getstate__(self) -> dict:
-        return {"uri": self.uri, "experiment": self.experiment}
+        return {"uri": redact(self.uri), "experiment": self.experiment}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -161,8 +164,8 @@ class MLflowTrials(Callback):
         self._client.set_terminated(run_id, status=status)
 
 
-def register_model(model_dir: Path, card: dict, *, uri: str | None, name: str) -> dict:
-    """Log the promoted folder ``model_dir`` (its ``card``: model_card.json's content) to MLflow
+def register_model(model_dir: Path, card: ModelCard, *, uri: str | None, name: str) -> dict:
+    """Log the promoted folder ``model_dir`` (its ``card``) to MLflow
     and register its ONNX export as a new version of ``name``. ``uri`` None: $MLFLOW_TRACKING_URI.
 
     Returns what model_card.json keeps under ``registry``: tracking URI (without credentials),
@@ -181,26 +184,26 @@ def register_model(model_dir: Path, card: dict, *, uri: str | None, name: str) -
     import onnx
     from mlflow.exceptions import MlflowException
 
-    pooled = card["holdout"]["pooled"]
-    metrics = {"threshold": float(card["threshold"])}
+    pooled = card.holdout["pooled"]
+    metrics = {"threshold": float(card.threshold)}
     for m in HOLDOUT_METRICS:
         low, high = pooled.get("ci95", {}).get(m) or (None, None)
         for key, value in ((f"holdout_{m}", pooled.get(m)), (f"holdout_{m}_ci95_low", low),
                            (f"holdout_{m}_ci95_high", high)):
             if value is not None:  # NaN is logged as NaN (a split with one class has no AUC)
                 metrics[key] = float(value)
-    params = {"architecture": card["architecture"], "target": card["target"],
-              "threshold_rule": card["threshold_rule"], "tta": (card.get("tta") or {}).get("used"),
-              "trials": "+".join(str(m["trial_id"]) for m in card.get("members") or [card["trial"]]),
+    params = {"architecture": card.architecture, "target": card.target,
+              "threshold_rule": card.threshold_rule, "tta": card.tta["used"],
+              "trials": "+".join(str(m["trial_id"]) for m in card.members),
               "holdout_n": pooled.get("n"), "bootstrap_resamples": pooled.get("ci95", {}).get("n_boot_used")}
-    experiment = experiment_name(card["run"])
+    experiment = experiment_name(card.run)
     onnx_model = onnx.load(str(model_dir / "model.onnx"))
     with _tracking_uri(mlflow, uri):
         try:
             client = _client(uri)
             exp_id = _experiment_id(client, experiment, uri=uri)
             with mlflow.start_run(experiment_id=exp_id, run_name=f"promote-{name}",
-                                  tags={"raycxr.kind": "promoted", "raycxr.run": card["run"]}) as run:
+                                  tags={"raycxr.kind": "promoted", "raycxr.run": card.run}) as run:
                 mlflow.log_params(params)
                 optional = [f for f in OPTIONAL_FILES if (model_dir / f).is_file()]
                 for f in [*PROMOTED_FILES, *optional, *sorted(p.name for p in model_dir.glob("*.png"))]:
@@ -210,19 +213,19 @@ def register_model(model_dir: Path, card: dict, *, uri: str | None, name: str) -
                     extra_files=[str(model_dir / f) for f in MODEL_EXTRA_FILES],
                     pip_requirements=mlflow.onnx.get_default_pip_requirements(),  # no inference in a subprocess
                     save_as_external_data=False,  # one model.onnx, as promote wrote it
-                    metadata={"raycxr": {"target": card["target"], "threshold": float(card["threshold"]),
-                                         "threshold_rule": card["threshold_rule"],
+                    metadata={"raycxr": {"target": card.target, "threshold": float(card.threshold),
+                                         "threshold_rule": card.threshold_rule,
                                          "output": "the logit of the target finding, before calibration; "
                                                    "extra_files/config.json holds the input size, "
                                                    "normalisation, calibration and threshold"}})
                 mlflow.log_metrics(metrics, model_id=info.model_id)
             version = str(info.registered_model_version)
-            client.set_model_version_tag(name, version, "raycxr.run", card["run"])
+            client.set_model_version_tag(name, version, "raycxr.run", card.run)
             auc, ci = pooled.get("auc"), pooled.get("ci95", {}).get("auc") or [None, None]
             client.update_model_version(name, version, description=(
-                f"{card['architecture']} for {card['target']} from raycxr run {card['run']}: holdout AUC "
-                f"{fmt(auc)} (95% CI {fmt(ci[0])}-{fmt(ci[1])}), threshold {fmt(card['threshold'])} "
-                f"({card['threshold_rule']})"))
+                f"{card.architecture} for {card.target} from raycxr run {card.run}: holdout AUC "
+                f"{fmt(auc)} (95% CI {fmt(ci[0])}-{fmt(ci[1])}), threshold {fmt(card.threshold)} "
+                f"({card.threshold_rule})"))
         except MlflowException as exc:
             raise ConfigError(f"could not register {name!r} at {redact(uri)}: {_first_line(exc)}. The "
                               f"promoted model in {model_dir} is complete; check the URI and that the server is "

@@ -67,7 +67,7 @@ def ray_local(_ray_session):
     again if a test (the two-node cluster ones) had to shut it down."""
     import ray
 
-    from raycxr.search import init_ray
+    from raycxr.cluster import init_ray
 
     if not ray.is_initialized():
         init_ray(address=None, num_cpus=2)
@@ -116,15 +116,14 @@ def s3_server(tmp_path_factory):
 def promoted_run(tmp_path_factory, sample_dir, _ray_session):
     """A real search (2 tiny trials, 2 epochs, local Ray) on the sample ingested at 64 px, promoted
     once, all through the Python API (raycxr.ingest / search / promote): {"data", "run", "model",
-    "card" (model_card.json), "promoted" (what raycxr.promote returned), "ingested" (the IngestSummary),
+    "card" (model_card.json, read by raycxr.ModelCard), "promoted" (what raycxr.promote returned), "ingested" (the IngestSummary),
     "searched" (the SearchResult)}. Session-wide and
     read-only for tests (the card, report, MLflow and Python API tests share it; copy what you change)."""
-    import json
-
     import ray
 
     import raycxr
-    from raycxr.search import init_ray
+    from raycxr.card import ModelCard
+    from raycxr.cluster import init_ray
 
     base = tmp_path_factory.mktemp("promoted")
     ingested = raycxr.ingest({"kermany": sample_dir}, base / "data", image_size=64, seed=0)
@@ -137,7 +136,7 @@ def promoted_run(tmp_path_factory, sample_dir, _ray_session):
     searched = raycxr.search(base / "data", space, name="shared", runs_dir=base / "runs", verbosity=0)
     promoted = raycxr.promote(searched.run, base / "model", n_boot=200)
     return {"data": base / "data", "run": Path(searched.run), "model": base / "model",
-            "card": json.loads((base / "model" / "model_card.json").read_text()), "promoted": promoted,
+            "card": ModelCard.load(base / "model"), "promoted": promoted,
             "ingested": ingested, "searched": searched}
 
 

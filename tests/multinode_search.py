@@ -15,7 +15,9 @@ from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
 
-from raycxr.search import SearchConfig, leaderboard, run_search
+from raycxr.runs import leaderboard
+
+from raycxr.search import SearchConfig, run_search
 
 mode, data, work = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,

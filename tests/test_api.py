@@ -19,7 +19,8 @@ def _files(sample_dir: Path, n: int = 6) -> list[Path]:
 
 def test_the_stages_return_data(promoted_run):
     from raycxr.ingest import IngestSummary
-    from raycxr.search import SearchResult, leaderboard
+    from raycxr.runs import leaderboard
+    from raycxr.search import SearchResult
 
     ingested, searched, promoted = promoted_run["ingested"], promoted_run["searched"], promoted_run["promoted"]
     assert isinstance(ingested, IngestSummary) and ingested.rows_written > 0
@@ -27,7 +28,7 @@ def test_the_stages_return_data(promoted_run):
     assert isinstance(searched, SearchResult) and Path(searched.run).name == "shared"
     assert [r["trial_id"] for r in searched.leaderboard] == [r["trial_id"] for r in leaderboard(searched.run)]
     assert len(searched.leaderboard) == 2 and all(r["status"] == "ok" for r in searched.leaderboard)
-    assert promoted["holdout"]["pooled"]["auc"] == promoted_run["card"]["holdout"]["pooled"]["auc"]
+    assert promoted.holdout["pooled"]["auc"] == promoted_run["card"].holdout["pooled"]["auc"]
     assert callable(raycxr.ingest) and callable(raycxr.search) and callable(raycxr.promote)
     assert raycxr.search.run_search and raycxr.promote.PromoteConfig  # still the stage modules
 
@@ -46,7 +47,7 @@ def test_promote_through_the_api_prints_nothing(promoted_run, tmp_path, capfd):
     capfd.readouterr()
     card = raycxr.promote(run, tmp_path / "model", n_boot=50, tta="off")
     out = capfd.readouterr()
-    assert out.out == "" and card["run"] == "shared" and (tmp_path / "model" / "model.safetensors").is_file()
+    assert out.out == "" and card.run == "shared" and (tmp_path / "model" / "model.safetensors").is_file()
 
 
 def test_model_gives_calibrated_probabilities_and_labels_for_paths_arrays_and_images(promoted_run, sample_dir):
@@ -115,7 +116,7 @@ def test_promote_can_write_the_serving_graph(promoted_run, tmp_path):
 
     run = shutil.copytree(promoted_run["run"], tmp_path / "run")
     card = raycxr.promote(run, tmp_path / "model", n_boot=50, serving_onnx=True)
-    assert card["serving_onnx"]["max_abs_diff"] <= 1e-4
+    assert card.serving_onnx["max_abs_diff"] <= 1e-4 and card.serving_onnx["path"] == "model.serving.onnx"
     model = raycxr.Model.load(tmp_path / "model")
     hold = split_arrays(promoted_run["data"], "holdout", "pneumonia")
     session = ort.InferenceSession(str(tmp_path / "model" / "model.serving.onnx"), providers=["CPUExecutionProvider"])
@@ -132,7 +133,7 @@ def test_promote_can_write_the_serving_graph(promoted_run, tmp_path):
 
 def test_status_sums_up_a_finished_search_and_watch_returns_when_it_is_done(promoted_run, capsys):
     from raycxr.cli import main
-    from raycxr.search import leaderboard, run_summary
+    from raycxr.runs import leaderboard, run_summary
 
     s = run_summary(promoted_run["run"])
     board = leaderboard(promoted_run["run"])
@@ -149,7 +150,7 @@ def test_tensorboard_has_an_hparams_view_of_every_trial(promoted_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    from raycxr.search import leaderboard
+    from raycxr.runs import leaderboard
 
     for row in leaderboard(promoted_run["run"]):
         events = next((promoted_run["run"] / "tune" / f"trial_{row['trial_id']}").glob("events.out.tfevents.*"))

@@ -45,7 +45,7 @@ def _cap(total, free=None, ceiling=None, node_cpus=None, autoscaler=None):
      {"gpus_per_worker": 1}, _cap({"CPU": 0.0}, autoscaler=True), 16, 1.0),
 ])
 def test_plan_sizes_to_what_is_free_or_can_be_added(case, space, capacity, concurrent, gpus):
-    from raycxr.search import plan_resources
+    from raycxr.cluster import plan_resources
 
     plan = plan_resources(_space(**space), trials=16, capacity=capacity)
     assert (plan["concurrent"], plan["gpus_per_worker"]) == (concurrent, gpus), case
@@ -59,7 +59,7 @@ def test_plan_sizes_to_what_is_free_or_can_be_added(case, space, capacity, concu
      _cap({"CPU": 2.0}, ceiling={"CPU": 8.0}, node_cpus=2.0), "no node has or can have more than 2"),
 ])
 def test_plan_refuses_only_what_can_never_fit(case, space, capacity, message):
-    from raycxr.search import plan_resources
+    from raycxr.cluster import plan_resources
 
     with pytest.raises(ConfigError, match=message):
         plan_resources(_space(**space), trials=4, capacity=capacity)
@@ -110,11 +110,37 @@ def _stop(proc_marker: str) -> None:
             continue  # already gone
 
 
+@pytest.mark.slow
+def test_the_local_dashboard_runs_jobs_only_for_the_users_token(ray_local):
+    """Issue 27: the search's local dashboard (127.0.0.1) and its Jobs API, which runs code, refuse a
+    caller without this user's Ray token (Ray's token auth, which init_ray keeps on)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    import ray
+
+    url = "http://" + ray._private.worker.global_worker.node.address_info["webui_url"]
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    token = os.environ.get("RAY_AUTH_TOKEN") or token_file.read_text().strip()
+    submit = json.dumps({"entrypoint": "echo pwned"}).encode()
+    for headers in ({}, {"Authorization": "Bearer not-the-token"}):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(f"{url}/api/jobs/", data=submit, method="POST",
+                                                          headers={"Content-Type": "application/json", **headers}),
+                                   timeout=30)
+        assert refused.value.code in (401, 403)
+    listed = urllib.request.urlopen(urllib.request.Request(f"{url}/api/jobs/",
+                                                           headers={"Authorization": f"Bearer {token}"}), timeout=30)
+    jobs = json.loads(listed.read())  # the user's token: answered; the refused submissions ran nothing
+    assert listed.status == 200 and not [j for j in jobs if j.get("entrypoint") == "echo pwned"]
+
+
 @pytest.fixture
 def second_ray(tmp_path_factory):
     """A second Ray on this host, started the documented way (`ray start --head`) with token
     authentication on, as a head does when its user has a token."""
-    from raycxr.search import _free_port
+    from raycxr.cluster import _free_port
 
     tmp = tmp_path_factory.mktemp("second-ray")
     temp_dir = Path("/tmp") / f"raycxr-second-{secrets.token_hex(4)}"  # Ray's socket paths must stay short
@@ -134,7 +160,7 @@ def second_ray(tmp_path_factory):
 def _join(address: str, env_extra: dict) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_USAGE_STATS_ENABLED="0", **env_extra)
-    code = ("import ray, sys\nfrom raycxr.search import init_ray\nfrom raycxr.errors import RaycxrError\n"
+    code = ("import ray, sys\nfrom raycxr.cluster import init_ray\nfrom raycxr.errors import RaycxrError\n"
             "try:\n    init_ray(address=sys.argv[1])\nexcept RaycxrError as e:\n    print(e); sys.exit(2)\n"
             "print('CPUS', ray.cluster_resources().get('CPU'))\n")
     return subprocess.run([sys.executable, "-c", code, address], env=env, capture_output=True, text=True, timeout=180)
@@ -205,7 +231,7 @@ class _Cluster:
     which would stop every Ray on the host), token auth on as cluster.yaml has it."""
 
     def __init__(self, tmp: Path, extra_env: dict | None = None):
-        from raycxr.search import _free_port
+        from raycxr.cluster import _free_port
 
         self.temp_dir = Path("/tmp") / f"raycxr-c-{secrets.token_hex(4)}"  # Ray's socket paths must stay short
         token = tmp / "auth_token"
@@ -234,7 +260,7 @@ class _Cluster:
     def add_worker(self, cpus: int = 1):
         """A worker node. Its own temp dir and agent port, as on its own machine: nodes sharing one
         temp dir share the jobs' working_dir cache, and one node's clean-up deletes another's."""
-        from raycxr.search import _free_port
+        from raycxr.cluster import _free_port
 
         self.workers += 1
         self.ray("start", f"--address={self.address}", f"--num-cpus={cpus}", "--object-store-memory=300000000",

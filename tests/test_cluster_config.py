@@ -17,9 +17,13 @@ def test_cluster_yaml_passes_rays_schema():
     for cmds in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
         assert any("RAY_AUTH_MODE=token" in c and "ray start" in c for c in cmds)
     assert "/home/ray/.ray/auth_token" in config["file_mounts"]
-    # only SSH open to the world
+    # only SSH open, and only to a range the user must set: never the whole internet by default
     rules = config["provider"]["security_group"]["IpPermissions"]
     assert [(r["FromPort"], r["ToPort"]) for r in rules] == [(22, 22)]
+    ranges = [ip["CidrIp"] for r in rules for ip in r["IpRanges"]] + [
+        ip.get("CidrIpv6") for r in rules for ip in r.get("Ipv6Ranges", [])]
+    assert ranges == ["SET-YOUR-SSH-SOURCE-RANGE"]
+    assert "0.0.0.0/0" not in (ROOT / "cluster.yaml").read_text().replace("Never 0.0.0.0/0", "")
     # patient data, runs, models and the venv never leave the laptop
     assert {"data/", "runs/", "models/", "demo-output/", ".venv/"} <= set(config["rsync_exclude"])
     assert config["docker"]["image"].startswith("rayproject/ray:2.60.0-")  # an exact Ray release

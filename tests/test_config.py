@@ -57,7 +57,7 @@ def test_all_problems_reported_at_once():
 
 
 def test_trainer_is_auto_or_ray_train_and_decides_where_one_worker_trials_train():
-    from raycxr.search import plan_resources
+    from raycxr.cluster import plan_resources
 
     capacity = {"total": {"CPU": 2.0}, "free": {"CPU": 2.0}, "ceiling": None, "node_cpus": 2.0, "autoscaler": False}
     plans = {}

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 _SCRIPT = """
 import sys, time
 import ray
-from raycxr.search import init_ray
+from raycxr.cluster import init_ray
 
 init_ray(address=None, num_cpus=1, worker_logs=sys.argv[1] == "on")
 

@@ -40,7 +40,7 @@ params:
 def test_search_refuses_trials_larger_than_the_cluster(ray_local, tmp_path):
     from raycxr.config import parse_space
     from raycxr.errors import ConfigError
-    from raycxr.search import _plan_resources
+    from raycxr.cluster import _plan_resources
 
     space = parse_space({"params": {"model": "test_resnet", "lr": 0.01},
                          "resources": {"workers_per_trial": 2, "cpus_per_worker": 2}}, name="big")

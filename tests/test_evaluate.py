@@ -70,10 +70,11 @@ def test_small_centre_cropped_copies_of_training_films_are_not_external(promoted
     assert 25 <= trained_on < len(films)
     ingest(IngestConfig(sources={"kermany": copies}, out=tmp_path / "d", image_size=64, seed=0,
                         allow_empty_splits=True))
-    card = {"data": {"dir": str(data), "fingerprint": read_manifest(data)["fingerprint"]}}
-    o = training_overlap(card, tmp_path / "d", ["train", "val", "holdout"])
+    card, model = promoted_run["card"], promoted_run["model"]  # trained on `data`
+    assert card.data_dir(model) == data.resolve() and card.data["fingerprint"] == read_manifest(data)["fingerprint"]
+    o = training_overlap(card, model, tmp_path / "d", ["train", "val", "holdout"])
     assert o["checked"] and o["same_files"] == 0 and o["verdict"].startswith("overlaps training data")
     assert 0.8 * trained_on <= o["twins"] <= trained_on, (o, trained_on)
     # the model's own holdout films, which it never saw: no overlap
-    far = training_overlap(card, data, ["holdout"])
+    far = training_overlap(card, model, data, ["holdout"])
     assert far["checked"] and far["images"] == 0 and far["verdict"].startswith("external")

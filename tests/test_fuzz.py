@@ -24,15 +24,16 @@ def test_a_search_space_the_fuzzer_broke_is_refused_with_a_config_error(case):
 
 
 def test_every_fuzz_target_runs_clean_for_a_few_hundred_inputs(tmp_path):
-    """Smoke: each target (image bytes, search-space YAML, promoted-model config.json) takes 300
-    mutated inputs under its memory cap, raising only its documented error."""
+    """Smoke: each target (image bytes, search-space YAML, promoted-model config.json, a CSV
+    adapter's label table) takes 300 mutated inputs under its memory cap, raising only its
+    documented error."""
     pytest.importorskip("atheris")
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench" / "fuzz.py"), "--runs", "300",
                           "--out", str(tmp_path / "work"), "--json", str(tmp_path / "fuzz.json")],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     results = {r["target"]: r for r in json.loads((tmp_path / "fuzz.json").read_text())["results"]}
-    assert set(results) == {"image", "space", "model"}
+    assert set(results) == {"image", "space", "model", "table"}
     assert all(r["executions"] >= 300 and not r["crashes"] for r in results.values()), results
 
 
@@ -86,3 +87,67 @@ def test_a_jpeg2000_frame_whose_size_is_not_the_headers_is_refused_before_decodi
     path.write_bytes(bytes(data))
     with pytest.raises(DecodeError, match="declares 60000x96 px but the header says 80x96"):
         load_for_model(path, 64, policy="pad")
+
+
+def test_predict_and_the_rsna_adapter_read_dicom_headers_through_the_bounded_reader():
+    """Issue 27: predict's header check and the RSNA adapter's view lookup read a DICOM's header
+    themselves; the 7 KB file whose element declares 4 GB made each of them allocate 4 GB (their
+    dcmread bypassed the bounded reader). Measured with tracemalloc in a fresh process."""
+    case = REGRESSIONS / "image-dicom-element-declares-4gb.bin"
+    script = """
+import sys, tracemalloc
+from pathlib import Path
+from raycxr.predict import _header_warnings
+from raycxr.sources.rsna import _view
+tracemalloc.start()
+_header_warnings(Path(sys.argv[1]), 64)
+_view(Path(sys.argv[1]))
+print(tracemalloc.get_traced_memory()[1])
+"""
+    out = subprocess.run([sys.executable, "-c", script, str(case)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) < 64 * 2**20, out.stdout  # megabytes, not the declared 4 GB
+
+
+def test_a_label_table_the_fuzzer_broke_is_read_or_refused_with_a_data_error(tmp_path):
+    """The table target's finds (issue 27): each input is replayed as the fuzzer ran it (first byte:
+    which adapter's table, the rest: the table) over a replica of that dataset. The first: an RSNA
+    patientId of 300 bytes made os.stat raise 'File name too long' and ended the whole ingest."""
+    sys.path.insert(0, str(ROOT / "scripts" / "bench"))
+    import fuzz
+
+    from raycxr.errors import DataError
+    from raycxr.sources import scan_source
+
+    cases = sorted(REGRESSIONS.glob("table-*"))
+    assert cases
+    replicas = fuzz._replicas(tmp_path / "replicas")
+    originals = {(key, name): (replicas[key] / name).read_bytes() for key, name in fuzz.TABLES}
+    for case in cases:
+        data = case.read_bytes()
+        for (key, name), text in originals.items():
+            (replicas[key] / name).write_bytes(text)
+        key, name = fuzz.TABLES[data[0] % len(fuzz.TABLES)]
+        (replicas[key] / name).write_bytes(data[1:])
+        try:
+            records = list(scan_source(key, replicas[key] / name if key == "csv" else replicas[key]))
+        except DataError:
+            continue
+        assert records and all(r.error or r.path.is_file() for r in records), case.name
+
+
+def test_an_id_cell_cannot_point_an_adapter_outside_its_dataset(tmp_path):
+    """An RSNA patientId or a MIMIC dicom_id is joined into a path: one holding '..' or a separator
+    would read a file from anywhere on the machine into the shards; such rows are quarantined."""
+    from tests import builders
+
+    from raycxr.sources import scan_source
+
+    built = builders.build_all(tmp_path / "b")
+    rsna = built["rsna"]
+    table = rsna / "stage_2_train_labels.csv"
+    table.write_text(table.read_text() + "../../../../etc/passwd,,,,,1\n")
+    records = list(scan_source("rsna", rsna))
+    bad = [r for r in records if r.error.startswith("unusable row: patientId is not a plain name")]
+    assert len(bad) == 1 and bad[0].path == table  # quarantined as its table's row
+    assert all(r.path.resolve().is_relative_to(rsna.resolve()) for r in records)

@@ -295,3 +295,39 @@ def test_the_salt_file_is_made_private_in_one_step_and_an_empty_salt_is_refused(
     monkeypatch.setenv("RAYCXR_SALT", "")
     with pytest.raises(ConfigError, match="RAYCXR_SALT is empty"):
         ingest_module._resolve_salt(None)
+
+
+def test_quarantine_reasons_are_raycxrs_own_words(sample_copy, tmp_path):
+    """Issue 27: quarantine.csv and manifest.json are shared with the dataset, so a reason is a fixed
+    text (an exception's type at most): never a decoder's message, a DICOM attribute's value or a
+    path, whatever a hostile file holds."""
+    import pydicom
+    from PIL import Image
+
+    from raycxr.ingest import QUARANTINE_REASONS, written_reason
+    from tests.builders import dicom_from_array
+
+    cls = sample_copy / "train" / "NORMAL"
+    film = np.asarray(Image.open(sorted(cls.iterdir())[0]).convert("L"))
+    dcm = dicom_from_array(tmp_path / "x.dcm", film)
+    ds = pydicom.dcmread(dcm)
+    ds.PhotometricInterpretation = "DOE^JOHN MRN998877"  # a value the file chose: not quoted back
+    ds.save_as(cls / "IM-9100-0001.jpeg")
+    png = cls / "IM-9101-0001.jpeg"
+    Image.fromarray(film).save(png, format="PNG")
+    raw = bytearray(png.read_bytes())
+    idat = raw.index(b"IDAT")
+    raw[idat + 40: idat + 400] = bytes(range(256)) + bytes(104)  # a broken deflate stream inside a valid header
+    png.write_bytes(bytes(raw))
+    (cls / "IM-9102-0001.jpeg").write_bytes(b"\x89PNG\r\n\x1a\n" + str(tmp_path).encode())
+    s = ingest(IngestConfig(sources={"kermany": sample_copy}, out=tmp_path / "o", image_size=32))
+    assert s.quarantined == 3 and s.rows_written == 300
+    text = (tmp_path / "o" / "quarantine.csv").read_text() + (tmp_path / "o" / "manifest.json").read_text()
+    for leak in ("DOE", "JOHN", "MRN998877", str(tmp_path), "IM-910"):
+        assert leak not in text, leak
+    rows = list(csv.DictReader(open(tmp_path / "o" / "quarantine.csv")))
+    assert all(r["reason"].startswith(QUARANTINE_REASONS) for r in rows), rows
+    assert any(r["reason"].startswith("unsupported PhotometricInterpretation non-standard") for r in rows), rows
+    # a message raycxr did not word itself is never written
+    assert written_reason("cannot identify image file '/home/alice/DOE_JOHN.png'") == "unclassified"
+    assert written_reason("decoder failed (ValueError)") == "decoder failed (ValueError)"

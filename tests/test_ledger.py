@@ -50,7 +50,7 @@ def test_promote_and_evaluate_count_every_earlier_read_of_the_holdout_whichever_
     data, card, model = promoted_run["data"], second_promotion["card"], second_promotion["model"]
     entries = reads(data / FILE, split="holdout", digest=split_digest(data, "holdout"))
     mine = [i for i, e in enumerate(entries) if e.get("out") == str(model.resolve())]
-    assert len(mine) == 1 and card["holdout_previously_read"] == mine[0] >= 1
+    assert len(mine) == 1 and card.holdout_previously_read == mine[0] >= 1
     assert str(promoted_run["model"].resolve()) in {e.get("out") for e in entries[:mine[0]]}  # the fixture's own
     assert "had already been read" in (model / "model_card.md").read_text()
     result = evaluate_model(model, data, split="holdout", n_boot=20)

@@ -1,6 +1,7 @@
 """raycxr.tracking against real MLflow: a search's trials as runs (SQLite store), a promoted model
 registered (SQLite store and a real `mlflow server` on 127.0.0.1), and the errors a user sees."""
 
+import contextlib
 import json
 import os
 import pickle
@@ -46,28 +47,67 @@ def _runs(client, run_name):
     return client.search_runs([exp.experiment_id], filter_string="tags.`raycxr.kind` = 'trial'")
 
 
-def test_search_logs_each_trial(ray_local, promoted_run, tmp_path, monkeypatch):
-    from raycxr.search import leaderboard
+@contextlib.contextmanager
+def _tracking_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1 (SQLite store, local artifacts): yields (uri, artifacts)."""
+    port = _closed_port()
+    artifacts = tmp_path / "artifacts"
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path}/srv.db", "--artifacts-destination", str(artifacts)],
+        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)  # its own group: its workers too
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield uri, artifacts
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
 
-    monkeypatch.chdir(tmp_path)  # a SQLite store makes its default artifact folder, ./mlruns
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    assert main(["search", "--data", str(promoted_run["data"]), "--space", str(_space(tmp_path)), "--name", "mlf",
-                 "--runs-dir", str(tmp_path / "runs"), "--mlflow", uri]) == 0
-    board = {r["trial_id"]: r for r in leaderboard(tmp_path / "runs" / "mlf")}
-    client = MlflowClient(uri)
-    runs = {r.data.tags["raycxr.trial_id"]: r for r in _runs(client, "mlf")}
-    assert set(runs) == set(board) and len(board) == 2
-    for tid, row in board.items():
-        run = runs[tid]
-        assert run.info.status == "FINISHED"
-        assert run.data.params == {k: str(row[k]) for k in HYPERPARAMETERS if k in row}
-        history = client.get_metric_history(run.info.run_id, "val_auc")
-        assert sorted(m.step for m in history) == [1, 2]  # one point per epoch, stepped by epoch
-        assert max(m.value for m in history) == pytest.approx(row["val_auc"], abs=1e-12)
-        for key in ("val_loss", "train_loss", "val_auc_best", "lr"):
-            assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [1, 2], key
-        assert not {"pid", "time_this_iter_s", "training_iteration", "epoch"} & set(run.data.metrics)
+def test_search_logs_each_trial_and_keeps_no_secret_in_the_run(ray_local, promoted_run, tmp_path, monkeypatch):
+    """Each trial an MLflow run on a real tracking server, reached with a user:password URI, and
+    that password in none of the run's files (run.json, Tune's tuner.pkl and state, results)."""
+    from raycxr.runs import leaderboard
+
+    monkeypatch.chdir(tmp_path)
+    with _tracking_server(tmp_path) as (uri, _):
+        secret_uri = uri.replace("http://", "http://alice:s3cr3t-pw@")
+        assert main(["search", "--data", str(promoted_run["data"]), "--space", str(_space(tmp_path)), "--name",
+                     "mlf", "--runs-dir", str(tmp_path / "runs"), "--mlflow", secret_uri]) == 0
+        board = {r["trial_id"]: r for r in leaderboard(tmp_path / "runs" / "mlf")}
+        client = MlflowClient(uri)
+        runs = {r.data.tags["raycxr.trial_id"]: r for r in _runs(client, "mlf")}
+        assert set(runs) == set(board) and len(board) == 2
+        for tid, row in board.items():
+            run = runs[tid]
+            assert run.info.status == "FINISHED"
+            assert run.data.params == {k: str(row[k]) for k in HYPERPARAMETERS if k in row}
+            history = client.get_metric_history(run.info.run_id, "val_auc")
+            assert sorted(m.step for m in history) == [1, 2]  # one point per epoch, stepped by epoch
+            assert max(m.value for m in history) == pytest.approx(row["val_auc"], abs=1e-12)
+            for key in ("val_loss", "train_loss", "val_auc_best", "lr"):
+                assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [1, 2], key
+            assert not {"pid", "time_this_iter_s", "training_iteration", "epoch"} & set(run.data.metrics)
+    files = [p for p in (tmp_path / "runs" / "mlf").rglob("*") if p.is_file()]
+    assert any(p.name == "tuner.pkl" for p in files) and any(p.name == "run.json" for p in files)
+    leaked = [str(p) for p in files if b"s3cr3t-pw" in p.read_bytes()]
+    assert leaked == []
+    assert json.loads((tmp_path / "runs" / "mlf" / "run.json").read_text())["mlflow"] == uri
 
 
 def test_callback_pickles_without_a_client_and_continues_a_trial_run(tmp_path, monkeypatch):
@@ -97,6 +137,15 @@ def test_callback_pickles_without_a_client_and_continues_a_trial_run(tmp_path, m
     assert "pid" not in run.data.metrics
 
 
+def test_the_pickled_callback_carries_no_password():
+    """What goes into tuner.pkl: the tracking URI without user:password@ (no server needed)."""
+    from raycxr.tracking import MLflowTrials
+
+    blob = pickle.dumps(MLflowTrials("https://alice:s3cr3t-pw@mlflow.example.org:5000/x", experiment="e"))
+    assert b"s3cr3t-pw" not in blob and b"alice" not in blob
+    assert pickle.loads(blob).uri == "https://mlflow.example.org:5000/x"
+
+
 def _check_registered(client, name, version, out):
     card = json.loads((out / "model_card.json").read_text())
     mv = client.get_model_version(name, str(version))
@@ -123,7 +172,8 @@ def test_promote_registers_versions(promoted_run, tmp_path, monkeypatch):
     client = MlflowClient(uri)
     card, mv = _check_registered(client, "cxr", 1, tmp_path / "m")
     assert card["registry"]["model_uri"] == "models:/cxr/1"
-    assert all(m["checkpoint"].startswith(str(run)) for m in card["members"])  # the copy's, not the original's
+    # the copy's checkpoints, not the original's (relative to the model folder, as the card keeps paths)
+    assert all(str((tmp_path / "m" / m["checkpoint"]).resolve()).startswith(str(run.resolve())) for m in card["members"])
     promoted = {a.path.removeprefix("promoted/") for a in client.list_artifacts(mv.run_id, "promoted")}
     assert {"model.onnx", "model_card.md", "model.safetensors", "config.json", "report.html", "roc.png"} <= promoted
     assert "holdout_predictions.csv" not in promoted  # one row per holdout image: not for a registry
@@ -145,38 +195,13 @@ def test_promote_registers_versions(promoted_run, tmp_path, monkeypatch):
 
 
 def test_register_to_a_tracking_server(promoted_run, tmp_path):
-    port = _closed_port()
-    artifacts = tmp_path / "artifacts"
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path}/srv.db", "--artifacts-destination", str(artifacts)],
-        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)  # its own group: its workers too
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.5)
+    with _tracking_server(tmp_path) as (uri, artifacts):
         got = register_model(promoted_run["model"], promoted_run["card"], uri=uri, name="cxr")
         assert got["version"] == 1 and got["tracking_uri"] == uri
         mv = MlflowClient(uri).get_model_version("cxr", "1")
         assert mv.run_id == got["run_id"] and mv.status == "READY"
         uploaded = {p.name for p in artifacts.rglob("*") if p.is_file()}
         assert {"model.onnx", "model_card.md", "model_card.json", "config.json", "MLmodel"} <= uploaded
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
 
 
 @pytest.mark.parametrize("case, match", [

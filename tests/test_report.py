@@ -33,7 +33,7 @@ def _load_card(path: Path):
 
 def test_model_card_metadata_reads_back_the_holdout_figures(promoted_run):
     card, loaded = promoted_run["card"], _load_card(promoted_run["model"] / "model_card.md")
-    pooled = card["holdout"]["pooled"]
+    pooled = card.holdout["pooled"]
     results = {e.metric_type: e for e in loaded.data.eval_results}
     assert len(results) == len(loaded.data.eval_results) == 3 * len(_INDEX)  # value, CI lower, CI upper
     for key, metric in _INDEX.items():
@@ -41,12 +41,12 @@ def test_model_card_metadata_reads_back_the_holdout_figures(promoted_run):
         assert [results[f"{metric}_ci95_{end}"].metric_value for end in ("lower", "upper")] == pooled["ci95"][key]
         assert results[f"{metric}_ci95_lower"].metric_args["n_boot"] == pooled["ci95"]["n_boot_used"]
     for metric in ("recall", "specificity", "accuracy"):  # thresholded: the threshold travels with the figure
-        assert results[metric].metric_args == {"threshold": card["threshold"], "threshold_rule": card["threshold_rule"]}
+        assert results[metric].metric_args == {"threshold": card.threshold, "threshold_rule": card.threshold_rule}
     assert {(e.task_type, e.dataset_type, e.dataset_split, e.dataset_revision) for e in results.values()} == {
-        ("image-classification", "kermany", "holdout", card["data"]["fingerprint"])}
+        ("image-classification", "kermany", "holdout", card.data["fingerprint"])}
     data = loaded.data
     assert (data.license, data.datasets, data.pipeline_tag, data.library_name, data.model_name) == (
-        "cc-by-4.0", ["kermany"], "image-classification", "raycxr", card["run"])
+        "cc-by-4.0", ["kermany"], "image-classification", "raycxr", card.run)
     assert {"medical-imaging", "chest-x-ray", "pneumonia", "timm"} <= set(data.tags)
     # the whole Markdown body is still below the header
     for heading in ("# Model card:", "## Intended use and limitations", "## Model selection",
@@ -58,13 +58,13 @@ def test_model_card_metadata_reads_back_the_holdout_figures(promoted_run):
     assert "two expert physicians" in loaded.text
 
 
-def _with_sources(card: dict, by_source: dict[str, int], options: dict | None = None) -> dict:
+def _with_sources(card, by_source: dict[str, int], options: dict | None = None):
     """The promoted card, as if its data had come from ``by_source`` (images per source and split)."""
     card = copy.deepcopy(card)
-    for counts in card["data"]["counts"].values():
+    for counts in card.data["counts"].values():
         counts["by_source"] = dict(by_source)
         counts["patients_by_source"] = dict(by_source)
-    card["data"]["params"]["source_options"] = options or {}
+    card.data["params"]["source_options"] = options or {}
     return card
 
 
@@ -146,10 +146,10 @@ def test_report_renders_in_a_browser_with_its_figures(promoted_run, tmp_path):
     probe.write_text(html.replace("</body>", _GEOMETRY + "</body>"), encoding="utf-8")
     dom = _chromium(tmp_path, "dom", "--dump-dom", probe.as_uri()).stdout
 
-    title = f"Model report: run {card['run']}, target {card['target']}"
+    title = f"Model report: run {card.run}, target {card.target}"
     assert re.search(rf'<h1 id="title">\s*{re.escape(title)}\s*</h1>', dom)
     table = re.search(r'<table id="holdout-metrics">(.*?)</table>', dom, re.S)[1]  # a table, not a JSON dump
-    assert re.search(rf"<td>AUC</td>\s*<td[^>]*>{card['holdout']['pooled']['auc']:.3f}</td>", table)
+    assert re.search(rf"<td>AUC</td>\s*<td[^>]*>{card.holdout['pooled']['auc']:.3f}</td>", table)
     geometry = json.loads(re.search(r'<pre id="geometry">(.*?)</pre>', dom, re.S)[1])
     with Image.open(shot) as im:
         page = _grey(im)
@@ -182,9 +182,27 @@ def test_search_history_skips_trials_the_time_budget_stopped_before_their_first_
     import matplotlib.image
 
     from raycxr.report import plot_search_history
-    from raycxr.search import run_history
+    from raycxr.runs import run_history
 
     frames = dict(run_history(promoted_run["run"]).frames)
     assert len(frames) == 2 and all(df is not None for df in frames.values())
     path = plot_search_history({**frames, "no_result": None}, tmp_path / "search_history.png")
     assert matplotlib.image.imread(path).shape[0] > 100
+
+
+def test_the_report_strips_script_links_a_space_description_smuggles_in(promoted_run, tmp_path):
+    """Issue 27: a search space's description is user text in the card; a Markdown link to
+    javascript: or data: in it must not survive into report.html as a live link."""
+    import dataclasses
+
+    from raycxr.card import write_model_card
+    from raycxr.report import _card_html
+
+    card = promoted_run["card"]
+    evil = {**card.search_space, "description": "tiny` [click me](javascript:alert(document.cookie)) "
+                                                "[img](data:text/html;base64,PHNjcmlwdD4=) [ok](https://example.org) `"}
+    write_model_card(dataclasses.replace(card, search_space=evil), tmp_path / "model_card.md")
+    assert "](javascript:" in (tmp_path / "model_card.md").read_text()  # the Markdown holds the link ...
+    html = _card_html(tmp_path, {})
+    assert "click me</a>" in html and "javascript:" not in html and "data:text" not in html  # ... the page not
+    assert 'href="https://example.org"' in html and "<script" not in html

@@ -47,7 +47,7 @@ def test_trials_share_one_warm_process_and_a_search_repeats_exactly(ray_local, d
         expected = resolve("auto", device=torch.device("cpu"), model=create_model(rows[0]["config"]["model"]))
         assert all((r["precision"], r["channels_last"]) == (expected.name, expected.channels_last) for r in rows)
         assert all(r["train_images_per_s"] > 0 for r in rows)
-    from raycxr.search import leaderboard
+    from raycxr.runs import leaderboard
 
     for row in leaderboard(tmp_path / "runs" / "first"):  # asked for and trained in, side by side
         expected = resolve("auto", device=torch.device("cpu"), model=create_model(row["model"]))
@@ -63,7 +63,7 @@ def test_trials_share_one_warm_process_and_a_search_repeats_exactly(ray_local, d
 def test_a_grid_search_runs_every_combination_once(ray_local, dataset, tmp_path):
     import optuna
 
-    from raycxr.search import RunRecord
+    from raycxr.runs import RunRecord
     from raycxr.storage import RunStore
 
     space = tmp_path / "grid.yaml"
@@ -99,7 +99,7 @@ def test_a_grid_needs_lists_not_ranges(dataset, tmp_path):
 def test_a_search_stopped_by_its_time_budget_says_so_and_status_watch_returns(ray_local, dataset, tmp_path, capsys):
     from raycxr.cli import main
     from raycxr.errors import NoEligibleTrialError
-    from raycxr.search import RunRecord, run_summary
+    from raycxr.runs import RunRecord, run_summary
     from raycxr.storage import RunStore
 
     space = tmp_path / "space.yaml"

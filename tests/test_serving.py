@@ -43,10 +43,10 @@ def test_promote_quantize_int8_keeps_the_int8_model_only_with_its_auc_and_times_
     from raycxr.serving import model_inputs as _inputs
 
     card, out = second_promotion["card"], second_promotion["model"]  # promoted with --quantize int8
-    q = card["int8"]
+    q = card.int8
 
     # latency: batch 1 and 16, on one thread and on every core, medians in ms
-    rows = card["latency"]["fp32"]
+    rows = card.latency["fp32"]
     assert {(r["batch"], r["threads"]) for r in rows} == {(b, t) for b in (1, 16) for t in {1, cpu_count()}}
     assert all(r["median_ms"] > 0 and r["per_image_ms"] == pytest.approx(r["median_ms"] / r["batch"]) for r in rows)
 
@@ -70,10 +70,10 @@ def test_promote_quantize_int8_keeps_the_int8_model_only_with_its_auc_and_times_
         hold = split_arrays(promoted_run["data"], "holdout", "pneumonia")
         h8 = onnx_outputs(out / "model.int8.onnx", _inputs(spec, hold.images))[:, spec.target_index]
         assert q["holdout"]["int8"]["auc"] == pytest.approx(roc_auc_score(hold.y, h8), abs=1e-9)
-        assert q["holdout"]["fp32"]["auc"] == pytest.approx(card["holdout"]["pooled"]["auc"], abs=1e-4)
-        assert {r["threads"] for r in card["latency"]["int8"]} == {1, cpu_count()}
+        assert q["holdout"]["fp32"]["auc"] == pytest.approx(card.holdout["pooled"]["auc"], abs=1e-4)
+        assert {r["threads"] for r in card.latency["int8"]} == {1, cpu_count()}
     else:
-        assert q["why"].startswith("refused") and "int8" not in card["latency"]
+        assert q["why"].startswith("refused") and "int8" not in card.latency
 
     capsys.readouterr()
     assert main(["predict", "--model", str(out), "--benchmark"]) == 0

@@ -128,7 +128,7 @@ def test_site_search_selects_by_site_and_promote_reads_site_test_once(tmp_path, 
     import torch
 
     import raycxr
-    from raycxr.search import RunRecord, run_history
+    from raycxr.runs import RunRecord, run_history
     from raycxr.storage import RunStore
 
     hospital, site_dir = hospital_and_site
@@ -159,10 +159,10 @@ def test_site_search_selects_by_site_and_promote_reads_site_test_once(tmp_path, 
     assert scores == sorted(scores, reverse=True)  # ranked by the objective
 
     card = raycxr.promote(run, tmp_path / "model", n_boot=100)
-    assert card["selection"]["rule"] == "site" and card["selection"]["on"] == "site-val"
-    assert card["calibration"]["fitted_on"] == "site-val"
-    assert "intercept only" in card["calibration"]["refit"]  # a few dozen films: < 100 events
-    h = card["headline"]
+    assert card.selection["rule"] == "site" and card.selection["on"] == "site-val"
+    assert card.calibration["fitted_on"] == "site-val"
+    assert "intercept only" in card.calibration["refit"]  # a few dozen films: < 100 events
+    h = card.headline
     assert h["kind"] == "site" and h["previously_read"] == 0
     assert h["metrics"]["pooled"]["n"] == site.counts["site-test"]["images"]
     assert h["metrics"]["pooled"]["ci95"]["auc"][0] is not None
@@ -174,9 +174,9 @@ def test_site_search_selects_by_site_and_promote_reads_site_test_once(tmp_path, 
     assert ledger[1]["sites"] == {"clinic": site.digest["site-test"]}
 
     again = raycxr.promote(run, tmp_path / "model2", n_boot=50)
-    assert again["headline"]["previously_read"] == 1 and again["holdout_previously_read"] == 1
+    assert again.headline["previously_read"] == 1 and again.holdout_previously_read == 1
     plain = raycxr.promote(run, tmp_path / "model3", n_boot=50, select="shift-auc")
-    assert plain["headline"]["kind"] == "none" and "site-test was not read" in plain["headline"]["statement"]
+    assert plain.headline["kind"] == "none" and "site-test was not read" in plain.headline["statement"]
 
 
 def test_objective_site_needs_a_site(tmp_path, hospital_and_site):
@@ -195,7 +195,7 @@ def test_pooled_sources_report_worst_source(tmp_path, sample_dir, ray_local):
     worst of them, and --objective worst-source ranks and keeps epochs by it."""
     import raycxr
     from raycxr.ingest import IngestConfig, ingest
-    from raycxr.search import run_history
+    from raycxr.runs import run_history
 
     first, second = _split_sample(sample_dir, tmp_path / "films", every=2)
     manifest = tmp_path / "clinic2.csv"
@@ -236,7 +236,7 @@ def test_site_figures_reach_tune_from_a_torchtrainer_trial(tmp_path, hospital_an
     import torch
 
     import raycxr
-    from raycxr.search import run_history
+    from raycxr.runs import run_history
 
     hospital, site_dir = hospital_and_site
     space = tmp_path / "ddp.yaml"

@@ -151,6 +151,57 @@ def test_pneumoniamnist_npz_keeps_medmnist_splits(tmp_path, sample_dir):
     assert got == sorted(labels[20:, 0].tolist())
 
 
+def _npy_header_only(shape, dtype="|u1") -> bytes:
+    """An .npy file that declares ``shape`` but holds a few bytes: what a hostile archive sends."""
+    import io
+
+    import numpy as np
+
+    f = io.BytesIO()
+    np.lib.format.write_array_header_1_0(f, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return f.getvalue() + b"\0" * 64
+
+
+def test_an_npz_member_is_sized_from_its_header_before_it_is_loaded(tmp_path, sample_dir):
+    """Issue 27: an archive whose images member declares 10^6 x 10^5 x 10^5 bytes (or hides a
+    pickle) is refused from the .npy header alone, and only the member asked for is ever loaded."""
+    import zipfile
+
+    import numpy as np
+
+    from raycxr.errors import DecodeError
+    from raycxr.imaging import npz_member
+    from raycxr.ingest import IngestConfig, ingest
+
+    bad = tmp_path / "bad" / "pneumoniamnist.npz"
+    bad.parent.mkdir()
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("train_images.npy", _npy_header_only((10**6, 10**5, 10**5)))
+        zf.writestr("train_labels.npy", _array_bytes(np.array([[0], [1], [0]], np.uint8)))
+        zf.writestr("val_images.npy", _npy_header_only((4, 28, 28), "|O"))
+        zf.writestr("val_labels.npy", _array_bytes(np.array([[1], [0], [1], [1]], np.uint8)))
+    with pytest.raises(DecodeError, match="npz array too large"):
+        npz_member(bad, "train_images")
+    with pytest.raises(DecodeError, match="object array"):
+        npz_member(bad, "val_images")
+    assert npz_member(bad, "train_labels").tolist() == [[0], [1], [0]]
+    # every image of the archive quarantined with its reason, none allocated: nothing usable
+    with pytest.raises(DataError, match=r"none of its 7 files or rows could be used \(4 x npz archive holds an object "
+                                        r"array.*; 3 x npz array too large"):
+        ingest(IngestConfig(sources={"pneumoniamnist": bad.parent}, out=tmp_path / "o", image_size=28,
+                            allow_empty_splits=True))
+
+
+def _array_bytes(arr) -> bytes:
+    import io
+
+    import numpy as np
+
+    f = io.BytesIO()
+    np.save(f, arr)
+    return f.getvalue()
+
+
 @pytest.mark.parametrize("key", ["montgomery", "shenzhen"])
 def test_lung_masks_shipped_beside_the_films_are_never_read_as_films(fixtures, key):
     """Montgomery ships ManualMask/{left,right}Mask/MCUCXR_*.png under the films' own names:
@@ -170,3 +221,35 @@ def test_jsrt_png_conversions_keep_the_labels_and_an_img_wins_over_its_png(tmp_p
     build_jsrt(both / "png", png=True)
     recs = list(scan_source("jsrt", both))
     assert len(recs) == 4 and {r.fmt for r in recs} == {"jsrt"}
+
+
+def test_a_gzipped_table_is_inflated_in_steps_and_stops_at_the_cap(tmp_path, monkeypatch):
+    """Issue 27: a .csv.gz that inflates to 64 MB (a small gzip bomb) under a 4 MB table cap is
+    refused after reading just past the cap, never inflated whole; a real one reads as before."""
+    import gzip
+    import tracemalloc
+
+    import raycxr.sources as sources
+    from raycxr.sources import read_rows
+
+    good = tmp_path / "manifest.csv.gz"
+    good.write_bytes(gzip.compress(b"path,patient_id,labels\na.png,p1,normal\n"))
+    assert [r["path"] for r in read_rows(good, source="csv", required=["path"])] == ["a.png"]
+    bomb = tmp_path / "bomb.csv.gz"
+    with gzip.open(bomb, "wb", compresslevel=9) as f:
+        f.write(b"path,patient_id,labels\n")
+        for _ in range(64):
+            f.write(b"\0" * 2**20)
+    assert bomb.stat().st_size < 2**20
+    monkeypatch.setattr(sources, "MAX_TABLE_BYTES", 4 * 2**20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match="more than 4 MB of table once decompressed"):
+            read_rows(bomb, source="csv", required=["path"])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, peak  # the cap and a step, not the 64 MB
+    (tmp_path / "broken.csv.gz").write_bytes(b"\x1f\x8b\x08\0garbage")
+    with pytest.raises(DataError, match="not a readable gzip file"):
+        read_rows(tmp_path / "broken.csv.gz", source="csv", required=["path"])

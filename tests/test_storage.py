@@ -49,6 +49,30 @@ def test_run_store_on_s3_claims_reads_writes_and_fetches(s3_server):
     assert not store.exists("run.json")
 
 
+def test_a_run_name_on_s3_is_claimed_by_exactly_one_of_many_racing_searches(s3_server):
+    """Issue 27: S3's conditional put decides the claim (check-then-put let several threads through);
+    a loser never deletes what it did not create, even one that believed it had won."""
+    import threading
+
+    store = RunStore("s3://raycxr/unit/race")
+    barrier, won = threading.Barrier(8), []
+
+    def claim(i):
+        barrier.wait()
+        if store.claim("run.json", f'{{"by": {i}}}\n'):
+            won.append(i)
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1 and json.loads(store.read_text("run.json")) == {"by": won[0]}
+    loser = next(i for i in range(8) if i not in won)
+    assert not store.release("run.json", f'{{"by": {loser}}}\n') and store.exists("run.json")
+    assert store.release("run.json", f'{{"by": {won[0]}}}\n') and not store.exists("run.json")
+
+
 def test_a_fetch_never_writes_outside_the_cache_nor_takes_a_whole_bucket(s3_server, tmp_path, monkeypatch):
     """Issue 27: a bucket key with '..' under a checkpoint would, joined onto the cache folder, write
     outside it; a location far larger than a checkpoint is not fetched; a checkpoint a run's results
@@ -131,7 +155,8 @@ def test_search_on_s3_stops_resumes_lists_promotes_and_evaluates(s3_server, data
     assert promote.returncode == 0, promote.stdout[-3000:] + promote.stderr[-3000:]
     card = json.loads((out / "model_card.json").read_text())
     assert card["run"] == "s3run" and card["members"][0]["trial_id"] in {r["trial_id"] for r in board}
-    assert card["data"]["dir"] == str(laptop)
+    # the data folder as the card keeps it: relative to the model folder (no home folder in a card)
+    assert card["data"]["dir"] == "../laptop-copy" and (out / card["data"]["dir"]).resolve() == laptop.resolve()
     assert (out / "report.html").stat().st_size > 10_000  # the learning curves came from S3 too
     reads = RunStore(run).read_text("holdout_reads.jsonl").splitlines()
     assert len(reads) == 1 and json.loads(reads[0])["out"] == str(out.resolve())

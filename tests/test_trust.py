@@ -39,7 +39,7 @@ def _plant(run: Path, marker: Path) -> None:
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, dataset, _ray_session):
-    from raycxr.search import init_ray
+    from raycxr.cluster import init_ray
 
     import ray
 
@@ -109,6 +109,94 @@ def test_resume_refuses_a_run_this_user_did_not_sign(finished_run, tmp_path, cap
     verify(RunStore(unsigned))  # and it is signed from now on
 
 
+def test_a_file_from_another_run_does_not_verify_and_run_json_is_signed(finished_run, tmp_path):
+    """Issue 27: each MAC binds the run's id and the file's path: run.json copied in from another run
+    of the same user (signed by the same key) is refused, as is an edit of run.json."""
+    from raycxr.signing import RunSigner, UntrustedRunError, verify
+    from raycxr.storage import RunStore
+
+    other = tmp_path / "other"  # a second run of this user: its own id, its own run.json
+    shutil.copytree(finished_run, other)
+    (other / "signature.json").unlink()
+    doc = json.loads((other / "run.json").read_text())
+    (other / "run.json").write_text(json.dumps({**doc, "ended": "2099-01-01T00:00:00+0000: finished"}))
+    signer = RunSigner(RunStore(other))
+    signer.sign(other / "tune")
+    signer.sign_in_store("run.json")
+    verify(RunStore(other))
+
+    spliced = tmp_path / "spliced"
+    shutil.copytree(finished_run, spliced)
+    verify(RunStore(spliced))
+    shutil.copyfile(other / "run.json", spliced / "run.json")  # signed, but for the other run
+    with pytest.raises(UntrustedRunError, match="run.json is not as raycxr wrote it for this run"):
+        verify(RunStore(spliced))
+    edited = tmp_path / "edited"
+    shutil.copytree(finished_run, edited)
+    (edited / "run.json").write_text((edited / "run.json").read_text().replace('"max_failures": 1', '"max_failures": 9'))
+    with pytest.raises(UntrustedRunError, match="run.json"):
+        verify(RunStore(edited))
+
+
+def test_a_second_driver_on_a_run_is_refused_and_a_dead_ones_lease_is_taken_over(finished_run, tmp_path, capsys):
+    """Issue 27: --resume holds the run's lease; one held by a live process is refused with the
+    holder named; one left by a process that died on this host is taken over."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    holder = {"what": "raycxr search --resume r", "host": socket.gethostname(), "pid": os.getpid(),
+              "since": "2026-12-03T10:00:00+0000", "token": "x"}
+    (run / "lease.json").write_text(json.dumps(holder))
+    assert main(["search", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"is in use by raycxr search --resume r on {socket.gethostname()} (pid {os.getpid()}" in err, err
+    assert json.loads((run / "lease.json").read_text()) == holder  # the holder's lease is left alone
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run / "lease.json").write_text(json.dumps({**holder, "pid": int(gone.stdout)}))
+    board = _resume_trusted(run)
+    assert len(board) == 2 and not (run / "lease.json").exists()  # taken over, then given back
+
+
+def test_resume_hands_ray_the_bytes_it_verified_not_what_is_there_later(finished_run, tmp_path):
+    """Issue 27: --resume reads the run through a filesystem that serves what verify() checked: a
+    pickle swapped into tuner.pkl or dropped beside Tune's state after the check (while Ray starts,
+    minutes later on a cluster) is not what Ray reads, lists or copies."""
+    import pyarrow.fs
+
+    from raycxr.signing import verified_filesystem, verify
+    from raycxr.storage import RunStore
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    checked = verify(RunStore(run))
+    assert "tune/tuner.pkl" in checked and "run.json" in checked
+    marker = tmp_path / "pwned"
+    (run / "tune" / "tuner.pkl").write_bytes(pickle.dumps(_Planted(marker)))  # the swap, after the check
+    (run / "tune" / "searcher-state-2099-01-01_00-00-00.pkl").write_bytes(pickle.dumps(_Planted(marker)))
+    fs = verified_filesystem(RunStore(run), checked)
+    with fs.open_input_stream(f"{run}/tune/tuner.pkl") as f:
+        assert f.read() == checked["tune/tuner.pkl"]
+    listed = {i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(f"{run}/tune"))}
+    assert "tuner.pkl" in listed and "searcher-state-2099-01-01_00-00-00.pkl" not in listed
+    # what Ray does with an experiment folder on restore: copy it down to its own staging folder
+    pyarrow.fs.copy_files(f"{run}/tune", str(tmp_path / "staging"), source_filesystem=fs,
+                          destination_filesystem=pyarrow.fs.LocalFileSystem())
+    assert (tmp_path / "staging" / "tuner.pkl").read_bytes() == checked["tune/tuner.pkl"]
+    assert not (tmp_path / "staging" / "searcher-state-2099-01-01_00-00-00.pkl").exists()
+    # a file Ray writes itself is read back as written
+    with fs.open_output_stream(f"{run}/tune/tuner.pkl") as f:
+        f.write(b"new state")
+    with fs.open_input_stream(f"{run}/tune/tuner.pkl") as f:
+        assert f.read() == b"new state"
+    assert pickle.loads(pickle.dumps(fs)).open_input_stream(f"{run}/run.json").read() == checked["run.json"]
+    assert not marker.exists()
+
+
 def _resume_trusted(run: Path) -> list[dict]:
     from raycxr.search import resume_search
 
@@ -150,7 +238,7 @@ def test_a_run_cannot_point_promote_at_checkpoints_outside_itself(promoted_run, 
     run used to live (a moved or copied run) is read from this run's own tune/ folder."""
     from raycxr.errors import NoEligibleTrialError
     from raycxr.promote import PromoteConfig, promote
-    from raycxr.search import leaderboard
+    from raycxr.runs import leaderboard
 
     run = shutil.copytree(promoted_run["run"], tmp_path / "run")
     trials = sorted((run / "tune").glob("trial_*"))

@@ -118,3 +118,30 @@ def test_the_real_kermany_val_films_each_find_their_one_pneumoniamnist_copy():
     pairs = cross_source_twins(views, ["kermany"] * len(films) + ["mnist"] * len(mnist))
     per_film = {i: [j for a, j, _ in pairs if a == i] for i in range(len(films))}
     assert len(films) == 16 and all(len(v) == 1 for v in per_film.values()), per_film
+
+
+def test_identical_copies_cost_pairs_linear_in_their_number(sample_dir):
+    """Issue 27: 3,000 copies of one film (a hostile or a careless dataset) gave 4.5 million pairs,
+    held in memory, from each search; now each copy is linked to the first, and the groups are
+    the same as the full pair list gives."""
+    from raycxr.dedup import dhash, near_duplicate_pairs
+
+    films = [np.asarray(Image.open(f).convert("L")) for f in sorted(sample_dir.rglob("*.jpeg"))[:4]]
+    hashes = np.stack([dhash(f) for f in films] * 750)  # 3,000 rows: 750 copies of each of 4 films
+    pairs = near_duplicate_pairs(hashes, max_bits=8)
+    assert len(pairs) <= 2996 + 6 and all(i < j for i, j in pairs)  # 2,996 copies + pairs among the 4 films
+    groups = {i: i for i in range(len(hashes))}
+
+    def find(i):
+        while groups[i] != i:
+            i = groups[i]
+        return i
+    for i, j in pairs:
+        groups[find(j)] = find(i)
+    assert len({find(i) for i in range(len(hashes))}) == len({tuple(h) for h in hashes[:4]})
+    assert all(find(i) == find(i % 4) for i in range(len(hashes)))  # every copy with its film
+    views = [twin_views(f) for f in films] * 200 + [twin_views(f) for f in films]
+    sources = ["a"] * 800 + ["b"] * 4
+    twins = cross_source_twins(views, sources)
+    assert 800 <= len(twins) <= 808  # each of a's 200 copies of a film with b's one copy of it, once
+    assert {(i % 4, j - 800) for i, j, _ in twins} == {(k, k) for k in range(4)}

@@ -74,10 +74,57 @@ def find_files(root: Path, suffixes: set[str], *, skip=None) -> dict[str, Path]:
             and not (skip and skip(p.relative_to(root)))}
 
 
+def is_file(path: Path) -> bool:
+    """Whether a file a table names is there; a name the system cannot even look up (longer than
+    the filesystem allows, a NUL byte in it) is not, rather than an error that ends the ingest."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def file_name_cell(*cells: str) -> bool:
+    """Whether cells that name one file each (an ID a dataset's table joins into a path) are plain
+    names: no path separator, no NUL, not '.' or '..' (a hostile table cannot point outside the root)."""
+    return all(c and c not in (".", "..") and not any(ch in c for ch in "/\\\0") for c in cells)
+
+
 def table_path(root: Path, name: str) -> Path:
     """``root/name``, or its gzipped form ``root/name.gz`` as PhysioNet ships MIMIC's CSVs."""
     plain = root / name
     return plain if plain.exists() or not (root / f"{name}.gz").exists() else root / f"{name}.gz"
+
+
+# The most a label table may hold, decompressed (MIMIC-CXR's largest CSV is about 60 MB; NIH's
+# Data_Entry_2017 9 MB): a .csv.gz that inflates past it (a gzip bomb) stops there, never in memory.
+MAX_TABLE_BYTES = 1 << 30
+
+
+def _read_table(path: Path, *, source: str, limit: int | None = None) -> bytes:
+    """A table's bytes, a ``.gz`` inflated in 1 MB steps: at most ``limit`` (MAX_TABLE_BYTES) read."""
+    import gzip
+
+    from raycxr.errors import DataError
+
+    limit = MAX_TABLE_BYTES if limit is None else limit
+    too_big = DataError(f"source {source}: {path.name} holds more than {limit / 2**20:.0f} MB of table"
+                        f"{' once decompressed' if path.suffix == '.gz' else ''}: not a label table raycxr reads "
+                        "(is it the file the README names?)")
+    if path.suffix != ".gz":
+        if path.stat().st_size > limit:
+            raise too_big
+        return path.read_bytes()
+    chunks, total = [], 0
+    try:
+        with gzip.open(path) as f:
+            while chunk := f.read(1 << 20):
+                total += len(chunk)
+                if total > limit:
+                    raise too_big
+                chunks.append(chunk)
+    except (OSError, EOFError) as exc:  # BadGzipFile is an OSError
+        raise DataError(f"source {source}: {path.name} is not a readable gzip file ({type(exc).__name__})") from None
+    return b"".join(chunks)
 
 
 # Delimiters seen in real exports: commas, Excel's semicolons (European locales), tabs.
@@ -96,12 +143,11 @@ def read_rows(path: Path, *, source: str, required: list[str], hint: str = "Is t
     Values never appear in messages: source cells can hold patient data.
     """
     import csv
-    import gzip
     import io
 
     from raycxr.errors import DataError
 
-    raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    raw = _read_table(path, source=source)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -123,7 +169,9 @@ def read_rows(path: Path, *, source: str, required: list[str], hint: str = "Is t
     for line, cells in enumerate(reader, start=2):
         if not any(c.strip() for c in cells):
             continue  # blank line
-        row = dict(zip(header, cells))
+        # every header column is a key (a short row's missing cells are ""), so an adapter can read any
+        # column before it looks at _problem
+        row = {h: (cells[i] if i < len(cells) else "") for i, h in enumerate(header)}
         row["_line"] = line
         row["_problem"] = (f"short row: line {line} has {len(cells)} of the header's {len(header)} cells"
                            if len(cells) < len(header) else "")

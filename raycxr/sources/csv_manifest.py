@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from raycxr.labels import FINDINGS
-from raycxr.sources import Record, bad_row, normalise_view, read_rows, register
+from raycxr.sources import Record, bad_row, is_file, normalise_view, read_rows, register
 
 
 def parse_labels(text: str) -> tuple[dict, str]:
@@ -62,7 +62,7 @@ def scan(manifest: Path, *, path: str = "path", patient_id: str = "patient_id", 
         file = Path(cell)
         file = file if file.is_absolute() else base / file
         parsed, error = parse_labels(row.get(labels) or "")
-        if not error and not file.is_file():
+        if not error and not is_file(file):
             error = "missing file: named in the manifest but not found"
         try:
             rel = file.relative_to(base).as_posix()

@@ -44,14 +44,21 @@ def scan(root: Path, *, splits: str = "own", **_) -> Iterator[Record]:
         raise ConfigError(f"pneumoniamnist.splits={splits!r}; allowed: own (MedMNIST's), ours (raycxr's fractions)",
                           source="--source-option")
 
+    from raycxr.errors import DataError, DecodeError
+    from raycxr.imaging import npz_member
+
     path = npz_file(root)
-    with np.load(path) as npz:
-        for split in ("train", "val", "test"):
-            if f"{split}_images" not in npz:
-                continue
-            labels = npz[f"{split}_labels"].reshape(-1)
-            for i, label in enumerate(labels.tolist()):
-                yield Record(path=path, rel_path=f"{split}/{i:05d}", source="pneumoniamnist",
-                             patient_key=f"{split}-{i}", labels={"pneumonia": int(label), "no_finding": 1 - int(label)},
-                             view="AP", fmt=f"npz:{split}_images:{i}",
-                             fixed_split=_FIXED.get(split) if splits == "own" else None)
+    with np.load(path, allow_pickle=False) as npz:
+        members = set(npz.files)
+    for split in ("train", "val", "test"):
+        if f"{split}_images" not in members:
+            continue
+        try:  # the labels only; each image is read from its own member's header-checked array
+            labels = npz_member(path, f"{split}_labels").reshape(-1)
+        except DecodeError as exc:
+            raise DataError(f"source pneumoniamnist: {path.name}: {exc}") from None
+        for i, label in enumerate(labels.tolist()):
+            yield Record(path=path, rel_path=f"{split}/{i:05d}", source="pneumoniamnist",
+                         patient_key=f"{split}-{i}", labels={"pneumonia": int(label), "no_finding": 1 - int(label)},
+                         view="AP", fmt=f"npz:{split}_images:{i}",
+                         fixed_split=_FIXED.get(split) if splits == "own" else None)

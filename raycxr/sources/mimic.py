@@ -15,7 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from raycxr.sources import Record, bad_row, normalise_view, read_rows, register, table_path
+from raycxr.sources import (Record, bad_row, file_name_cell, is_file, normalise_view, read_rows, register,
+                            table_path)
 
 # CheXpert labeller column -> pooled finding
 _COLUMNS = {"Pneumonia": "pneumonia", "No Finding": "no_finding", "Atelectasis": "atelectasis",
@@ -59,14 +60,16 @@ def scan(root: Path, *, uncertain: str = "ignore", **_) -> Iterator[Record]:
                for r in read_rows(chexpert, source="mimic", required=["subject_id", "study_id"]) if not r["_problem"]}
     for row in read_rows(meta, source="mimic", required=["subject_id", "study_id", "dicom_id"]):
         subject, study, dicom = (row.get(k, "").strip() for k in ("subject_id", "study_id", "dicom_id"))
-        if row["_problem"] or not (subject and study and dicom):
-            yield bad_row(meta, root, row, "mimic", row["_problem"] or "blank subject_id, study_id or dicom_id")
+        if row["_problem"] or not (subject and study and dicom) or not file_name_cell(subject, study, dicom):
+            yield bad_row(meta, root, row, "mimic", row["_problem"] or (
+                "blank subject_id, study_id or dicom_id" if not (subject and study and dicom) else
+                "subject_id, study_id or dicom_id is not a plain name (a path separator or '..')"))
             continue
         path = root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg"
         error = ""
         if (subject, study) not in studies:
             error = "no labels: study missing from mimic-cxr-2.0.0-chexpert.csv"
-        elif not path.is_file():
+        elif not is_file(path):
             error = "missing file: listed in the metadata CSV but not found"
         yield Record(path=path, rel_path=path.relative_to(root).as_posix(), source="mimic", patient_key=subject,
                      labels=_labels(studies.get((subject, study), {}), _POLICIES[uncertain]),

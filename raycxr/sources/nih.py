@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from raycxr.labels import NIH_NAMES
-from raycxr.sources import Record, bad_row, find_files, normalise_view, read_rows, register
+from raycxr.sources import Record, bad_row, file_name_cell, find_files, normalise_view, read_rows, register
 
 
 def _labels(text: str) -> tuple[dict, str]:
@@ -58,8 +58,10 @@ def scan(root: Path, **_) -> Iterator[Record]:
     listed = set()
     for row in read_rows(entries[0], source="nih", required=["Image Index", "Finding Labels", "Patient ID"]):
         name, pid = row["Image Index"].strip(), (row.get("Patient ID") or "").strip()
-        if row["_problem"] or not name or not pid:
-            yield bad_row(entries[0], root, row, "nih", row["_problem"] or "blank Image Index or Patient ID")
+        if row["_problem"] or not name or not pid or not file_name_cell(name):
+            yield bad_row(entries[0], root, row, "nih", row["_problem"] or (
+                "blank Image Index or Patient ID" if not (name and pid) else "Image Index is not a plain name (a "
+                                                                             "path separator or '..')"))
             continue
         listed.add(name)
         labels, error = _labels(row.get("Finding Labels") or "")

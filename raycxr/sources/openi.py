@@ -20,7 +20,8 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-from raycxr.sources import Record, bad_row, find_files, normalise_view, read_rows, register, table_path
+from raycxr.sources import (Record, bad_row, file_name_cell, find_files, normalise_view, read_rows, register,
+                            table_path)
 
 
 # Words that make a report's mention of pneumonia a possibility rather than a finding.
@@ -67,8 +68,10 @@ def scan(root: Path, **_) -> Iterator[Record]:
     listed = set()
     for row in read_rows(projections, source="openi", required=["uid", "filename", "projection"]):
         uid, name = row["uid"].strip(), (row.get("filename") or "").strip()
-        if row["_problem"] or not uid or not name:
-            yield bad_row(projections, root, row, "openi", row["_problem"] or "blank uid or filename")
+        if row["_problem"] or not uid or not name or not file_name_cell(name):
+            yield bad_row(projections, root, row, "openi", row["_problem"] or (
+                "blank uid or filename" if not (uid and name) else "filename is not a plain name (a path separator "
+                                                                   "or '..')"))
             continue
         listed.add(name)
         report = by_uid.get(uid)

@@ -15,14 +15,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from raycxr.sources import Record, bad_row, normalise_view, read_rows, register, table_path, unlisted
+from raycxr.sources import (Record, bad_row, file_name_cell, is_file, normalise_view, read_rows, register, table_path,
+                            unlisted)
 
 
 def _view(path: Path) -> str:
-    import pydicom
+    from raycxr.imaging import read_dicom_header
 
     try:
-        return normalise_view(pydicom.dcmread(path, stop_before_pixels=True, force=True).get("ViewPosition"))
+        return normalise_view(read_dicom_header(path).get("ViewPosition"))
     except Exception:  # an unreadable header is quarantined later, when the pixels are read
         return ""
 
@@ -39,6 +40,7 @@ def scan(root: Path, **_) -> Iterator[Record]:
     for row in read_rows(labels_csv, source="rsna", required=["patientId", "Target"]):
         pid, value = row["patientId"].strip(), (row.get("Target") or "").strip()
         problem = row["_problem"] or ("blank patientId" if not pid else "") or (
+            "patientId is not a plain name (a path separator or '..')" if not file_name_cell(pid) else "") or (
             "unknown label: Target is not 0 or 1" if value not in ("0", "1", "0.0", "1.0") else "")
         if problem:
             yield bad_row(labels_csv, root, row, "rsna", problem)
@@ -57,7 +59,7 @@ def scan(root: Path, **_) -> Iterator[Record]:
             labels["no_finding"] = 1
         elif cls:
             labels["no_finding"] = 0
-        exists = path.is_file()
+        exists = is_file(path)
         yield Record(path=path, rel_path=path.relative_to(root).as_posix(), source="rsna", patient_key=pid,
                      labels=labels, label_detail=cls or ("Lung Opacity" if target[pid] else ""),
                      view=_view(path) if exists else "",

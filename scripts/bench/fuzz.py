@@ -6,10 +6,14 @@ crash):
   image   bytes -> raycxr.imaging.load_for_model (DICOM, PNG, JPEG; sniffed by content)   DecodeError
   space   bytes -> raycxr.config.load_space (a search-space YAML file)                     ConfigError
   model   bytes -> a promoted model's config.json -> PromotedModel.load + load_network     ConfigError
+  table   bytes -> one label table of a CSV adapter (NIH, RSNA, MIMIC, Open-I, a CSV manifest;
+          the first byte picks which, the rest is the table, gzipped when it starts like gzip)
+          -> every record the adapter yields over a replica of that dataset         DataError
 
 Seeds: the bundled sample's JPEGs, small DICOMs written here (MONOCHROME1, 12-bit with a window,
 rescale, a VOI LUT) and those in ../shared/data when present (under 1 MB), the shipped search
-spaces, a promoted model's config.json. The image target mutates DICOMs element by element half
+spaces, a promoted model's config.json, the tables of tests/builders.py's dataset replicas (the
+real layouts, with real films). The image target mutates DICOMs element by element half
 the time (pixel-pipeline attributes set to hostile values), and bytes otherwise.
 
 Each target runs in its own process under RLIMIT_AS (2 GB; 6 GB for the space and model targets,
@@ -45,11 +49,24 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
-TARGETS = ("image", "space", "model")
-MEMORY_LIMIT = {"image": 2 << 30, "space": 6 << 30, "model": 6 << 30}
+TARGETS = ("image", "space", "model", "table")
+MEMORY_LIMIT = {"image": 2 << 30, "space": 6 << 30, "model": 6 << 30, "table": 2 << 30}
 # Peak resident memory an input may bring the fuzzing process to (its own ~200 MB included). The
 # largest readable image (64 Mpx, imaging.MAX_PIXELS) decodes within about 750 MB.
-PEAK_RSS_MB = {"image": 1200, "space": 3000, "model": 3000}
+PEAK_RSS_MB = {"image": 1200, "space": 3000, "model": 3000, "table": 1200}
+# The table target: (adapter, the table the input replaces) by the input's first byte.
+TABLES = (("nih", "Data_Entry_2017_v2020.csv"), ("rsna", "stage_2_train_labels.csv"),
+          ("mimic", "mimic-cxr-2.0.0-metadata.csv"), ("mimic", "mimic-cxr-2.0.0-chexpert.csv"),
+          ("openi", "indiana_projections.csv"), ("openi", "indiana_reports.csv"), ("csv", "manifest.csv"))
+
+
+def _replicas(folder: Path) -> dict[str, Path]:
+    """tests/builders.py's replica of each CSV adapter's dataset (real films, the shipped layout)."""
+    sys.path.insert(0, str(ROOT))
+    from tests import builders
+
+    built = builders.build_all(folder)
+    return {key: (built[key].parent if key == "csv" else built[key]) for key, _ in TABLES}
 
 # DICOM attributes the pixel pipeline reads, and values a hostile file could give them.
 _DICOM_TAGS = ["PhotometricInterpretation", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
@@ -122,6 +139,10 @@ def seeds(target: str, folder: Path, work: Path) -> None:
     elif target == "space":
         for p in sorted((ROOT / "search_spaces").glob("*.yaml")):
             (folder / p.name).write_bytes(p.read_bytes())
+    elif target == "table":
+        replicas = _replicas(work / "seed-replicas")
+        for i, (key, name) in enumerate(TABLES):
+            (folder / f"{i}-{name}").write_bytes(bytes([i]) + (replicas[key] / name).read_bytes())
     else:
         (folder / "config.json").write_bytes((_seed_model(work / "model") / "config.json").read_bytes())
 
@@ -157,11 +178,15 @@ def run_target(target: str, libfuzzer_args: list[str], work: Path) -> None:
         import raycxr.config
         import raycxr.imaging
         import raycxr.models
-    from raycxr.errors import ConfigError, DecodeError
+        import raycxr.sources
+    from raycxr.errors import ConfigError, DataError, DecodeError
 
     scratch = Path(tempfile.mkdtemp(prefix=f"fuzz-{target}-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
     if target == "model":
         model_dir = _seed_model(scratch / "model")
+    if target == "table":
+        replicas = _replicas(scratch / "replicas")
+        originals = {(key, name): (replicas[key] / name).read_bytes() for key, name in TABLES}
 
     count = [0]
 
@@ -190,6 +215,22 @@ def run_target(target: str, libfuzzer_args: list[str], work: Path) -> None:
             try:
                 raycxr.config.load_space(path)
             except ConfigError:
+                pass
+        elif target == "table":
+            if not data:
+                return
+            for (key, name), text in originals.items():  # every input sees the replicas as built
+                (replicas[key] / f"{name}.gz").unlink(missing_ok=True)
+                (replicas[key] / name).write_bytes(text)
+            key, name = TABLES[data[0] % len(TABLES)]
+            root, body = replicas[key], data[1:]
+            table = root / (f"{name}.gz" if body[:2] == b"\x1f\x8b" else name)
+            (root / name).unlink()
+            table.write_bytes(body)
+            try:
+                for _ in raycxr.sources.scan_source(key, table if key == "csv" else root):
+                    pass
+            except DataError:
                 pass
         else:
             (model_dir / "config.json").write_bytes(data)

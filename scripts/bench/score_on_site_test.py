@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 
 from raycxr.metrics import calibrate_logits, report  # noqa: E402
 from raycxr.predict import load_promoted, target_logits  # noqa: E402
-from raycxr.search import RunRecord  # noqa: E402
+from raycxr.runs import RunRecord  # noqa: E402
 from raycxr.sites import site_arrays  # noqa: E402
 from raycxr.storage import RunStore  # noqa: E402
 

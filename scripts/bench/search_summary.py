@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from raycxr.search import RunRecord, run_history  # noqa: E402
+from raycxr.runs import RunRecord, run_history  # noqa: E402
 from raycxr.storage import RunStore  # noqa: E402
 
 run = Path(sys.argv[1])

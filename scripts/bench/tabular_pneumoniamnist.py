@@ -52,7 +52,7 @@ KEYS = ("model", "lr", "augment", "ema_decay", "mixup")
 
 def record(work: Path, table_path: Path) -> None:
     import raycxr
-    from raycxr.search import run_history
+    from raycxr.runs import run_history
 
     if not SOURCE.exists():
         sys.exit(f"needs {SOURCE} (the shared data folder beside the checkout)")
