@@ -241,9 +241,19 @@ def _study_search(**kwargs):
                 self._ot_trials[trial_id].set_user_attr("tune_trial_id", trial_id)
             return config
 
+        def _finished_in_study(self, trial_id) -> bool:
+            """Whether the study already holds the trial as finished: a driver killed after Optuna
+            wrote a trial's end but before Tune saved this searcher leaves a resumed searcher that
+            still thinks it runs (the study's copy is the later one; telling it again would fail)."""
+            trial = self._ot_trials[trial_id]
+            if trial.storage.get_trial(trial._trial_id).state.is_finished():
+                self._completed_trials.add(trial_id)
+                return True
+            return False
+
         def on_trial_result(self, trial_id, result):
             if (isinstance(self.metric, list) or trial_id in self._completed_trials or trial_id not in self._ot_trials
-                    or result.get("reported_again")):
+                    or result.get("reported_again") or self._finished_in_study(trial_id)):
                 return
             value, epoch = result.get(self.metric), int(result.get("epoch") or 0)
             reported = self._reported.setdefault(trial_id, set())
@@ -259,7 +269,7 @@ def _study_search(**kwargs):
                     trial.set_user_attr(name, {**trial.user_attrs.get(name, {}), str(epoch): float(v)})
 
         def on_trial_complete(self, trial_id, result=None, error=False):
-            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            if trial_id in self._completed_trials or trial_id not in self._ot_trials or self._finished_in_study(trial_id):
                 return
             if result:  # Tune hands a trial's last result (ASHA's stop, the final epoch) to this alone
                 self.on_trial_result(trial_id, result)

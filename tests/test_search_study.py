@@ -80,3 +80,21 @@ def test_schedulers(name, brackets):
     assert isinstance(s, ASHAScheduler) and len(s._brackets) == brackets
     # HyperBand's brackets start their rungs later: grace 1, 2, 4 (so more trials run long)
     assert [min(r[0] for r in b._rungs) for b in s._brackets] == [2 ** k for k in range(brackets)]
+
+
+def test_a_resumed_searcher_older_than_its_study_does_not_fail_a_finished_trial(tmp_path):
+    """A driver killed after Optuna wrote a trial's end but before Tune saved the searcher: the
+    resumed searcher (its pickle) thinks the trial runs, the study (SQLite) holds it finished, and
+    Tune completes it again on resume. Telling Optuna again raised UpdateFinishedTrialError, which
+    Tune turned into an errored trial (seen in test_faults' killed-driver resume)."""
+    s = _searcher(tmp_path)
+    last = _epochs(s, "t", [0.7, 0.8, 0.85])
+    s.save(str(tmp_path / "searcher-state.pkl"))  # the searcher as Tune last saved it: the trial running
+    s.on_trial_complete("t", last)                # the study records the end; then the driver dies
+    resumed = _searcher(tmp_path)
+    resumed.restore(str(tmp_path / "searcher-state.pkl"))  # what Tune's restore does
+    resumed.on_trial_result("t", {**last, "epoch": 3})  # Tune replays the last result ...
+    resumed.on_trial_complete("t", last)                # ... and completes the trial again: no error
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    (trial,) = study.trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == pytest.approx(0.85)
