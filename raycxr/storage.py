@@ -195,11 +195,12 @@ class RunStore:
             except (OSError, ValueError):
                 held, holder = None, {}
             holder = holder if isinstance(holder, dict) else {}
-            if held is not None and _dead_here(holder):
+            stale = held is not None and _dead_here(holder)
+            if stale:
                 log.warning("%s: taking over the lease of %s (pid %s, gone)", self.uri, holder.get("what"),
                             holder.get("pid"))
                 self.release(self.LEASE, held)
-            if held is None or not (_dead_here(holder) and self.claim(self.LEASE, mine)):
+            if not (stale and self.claim(self.LEASE, mine)):  # a live holder, or another taker was first
                 raise RunBusyError(
                     f"{self.uri} is in use by {holder.get('what', 'another raycxr')} on {holder.get('host', '?')} "
                     f"(pid {holder.get('pid', '?')}, since {holder.get('since', '?')}): wait for it to end (raycxr "
