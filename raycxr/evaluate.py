@@ -47,7 +47,7 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path, *, split: str = 
     own = card is not None and manifest["fingerprint"] == card.data["fingerprint"]
     earlier = []
     if split in ("holdout", "all"):  # a read of the dataset's holdout films, logged before it happens
-        from raycxr.ledger import record_read, split_digest
+        from raycxr.ledger import record_read, split_digest, user_ledgers
 
         earlier = record_read(data_dir, fingerprint=manifest["fingerprint"], split="holdout",
                               digest=split_digest(data_dir, "holdout"), by="evaluate",
@@ -55,7 +55,8 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path, *, split: str = 
         if own or earlier:
             log.warning("these holdout films were read %d time(s) before (%s); figures from repeated holdout reads are "
                         "optimistic. Use another dataset for external validation.", max(len(earlier), int(own)),
-                        "by this model's promote" if own and not earlier else "see DATA/holdout_reads.jsonl")
+                        "by this model's promote" if own and not earlier else
+                        f"see DATA/holdout_reads.jsonl and {user_ledgers()}")
     splits = list(SPLITS) if split == "all" else [split]
     parts = [split_arrays(Path(data_dir), s, spec.target) for s in splits]
     y, g, src = (np.concatenate([getattr(part, f) for part in parts]) for f in ("y", "groups", "sources"))

@@ -3,8 +3,11 @@
 A holdout is read once to be an unbiased estimate; two searches over one dataset, or a promote
 and a later ``raycxr evaluate --split holdout``, read the same films again. So each read is
 recorded where the films live, not in a run folder: ``DATA/holdout_reads.jsonl`` beside the
-dataset's manifest, or, when that folder is read-only, a user-level ledger named by the dataset's
-fingerprint (``$RAYCXR_CACHE/ledgers/FINGERPRINT.jsonl``, default ``~/.cache/raycxr``).
+dataset's manifest (when that folder is writable), and always in a user-level ledger named by
+the films themselves (``films-SPLIT-DIGEST.jsonl`` in :func:`user_ledgers`, by default
+``~/.cache/raycxr/ledgers``): the same films ingested again into another folder (a film's content hash is
+the SHA-256 of its file, so the same files split alike give the same digest, at any image size)
+share it, so a read through one copy counts for the other. One read kept in both ledgers counts once.
 
 Each entry names the dataset's content fingerprint, the split (``holdout``, or ``site-test`` of a
 site's films) and a digest of the read films' content hashes, so "the same images" is checked by
@@ -18,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import time
 from pathlib import Path
 
@@ -36,13 +40,19 @@ def split_digest(data_dir: str | Path, split: str) -> str:
     return films_digest(read_split(data_dir, split, columns=["content_hash"]).column("content_hash").to_pylist())
 
 
-def ledger_path(data_dir: str | Path, fingerprint: str) -> Path:
-    """Beside the dataset when its folder is writable, else the user-level ledger for it."""
+def ledger_paths(data_dir: str | Path, *, split: str, digest: str) -> list[Path]:
+    """Where reads of these films are kept: beside the dataset when its folder is writable, and the
+    user-level ledger of the films (by split and content digest) always."""
     folder = Path(data_dir)
-    if os.access(folder, os.W_OK):
-        return folder / FILE
-    cache = Path(os.environ.get("RAYCXR_CACHE", Path.home() / ".cache" / "raycxr")).expanduser()
-    return cache / "ledgers" / f"{fingerprint}.jsonl"
+    return ([folder / FILE] if os.access(folder, os.W_OK) else []) + [user_ledgers() / f"films-{split}-{digest}.jsonl"]
+
+
+def user_ledgers() -> Path:
+    """``$RAYCXR_LEDGER_DIR`` (a folder a team shares, say), else ``$RAYCXR_CACHE/ledgers``
+    (default ``~/.cache/raycxr/ledgers``)."""
+    if os.environ.get("RAYCXR_LEDGER_DIR"):
+        return Path(os.environ["RAYCXR_LEDGER_DIR"]).expanduser()
+    return Path(os.environ.get("RAYCXR_CACHE", Path.home() / ".cache" / "raycxr")).expanduser() / "ledgers"
 
 
 def reads(path: Path, *, split: str, digest: str) -> list[dict]:
@@ -64,12 +74,16 @@ def record_read(data_dir: str | Path, *, fingerprint: str, split: str, digest: s
     """Log a read of ``split`` (films ``digest``) of the dataset at ``data_dir`` before it happens;
     returns the earlier reads of the same films, whichever run or command made them. ``by``:
     ``promote`` or ``evaluate``; ``details``: what else the entry keeps (run, trial, output)."""
-    path = ledger_path(data_dir, fingerprint)
-    earlier = reads(path, split=split, digest=digest)
-    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fingerprint": fingerprint, "split": split,
-             "digest": digest, "by": by, **details}
-    _append(path, json.dumps(entry, default=str))
-    return earlier
+    paths = ledger_paths(data_dir, split=split, digest=digest)
+    earlier: dict[str, dict] = {}  # one read recorded in both ledgers counts once
+    for path in paths:
+        for e in reads(path, split=split, digest=digest):
+            earlier.setdefault(str(e.get("id") or json.dumps(e, sort_keys=True, default=str)), e)
+    entry = {"id": secrets.token_hex(8), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fingerprint": fingerprint,
+             "split": split, "digest": digest, "by": by, **details}
+    for path in paths:
+        _append(path, json.dumps(entry, default=str))
+    return sorted(earlier.values(), key=lambda e: str(e.get("time")))
 
 
 def _append(path: Path, line: str) -> None:

@@ -22,6 +22,14 @@ os.environ["RAYCXR_CACHE"] = tempfile.mkdtemp(prefix="raycxr-test-cache-")  # no
 os.environ["RAYCXR_KEY_FILE"] = str(Path(tempfile.mkdtemp(prefix="raycxr-test-key-")) / "run-signing.key")
 
 
+@pytest.fixture(autouse=True)
+def _own_ledgers(tmp_path_factory, monkeypatch):
+    """Each test its own user-level holdout ledgers (raycxr.ledger.user_ledgers): tests ingest the same
+    bundled films, and one test's reads must not count in another's. Session fixtures (the shared
+    promoted run) are built before this applies and keep the session's cache."""
+    monkeypatch.setenv("RAYCXR_LEDGER_DIR", str(tmp_path_factory.mktemp("ledgers")))
+
+
 def shared(path: str) -> Path:
     p = SHARED_DATA / path
     if not p.exists():

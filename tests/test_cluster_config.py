@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import yaml
@@ -27,3 +28,21 @@ def test_cluster_yaml_passes_rays_schema():
     # patient data, runs, models and the venv never leave the laptop
     assert {"data/", "runs/", "models/", "demo-output/", ".venv/"} <= set(config["rsync_exclude"])
     assert config["docker"]["image"].startswith("rayproject/ray:2.60.0-")  # an exact Ray release
+
+
+def test_the_cluster_runs_a_digest_pinned_image_and_installs_only_hashed_files():
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    # a re-pushed tag cannot change the image: it is named by digest (the user sets it, see the comment)
+    image = config["docker"]["image"]
+    assert image.startswith("rayproject/ray:2.60.0-") and "@sha256:" in image
+    assert any("--require-hashes -r requirements.lock" in c for c in config["setup_commands"])
+    assert "--require-hashes -r requirements.lock" in (ROOT / "scripts" / "setup").read_text()
+    # every pin of the lock carries at least one hash (pip refuses the whole file otherwise), in
+    # pip's format: "name==version \\" then "--hash=sha256:HEX" continuation lines
+    lines = (ROOT / "requirements.lock").read_text().replace("\\\n", " ").splitlines()
+    pins = {}
+    for line in (l for l in lines if l.strip() and not l.startswith("#")):
+        req, *options = line.split()
+        assert "==" in req and options and all(re.fullmatch(r"--hash=sha256:[0-9a-f]{64}", o) for o in options), line
+        pins[req] = options
+    assert len(pins) > 100 and len(pins["torch==2.14.1"]) > 1 and "ray==2.60.0" in pins

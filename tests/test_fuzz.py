@@ -23,18 +23,18 @@ def test_a_search_space_the_fuzzer_broke_is_refused_with_a_config_error(case):
         load_space(case)
 
 
-def test_every_fuzz_target_runs_clean_for_a_few_hundred_inputs(tmp_path):
+def test_every_fuzz_target_runs_clean_for_a_hundred_inputs(tmp_path):
     """Smoke: each target (image bytes, search-space YAML, promoted-model config.json, a CSV
-    adapter's label table) takes 300 mutated inputs under its memory cap, raising only its
-    documented error."""
+    adapter's label table) takes 100 mutated inputs under its memory cap, raising only its
+    documented error (the 10-minute runs per target are in BENCHMARKS.md)."""
     pytest.importorskip("atheris")
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench" / "fuzz.py"), "--runs", "300",
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench" / "fuzz.py"), "--runs", "100",
                           "--out", str(tmp_path / "work"), "--json", str(tmp_path / "fuzz.json")],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     results = {r["target"]: r for r in json.loads((tmp_path / "fuzz.json").read_text())["results"]}
     assert set(results) == {"image", "space", "model", "table"}
-    assert all(r["executions"] >= 300 and not r["crashes"] for r in results.values()), results
+    assert all(r["executions"] >= 100 and not r["crashes"] for r in results.values()), results
 
 
 def test_an_image_the_fuzzer_broke_decodes_or_is_refused_within_two_gigabytes(tmp_path):

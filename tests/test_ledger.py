@@ -7,7 +7,7 @@ import json
 import os
 import pytest
 
-from raycxr.ledger import FILE, ledger_path, reads, record_read, split_digest
+from raycxr.ledger import FILE, ledger_paths, reads, record_read, split_digest
 
 
 def test_reads_of_the_same_films_are_counted_and_a_torn_line_is_never_continued(tmp_path):
@@ -30,11 +30,12 @@ def test_reads_of_the_same_films_are_counted_and_a_torn_line_is_never_continued(
 def test_a_read_only_dataset_keeps_its_ledger_in_the_user_cache(tmp_path, monkeypatch):
     data = tmp_path / "data"
     data.mkdir()
+    monkeypatch.delenv("RAYCXR_LEDGER_DIR")
     monkeypatch.setenv("RAYCXR_CACHE", str(tmp_path / "cache"))
     data.chmod(0o555)
     try:
         record_read(data, fingerprint="f9", split="holdout", digest="d", by="promote")
-        assert ledger_path(data, "f9") == tmp_path / "cache" / "ledgers" / "f9.jsonl"
+        assert ledger_paths(data, split="holdout", digest="d") == [tmp_path / "cache" / "ledgers" / "films-holdout-d.jsonl"]
         assert len(record_read(data, fingerprint="f9", split="holdout", digest="d", by="promote")) == 1
     finally:
         data.chmod(0o755)
@@ -70,3 +71,28 @@ def test_a_re_ingest_keeps_the_ledger_of_the_films_it_replaces(sample_dir, tmp_p
     ingest(IngestConfig(sources={"kermany": sample_dir}, out=out, image_size=32, seed=0, workers=1))
     assert split_digest(out, "holdout") == digest  # the same films: their earlier read still counts
     assert [e["run"] for e in reads(out / FILE, split="holdout", digest=digest)] == ["first"]
+
+
+def test_the_same_films_ingested_into_another_folder_share_their_reads(sample_dir, tmp_path):
+    """A read through one copy of the films counts for every other copy (the user-level ledger is
+    named by the films' content digest), at another image size too; a read kept in both ledgers
+    counts once; other films are not affected."""
+    from raycxr.data import read_manifest
+    from raycxr.ingest import IngestConfig, ingest
+
+    first, second, other = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    ingest(IngestConfig(sources={"kermany": sample_dir}, out=first, image_size=32, seed=0, workers=1))
+    ingest(IngestConfig(sources={"kermany": sample_dir}, out=second, image_size=48, seed=0, workers=1))
+    ingest(IngestConfig(sources={"kermany": sample_dir}, out=other, image_size=32, seed=1, workers=1))
+    digest = split_digest(first, "holdout")
+    assert split_digest(second, "holdout") == digest != split_digest(other, "holdout")
+
+    def read(data, **details):
+        return record_read(data, fingerprint=read_manifest(data)["fingerprint"], split="holdout",
+                           digest=split_digest(data, "holdout"), by="promote", **details)
+
+    assert read(first, run="one") == []
+    assert [e["run"] for e in read(second, run="two")] == ["one"]  # the other folder's read counts
+    assert [e["run"] for e in read(first, run="three")] == ["one", "two"]  # in both ledgers, counted once
+    assert read(other, run="four") == []  # seed 1 holds other films out
+    assert not (second / FILE).read_text().count('"one"')  # each folder's own ledger keeps its own reads

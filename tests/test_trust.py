@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from raycxr.cli import main
-from raycxr.search import SearchConfig, run_search
 
 pytestmark = pytest.mark.slow
 
@@ -37,20 +36,10 @@ def _plant(run: Path, marker: Path) -> None:
     state_file.write_text(json.dumps(doc))
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, dataset, _ray_session):
-    from raycxr.cluster import init_ray
-
-    import ray
-
-    if not ray.is_initialized():
-        init_ray(address=None, num_cpus=2)
-    runs = tmp_path_factory.mktemp("trust") / "runs"
-    space = runs.parent / "space.yaml"
-    space.write_text("trials: 2\nmax_epochs: 1\nseed: 4\n"
-                     "params: {model: test_resnet, image_size: 64, batch_size: 16, lr: [0.003, 0.01]}\n")
-    run_search(SearchConfig(data=dataset, space=str(space), name="r", runs_dir=runs))
-    return runs / "r"
+@pytest.fixture
+def finished_run(promoted_run):
+    """A finished, signed search: the session's shared run (tests copy it before changing anything)."""
+    return promoted_run["run"]
 
 
 def test_status_and_promote_never_run_a_pickle_planted_in_the_run(finished_run, tmp_path, capsys):
@@ -133,7 +122,7 @@ def test_a_file_from_another_run_does_not_verify_and_run_json_is_signed(finished
         verify(RunStore(spliced))
     edited = tmp_path / "edited"
     shutil.copytree(finished_run, edited)
-    (edited / "run.json").write_text((edited / "run.json").read_text().replace('"max_failures": 1', '"max_failures": 9'))
+    (edited / "run.json").write_text(json.dumps({**json.loads((edited / "run.json").read_text()), "max_failures": 9}))
     with pytest.raises(UntrustedRunError, match="run.json"):
         verify(RunStore(edited))
 

@@ -28,7 +28,7 @@ are written to OUT/crash-*; make each a regression test.
 Usage:
   .venv/bin/python scripts/bench/fuzz.py                      # every target, 10 minutes each
   .venv/bin/python scripts/bench/fuzz.py --target image --seconds 60
-  .venv/bin/python scripts/bench/fuzz.py --runs 300           # a smoke run (what the tests do)
+  .venv/bin/python scripts/bench/fuzz.py --runs 100           # a smoke run (what the tests do)
 Prints per target: executions, crashes found, and the libFuzzer log's last lines.
 """
 
