@@ -5,7 +5,9 @@ Usage: .venv/bin/python scripts/lock_hashes.py [requirements.lock]   (needs http
 Run it after changing a pin: it reads each `name==version` line (hashes already there are replaced),
 asks PyPI's simple index (PEP 691 JSON) for every file of that release (wheels for every platform and the sdist, so
 the lock installs on a laptop and on the cluster's image alike) and rewrites the file in pip's
-hash format. A pin PyPI does not have stops it with the name.
+hash format. A pin PyPI does not have stops it with the name. `pip freeze` leaves out setuptools,
+which tensorboard needs at run time: keep its pin in the lock (hash-checking mode refuses any
+requirement without one).
 """
 
 from __future__ import annotations
