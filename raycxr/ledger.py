@@ -44,7 +44,8 @@ def ledger_paths(data_dir: str | Path, *, split: str, digest: str) -> list[Path]
     """Where reads of these films are kept: beside the dataset when its folder is writable, and the
     user-level ledger of the films (by split and content digest) always."""
     folder = Path(data_dir)
-    return ([folder / FILE] if os.access(folder, os.W_OK) else []) + [user_ledgers() / f"films-{split}-{digest}.jsonl"]
+    beside = [folder / FILE] if os.access(folder, os.W_OK) else []
+    return beside + [user_ledgers() / f"films-{split}-{digest}.jsonl"]
 
 
 def user_ledgers() -> Path:
@@ -52,7 +53,9 @@ def user_ledgers() -> Path:
     (default ``~/.cache/raycxr/ledgers``)."""
     if os.environ.get("RAYCXR_LEDGER_DIR"):
         return Path(os.environ["RAYCXR_LEDGER_DIR"]).expanduser()
-    return Path(os.environ.get("RAYCXR_CACHE", Path.home() / ".cache" / "raycxr")).expanduser() / "ledgers"
+    from raycxr.storage import user_cache
+
+    return user_cache() / "ledgers"
 
 
 def reads(path: Path, *, split: str, digest: str) -> list[dict]:

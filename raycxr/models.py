@@ -91,8 +91,10 @@ def safe_weights(path: str | Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
+    from raycxr.storage import user_cache
+
     digest = hashlib.sha256(file.read_bytes()).hexdigest()[:32]
-    cache = Path(os.environ.get("RAYCXR_CACHE", Path.home() / ".cache" / "raycxr")).expanduser() / "weights"
+    cache = user_cache() / "weights"
     out = cache / f"{digest}.safetensors"
     if out.is_file():
         return out

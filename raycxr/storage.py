@@ -274,6 +274,12 @@ def exists(location: str | os.PathLike) -> bool:
 _FETCH_CAP_ENV = "RAYCXR_MAX_FETCH_MB"
 
 
+def user_cache() -> Path:
+    """The user's cache folder, ``$RAYCXR_CACHE`` (default ``~/.cache/raycxr``): fetched checkpoints,
+    converted weights, the user-level holdout ledgers."""
+    return Path(os.environ.get("RAYCXR_CACHE", Path.home() / ".cache" / "raycxr")).expanduser()
+
+
 def _fetch_cap() -> int:
     """The most bytes :func:`local_copy` fetches for one location (default 8 GB: a VGG-16 ensemble's
     checkpoints are a few GB; a whole bucket is not a checkpoint)."""
@@ -301,7 +307,7 @@ def local_copy(location: str | os.PathLike) -> Path:
         raise DataError(f"{location} holds {total / 2**20:.0f} MB, more than a checkpoint ({cap / 2**20:.0f} MB, "
                         f"${_FETCH_CAP_ENV}): not fetched; is the run's result pointing at the right folder?")
     key = hashlib.sha256(repr((location, listing)).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("RAYCXR_CACHE", Path.home() / ".cache" / "raycxr")).expanduser()
+    cache = user_cache()
     dest = cache / "runs" / key / Path(path).name
     if not (dest.parent / ".complete").exists():
         import shutil
