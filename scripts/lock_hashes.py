@@ -22,6 +22,7 @@ from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel
 from packaging.version import Version
 
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)")
+HASHES_LINE = "# Hashes: .venv/bin/python scripts/lock_hashes.py (PyPI's SHA-256 of every file of each release)."
 
 
 def _version(filename: str):
@@ -55,15 +56,13 @@ def main(path: str = "requirements.lock") -> None:
         match = PIN.match(line.strip())
         if match:
             pins.append(match.groups())
-        elif line.startswith("#") and not pins:
+        elif line.startswith("#") and not pins and line != HASHES_LINE:  # a re-run writes its line once
             header.append(line)
-    out = header + [f"# Hashes: .venv/bin/python scripts/lock_hashes.py (PyPI's SHA-256 of every file of each release)."]
+    out = header + [HASHES_LINE]
     for i, (name, version) in enumerate(pins, 1):
         print(f"[{i}/{len(pins)}] {name}=={version}", file=sys.stderr)
-        out.append(f"{name}=={version} \\")
-        out.extend(f"    --hash=sha256:{h}" + (" \\" if j < n - 1 else "")
-                   for hashes in [release_hashes(name, version)] for n in [len(hashes)]
-                   for j, h in enumerate(hashes))
+        options = [f"--hash=sha256:{h}" for h in release_hashes(name, version)]
+        out.append(" \\\n    ".join([f"{name}=={version}", *options]))
     lock.write_text("\n".join(out) + "\n")
     print(f"{lock}: {len(pins)} pins with their hashes", file=sys.stderr)
 
