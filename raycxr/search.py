@@ -6,6 +6,8 @@ Layout of a run (``runs/NAME/`` by default, ``URI/NAME`` with ``--storage URI``;
     run.json          the resolved search: space, data, resources, versions (repeatable)
     tune/             Ray Tune's experiment (state, per-trial results, TensorBoard events); a
                       one-worker trial's best and latest checkpoints (trial_ID/checkpoint_NNNNNN/)
+    signature.json    HMACs of what Ray will unpickle on --resume (signing.py)
+    tune-state.json   the newest signed save of Tune's state (and of optuna.db), what --resume restores
     trials/TRIAL_ID/  a TorchTrainer trial's storage: its best and latest checkpoints (epoch_NNN/)
     leaderboard.csv   one row per trial, best validation AUC first
     optuna.db         the Optuna study (local runs; ``optuna-dashboard sqlite:///RUN/optuna.db``)
@@ -32,8 +34,8 @@ from raycxr.cluster import _plan_resources, init_ray
 from raycxr.config import SearchSpace, load_space
 from raycxr.errors import ConfigError, NoEligibleTrialError
 from raycxr.runs import RunRecord, leaderboard, leaderboard_csv, tune_location
-from raycxr.signing import RunSigner, SignRunCallback
-from raycxr.storage import RunStore
+from raycxr.signing import STUDY_FILE, RunSigner, SignRunCallback
+from raycxr.storage import RunStore, write_atomic
 from raycxr.train import METRIC, SELECTION_METRICS
 
 log = logging.getLogger(__name__)
@@ -417,9 +419,6 @@ def _scheduler(name: str, *, space: SearchSpace, max_epochs: int, own_metric: bo
                          reduction_factor=space.reduction_factor, brackets=SCHEDULERS[name], **own)
 
 
-STUDY_FILE = "optuna.db"
-
-
 def _study_storage(store: RunStore, name: str) -> dict:
     """The Optuna study's storage: SQLite in the run folder for a local run (``optuna-dashboard
     sqlite:///RUN/optuna.db`` shows it; ``optuna.load_study`` reads it), Optuna's memory for a run
@@ -602,6 +601,11 @@ def _resume(store: RunStore, record: RunRecord, *, address: str | None, num_cpus
     # what it unpickles is what was verified, whatever is written to the run meanwhile
     restore_from, fs = tune_path, None
     if not trust_run:
+        study = checked.pop(STUDY_FILE, None)
+        if study is not None and where.local is not None:  # the study as it was at the save Ray restores
+            for leftover in ("-journal", "-wal", "-shm"):  # SQLite would replay a killed driver's onto it
+                (where.local / f"{STUDY_FILE}{leftover}").unlink(missing_ok=True)
+            write_atomic(where.local / STUDY_FILE, study)
         fs = verified_filesystem(where, checked)
         restore_from = f"{where.root.rstrip('/')}/tune"
     tuner = tune.Tuner.restore(restore_from, trainable=_trainable(record, space, plan, manifest, storage=where.uri),

@@ -11,15 +11,26 @@ never unpickle anything (runs.run_history reads plain JSON), so they need no sig
 
 Each MAC binds the run's own random id, the file's path in the run, a version counter and the
 bytes: a file copied in from another run (even one of this user's) does not verify. Ray saves the
-experiment state to a staging folder and uploads it in the background, so the copy in the run's
-storage may lag the newest state by a few saves: each ``tune/`` file keeps its last
-``_KEEP_VERSIONS`` signed versions (older ones are refused: no rollback past them); ``run.json``
-is signed too (its newest two versions). Signatures of raycxr before this format are refused
-(``--trust-run`` resumes such a run, which is then signed anew).
+experiment state to a staging folder and uploads it file by file in the background, so the copy in
+the run's storage may lag the newest state by a few saves, or mix two saves (a driver killed mid-upload,
+or a save while the last upload still runs). So each time raycxr signs the staging folder it also
+writes the whole save, every file of it, as one signed object, ``RUN/tune-state.json``; ``--resume``
+hands Ray that save and nothing else of ``tune/`` (the run's other files there are still checked,
+each against its last ``_KEEP_VERSIONS`` signed versions, and a changed or unsigned one refuses the
+run), so the files Ray restores always come from one save: none can be spliced in from another save
+or rolled back alone. The save in ``tune-state.json`` is the newest or, after a driver killed between
+signing and writing it, the one before (its two newest versions verify); older ones are refused.
+A local run's Optuna study (``RUN/optuna.db``, SQLite, which Optuna's searcher writes itself) is
+kept in each save too, as it was when Tune saved: ``--resume`` puts that copy back before Ray
+starts, so the study and the searcher's state come from the same save. ``tuner.pkl`` (which the
+Tuner writes to the run itself) and ``run.json`` (raycxr's) are signed where they are. Signatures
+of raycxr before this format are refused (``--trust-run`` resumes such a run, which is then signed
+anew).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -37,9 +48,12 @@ from raycxr.storage import RunStore
 log = logging.getLogger(__name__)
 
 SIGNATURE_FILE = "signature.json"
-_FORMAT = 2
+STATE_FILE = "tune-state.json"  # the newest signed save of Tune's state, whole: what --resume hands Ray
+_FORMAT = 3
 _KEEP_VERSIONS = 8        # of a tune/ file: Ray's upload of the staging folder lags a few saves
-_KEEP_RECORD_VERSIONS = 2  # of run.json, which raycxr writes itself
+_KEEP_RECORD_VERSIONS = 2  # of run.json and tune-state.json, which raycxr writes itself
+_IN_STORE = "tuner.pkl"   # written by the Tuner to the run itself, not through the staging folder
+STUDY_FILE = "optuna.db"  # a local run's Optuna study (search.py), kept in each save
 _KEY_BYTES = 32
 
 
@@ -92,6 +106,7 @@ class RunSigner:
     def __init__(self, store: RunStore):
         self.store, self.key = store, _key()
         self._seen: dict[str, tuple] = {}
+        self._bytes: dict[str, bytes] = {}
         self.doc = {"format": _FORMAT, "key_id": _key_id(self.key), "run_id": secrets.token_hex(16), "counter": 0,
                     "files": {}}
         if store.exists(SIGNATURE_FILE):  # a resumed run keeps its id and the versions signed before
@@ -106,16 +121,24 @@ class RunSigner:
 
     def sign(self, folder: str | os.PathLike) -> None:
         changed = False
-        for path in sorted(Path(folder).iterdir()) if Path(folder).is_dir() else []:
-            if not path.is_file():
-                continue
+        present = sorted(p for p in Path(folder).iterdir() if p.is_file()) if Path(folder).is_dir() else []
+        for path in present:
             stat = path.stat()
             if self._seen.get(path.name) == (stat.st_size, stat.st_mtime_ns):
                 continue
             self._seen[path.name] = (stat.st_size, stat.st_mtime_ns)
-            changed |= self._add(f"tune/{path.name}", path.read_bytes())
+            self._bytes[path.name] = path.read_bytes()
+            changed |= self._add(f"tune/{path.name}", self._bytes[path.name])
         if changed:
+            save = {p.name: self._bytes[p.name] for p in present if not p.name.startswith(".") and p.name != _IN_STORE}
+            # the study as Tune saved its state (the searcher writes it in this process, before the save)
+            study = self.store.local / STUDY_FILE if self.store.local is not None else None
+            state = _state_text(self.doc["run_id"], save, study.read_bytes() if study and study.is_file() else None)
+            self._add(STATE_FILE, state.encode())
+            # the signature first: a kill before the state is written leaves the previous save,
+            # whose version is still listed, not a new save nobody signed
             self._save()
+            self.store.write_text(STATE_FILE, state)
 
     def sign_in_store(self, rel: str) -> None:
         """Sign the run's file ``rel`` as it is in the run's storage: ``tune/tuner.pkl``, which the
@@ -171,10 +194,29 @@ class SignRunCallback(Callback):
         self._sign(trials)
 
 
+def _state_text(run_id: str, files: dict[str, bytes], study: bytes | None) -> str:
+    """One save of Tune's state, every file of it (and the Optuna study, if local), as the text of
+    ``tune-state.json``."""
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    return json.dumps({"format": _FORMAT, "run_id": run_id, "files": {name: b64(data) for name, data in files.items()},
+                       "study": None if study is None else b64(study)}, sort_keys=True) + "\n"
+
+
+def _signed(key: bytes, run_id: str, rel: str, data: bytes, versions) -> bool:
+    """True if ``data`` is one of the versions of ``rel`` signed for this run."""
+    return isinstance(versions, list) and any(
+        isinstance(v, list) and len(v) == 2 and isinstance(v[0], int)
+        and hmac.compare_digest(_mac(key, run_id, rel, v[0], data), str(v[1])) for v in versions)
+
+
 def verify(store: RunStore) -> dict[str, bytes]:
-    """Raise :class:`UntrustedRunError` unless every file at the top of the run's ``tune/`` (and
-    ``run.json``) carries a signature of this user's key for this run; return the bytes checked,
-    by their path in the run (what :class:`VerifiedFiles` hands Ray)."""
+    """Raise :class:`UntrustedRunError` unless every file at the top of the run's ``tune/``, ``run.json``
+    and the saved state ``tune-state.json`` carry a signature of this user's key for this run; return
+    what a resume hands Ray, by path in the run: ``run.json``, ``tune/tuner.pkl`` and the files of the
+    newest signed save of Tune's state (:class:`VerifiedFiles` serves exactly these), and ``optuna.db``
+    as it was at that save, if the run keeps its study locally (the resume writes it back)."""
     hint = ("resume only runs you or raycxr on your account wrote; if you trust this folder's origin (e.g. you "
             "copied it from your own cluster), pass --trust-run")
     if not store.exists(SIGNATURE_FILE):
@@ -190,18 +232,36 @@ def verify(store: RunStore) -> dict[str, bytes]:
         raise UntrustedRunError(f"{store.uri} was signed with another key than this user's ({key_path()}); {hint}")
     if doc.get("format") != _FORMAT or not isinstance(doc.get("run_id"), str) or not isinstance(files, dict):
         raise UntrustedRunError(f"{store.child(SIGNATURE_FILE)} is in an older raycxr's format, which did not bind "
-                                f"each file to its run; {hint}")
+                                f"each file to its run and save; {hint}")
     run_id = doc["run_id"]
     names = [f"tune/{name}" for name in store.files("tune") if not name.startswith(".")]
     checked = {}
     for rel in names + ["run.json"]:
-        data = checked[rel] = store.read_bytes(rel)
-        versions = files.get(rel, [])
-        if not any(isinstance(v, list) and len(v) == 2 and hmac.compare_digest(_mac(key, run_id, rel, v[0], data),
-                                                                              str(v[1])) for v in versions):
+        data = store.read_bytes(rel)
+        if not _signed(key, run_id, rel, data, files.get(rel)):
             raise UntrustedRunError(f"{store.child(rel)} is not as raycxr wrote it for this run (its signature does "
                                     f"not match): it was changed, added, rolled back or copied from another run "
                                     f"after the search; {hint}")
+        if rel in ("run.json", f"tune/{_IN_STORE}"):
+            checked[rel] = data
+    if not store.exists(STATE_FILE):
+        if any(rel != f"tune/{_IN_STORE}" for rel in names):
+            raise UntrustedRunError(f"{store.child(STATE_FILE)} is missing: raycxr keeps Tune's newest signed save "
+                                    f"there, and it was deleted (or the search stopped while saving its first "
+                                    f"state; then start it again); {hint}")
+        return checked  # Tune saved nothing yet: there is nothing to resume
+    state = store.read_bytes(STATE_FILE)
+    if not _signed(key, run_id, STATE_FILE, state, files.get(STATE_FILE)):
+        raise UntrustedRunError(f"{store.child(STATE_FILE)} is not a save raycxr signed for this run, or an older "
+                                f"one than its last two: it was changed, rolled back or copied from another run; "
+                                f"{hint}")
+    saved = json.loads(state)
+    for name, data in saved["files"].items():
+        if name != Path(name).name or name.startswith(".") or name == _IN_STORE:
+            raise UntrustedRunError(f"{store.child(STATE_FILE)} names a file {name!r} outside tune/; {hint}")
+        checked[f"tune/{name}"] = base64.b64decode(data, validate=True)
+    if saved.get("study") is not None:
+        checked[STUDY_FILE] = base64.b64decode(saved["study"], validate=True)
     return checked
 
 
@@ -217,9 +277,10 @@ def verified_filesystem(store: RunStore, checked: dict[str, bytes]):
 
 class VerifiedFiles(pyarrow.fs.FileSystemHandler):
     """A pyarrow filesystem handler over a run's storage: reads of the verified files return the
-    verified bytes (until Ray writes that file itself), and a file that appeared at the top of
-    ``tune/`` after the check, written by anyone but this process, is not listed or read. Everything
-    else (trials' results and checkpoints, new state) goes to the storage as it is."""
+    verified bytes (until Ray writes that file itself) and they are listed even where the storage's
+    upload lags; any other file at the top of ``tune/`` (one of an older save, or one that appeared
+    after the check), unless this process wrote it, is not listed or read. Everything else (trials'
+    results and checkpoints, new state) goes to the storage as it is."""
 
     def __init__(self, fs, snapshot: dict[str, bytes], *, hidden: str):
         self.fs, self.snapshot, self.hidden = fs, dict(snapshot), hidden
@@ -253,7 +314,12 @@ class VerifiedFiles(pyarrow.fs.FileSystemHandler):
     def get_file_info_selector(self, selector):
         import pyarrow.fs
 
-        return [i for i in map(self._info, self.fs.get_file_info(selector)) if i.type != pyarrow.fs.FileType.NotFound]
+        found = [i for i in map(self._info, self.fs.get_file_info(selector)) if i.type != pyarrow.fs.FileType.NotFound]
+        base, listed = selector.base_dir.rstrip("/"), {i.path for i in found}
+        inside = (lambda path: path.startswith(base + "/")) if selector.recursive else (
+            lambda path: path.rsplit("/", 1)[0] == base)
+        return found + [pyarrow.fs.FileInfo(path, pyarrow.fs.FileType.File, size=len(data))
+                        for path, data in sorted(self.snapshot.items()) if inside(path) and path not in listed]
 
     def create_dir(self, path, recursive):
         self.fs.create_dir(path, recursive=recursive)

@@ -332,14 +332,14 @@ def local_copy(location: str | os.PathLike) -> Path:
     return dest
 
 
-def write_atomic(path: Path, text: str, *, mode: int | None = None) -> None:
+def write_atomic(path: Path, text: str | bytes, *, mode: int | None = None) -> None:
     """Replace a local file whole (a temp file beside it, then a rename): a reader or a crash sees
     the old or the new file, never half of one. ``mode``: its permissions (default mkstemp's 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
             f.write(text)
         if mode is not None:
             os.chmod(tmp, mode)

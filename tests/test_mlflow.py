@@ -1,6 +1,7 @@
 """raycxr.tracking against real MLflow: a search's trials as runs (SQLite store), a promoted model
 registered (SQLite store and a real `mlflow server` on 127.0.0.1), and the errors a user sees."""
 
+import base64
 import contextlib
 import json
 import os
@@ -107,6 +108,9 @@ def test_search_logs_each_trial_and_keeps_no_secret_in_the_run(ray_local, promot
     assert any(p.name == "tuner.pkl" for p in files) and any(p.name == "run.json" for p in files)
     leaked = [str(p) for p in files if b"s3cr3t-pw" in p.read_bytes()]
     assert leaked == []
+    # the signed save of Tune's state holds its files base64-encoded: look inside too
+    state = json.loads((tmp_path / "runs" / "mlf" / "tune-state.json").read_text())
+    assert state["files"] and not [n for n, b in state["files"].items() if b"s3cr3t-pw" in base64.b64decode(b)]
     assert json.loads((tmp_path / "runs" / "mlf" / "run.json").read_text())["mlflow"] == uri
 
 

@@ -186,6 +186,72 @@ def test_resume_hands_ray_the_bytes_it_verified_not_what_is_there_later(finished
     assert not marker.exists()
 
 
+def test_resume_gets_one_whole_save_of_tunes_state_never_a_mix_or_an_old_one(tmp_path):
+    """Issue 27: Ray uploads its saved state file by file in the background, so a run's tune/ may hold
+    a mix of two saves, each file signed. What --resume hands Ray is the newest save raycxr signed whole
+    (tune-state.json), never the mix, with the Optuna study as it was at that save; a save older than
+    the last two, an edited one or another run's is refused."""
+    import base64
+
+    from raycxr.signing import STATE_FILE, RunSigner, UntrustedRunError, verified_filesystem, verify
+    from raycxr.storage import RunStore
+
+    def a_run(folder: Path) -> tuple[Path, RunSigner, list[bytes]]:
+        (folder / "tune").mkdir(parents=True)
+        (folder / "staging").mkdir()
+        (folder / "run.json").write_text('{"name": "r"}')
+        (folder / "tune" / "tuner.pkl").write_bytes(b"tuner")
+        signer = RunSigner(RunStore(folder))
+        signer.sign_in_store("run.json")
+        signer.sign_in_store("tune/tuner.pkl")
+        saves = []
+        for n in range(4):  # four saves by Tune, each signed as the callback does after Tune saves
+            for name in ("experiment_state-s.json", "searcher-state-s.pkl"):
+                (folder / "staging" / name).write_bytes(f"{name} of save {n} ".encode() * (n + 1))
+            (folder / "optuna.db").write_bytes(f"study at save {n}".encode())
+            signer.sign(folder / "staging")
+            saves.append((folder / STATE_FILE).read_bytes())
+        return folder, signer, saves
+
+    run, _, saves = a_run(tmp_path / "run")
+    # what the storage holds after a driver was killed mid-upload: save 3's state, save 2's searcher
+    (run / "tune" / "experiment_state-s.json").write_bytes(b"experiment_state-s.json of save 3 " * 4)
+    (run / "tune" / "searcher-state-s.pkl").write_bytes(b"searcher-state-s.pkl of save 2 " * 3)
+    checked = verify(RunStore(run))
+    assert checked["tune/searcher-state-s.pkl"] == b"searcher-state-s.pkl of save 3 " * 4
+    assert checked["tune/experiment_state-s.json"] == b"experiment_state-s.json of save 3 " * 4
+    assert checked["tune/tuner.pkl"] == b"tuner" and checked["run.json"] == b'{"name": "r"}'
+    (run / "optuna.db").write_bytes(b"study after save 3")  # Optuna wrote on; the driver was killed
+    assert verify(RunStore(run))["optuna.db"] == b"study at save 3"
+    fs = verified_filesystem(RunStore(run), checked)
+    with fs.open_input_stream(f"{run}/tune/searcher-state-s.pkl") as f:
+        assert f.read() == b"searcher-state-s.pkl of save 3 " * 4
+    (run / "tune" / "searcher-state-s.pkl").unlink()  # not uploaded yet: Ray still lists and reads it
+    fs = verified_filesystem(RunStore(run), verify(RunStore(run)))
+    import pyarrow.fs
+
+    listed = {i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(f"{run}/tune"))}
+    assert listed == {"tuner.pkl", "experiment_state-s.json", "searcher-state-s.pkl"}
+
+    (run / STATE_FILE).write_bytes(saves[2])  # the save before: a driver killed between sign and write
+    assert verify(RunStore(run))["tune/searcher-state-s.pkl"] == b"searcher-state-s.pkl of save 2 " * 3
+    (run / STATE_FILE).write_bytes(saves[1])  # rolled back further
+    with pytest.raises(UntrustedRunError, match="tune-state.json is not a save raycxr signed for this run"):
+        verify(RunStore(run))
+    doc = json.loads(saves[3])
+    doc["files"]["searcher-state-s.pkl"] = base64.b64encode(b"searcher-state-s.pkl of save 1 " * 2).decode()
+    (run / STATE_FILE).write_text(json.dumps(doc, sort_keys=True) + "\n")  # spliced by hand
+    with pytest.raises(UntrustedRunError, match="tune-state.json is not a save"):
+        verify(RunStore(run))
+    _, _, other_saves = a_run(tmp_path / "other")  # another run of this user's, same key
+    (run / STATE_FILE).write_bytes(other_saves[3])
+    with pytest.raises(UntrustedRunError, match="tune-state.json is not a save"):
+        verify(RunStore(run))
+    (run / STATE_FILE).unlink()
+    with pytest.raises(UntrustedRunError, match="tune-state.json is missing"):
+        verify(RunStore(run))
+
+
 def _resume_trusted(run: Path) -> list[dict]:
     from raycxr.search import resume_search
 
