@@ -62,7 +62,7 @@ while proc.poll() is None:
     time.sleep(1.0)
 assert proc.returncode == 0, f"search failed; see {work / 'search.log'}"
 
-s = np.array([x for x in samples if x[1] > 0])
+s = np.array([x for x in samples if x[1] > 0 and np.isfinite(x[2])])  # no RSS once the driver has exited
 warm = s[s[:, 1] >= max(1, trials // 10)]
 slope = np.polyfit(warm[:, 1], warm[:, 2], 1)[0] * 100 if len(np.unique(warm[:, 1])) > 1 else float("nan")
 print(f"{trials} trials, {cpus} logical CPUs on {os.cpu_count()} cores, wall {time.time() - t0:.0f} s, "
