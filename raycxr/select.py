@@ -18,7 +18,9 @@ The rule here, in this order, is what every model card states:
    noise rule for every extra cost, test-time augmentation's too). ``"on"`` promotes the ensemble of the (up to three) best finalists, tied or not (as
    ``--tta on`` forces test-time augmentation); ``"off"`` never.
 5. **Otherwise the fastest tied finalist** (batch-1 ONNX CPU latency measured in its trial):
-   within noise, the cheaper model is preferred.
+   within noise, the cheaper model is preferred. Latencies are measurements too: tied finalists
+   within :data:`LATENCY_NOISE` of the fastest (the same architecture at the same size measures
+   2.7 and 2.8 ms in two trials) count as equally fast, and the best scored of them is chosen.
 
 ``fastest_within=D`` replaces the rule: the quickest trial of the whole search whose validation
 AUC is within ``D`` of the best. ``rule="val-auc"`` is the plain arg-max, kept for comparison.
@@ -35,6 +37,10 @@ from raycxr.errors import ConfigError
 SELECTION_RULES = ("auto", "shift-auc", "val-auc", "site")
 ENSEMBLE_MODES = ("auto", "on", "off")
 MAX_ENSEMBLE = 3
+# Batch-1 latencies within this fraction of the fastest tied finalist's count as equal: one
+# trial's timing of a model varies by several per cent, and real cost differences (another
+# architecture, another input size) are 1.5x and more.
+LATENCY_NOISE = 0.2
 
 
 def views_of(images: np.ndarray, *, size: int | None = None, seed: int = 0,
@@ -184,12 +190,32 @@ def choose(finalists: list[dict], logits: np.ndarray, y: np.ndarray, groups: np.
     def latency(i):
         return r_latency(finalists[i])
 
-    fastest = min(ranked_tied, key=lambda i: (latency(i), -point[i]))
-    why = (f"best {score} {point[best]:.4f}" if fastest == best and len(tied) == 1 else
-           f"{len(tied)} finalists tied with the best ({score} {point[best]:.4f}) within the patient bootstrap; "
-           f"the fastest of them was chosen ({_ms(latency(fastest))} batch-1 ONNX on CPU)")
+    quick = quickest(ranked_tied, [latency(i) for i in ranked_tied])
+    fastest = ranked_tied[quick[0]]  # ranked_tied is best first: the best scored of the (equally) quickest
+    if fastest == best and len(tied) == 1:
+        why = f"best {score} {point[best]:.4f}"
+    elif fastest == best:
+        why = (f"{len(tied)} finalists tied with the best ({score} {point[best]:.4f}) within the patient bootstrap; "
+               f"the best of them is also among the fastest ({_ms(latency(best))} batch-1 ONNX on CPU, within "
+               f"{LATENCY_NOISE:.0%} of the quickest), so it was chosen")
+    else:
+        why = (f"{len(tied)} finalists tied with the best ({score} {point[best]:.4f}) within the patient bootstrap; "
+               f"the fastest of them was chosen ({_ms(latency(fastest))} batch-1 ONNX on CPU, against "
+               f"{_ms(latency(best))} for the best; {score} {point[fastest]:.4f}"
+               + (f", the best scored of {len(quick)} within {LATENCY_NOISE:.0%} of the quickest" if len(quick) > 1
+                  else "") + ")")
     out.update(kind="single", members=[fastest], why=why + not_kept)
     return out
+
+
+def quickest(rows: list, latencies: list[float]) -> list[int]:
+    """Positions in ``rows`` whose latency is within :data:`LATENCY_NOISE` of the quickest (all of
+    them when none is known), in ``rows``' order: measurement noise does not rank models."""
+    known = [v for v in latencies if v < math.inf]
+    if not known:
+        return list(range(len(rows)))
+    limit = min(known) * (1 + LATENCY_NOISE)
+    return [k for k, v in enumerate(latencies) if v <= limit]
 
 
 def fastest_within(eligible: list[dict], delta: float) -> tuple[int, str]:

@@ -1,5 +1,7 @@
 """raycxr.select (noise-aware choice of the promoted model), ensembles and acquisition shifts."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -55,6 +57,31 @@ def test_tied_finalists_give_the_faster_model_or_a_better_ensemble():
     # identical models: averaging adds nothing, so auto keeps the single fastest model
     same = choose(rows, np.stack([a, a]), y, np.arange(600), n_boot=200)
     assert same["kind"] == "single" and same["members"] == [1]
+
+
+def test_latencies_within_measurement_noise_do_not_outrank_the_better_model():
+    """Two trials of one architecture at one size time 2.8 and 2.7 ms: that is noise, so the better
+    scored of the tied finalists is kept; a model 1.5x slower than the quickest is not equally fast."""
+    from raycxr.select import LATENCY_NOISE, choose, quickest
+
+    rng = np.random.default_rng(8)
+    y = rng.integers(0, 2, 400)
+    base = 2 * y - 1.0
+    good = np.stack([1.05 * base + rng.normal(0, 1, 400) for _ in range(8)])
+    close = np.stack([1.0 * base + rng.normal(0, 1, 400) for _ in range(8)])
+    logits = np.stack([good, close])
+    noisy = [{"trial_id": "best", "latency_ms": 2.8}, {"trial_id": "second", "latency_ms": 2.7}]
+    got = choose(noisy, logits, y, np.arange(400), ensemble="off", n_boot=200)
+    assert all(f["tied_with_best"] for f in got["finalists"])  # a real tie, or the test says nothing
+    assert got["finalists"][0]["shift_auc"] > got["finalists"][1]["shift_auc"]
+    assert got["members"] == [0] and "also among the fastest" in got["why"]
+    # a real cost difference still wins among tied models
+    slower = [{"trial_id": "best", "latency_ms": 2.7 * (1 + LATENCY_NOISE) * 1.25}, {"trial_id": "second",
+                                                                                   "latency_ms": 2.7}]
+    got = choose(slower, logits, y, np.arange(400), ensemble="off", n_boot=200)
+    assert got["members"] == [1] and "the fastest of them was chosen" in got["why"]
+    assert quickest("abc", [3.0, 3.5, 3.7]) == [0, 1] and quickest("ab", [math.inf, math.inf]) == [0, 1]
+    assert quickest("abc", [math.inf, 4.0, 4.1]) == [1, 2]
 
 
 def test_the_bootstrap_resamples_patients_not_images():
