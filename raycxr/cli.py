@@ -239,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from raycxr import __version__
     from raycxr.config import list_spaces
+    from raycxr.metrics import THRESHOLD_CHOICES
 
     p = argparse.ArgumentParser(prog="raycxr", description=__doc__.splitlines()[0] if __doc__ else None,
                                 parents=[_verbosity(argparse.SUPPRESS)])
@@ -342,9 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", type=Path, required=True, help="folder for the promoted model")
     pr.add_argument("--data", type=Path, help="the ingested dataset, when it is not at the path the search read it "
                                               "from (e.g. this machine's copy of a cluster's data); same fingerprint")
-    pr.add_argument("--threshold-rule", choices=["youden", "sensitivity", "specificity", "bayes"], default="youden",
-                    help="which validation operating point the exported model uses (default youden); the card "
-                         "shows the holdout metrics at every one")
+    pr.add_argument("--threshold-rule", choices=THRESHOLD_CHOICES, default="auto",
+                    help="which validation operating point the exported model uses: auto (default) is accuracy "
+                         "(the fewest errors at the site's own prevalence, on its site-val films) for --select site, "
+                         "else youden (sensitivity + specificity); the card shows the holdout metrics at every one")
     pr.add_argument("--target-sensitivity", type=float, default=0.95, help="for the sensitivity operating point")
     pr.add_argument("--target-specificity", type=float, default=0.95, help="for the specificity operating point")
     pr.add_argument("--prevalence", type=float, metavar="P",

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-THRESHOLD_RULES = ("youden", "sensitivity", "specificity")
+THRESHOLD_RULES = ("youden", "sensitivity", "specificity", "accuracy")
+# promote --threshold-rule: auto is "accuracy" (the fewest errors at the site's prevalence) for
+# --select site, else "youden"; bayes needs --prevalence
+THRESHOLD_CHOICES = ("auto", *THRESHOLD_RULES, "bayes")
 
 
 def patient_resamples(groups: np.ndarray, *, n_boot: int, seed: int):
@@ -30,6 +33,9 @@ def choose_threshold(y: np.ndarray, p: np.ndarray, *, rule: str = "youden", targ
     ``youden``: maximises sensitivity + specificity - 1. ``sensitivity``: the highest threshold
     whose sensitivity reaches ``target``. ``specificity``: the lowest threshold whose specificity
     reaches ``target`` (the most sensitive operating point that keeps false alarms that rare).
+    ``accuracy``: the fewest errors at these films' own prevalence (sensitivity weighted by it,
+    specificity by its complement): on a deploying site's site-val films, the threshold for its
+    mix of patients, where Youden's weighs both classes alike whatever the prevalence.
     """
     from sklearn.metrics import roc_curve
 
@@ -41,6 +47,9 @@ def choose_threshold(y: np.ndarray, p: np.ndarray, *, rule: str = "youden", targ
     thr = np.clip(thr, 0.0, 1.0)  # roc_curve's first threshold is +inf
     if rule == "youden":
         return float(thr[int(np.argmax(tpr - fpr))])
+    if rule == "accuracy":
+        prevalence = float(np.mean(y))
+        return float(thr[int(np.argmax(prevalence * tpr + (1 - prevalence) * (1 - fpr)))])
     if rule == "specificity":
         ok = np.flatnonzero(fpr <= 1 - target)
         return float(thr[ok[-1]])
@@ -290,21 +299,24 @@ def report(y: np.ndarray, p: np.ndarray, *, groups: np.ndarray, sources: np.ndar
 
 
 def operating_points(y: np.ndarray, p: np.ndarray, groups: np.ndarray, *, target_sensitivity: float = 0.95,
-                     target_specificity: float = 0.95, bayes: bool = False, seed: int = 0,
-                     on: str = "validation") -> dict:
+                     target_specificity: float = 0.95, bayes: bool = False, accuracy: bool = False,
+                     seed: int = 0, on: str = "validation") -> dict:
     """Thresholds fixed on validation for each way a clinic may want to operate.
 
     ``youden`` (balanced), ``sensitivity`` (rule-out: misses at most 1 - target of positives),
     ``specificity`` (rule-in: false alarms on at most 1 - target of negatives), each bootstrapped
     over patients as :func:`choose_operating_threshold` does; with ``bayes`` (probabilities
     corrected to a stated prevalence, see :func:`prior_shift`), also ``bayes``: P >= 0.5, the
-    fewest expected errors at that prevalence.
+    fewest expected errors at that prevalence; with ``accuracy``, also ``accuracy``: the fewest
+    errors counted on these films at their own prevalence (a site's site-val).
     """
     targets = {"youden": 0.0, "sensitivity": target_sensitivity, "specificity": target_specificity}
+    if accuracy:
+        targets["accuracy"] = 0.0
     points = {}
     for rule, target in targets.items():
         threshold, stability = choose_operating_threshold(y, p, groups, rule=rule, target=target, seed=seed, on=on)
-        points[rule] = {"threshold": threshold, "target": target if rule != "youden" else None,
+        points[rule] = {"threshold": threshold, "target": target if rule in ("sensitivity", "specificity") else None,
                         "how": stability["how"], "stability": stability}
     if bayes:
         points["bayes"] = {"threshold": 0.5, "target": None, "how": "P >= 0.5 at the stated prevalence",

@@ -40,7 +40,8 @@ class PromoteConfig:
     run: str | Path                  # the run folder or its storage URI (s3://bucket/raycxr/NAME)
     out: Path
     data: Path | None = None         # the dataset, when not at the path the search recorded (same fingerprint)
-    threshold_rule: str = "youden"   # youden | sensitivity | specificity | bayes (needs prevalence)
+    threshold_rule: str = "auto"     # auto (accuracy for --select site, else youden) | youden | sensitivity |
+    #                                  specificity | accuracy | bayes (needs prevalence)
     target_sensitivity: float = 0.95
     target_specificity: float = 0.95
     prevalence: float | None = None  # the clinic's prevalence: probabilities and PPV/NPV corrected to it
@@ -343,7 +344,12 @@ def _promote(cfg: PromoteConfig, *, out: Path, final: Path) -> ModelCard:
     from raycxr.runs import RunRecord, run_history
     from raycxr.serving import model_inputs, serving_exports, trial_like_latency
 
+    from raycxr.metrics import THRESHOLD_CHOICES
+
     rule = cfg.threshold_rule
+    if rule not in THRESHOLD_CHOICES:
+        raise ConfigError(f"--threshold-rule {rule!r}: allowed: {', '.join(THRESHOLD_CHOICES)}",
+                          source="--threshold-rule")
     if rule == "bayes" and cfg.prevalence is None:
         raise ConfigError("--threshold-rule bayes needs --prevalence P (the clinic's share of positives)",
                           source="--threshold-rule")
@@ -360,6 +366,8 @@ def _promote(cfg: PromoteConfig, *, out: Path, final: Path) -> ModelCard:
     if select == "site" and not sites:
         raise ConfigError("--select site needs a search with the deploying site's films (raycxr search --site DATA); "
                           f"{run.name} had none: search again with --site, or use --select shift-auc", source="--select")
+    if rule == "auto":  # a site's films say its prevalence: the fewest errors there; otherwise the balanced point
+        rule = "accuracy" if select == "site" else "youden"
     data_dir = Path(cfg.data or run.data)
     if not (data_dir / "manifest.json").is_file():
         raise ConfigError(f"the search read its data from {data_dir}, which is not here: pass --data with this "
@@ -399,7 +407,7 @@ def _promote(cfg: PromoteConfig, *, out: Path, final: Path) -> ModelCard:
     vp = calibrate_logits(vz, calibration)
     points = operating_points(sel.y, vp, sel.groups, target_sensitivity=cfg.target_sensitivity,
                               target_specificity=cfg.target_specificity, bayes=cfg.prevalence is not None,
-                              seed=cfg.seed, on=on)
+                              accuracy=select == "site" or rule == "accuracy", seed=cfg.seed, on=on)
     threshold = points[rule]["threshold"]
     stability = points[rule]["stability"] or {"how": points[rule]["how"], "unstable": False}
     if stability["unstable"]:

@@ -32,6 +32,21 @@ def test_threshold_rules(rule, check):
     assert 0 < t < 1 and check(binary_metrics(y, p, threshold=t))
 
 
+def test_accuracy_rule_makes_the_fewest_errors_at_the_films_own_prevalence():
+    """At 80% positives the fewest-errors threshold sits below Youden's (a missed positive is four
+    times as common as a false alarm), makes no more errors than any other threshold on these
+    films, and moves when the same scores come at another prevalence."""
+    rng = np.random.default_rng(4)
+    y = (rng.random(3000) < 0.8).astype(int)
+    p = 1 / (1 + np.exp(-(1.5 * (2 * y - 1) + rng.normal(0, 1.2, 3000))))
+    acc, youden = (choose_threshold(y, p, rule=r) for r in ("accuracy", "youden"))
+    errors = lambda t: int(((p >= t) != y).sum())  # noqa: E731
+    assert acc < youden and errors(acc) < errors(youden)
+    assert errors(acc) == min(errors(t) for t in np.unique(p))
+    rare = np.concatenate([np.flatnonzero(y == 1)[:300], np.flatnonzero(y == 0)])  # now 30% positives
+    assert choose_threshold(y[rare], p[rare], rule="accuracy") > youden
+
+
 def test_ci_contains_estimate_and_shrinks_with_more_patients():
     widths = []
     for n in (100, 1600):

@@ -162,6 +162,9 @@ def test_site_search_selects_by_site_and_promote_reads_site_test_once(tmp_path, 
     assert card.selection["rule"] == "site" and card.selection["on"] == "site-val"
     assert card.calibration["fitted_on"] == "site-val"
     assert "intercept only" in card.calibration["refit"]  # a few dozen films: < 100 events
+    # the exported threshold: the fewest errors on site-val at the site's prevalence (auto for --select site)
+    assert card.threshold_rule == "accuracy" and card.threshold == card.operating_points["accuracy"]["threshold"]
+    assert {"youden", "sensitivity", "specificity", "accuracy"} <= set(card.operating_points)
     h = card.headline
     assert h["kind"] == "site" and h["previously_read"] == 0
     assert h["metrics"]["pooled"]["n"] == site.counts["site-test"]["images"]
@@ -177,6 +180,7 @@ def test_site_search_selects_by_site_and_promote_reads_site_test_once(tmp_path, 
     assert again.headline["previously_read"] == 1 and again.holdout_previously_read == 1
     plain = raycxr.promote(run, tmp_path / "model3", n_boot=50, select="shift-auc")
     assert plain.headline["kind"] == "none" and "site-test was not read" in plain.headline["statement"]
+    assert plain.threshold_rule == "youden" and "accuracy" not in plain.operating_points
 
 
 def test_objective_site_needs_a_site(tmp_path, hospital_and_site):
