@@ -59,6 +59,11 @@ class PromoteConfig:
     quantize: str = "none"       # none | int8: also export model.int8.onnx if it keeps the AUC (raycxr.serving)
 
     def __post_init__(self):
+        from raycxr.metrics import THRESHOLD_CHOICES
+
+        if self.threshold_rule not in THRESHOLD_CHOICES:
+            raise ConfigError(f"--threshold-rule {self.threshold_rule!r}: allowed: {', '.join(THRESHOLD_CHOICES)}",
+                              source="--threshold-rule")
         if self.quantize not in ("none", "int8"):
             raise ConfigError(f"--quantize {self.quantize!r}: allowed: none, int8", source="--quantize")
         if self.ensemble == "on" and (self.select == "val-auc" or self.fastest_within is not None):
@@ -344,12 +349,7 @@ def _promote(cfg: PromoteConfig, *, out: Path, final: Path) -> ModelCard:
     from raycxr.runs import RunRecord, run_history
     from raycxr.serving import model_inputs, serving_exports, trial_like_latency
 
-    from raycxr.metrics import THRESHOLD_CHOICES
-
     rule = cfg.threshold_rule
-    if rule not in THRESHOLD_CHOICES:
-        raise ConfigError(f"--threshold-rule {rule!r}: allowed: {', '.join(THRESHOLD_CHOICES)}",
-                          source="--threshold-rule")
     if rule == "bayes" and cfg.prevalence is None:
         raise ConfigError("--threshold-rule bayes needs --prevalence P (the clinic's share of positives)",
                           source="--threshold-rule")

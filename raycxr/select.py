@@ -190,7 +190,7 @@ def choose(finalists: list[dict], logits: np.ndarray, y: np.ndarray, groups: np.
     def latency(i):
         return r_latency(finalists[i])
 
-    quick = quickest(ranked_tied, [latency(i) for i in ranked_tied])
+    quick = quickest([latency(i) for i in ranked_tied])
     fastest = ranked_tied[quick[0]]  # ranked_tied is best first: the best scored of the (equally) quickest
     if fastest == best and len(tied) == 1:
         why = f"best {score} {point[best]:.4f}"
@@ -208,12 +208,12 @@ def choose(finalists: list[dict], logits: np.ndarray, y: np.ndarray, groups: np.
     return out
 
 
-def quickest(rows: list, latencies: list[float]) -> list[int]:
-    """Positions in ``rows`` whose latency is within :data:`LATENCY_NOISE` of the quickest (all of
-    them when none is known), in ``rows``' order: measurement noise does not rank models."""
+def quickest(latencies: list[float]) -> list[int]:
+    """Positions of the ``latencies`` within :data:`LATENCY_NOISE` of the quickest (all of them when
+    none is known), in their order: measurement noise does not rank models."""
     known = [v for v in latencies if v < math.inf]
     if not known:
-        return list(range(len(rows)))
+        return list(range(len(latencies)))
     limit = min(known) * (1 + LATENCY_NOISE)
     return [k for k, v in enumerate(latencies) if v <= limit]
 
