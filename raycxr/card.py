@@ -117,8 +117,12 @@ class ModelCard:
                               "raycxr promote?", source=str(path)) from None
         return cls.from_dict(doc, source=str(path))
 
-    def data_dir(self, model_dir: str | Path) -> Path:
-        """The training dataset's folder, as the card records it (relative to the model folder)."""
+    def data_dir(self, model_dir: str | Path) -> Path | str:
+        """The training dataset's folder, as the card records it (relative to the model folder), or its URI."""
+        from raycxr.storage import is_uri
+
+        if is_uri(self.data["dir"]):
+            return self.data["dir"]
         return (Path(model_dir) / self.data["dir"]).resolve()
 
 

@@ -40,7 +40,7 @@ def _ingest(args) -> int:
                             views=args.views, near_duplicate_bits=args.near_duplicate_bits,
                             twin_similarity=args.twin_similarity,
                             allow_empty_splits=args.allow_empty_splits, max_file_mb=args.max_file_mb,
-                            source_options=options))
+                            source_options=options, resume=args.resume, address=args.address))
     print(f"Ingested {s.files_in} files -> {s.rows_written} rows written + {s.quarantined} quarantined "
           f"(files in = rows + quarantined: {s.files_in == s.rows_written + s.quarantined})")
     for split, c in s.counts.items():
@@ -52,7 +52,7 @@ def _ingest(args) -> int:
         print(f"  {s.exact_duplicates} byte-identical copies and {s.near_duplicate_pairs} near-duplicate pairs; "
               f"{s.merged_duplicate_groups} patient groups merged so that copies share a split")
     if s.quarantined:
-        print(f"  quarantined by reason: {s.quarantine_reasons} (see {s.out / 'quarantine.csv'}"
+        print(f"  quarantined by reason: {s.quarantine_reasons} (see {s.out}/quarantine.csv"
               f"{'' if args.list_quarantined else '; --list-quarantined prints the file names here'})")
     if args.list_quarantined:
         # The console only: quarantine.csv keeps pseudonyms because file names can carry patient IDs.
@@ -267,7 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the dataset even if train, val or holdout ends up empty (default: refuse, saying why)")
     i.add_argument("--list-quarantined", action="store_true",
                    help="print the real names of quarantined files on this console (never written to disk)")
-    i.add_argument("--out", type=Path, required=True, help="dataset folder to write")
+    i.add_argument("--out", required=True, help="dataset folder to write, or a URI every node of a cluster reaches "
+                                               "(s3://BUCKET/data/NAME, gs://...)")
+    i.add_argument("--resume", action="store_true",
+                   help="reuse the decoded batches a killed ingest of the same files and settings left beside --out")
+    i.add_argument("--address", metavar="HEAD:6379",
+                   help="decode as Ray tasks across this cluster (default $RAY_ADDRESS, set inside `ray job submit`; "
+                        "'local': a Ray on this machine); the sources must be readable on every node")
     i.add_argument("--image-size", type=int, default=224, help="stored square size in px (default 224)")
     i.add_argument("--resize", choices=["pad", "squash"], default="pad",
                    help="pad keeps the aspect ratio with black borders; squash stretches (default pad)")
@@ -280,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(fn=_ingest)
 
     s = sub.add_parser("search", parents=common, help="Ray Tune search (Optuna TPE, optional ASHA) over Ray Train trials")
-    s.add_argument("--data", type=Path, help="a folder written by `raycxr ingest`")
+    s.add_argument("--data", help="a folder or URI (s3://...) written by `raycxr ingest`")
     s.add_argument("--space", help=f"a bundled space ({', '.join(list_spaces())}) or a YAML file's path")
     s.add_argument("--resume", metavar="RUN",
                    help="continue a stopped or killed search (runs/NAME, or STORAGE/NAME): finished trials are kept")
@@ -341,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("promote", parents=common, help="best trial by validation -> holdout once -> exports and model card")
     pr.add_argument("--run", required=True, help="runs/NAME, or STORAGE/NAME (e.g. s3://bucket/raycxr/NAME)")
     pr.add_argument("--out", type=Path, required=True, help="folder for the promoted model")
-    pr.add_argument("--data", type=Path, help="the ingested dataset, when it is not at the path the search read it "
+    pr.add_argument("--data", help="the ingested dataset, when it is not at the path the search read it "
                                               "from (e.g. this machine's copy of a cluster's data); same fingerprint")
     pr.add_argument("--threshold-rule", choices=THRESHOLD_CHOICES, default="auto",
                     help="which validation operating point the exported model uses: auto (default) is accuracy "
@@ -383,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", parents=common, help="score a promoted model on any ingested dataset (external validation)")
     ev.add_argument("--model", type=Path, required=True, help="a folder written by `raycxr promote`")
-    ev.add_argument("--data", type=Path, required=True, help="a folder written by `raycxr ingest`")
+    ev.add_argument("--data", required=True, help="a folder or URI written by `raycxr ingest`")
     ev.add_argument("--split", choices=["train", "val", "holdout", "all"], default="holdout",
                     help="which split of --data to score (default holdout; all for an external dataset)")
     ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs (default 1000)")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from raycxr.errors import DataError
+from raycxr.errors import DataError, RaycxrError
 from raycxr.labels import FINDINGS, index
 
 if TYPE_CHECKING:
@@ -64,33 +64,79 @@ SCHEMA = pa.schema([
 TRAIN_COLUMNS = ["image", "height", "width", "labels"]
 
 
+MANIFEST = "manifest.json"
+_MANIFEST_CAP = 64 * 2**20  # a manifest is a few KB plus a shard name per 1,000 films
+
+
+def location(data_dir: str | Path) -> str:
+    """A dataset's location as runs record it: an absolute local path, or the URI as given."""
+    from raycxr.storage import is_uri
+
+    text = str(data_dir)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    return text.rstrip("/") if is_uri(text) else str(Path(text).expanduser().resolve())
+
+
+def _store(data_dir: str | Path):
+    from raycxr.storage import RunStore  # a location of files, local or on storage every node reaches
+
+    return RunStore(location(data_dir))
+
+
+def has_manifest(data_dir: str | Path) -> bool:
+    """Whether ``data_dir`` (a folder or a URI) holds a dataset's manifest."""
+    try:
+        return _store(data_dir).exists(MANIFEST)
+    except (OSError, RaycxrError):
+        return False
+
+
 def read_manifest(data_dir: str | Path) -> dict:
-    path = Path(data_dir) / "manifest.json"
-    if not path.is_file():
+    store = _store(data_dir)
+    if not store.exists(MANIFEST):
         raise DataError(f"{data_dir} has no manifest.json: create it with `raycxr ingest --source kermany=PATH --out {data_dir}`")
-    manifest = json.loads(path.read_text())
+    raw = store.read_bytes(MANIFEST)
+    if len(raw) > _MANIFEST_CAP:
+        raise DataError(f"{data_dir}/manifest.json is {len(raw) / 2**20:.0f} MB, not a manifest raycxr wrote: re-run "
+                        "`raycxr ingest`")
+    manifest = json.loads(raw)
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise DataError(f"{data_dir} was written with schema version {manifest.get('schema_version')}, "
                         f"this raycxr reads version {SCHEMA_VERSION}: re-run `raycxr ingest`")
     return manifest
 
 
-def _split_files(data_dir: Path, split: str) -> list[Path]:
+def split_files(data_dir: str | Path, split: str):
+    """(pyarrow filesystem or None for local files, the split's shard paths in order): the shards the
+    manifest lists (an ingest at a URI leaves an older dataset's shards until the new manifest is
+    written), or for a dataset written before manifests listed them, the split folder's."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; use one of {SPLITS}")
-    read_manifest(data_dir)
-    files = sorted((data_dir / split).glob("*.parquet"))
-    if not files:
+    store = _store(data_dir)
+    listed = read_manifest(data_dir).get("shards")
+    if isinstance(listed, dict):
+        names = [n for n in listed.get(split, []) if isinstance(n, str) and _confined(n, split)]
+    else:
+        names = [f"{split}/{n}" for n in store.files(split) if n.endswith(".parquet")]
+    if not names:
         raise DataError(f"{data_dir}/{split} holds no shards: the split is empty; ingest more data "
                         "or change the split fractions")
-    return files
+    return store.fs, [store._path(n) for n in names]
+
+
+def _confined(name: str, split: str) -> bool:
+    """A shard name a manifest may list: ``SPLIT/FILE.parquet``, nothing outside the dataset."""
+    parts = name.split("/")
+    return len(parts) == 2 and parts[0] == split and parts[1].endswith(".parquet") and parts[1] not in ("", ".", "..")
 
 
 def read_split(data_dir: str | Path, split: str, *, columns: list[str] | None = None) -> pa.Table:
     """Read one split into memory as a pyarrow Table (no Ray), checking the schema."""
     import pyarrow.parquet as pq
 
-    tables = [pq.read_table(f, columns=columns) for f in _split_files(Path(data_dir), split)]
+    fs, files = split_files(data_dir, split)
+    tables = [pq.read_table(f, columns=columns, filesystem=fs) for f in files]
     table = pa.concat_tables(tables)
     expected = SCHEMA if columns is None else pa.schema([SCHEMA.field(c) for c in columns])
     if not table.schema.remove_metadata().equals(expected.remove_metadata()):
@@ -101,15 +147,17 @@ def read_split(data_dir: str | Path, split: str, *, columns: list[str] | None = 
 def open_split(data_dir: str | Path, split: str, *, extra_columns: list[str] = ()) -> "ray.data.Dataset":
     """One split's training columns (and ``extra_columns``, e.g. ``source``) as a Ray Dataset, one block per shard.
 
-    The driver reads the shards and puts them in the object store, so the dataset folder need
-    only exist where the search is launched (no shared file system across the cluster), and no
-    Parquet read tasks compete with training workers for CPUs.
+    The driver reads the shards (from a folder or a URI) and puts them in the object store, so the
+    dataset need only be reachable where the search is launched, and no Parquet read tasks compete
+    with training workers for CPUs. (A streamed path, Ray Data read tasks beside in-process trials,
+    hung on 2 CPUs: not shipped yet, issue 36.)
     """
     import pyarrow.parquet as pq
     import ray.data
 
     columns = [*TRAIN_COLUMNS, *extra_columns]
-    return ray.data.from_arrow([pq.read_table(f, columns=columns) for f in _split_files(Path(data_dir), split)])
+    fs, files = split_files(data_dir, split)
+    return ray.data.from_arrow([pq.read_table(f, columns=columns, filesystem=fs) for f in files])
 
 
 def label_matrix(labels) -> np.ndarray:

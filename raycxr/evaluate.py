@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from raycxr.data import read_manifest
+from raycxr.data import location, read_manifest
+from raycxr.storage import is_uri
 from raycxr.errors import ConfigError, DataError
 from raycxr.storage import write_atomic
 
@@ -58,14 +59,14 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path, *, split: str = 
                         "by this model's promote" if own and not earlier else
                         f"see DATA/holdout_reads.jsonl and {user_ledgers()}")
     splits = list(SPLITS) if split == "all" else [split]
-    parts = [split_arrays(Path(data_dir), s, spec.target) for s in splits]
+    parts = [split_arrays(data_dir, s, spec.target) for s in splits]
     y, g, src = (np.concatenate([getattr(part, f) for part in parts]) for f in ("y", "groups", "sources"))
     if len(y) == 0:
         raise DataError(f"{data_dir} ({split}) has no images with a known {spec.target} label to score")
     z = np.concatenate([target_logits(model, spec, part.images, progress=f"scoring {name}")
                         for name, part in zip(splits, parts)])
     probabilities = calibrate_logits(z, promoted.calibration)
-    result = {"data": str(Path(data_dir).resolve()), "fingerprint": manifest["fingerprint"], "split": split,
+    result = {"data": location(data_dir), "fingerprint": manifest["fingerprint"], "split": split,
               "target": spec.target, "threshold": promoted.threshold, "calibration": promoted.calibration,
               "sources": sorted(set(src)), "holdout_previously_read": len(earlier),
               "metrics": report(y, probabilities, groups=g, sources=src,
@@ -80,7 +81,8 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path, *, split: str = 
                                                   y=y, probabilities=probabilities))
     if card is not None and not own:  # the card compares internal with every external evaluation (one entry per dataset and split)
         pooled = result["metrics"]["pooled"]
-        entry = {"data": os.path.relpath(result["data"], Path(model_dir).resolve()), "fingerprint": result["fingerprint"], "split": split,
+        where = result["data"] if is_uri(result["data"]) else os.path.relpath(result["data"], Path(model_dir).resolve())
+        entry = {"data": where, "fingerprint": result["fingerprint"], "split": split,
                  "sources": result["sources"], "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                  **{k: pooled[k] for k in ("n", "positives", "auc", "accuracy", "sensitivity", "specificity")},
                  "ci95": {k: pooled["ci95"][k] for k in ("auc", "accuracy", "sensitivity", "specificity")},
@@ -128,7 +130,7 @@ def training_overlap(card: ModelCard, model_dir: str | Path, data_dir: str | Pat
                 "verdict": f"overlap with the training data not checked: the model's training data is not at "
                            f"{where} from the model folder (evaluate on the machine that holds both)"}
     theirs, their_pixels = _stored(train_dir, ("train", "val"))
-    ours, our_pixels = _stored(Path(data_dir), splits)
+    ours, our_pixels = _stored(data_dir, splits)
     seen = set(theirs)
     same = {i for i, h in enumerate(ours) if h in seen}
     views = [twin_views(img) for img in our_pixels] + [twin_views(img) for img in their_pixels]

@@ -1,11 +1,12 @@
 """ingest(): image files from dataset adapters -> patient-disjoint Parquet shards + manifest.
 
 Steps: scan every source (adapters in :mod:`raycxr.sources`), decode and resize every file in
-parallel (:mod:`raycxr.imaging`), quarantine what cannot be read (with the reason), group
-images by patient and merge groups that share an exact or near-duplicate image, assign each
-group to train / val / holdout deterministically from the seed (stratified by source and
-pneumonia label; official test lists pinned to the holdout), and write shards following
-:data:`raycxr.data.SCHEMA`.
+parallel (:mod:`raycxr.imaging`; a process pool here, or Ray tasks across a cluster) into staging
+batches (pixels are never all in memory: see BATCH), quarantine what cannot be read (with the
+reason), group images by patient and merge groups that share an exact or near-duplicate image,
+assign each group to train / val / holdout deterministically from the seed (stratified by source
+and pneumonia label; official test lists pinned to the holdout) from the small per-image facts
+alone, and write shards following :data:`raycxr.data.SCHEMA` in one pass over the staging batches.
 
 Raw patient keys and file names never leave this module: shards keep only salted hashes.
 """
@@ -46,7 +47,7 @@ _SALT_FILE = Path.home() / ".config" / "raycxr" / "salt"
 @dataclass(frozen=True)
 class IngestConfig:
     sources: dict[str, Path]
-    out: Path
+    out: Path | str  # a folder, or a URI pyarrow reaches (s3://, gs://) for a dataset every node reads
     image_size: int = 224
     resize: str = "pad"
     val_fraction: float = 0.15
@@ -60,6 +61,9 @@ class IngestConfig:
     source_options: dict[str, dict[str, str]] = field(default_factory=dict)
     allow_empty_splits: bool = False  # write a dataset whose train, val or holdout ends up empty (warns)
     max_file_mb: float = 512.0  # a larger file is quarantined unread (a chest film is a few MB; a hostile one is not)
+    resume: bool = False  # reuse the decoded batches a killed ingest of the same files left beside out
+    address: str | None = None  # decode as Ray tasks on this cluster ("local": a Ray on this machine); default
+    #                             $RAY_ADDRESS (set inside `ray job submit`), else a local process pool
 
     def __post_init__(self):
         problems = []
@@ -212,8 +216,59 @@ def _decode_alone(job: tuple) -> tuple:
         return "", None, (0, 0), None, None, _DIED
 
 
-def _decode_all(records: list[Record], cfg: IngestConfig) -> list[tuple]:
-    """Decode every record in parallel (one process per core), in order.
+# --- Decoding in batches, each written to a staging shard ---------------------------------------
+# Pixels never accumulate in memory: files are decoded BATCH at a time, each batch written to a
+# staging Parquet file beside the output (pixels plus the small per-image facts: content hash,
+# original size, dHash, twin views, quarantine reason), and only the small facts are kept for
+# grouping and splitting. The final shards are then written in one pass over the staging files.
+# Records are decoded in the order of the final shards (patient hash, source, pseudonym), so that
+# pass appends each row to its split's open shard: memory is a few shards, whatever the dataset.
+BATCH = ROWS_PER_SHARD
+STAGING_SCHEMA = pa.schema([("pos", pa.int64()), ("content_hash", pa.string()), ("image", pa.binary()),
+                            ("orig_height", pa.int32()), ("orig_width", pa.int32()), ("dhash", pa.binary()),
+                            ("twin", pa.binary()), ("reason", pa.string()), ("decoded", pa.bool_())])
+_SMALL = [n for n in STAGING_SCHEMA.names if n != "image"]
+
+
+def _staging_table(start: int, results: list[tuple]) -> pa.Table:
+    """One batch's decode results (records ``start``, ``start + 1``, ...) as a staging table."""
+    cols = {n: [] for n in STAGING_SCHEMA.names}
+    for i, (content_hash, pixels, orig, dh, twin, reason) in enumerate(results):
+        cols["pos"].append(start + i)
+        cols["content_hash"].append(content_hash)
+        cols["image"].append(pixels)
+        cols["orig_height"].append(int(orig[0]))
+        cols["orig_width"].append(int(orig[1]))
+        cols["dhash"].append(None if dh is None else np.packbits(dh).tobytes())
+        cols["twin"].append(None if twin is None else np.ascontiguousarray(twin, np.float16).tobytes())
+        cols["reason"].append(reason)
+        cols["decoded"].append(pixels is not None)
+    return pa.table(cols, schema=STAGING_SCHEMA)
+
+
+def _small_facts(table: pa.Table) -> list[tuple]:
+    """(pos, content hash, original size, dHash bits, twin views, reason, decoded) per staging row."""
+    from raycxr.dedup import TWIN_SIDE
+
+    d = table.select(_SMALL).to_pydict()
+    out = []
+    for i, pos in enumerate(d["pos"]):
+        dh, twin = d["dhash"][i], d["twin"][i]
+        out.append((pos, d["content_hash"][i], (d["orig_height"][i], d["orig_width"][i]),
+                    None if dh is None else np.unpackbits(np.frombuffer(dh, np.uint8)).astype(bool),
+                    None if twin is None else np.frombuffer(twin, np.float16).reshape(-1, TWIN_SIDE * TWIN_SIDE),
+                    d["reason"][i], d["decoded"][i]))
+    return out
+
+
+def _jobs(records: list[Record], cfg: IngestConfig) -> list[tuple]:
+    twins = cfg.twin_similarity > 0 and len(cfg.sources) > 1  # only a pool can hold another set's copies
+    return [(str(r.path), cfg.image_size, cfg.resize, r.fmt, cfg.near_duplicate_bits >= 0, twins, cfg.max_file_mb)
+            for r in records]
+
+
+def _decode_batch(jobs: list[tuple], pool_box: list, workers: int) -> list[tuple]:
+    """Decode one batch in the local process pool (``pool_box[0]``, made again if a worker died), in order.
 
     A worker that dies (the OOM killer, a crash in a native decoder) breaks Python's process pool
     and every file in flight with it. The files that were running then are the first unfinished
@@ -224,34 +279,160 @@ def _decode_all(records: list[Record], cfg: IngestConfig) -> list[tuple]:
     from concurrent.futures import as_completed
     from concurrent.futures.process import BrokenProcessPool
 
-    twins = cfg.twin_similarity > 0 and len(cfg.sources) > 1  # only a pool can hold another set's copies
-    jobs = [(str(r.path), cfg.image_size, cfg.resize, r.fmt, cfg.near_duplicate_bits >= 0, twins, cfg.max_file_mb)
-            for r in records]
-    workers = cfg.workers or os.cpu_count() or 1
-    bar = progress.bar(total=len(jobs), desc="decode", unit="img")
     results: dict[int, tuple] = {}
-    if workers == 1 or len(jobs) < 64:
-        for i, job in enumerate(jobs):
-            results[i] = _decode_one(job)
-            bar.update()
-    todo = [i for i in range(len(jobs)) if i not in results]
+    if workers == 1:
+        return [_decode_one(job) for job in jobs]
+    todo = list(range(len(jobs)))
     while todo:
+        if pool_box[0] is None:
+            pool_box[0] = ProcessPoolExecutor(max_workers=workers)
         try:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                futures = {pool.submit(_decode_one, jobs[i]): i for i in todo}
-                for fut in as_completed(futures):
-                    results[futures[fut]] = fut.result()
-                    bar.update()
+            futures = {pool_box[0].submit(_decode_one, jobs[i]): i for i in todo}
+            for fut in as_completed(futures):
+                results[futures[fut]] = fut.result()
         except BrokenProcessPool:
+            pool_box[0].shutdown(wait=False, cancel_futures=True)
+            pool_box[0] = None
             unfinished = [i for i in todo if i not in results]
             log.warning("a decode worker died; decoding the %d file(s) it may have held one at a time",
                         min(len(unfinished), workers + 1))
             for i in unfinished[:workers + 1]:
                 results[i] = _decode_alone(jobs[i])
-                bar.update()
         todo = [i for i in todo if i not in results]
-    bar.close()
     return [results[i] for i in range(len(jobs))]
+
+
+def _decode_batch_task(jobs: list[tuple], start: int) -> pa.Table:
+    """Ray task: one batch decoded on whichever node runs it; its staging table goes back to the
+    driver through the object store (the files need only be readable where the task runs)."""
+    return _staging_table(start, [_decode_one(job) for job in jobs])
+
+
+class _Staging:
+    """The staging folder of one ingest: ``batch-NNNNNN.parquet`` per decoded batch, beside ``out``
+    and named by a digest of the work (the files, their sizes and times, the decode settings), so
+    that ``--resume`` after a killed ingest reuses exactly the batches that were finished."""
+
+    def __init__(self, out: str, digest: str):
+        from raycxr.storage import RunStore
+
+        parent, _, name = out.rstrip("/").rpartition("/")
+        self.store = RunStore(f"{parent or '.'}/.{name}.staging-{digest}")
+
+    def name(self, k: int) -> str:
+        return f"batch-{k:06d}.parquet"
+
+    def done(self) -> set[int]:
+        return {int(n[6:12]) for n in self.store.files() if n.startswith("batch-") and n.endswith(".parquet")}
+
+    def write(self, k: int, table: pa.Table) -> None:
+        """Written whole or not at all (a temporary name, then a rename; an object store's put is whole)."""
+        if self.store.local is not None:
+            self.store.local.mkdir(parents=True, exist_ok=True)
+            tmp = self.store.local / f".{self.name(k)}.tmp"
+            pq.write_table(table, tmp, compression="zstd")
+            os.replace(tmp, self.store.local / self.name(k))
+        else:
+            pq.write_table(table, self.store._path(self.name(k)), filesystem=self.store.fs, compression="zstd")
+
+    def read(self, k: int, columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(self.store._path(self.name(k)), columns=columns, filesystem=self.store.fs)
+
+    def remove(self) -> None:
+        import shutil
+
+        if self.store.local is not None:
+            shutil.rmtree(self.store.local, ignore_errors=True)
+        elif self.store.exists():
+            self.store.fs.delete_dir(self.store.root)
+
+
+def _work_digest(jobs: list[tuple], salt: str, cfg: IngestConfig) -> str:
+    """What a staging folder's batches depend on: each file (path, size, modification time, format)
+    in decode order and the decode settings. A changed or added file gives another digest."""
+    h = hashlib.sha256(json.dumps([BATCH, hashlib.sha256(salt.encode()).hexdigest()]).encode())
+    for job in jobs:
+        try:
+            st = os.stat(job[0])
+            stamp = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            stamp = (-1, -1)
+        h.update(repr((job, stamp)).encode("utf-8", "surrogateescape"))
+    return h.hexdigest()[:16]
+
+
+def _decode_all(records: list[Record], cfg: IngestConfig, staging: _Staging) -> list[tuple]:
+    """Decode every record into staging batches (skipping batches a killed run finished); return the
+    small facts of every record, in order (:func:`_small_facts`). Locally in a process pool, one
+    process per core; on a Ray cluster (``cfg.address``, or $RAY_ADDRESS inside ``ray job submit``)
+    as one Ray task per batch, across the nodes."""
+    jobs = _jobs(records, cfg)
+    batches = range(0, -(-len(jobs) // BATCH))
+    finished = staging.done() & set(batches)
+    if finished:
+        log.info("resuming: %d of %d decoded batches reused from %s", len(finished), len(batches), staging.store.uri)
+    bar = progress.bar(total=len(jobs), desc="decode", unit="img")
+    bar.update(sum(min(BATCH, len(jobs) - k * BATCH) for k in finished))
+    todo = [k for k in batches if k not in finished]
+    if todo and _use_ray(cfg):
+        _decode_on_ray(jobs, todo, staging, bar, cfg)
+    elif todo:
+        workers = 1 if len(jobs) < 64 else cfg.workers or os.cpu_count() or 1  # a pool costs more than a few files
+        pool_box: list = [None]
+        try:
+            for k in todo:
+                part = jobs[k * BATCH:(k + 1) * BATCH]
+                staging.write(k, _staging_table(k * BATCH, _decode_batch(part, pool_box, workers)))
+                bar.update(len(part))
+        finally:
+            if pool_box[0] is not None:
+                pool_box[0].shutdown(cancel_futures=True)
+    bar.close()
+    facts = []
+    for k in batches:  # the small columns only: no pixels are read back here
+        facts.extend(_small_facts(staging.read(k, columns=_SMALL)))
+    return facts
+
+
+def _use_ray(cfg: IngestConfig) -> bool:
+    return bool(cfg.address or os.environ.get("RAY_ADDRESS"))
+
+
+def _decode_on_ray(jobs: list[tuple], todo: list[int], staging: _Staging, bar, cfg: IngestConfig) -> None:
+    """One Ray task per batch, at most two per CPU in flight; the driver writes each staging batch as
+    it arrives. A batch whose task died (a file that kills its decoder) is decoded again one file
+    per task, so only such a file is quarantined."""
+    import ray
+
+    from raycxr.cluster import init_ray
+
+    init_ray(address=None if cfg.address == "local" else cfg.address, num_cpus=cfg.workers or None)
+    batch_task = ray.remote(num_cpus=1, max_retries=1)(_decode_batch_task)
+    one_task = ray.remote(num_cpus=1, max_retries=0)(_decode_one)
+    slots = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    pending, queue = {}, list(todo)
+    while queue or pending:
+        while queue and len(pending) < slots:
+            k = queue.pop(0)
+            pending[batch_task.remote(jobs[k * BATCH:(k + 1) * BATCH], k * BATCH)] = k
+        (ref,), _ = ray.wait(list(pending), num_returns=1)
+        k = pending.pop(ref)
+        part = jobs[k * BATCH:(k + 1) * BATCH]
+        try:
+            table = ray.get(ref)
+        except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError):
+            log.warning("a decode task died on batch %d; decoding its %d files one task each", k, len(part))
+            results = []
+            for job in part:
+                try:
+                    results.append(ray.get(one_task.remote(job)))
+                except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError,
+                        ray.exceptions.OutOfMemoryError):
+                    results.append(("", None, (0, 0), None, None, _DIED))
+            table = _staging_table(k * BATCH, results)
+        staging.write(k, table)
+        bar.update(len(part))
+        del table
 
 
 class _UnionFind:
@@ -326,10 +507,10 @@ def _screen(records: list[Record], cfg: IngestConfig) -> tuple[list[Record], lis
     return keep, quarantine
 
 
-def _is_dataset(folder: Path) -> bool:
-    """True if ``folder`` holds a manifest written by raycxr ingest (any schema version)."""
+def _is_dataset(store) -> bool:
+    """True if ``store`` (a RunStore) holds a manifest written by raycxr ingest (any schema version)."""
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest = json.loads(store.read_text("manifest.json"))
     except (OSError, ValueError, UnicodeDecodeError):
         return False
     return isinstance(manifest, dict) and {"schema_version", "fingerprint", "params"} <= set(manifest)
@@ -401,12 +582,33 @@ def _split_of_groups(kept, hashes, uf, cfg) -> dict[str, str]:
     return out
 
 
-def _write_split(rows: list[dict], out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows.sort(key=lambda r: (r["patient_hash"], r["source"], r["path"]))
-    for i in range(0, len(rows), ROWS_PER_SHARD):
-        table = pa.Table.from_pylist(rows[i:i + ROWS_PER_SHARD], schema=SCHEMA)
-        pq.write_table(table, out_dir / f"part-{i // ROWS_PER_SHARD:05d}.parquet", compression="zstd")
+def _write_shards(staging: _Staging, n_batches: int, rows_at: dict[int, dict], put, fp8: str) -> dict[str, list[str]]:
+    """The final shards, in one pass over the staging batches: each decoded row is appended to its
+    split's open shard, written out every ROWS_PER_SHARD rows through ``put(name, table)``. Rows come
+    in decode order, which is already each split's order (patient hash, source, pseudonym), so a
+    few shards' rows are all this holds. Returns each split's shard names, in order."""
+    buffers: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    names: dict[str, list[str]] = {s: [] for s in SPLITS}
+
+    def flush(split: str) -> None:
+        name = f"{split}/part-{len(names[split]):05d}-{fp8}.parquet"
+        put(name, pa.Table.from_pylist(buffers[split], schema=SCHEMA))
+        names[split].append(name)
+        buffers[split] = []
+
+    for k in range(n_batches):
+        table = staging.read(k, columns=["pos", "image"])
+        for pos, image in zip(table.column("pos").to_pylist(), table.column("image").to_pylist()):
+            if (row := rows_at.get(pos)) is None:
+                continue
+            buffers[row["split"]].append({**row, "image": image})
+            if len(buffers[row["split"]]) == ROWS_PER_SHARD:
+                flush(row["split"])
+        del table
+    for split in SPLITS:
+        if buffers[split]:
+            flush(split)
+    return names
 
 
 def _counts(rows: list[dict]) -> dict:
@@ -449,49 +651,90 @@ def _check_splits(rows_by_split: dict[str, list[dict]], cfg: IngestConfig) -> li
             "to write it anyway" for split, rows in rows_by_split.items() if not rows]
 
 
+def _out_location(out) -> str:
+    from raycxr.storage import is_uri
+
+    text = str(out)
+    return text.rstrip("/") if is_uri(text) else str(Path(text).expanduser().resolve())
+
+
 def ingest(cfg: IngestConfig) -> IngestSummary:
-    """Build a dataset directory from ``cfg.sources``; see the module docstring.
+    """Build a dataset from ``cfg.sources``; see the module docstring.
 
-    The dataset is written into a temporary folder beside ``cfg.out`` and renamed into place at the
-    end, so a failed or interrupted ingest leaves an older dataset at ``cfg.out`` as it was.
+    ``cfg.out`` is a folder, or a URI pyarrow reaches (``s3://``, ``gs://``). A local dataset is
+    written into a temporary folder beside ``cfg.out`` and renamed into place at the end; at a URI,
+    the new shards get names of their own (the fingerprint is in them) and the manifest, which lists
+    them and is what every reader starts from, is written last. Either way a failed or interrupted
+    ingest leaves an older dataset at ``cfg.out`` as it was, and its decoded batches in a staging
+    folder beside it, which ``cfg.resume`` reuses.
     """
-    import shutil
-    import tempfile
+    from raycxr.storage import RunStore
 
-    out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not _is_dataset(out):
-        raise DataError(f"{out} exists and is not a raycxr dataset (no manifest.json written by raycxr ingest): "
+    where = _out_location(cfg.out)
+    store = RunStore(where)
+    if store.exists() and (store.files() or (store.local is not None and any(store.local.iterdir()))) \
+            and not _is_dataset(store):
+        raise DataError(f"{where} exists and is not a raycxr dataset (no manifest.json written by raycxr ingest): "
                         "nothing in it was touched; choose an empty or new --out folder")
     salt = _resolve_salt(cfg.salt)
 
     records = _scan(cfg)
     to_decode, quarantine = _screen(records, cfg)
+    # decoded in the final shards' order (see BATCH), so the shards are written in one pass
+    to_decode.sort(key=lambda r: (salted_hash(salt, r.source, r.patient_key), r.source, _pseudonym(salt, r)))
+    staging = _Staging(where, _work_digest(_jobs(to_decode, cfg), salt, cfg))
+    if not cfg.resume:
+        staging.remove()  # a killed run's batches are reused only when asked (--resume)
     kept = []
-    for rec, (content_hash, pixels, orig, dh, twin, reason) in zip(to_decode, _decode_all(to_decode, cfg)):
-        if pixels is None:
+    for rec, (pos, content_hash, orig, dh, twin, reason, decoded) in zip(to_decode,
+                                                                        _decode_all(to_decode, cfg, staging)):
+        if not decoded:
             quarantine.append({"source": rec.source, "record": rec, "reason": reason})
         else:
-            kept.append((rec, content_hash, pixels, orig, dh, twin))
+            kept.append((rec, content_hash, pos, orig, dh, twin))
     if problems := _unusable_sources(records, kept, quarantine):
         raise DataError("nothing usable from a source:\n  " + "\n  ".join(problems))
     hashes, uf, dup_stats = _groups(kept, salt, cfg)
     split_of = _split_of_groups(kept, hashes, uf, cfg)
 
     rows_by_split: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    for i, (rec, content_hash, pixels, orig, *_) in enumerate(kept):
+    rows_at: dict[int, dict] = {}  # decode position -> the row's columns but its pixels
+    for i, (rec, content_hash, pos, orig, *_) in enumerate(kept):
         split = split_of[uf.find(hashes[i])]
-        rows_by_split[split].append({
-            "image": pixels, "height": cfg.image_size, "width": cfg.image_size,
+        rows_at[pos] = row = {
+            "height": cfg.image_size, "width": cfg.image_size,
             "labels": to_vector(rec.labels), "label_detail": rec.label_detail, "view": rec.view,
             "source": rec.source, "patient_hash": hashes[i], "group_hash": uf.find(hashes[i]), "split": split,
             "path": _pseudonym(salt, rec),
             "content_hash": content_hash, "orig_height": orig[0], "orig_width": orig[1],
-        })
+        }
+        rows_by_split[split].append(row)
     if empty := _check_splits(rows_by_split, cfg):
         if not cfg.allow_empty_splits:
             raise DataError("\n  ".join(["a split would be empty:", *empty]))
         for problem in empty:
             log.warning("%s", problem.split(":")[0] + " (written anyway: --allow-empty-splits)")
+    params = _params(cfg, salt)
+    fingerprint = _fingerprint(rows_by_split, params)
+    n_batches = -(-len(to_decode) // BATCH)
+    if store.local is not None:
+        _commit_local(store.local, lambda build: _write_dataset(
+            RunStore(build), staging, n_batches, rows_at, fingerprint, cfg, params, salt, records, kept, quarantine,
+            rows_by_split, dup_stats))
+        summary = _summary(fingerprint, records, kept, quarantine, rows_by_split, dup_stats)
+    else:
+        summary = _write_dataset(store, staging, n_batches, rows_at, fingerprint, cfg, params, salt, records, kept,
+                                 quarantine, rows_by_split, dup_stats)
+    staging.remove()
+    summary.out = Path(where) if store.local is not None else where
+    return summary
+
+
+def _commit_local(out: Path, write) -> None:
+    """``write(build)`` into a temporary folder beside ``out``, then swap it into place: the old
+    dataset is moved aside and removed once the new one is in place (its holdout ledger is kept)."""
+    import shutil
+    import tempfile
 
     out.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
@@ -499,11 +742,8 @@ def ingest(cfg: IngestConfig) -> IngestSummary:
     os.umask(umask)
     build.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide a shared dataset from colleagues
     try:
-        for split, rows in rows_by_split.items():
-            _write_split(rows, build / split)
-        _write_quarantine(quarantine, build / "quarantine.csv", salt)
-        summary = _write_manifest(build, cfg, salt, records, kept, quarantine, rows_by_split, dup_stats)
-        if out.exists():  # swap: the old dataset is moved aside, then removed once the new one is in place
+        write(build)
+        if out.exists():
             from raycxr.ledger import FILE as LEDGER
 
             if (out / LEDGER).is_file():  # every earlier read of a holdout stays with the films (raycxr.ledger)
@@ -521,50 +761,84 @@ def ingest(cfg: IngestConfig) -> IngestSummary:
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise
-    summary.out = out
+
+
+def _write_dataset(store, staging: _Staging, n_batches: int, rows_at: dict, fingerprint: str, cfg: IngestConfig,
+                   params: dict, salt: str, records, kept, quarantine, rows_by_split, dup_stats) -> IngestSummary:
+    """Shards, then the manifest that lists them, then quarantine.csv; at a URI, the shards of an
+    earlier dataset there that the new manifest does not list are deleted last."""
+    if store.local is not None:
+        def put(name: str, table: pa.Table) -> None:
+            (store.local / name).parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(table, store.local / name, compression="zstd")
+    else:
+        def put(name: str, table: pa.Table) -> None:
+            pq.write_table(table, store._path(name), filesystem=store.fs, compression="zstd")
+    shards = _write_shards(staging, n_batches, rows_at, put, fingerprint[:8])
+    summary = _summary(fingerprint, records, kept, quarantine, rows_by_split, dup_stats)
+    manifest = {
+        "schema_version": SCHEMA_VERSION, "fingerprint": fingerprint, "params": params,
+        "sources": {name: {"files": n} for name, n in sorted(Counter(r.source for r in records).items())},
+        "files_in": summary.files_in, "rows_written": summary.rows_written, "quarantined": summary.quarantined,
+        "quarantine_reasons": summary.quarantine_reasons, **dup_stats,
+        "split_level": "patient (groups merged across exact and near-duplicate images, and twins across sources)",
+        "findings": list(FINDINGS), "counts": summary.counts,
+        "schema": {f.name: f.metadata[b"doc"].decode() for f in SCHEMA},
+        "shards": shards,
+    }
+    for name, text in (("manifest.json", json.dumps(manifest, indent=2) + "\n"),
+                       ("quarantine.csv", _quarantine_csv(quarantine, salt))):
+        if store.local is not None:  # inside the build folder, whose rename is the commit; the umask's mode
+            (store.local / name).write_text(text)
+        else:
+            store.write_text(name, text)
+    if store.local is None:
+        listed = {n for names in shards.values() for n in names}
+        for split in SPLITS:
+            for name in store.files(split):
+                if f"{split}/{name}" not in listed:
+                    store.delete(f"{split}/{name}")
     return summary
 
 
-def _write_manifest(out: Path, cfg: IngestConfig, salt: str, records, kept, quarantine, rows_by_split,
-                    dup_stats) -> IngestSummary:
-    counts = {split: _counts(rows) for split, rows in rows_by_split.items()}
-    params = {"image_size": cfg.image_size, "resize": cfg.resize, "val_fraction": cfg.val_fraction,
-              "holdout_fraction": cfg.holdout_fraction, "seed": cfg.seed, "views": cfg.views,
-              "near_duplicate_bits": cfg.near_duplicate_bits, "twin_similarity": cfg.twin_similarity,
-              "source_options": cfg.source_options,
-              "salt_id": hashlib.sha256(salt.encode()).hexdigest()[:8]}
+def _params(cfg: IngestConfig, salt: str) -> dict:
+    return {"image_size": cfg.image_size, "resize": cfg.resize, "val_fraction": cfg.val_fraction,
+            "holdout_fraction": cfg.holdout_fraction, "seed": cfg.seed, "views": cfg.views,
+            "near_duplicate_bits": cfg.near_duplicate_bits, "twin_similarity": cfg.twin_similarity,
+            "source_options": cfg.source_options,
+            "salt_id": hashlib.sha256(salt.encode()).hexdigest()[:8]}
+
+
+def _fingerprint(rows_by_split: dict[str, list[dict]], params: dict) -> str:
     fp = hashlib.sha256()
     for split in SPLITS:
         for r in sorted(rows_by_split[split], key=lambda r: (r["patient_hash"], r["path"])):
             fp.update(f"{split}\t{r['source']}\t{r['path']}\t{r['content_hash']}\t{r['labels']}\n".encode())
     fp.update(json.dumps(params, sort_keys=True).encode())
+    return fp.hexdigest()[:16]
+
+
+def _summary(fingerprint: str, records, kept, quarantine, rows_by_split, dup_stats) -> IngestSummary:
     reasons = dict(sorted(Counter(written_reason(q["reason"]).split(":")[0] for q in quarantine).items()))
-    summary = IngestSummary(
-        files_in=len(records), rows_written=len(kept), quarantined=len(quarantine), counts=counts,
-        quarantine_reasons=reasons, fingerprint=fp.hexdigest()[:16], out=out, **dup_stats,
+    return IngestSummary(
+        files_in=len(records), rows_written=len(kept), quarantined=len(quarantine),
+        counts={split: _counts(rows) for split, rows in rows_by_split.items()},
+        quarantine_reasons=reasons, fingerprint=fingerprint, **dup_stats,
         quarantined_files=[(q["source"], q["record"].rel_path, q["reason"]) for q in quarantine])
-    manifest = {
-        "schema_version": SCHEMA_VERSION, "fingerprint": summary.fingerprint, "params": params,
-        "sources": {name: {"files": n} for name, n in sorted(Counter(r.source for r in records).items())},
-        "files_in": summary.files_in, "rows_written": summary.rows_written, "quarantined": summary.quarantined,
-        "quarantine_reasons": reasons, **dup_stats,
-        "split_level": "patient (groups merged across exact and near-duplicate images, and twins across sources)",
-        "findings": list(FINDINGS), "counts": counts,
-        "schema": {f.name: f.metadata[b"doc"].decode() for f in SCHEMA},
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return summary
 
 
-def _write_quarantine(quarantine: list[dict], path: Path, salt: str) -> None:
+def _quarantine_csv(quarantine: list[dict], salt: str) -> str:
     """``quarantine.csv``: source, pseudonymised path, reason (:func:`written_reason`). Every skipped
     file is listed."""
+    import io
+
     rows = [{"source": q["source"], "path": _pseudonym(salt, q["record"]), "reason": written_reason(q["reason"])}
             for q in quarantine]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["source", "path", "reason"])
-        writer.writeheader()
-        writer.writerows(sorted(rows, key=lambda q: (q["source"], q["path"])))
+    f = io.StringIO(newline="")
+    writer = csv.DictWriter(f, fieldnames=["source", "path", "reason"])
+    writer.writeheader()
+    writer.writerows(sorted(rows, key=lambda q: (q["source"], q["path"])))
+    return f.getvalue()
 
 
 def api(sources: dict[str, str | Path], out: str | Path, **options) -> IngestSummary:

@@ -43,8 +43,13 @@ def split_digest(data_dir: str | Path, split: str) -> str:
 def ledger_paths(data_dir: str | Path, *, split: str, digest: str) -> list[Path]:
     """Where reads of these films are kept: beside the dataset when its folder is writable, and the
     user-level ledger of the films (by split and content digest) always."""
-    folder = Path(data_dir)
-    beside = [folder / FILE] if os.access(folder, os.W_OK) else []
+    from raycxr.storage import is_uri
+
+    if is_uri(data_dir):  # a dataset on object storage keeps its ledger there too (read, add, write back)
+        beside = [f"{str(data_dir).rstrip('/')}/{FILE}"]
+    else:
+        folder = Path(data_dir)
+        beside = [folder / FILE] if os.access(folder, os.W_OK) else []
     return beside + [user_ledgers() / f"films-{split}-{digest}.jsonl"]
 
 
@@ -60,10 +65,18 @@ def user_ledgers() -> Path:
 
 def reads(path: Path, *, split: str, digest: str) -> list[dict]:
     """The ledger's entries for these films (same split name and content digest)."""
-    if not path.is_file():
+    from raycxr.storage import RunStore, is_uri
+
+    if is_uri(path):
+        folder, _, name = str(path).rpartition("/")
+        store = RunStore(folder)
+        text = store.read_bytes(name).decode(errors="replace") if store.exists(name) else ""
+    elif not Path(path).is_file():
         return []
+    else:
+        text = Path(path).read_text(errors="replace")
     out = []
-    for line in path.read_text(errors="replace").splitlines():
+    for line in text.splitlines():
         try:
             entry = json.loads(line)
         except ValueError:
@@ -91,6 +104,12 @@ def record_read(data_dir: str | Path, *, fingerprint: str, split: str, digest: s
 
 def _append(path: Path, line: str) -> None:
     """Append one line durably; a torn last line (no newline) is ended first, never continued."""
+    from raycxr.storage import RunStore, is_uri
+
+    if is_uri(path):  # an object is replaced whole: no torn line to end
+        folder, _, name = str(path).rpartition("/")
+        RunStore(folder).append_line(name, line)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
     try:

@@ -332,14 +332,18 @@ def _card_row(row: dict, model_dir: Path) -> dict:
 
 def _relative(path: str | Path, model_dir: Path) -> str:
     """``path`` relative to the model folder (as the card stores data paths: no home folder in a card,
-    and the pair can move together)."""
+    and the pair can move together); a URI as it is."""
+    from raycxr.storage import is_uri
+
+    if is_uri(path):
+        return str(path)
     return os.path.relpath(Path(path).resolve(), model_dir.resolve())
 
 
 def _promote(cfg: PromoteConfig, *, out: Path, final: Path) -> ModelCard:
     """:func:`promote`'s work, written into ``out`` (the staging folder); ``final`` is where it will be."""
     from raycxr.card import write_model_card
-    from raycxr.data import read_manifest
+    from raycxr.data import has_manifest, location, read_manifest
     from raycxr.ledger import record_read, split_digest
     from raycxr.metrics import (bias_shift, binary_metrics, calibrate_logits, fit_calibration, fit_site_calibration,
                                 operating_points, predictive_values, prior_shift, report)
@@ -368,8 +372,8 @@ def _promote(cfg: PromoteConfig, *, out: Path, final: Path) -> ModelCard:
                           f"{run.name} had none: search again with --site, or use --select shift-auc", source="--select")
     if rule == "auto":  # a site's films say its prevalence: the fewest errors there; otherwise the balanced point
         rule = "accuracy" if select == "site" else "youden"
-    data_dir = Path(cfg.data or run.data)
-    if not (data_dir / "manifest.json").is_file():
+    data_dir = location(cfg.data or run.data)
+    if not has_manifest(data_dir):
         raise ConfigError(f"the search read its data from {data_dir}, which is not here: pass --data with this "
                           "machine's copy of that dataset (its fingerprint must match)", source="--data")
     manifest = read_manifest(data_dir)

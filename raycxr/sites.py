@@ -145,9 +145,9 @@ def plan_site(name: str, data_dir: str | Path, *, target: str, test_fraction: fl
     ConfigError, saying what to do, when the site cannot serve: another image size or resize
     policy, films shared with the search's data, a part without both classes.
     """
-    from raycxr.data import SPLITS, read_manifest, read_split
+    from raycxr.data import SPLITS, location, read_manifest, read_split
 
-    data_dir = Path(data_dir).expanduser().resolve()
+    data_dir = location(data_dir)
     where = f"--site {name}={data_dir}"
     if not 0 < test_fraction < 1:
         raise ConfigError(f"--site-test-fraction {test_fraction} must be in (0, 1), e.g. 0.5", source=where)
@@ -193,13 +193,13 @@ def plan_site(name: str, data_dir: str | Path, *, target: str, test_fraction: fl
 
 def _part_positions(site: Site, part: str, target: str, *, data: str | Path | None = None) -> tuple[Path, dict]:
     """(dataset folder, {split: row indices}) of one part of a recorded site, checked against the record."""
-    from raycxr.data import read_manifest
+    from raycxr.data import has_manifest, location, read_manifest
 
     if part not in PARTS:
         raise ValueError(f"part {part!r} is not one of {PARTS}")
-    data_dir = Path(data or site.data)
+    data_dir = location(data or site.data)
     where = f"site {site.name} ({data_dir})"
-    if not (data_dir / "manifest.json").is_file():
+    if not has_manifest(data_dir):
         raise ConfigError("is not here: pass this machine's copy of the site's dataset (same fingerprint)",
                           source=where)
     if read_manifest(data_dir)["fingerprint"] != site.fingerprint:
@@ -231,15 +231,14 @@ def site_arrays(site: Site, part: str, target: str, *, data: str | Path | None =
 def site_dataset(site: Site, part: str, target: str) -> "ray.data.Dataset":
     """One part of a site as a Ray Dataset of the training columns (what trials validate on)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
     import ray.data
 
-    from raycxr.data import TRAIN_COLUMNS, _split_files, target_labels
+    from raycxr.data import TRAIN_COLUMNS, read_split, target_labels
 
     data_dir, positions = _part_positions(site, part, target)
     tables = []
     for split, idx in positions.items():
-        table = pa.concat_tables([pq.read_table(f, columns=TRAIN_COLUMNS) for f in _split_files(data_dir, split)])
+        table = read_split(data_dir, split, columns=TRAIN_COLUMNS)
         known = np.flatnonzero(target_labels(table, target) >= 0)
         tables.append(table.take(pa.array(known[idx])))
     return ray.data.from_arrow(tables)

@@ -331,3 +331,65 @@ def test_quarantine_reasons_are_raycxrs_own_words(sample_copy, tmp_path):
     # a message raycxr did not word itself is never written
     assert written_reason("cannot identify image file '/home/alice/DOE_JOHN.png'") == "unclassified"
     assert written_reason("decoder failed (ValueError)") == "decoder failed (ValueError)"
+
+
+_KILLED_INGEST = """
+import sys
+from pathlib import Path
+import raycxr.ingest as ingest
+ingest.BATCH = 20  # small batches, so that a kill lands between two of them
+ingest.ingest(ingest.IngestConfig(sources={"kermany": Path(sys.argv[1])}, out=Path(sys.argv[2]), image_size=224,
+                                  salt="s", workers=1, resume=sys.argv[3] == "resume"))
+"""
+
+
+def test_an_ingest_killed_midway_leaves_the_old_dataset_and_resume_reuses_its_batches(sample_dir, tmp_path):
+    """A real SIGKILL of an ingest over an existing dataset: the old dataset is as it was, the
+    decoded batches stay beside it, and --resume reuses them to write what a fresh ingest writes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "data"
+    ingest(IngestConfig(sources={"kermany": sample_dir}, out=out, image_size=32, salt="s"))
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_INGEST, str(sample_dir), str(out), "fresh"])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        staged = [p for d in tmp_path.glob(".data.staging-*") for p in d.glob("batch-*.parquet")]
+        if len(staged) >= 3:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    assert proc.wait(30) == -signal.SIGKILL, "the ingest ended before it could be killed midway"
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    (staging,) = tmp_path.glob(".data.staging-*")
+    kept = {p.name: p.stat().st_mtime_ns for p in staging.glob("batch-*.parquet")}
+    assert len(kept) >= 3
+
+    subprocess.run([sys.executable, "-c", _KILLED_INGEST.replace("ingest.BATCH = 20", "ingest.BATCH = 20\n"
+                    "import logging; logging.basicConfig(level=logging.INFO)"), str(sample_dir), str(out), "resume"],
+                   check=True)
+    assert not list(tmp_path.glob(".data.staging-*")), "the staging folder is removed once the dataset is in place"
+    fresh = tmp_path / "fresh"
+    subprocess.run([sys.executable, "-c", _KILLED_INGEST, str(sample_dir), str(fresh), "fresh"], check=True)
+    assert read_manifest(out)["fingerprint"] == read_manifest(fresh)["fingerprint"]
+    for split in SPLITS:
+        assert read_split(out, split).equals(read_split(fresh, split))
+    assert (out / "manifest.json").read_text() == (fresh / "manifest.json").read_text()
+
+
+def test_shards_are_the_ones_the_manifest_lists(dataset):
+    """Readers start from the manifest's list (an ingest at a URI leaves an older dataset's shards
+    until its manifest is written): a stray shard beside them is not read."""
+    manifest = read_manifest(dataset)
+    listed = [n for names in manifest["shards"].values() for n in names]
+    assert listed and all((dataset / n).is_file() for n in listed)
+    rows = read_split(dataset, "val").num_rows
+    stray = dataset / "val" / "part-99999-ffffffff.parquet"
+    shutil.copyfile(dataset / manifest["shards"]["val"][0], stray)
+    try:
+        assert read_split(dataset, "val").num_rows == rows
+    finally:
+        stray.unlink()
