@@ -393,3 +393,22 @@ def test_shards_are_the_ones_the_manifest_lists(dataset):
         assert read_split(dataset, "val").num_rows == rows
     finally:
         stray.unlink()
+
+
+@pytest.mark.slow
+def test_an_ingest_decoded_by_ray_tasks_equals_a_local_one(sample_dir, tmp_path):
+    """--address: each batch decoded by a Ray task (a Ray of its own here, in a subprocess); the
+    manifest and every split are those of the process-pool ingest of the same files."""
+    import subprocess
+    import sys
+
+    script = _KILLED_INGEST.replace("ingest.BATCH = 20", "ingest.BATCH = 50").replace(
+        'resume=sys.argv[3] == "resume"', 'address=sys.argv[3] or None')
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    for out, address in ((tmp_path / "on-ray", "local"), (tmp_path / "here", "")):
+        subprocess.run([sys.executable, "-c", script, str(sample_dir), str(out), address], check=True, env=env,
+                       timeout=300)
+    assert (tmp_path / "on-ray" / "manifest.json").read_text() == (tmp_path / "here" / "manifest.json").read_text()
+    for split in SPLITS:
+        assert read_split(tmp_path / "on-ray", split).equals(read_split(tmp_path / "here", split))
