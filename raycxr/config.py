@@ -85,6 +85,11 @@ PARAMS: dict[str, tuple[type, Any, Any]] = {
     # training's autocast (raycxr.precision): auto = bf16 on GPUs and on CPUs with AMX/AVX512-BF16
     # (fp32 for depthwise networks on CPU, which bf16 does not speed up); validation scores in fp32
     "precision": (str, lambda v: None if v in ("auto", "fp32", "bf16") else "allowed: auto, fp32, bf16", "auto"),
+    # how a pooled train split's sources share each epoch (raycxr.train.source_weights): none (each
+    # row once), sqrt (shares proportional to sqrt(rows)) or equal (each source 1/S of the epoch);
+    # rows of a rare source are repeated, of a large one thinned, keeping about as many rows per epoch
+    "source_balance": (str, lambda v: None if v in ("none", "sqrt", "equal") else "allowed: none, sqrt, equal",
+                       "none"),
 }
 
 # The hyperparameters a trial reports, in the order tables show them: the leaderboard, each

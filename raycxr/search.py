@@ -73,7 +73,7 @@ def search_metric(objective: str) -> str:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    data: Path
+    data: str | Path                   # a dataset folder, or a URI every node reaches (s3://...)
     space: str
     name: str | None = None
     runs_dir: Path = Path("runs")
@@ -440,7 +440,7 @@ def _search(cfg: SearchConfig) -> SearchResult:
     """Run a search: where its run is and its leaderboard."""
     from ray import tune
 
-    from raycxr.data import read_manifest
+    from raycxr.data import location, read_manifest
     from raycxr.models import min_image_size
 
     if cfg.searcher not in SEARCHERS:
@@ -487,7 +487,7 @@ def _search(cfg: SearchConfig) -> SearchResult:
 
             tracking = search_callbacks(cfg.mlflow, run_name=name)
         record = RunRecord(
-            name=name, space=space.name, target=cfg.target, space_config=space.raw, data=str(Path(cfg.data).resolve()),
+            name=name, space=space.name, target=cfg.target, space_config=space.raw, data=location(cfg.data),
             data_fingerprint=manifest["fingerprint"], trials=trials, max_epochs=max_epochs, seed=space.seed,
             resources=plan, storage=store.uri, max_failures=cfg.max_failures, searcher=cfg.searcher,
             early_stopping=cfg.early_stopping and cfg.scheduler != "none", scheduler=cfg.scheduler,
@@ -628,10 +628,14 @@ def _trainable(record: RunRecord, space: SearchSpace, plan: dict, manifest: dict
 
     data = record.data
     labels = label_matrix(read_split(data, "train", columns=["labels"]).column("labels"))
-    _check_target(Path(data), record.target, labels)
+    _check_target(data, record.target, labels)
     sources = _val_sources(data)
-    # Read once into the object store, shared by every trial: epochs and trials re-read nothing.
-    train_ds = open_split(data, "train").materialize()
+    # rows per source of a pooled train split (source_balance weighs them; batches carry the source)
+    train_counts = dict(sorted(manifest["counts"]["train"]["by_source"].items()))
+    train_counts = train_counts if len(train_counts) >= 2 else {}
+    # Read once into the object store (from a folder or a URI), shared by every trial: epochs and
+    # trials re-read nothing.
+    train_ds = open_split(data, "train", extra_columns=["source"] if train_counts else []).materialize()
     val_ds = open_split(data, "val", extra_columns=["source"] if len(sources) >= 2 else []).materialize()
     site_ds = {site.name: site_dataset(site, "site-val", record.target).materialize()
                for site in record.site_records()}
@@ -645,6 +649,7 @@ def _trainable(record: RunRecord, space: SearchSpace, plan: dict, manifest: dict
                  "ingest_image_size": ingest_size, "resize": manifest["params"]["resize"],
                  "cpus_per_worker": plan["cpus_per_worker"], "select_metric": record.select_metric,
                  "sites": list(site_ds), "sources": sources if len(sources) >= 2 else [],
+                 "train_sources": list(train_counts), "train_source_counts": list(train_counts.values()),
                  "weights_dir": str(Path(space.weights_dir).expanduser().resolve()) if space.weights_dir else None,
                  "image_size": ingest_size},
     }
@@ -771,7 +776,7 @@ def _pos_weight(labels) -> list[float]:
     return [float(n / p) if p and n else 1.0 for p, n in zip(pos, neg)]
 
 
-def _check_target(data: Path, target: str, train_labels) -> None:
+def _check_target(data: str | Path, target: str, train_labels) -> None:
     from raycxr.data import label_matrix, read_split
     from raycxr.labels import FINDINGS, index
 
@@ -801,7 +806,7 @@ def api(data: str | Path, space: str | Path, **options) -> SearchResult:
     """``raycxr.search(data, space, **options)``: :func:`run_search` with keyword options (the
     fields of :class:`SearchConfig`, e.g. ``runs_dir="runs"``, ``trials=8``, ``verbosity=0``),
     returning where the run is with its leaderboard (:class:`SearchResult`)."""
-    return _search(SearchConfig(data=Path(data), space=str(space), **options))
+    return _search(SearchConfig(data=data, space=str(space), **options))
 
 
 from raycxr import callable_stage  # noqa: E402  (after api, which it calls)

@@ -12,10 +12,11 @@ Where batches come from and where reports go is a session's business:
   shard of the train split (``get_dataset_shard``) and reports with ``ray.train.report``
   (:func:`train_loop_per_worker`).
 
-Batches arrive as uint8 and are augmented on the device. A checkpoint holds ``model.safetensors``
-(the evaluated weights: the EMA average when ``ema_decay`` is set; loadable without pickle),
-``trial.json`` (what is needed to rebuild the model) and ``train_state.pt`` (optimiser, schedule and,
-with EMA, the raw weights: to resume a trial).
+Batches arrive as uint8 and are augmented on the device; a pooled train split's batches are first
+resampled by source (:class:`SourceBalancer`: ``source_balance``). A checkpoint holds
+``model.safetensors`` (the evaluated weights: the EMA average when ``ema_decay`` is set; loadable
+without pickle), ``trial.json`` (what is needed to rebuild the model) and ``train_state.pt``
+(optimiser, schedule and, with EMA, the raw weights: to resume a trial).
 """
 
 from __future__ import annotations
@@ -142,7 +143,10 @@ def _trial_config_fields():
               ("weights_dir", str | None, None), ("trial_id", str, ""),
               # what picks the best epoch (SELECTION_METRICS); the site-val datasets' names; the
               # validation split's sources when there are two or more (per-source figures)
-              ("select_metric", str, METRIC), ("sites", tuple, ()), ("sources", tuple, ())]
+              ("select_metric", str, METRIC), ("sites", tuple, ()), ("sources", tuple, ()),
+              # the train split's sources (sorted) and rows of each, when there are two or more:
+              # what source_balance weighs (source_weights)
+              ("train_sources", tuple, ()), ("train_source_counts", tuple, ())]
     return searchable, [(n, t, field(default=d[0])) if d else (n, t) for n, t, *d in static]
 
 
@@ -163,7 +167,7 @@ def _make_trial_config():
         for k, (_, _, default) in PARAMS.items():  # absent from older runs' trials: the documented default
             if values.get(k) is None and isinstance(default, (int, float, str)):
                 values[k] = default
-        for k in ("findings", "pos_weight", "sites", "sources"):
+        for k in ("findings", "pos_weight", "sites", "sources", "train_sources", "train_source_counts"):
             if k in values:
                 values[k] = tuple(values[k])
         return cls(**values)
@@ -313,6 +317,94 @@ def build_trial(cfg, *, rank: int, world: int, device, prepare=lambda m: m) -> _
     return _Trial(cfg=cfg, spec=spec, model=model, bare=bare, evaluated=ema.module if ema is not None else bare,
                   ema=ema, opt=opt, sched=sched, scaler=scaler, amp_dtype=amp_dtype, precision=precision, device=device,
                   pos_weight=pos_weight, rank=rank, world=world, gen=gen, rng=rng)
+
+
+# --- Source balance -----------------------------------------------------------------------------
+# A pooled train split can hold one source 70 times the size of another (issue 36: Kermany's 5,856
+# films beside Montgomery's 138; NIH's 112,120). `source_balance` evens their shares of each epoch
+# by resampling every batch as it streams past: a row of weight w is trained floor(w) times and once
+# more with probability frac(w), so a rare source's rows repeat and a large one's are thinned. Not a
+# global weighted sampler (torch's WeightedRandomSampler): that needs random access to the whole
+# split, and a streamed split (read block by block from storage by each worker; streaming_split
+# under DDP) is held whole by no process. A row's draw needs only its own source, so each batch on
+# each worker is resampled alone and the epoch keeps each source's share in expectation.
+SOURCE_BALANCES = ("none", "sqrt", "equal")
+
+
+def source_weights(counts, how: str) -> np.ndarray:
+    """Each source's weight: how many times, in expectation, an epoch trains one of its rows, chosen
+    so that the epoch keeps about N = sum(counts) rows. ``none``: 1; ``equal``: each of the S sources
+    gives N/S rows, w_s = N / (S n_s); ``sqrt``: shares proportional to sqrt(n_s),
+    w_s = N sqrt(n_s) / (sum_t sqrt(n_t) n_s)."""
+    if how not in SOURCE_BALANCES:
+        raise ValueError(f"unknown source_balance {how!r}; use one of {', '.join(SOURCE_BALANCES)}")
+    n = np.asarray(counts, dtype=np.float64)
+    if how == "none":
+        return np.ones(len(n))
+    share = np.where(n > 0, np.sqrt(n) if how == "sqrt" else 1.0, 0.0)
+    return np.divide(n.sum() * share / max(share.sum(), 1e-300), n, out=np.zeros(len(n)), where=n > 0)
+
+
+def balance_batch(batch: dict, weights: np.ndarray, rng: np.random.Generator, *, keep_one: bool = False) -> dict | None:
+    """``batch`` (tensors, with ``source`` codes indexing ``weights``) with each row repeated floor(w)
+    times and once more with probability frac(w), w its source's weight (1 for a code outside
+    ``weights``). None when every row was thinned away, unless ``keep_one``: then one row, drawn at
+    random, stays."""
+    import torch
+
+    # The batch's sizes depend on the draws, so the codes come to the host (a sync on a GPU).
+    codes = batch["source"].cpu().numpy()
+    known = (codes >= 0) & (codes < len(weights))
+    w = np.where(known, weights[np.where(known, codes, 0)], 1.0) if len(weights) else np.ones(len(codes))
+    repeats = np.floor(w).astype(np.int64) + (rng.random(len(w)) < w - np.floor(w))
+    if not repeats.any():
+        if not keep_one or not len(repeats):
+            return None
+        repeats[rng.integers(len(repeats))] = 1
+    index = torch.from_numpy(np.repeat(np.arange(len(repeats)), repeats)).to(batch["source"].device)
+    return {k: v[index] for k, v in batch.items()}
+
+
+class SourceBalancer:
+    """One epoch's source balance on one worker: wraps its batch iterator, resampling each batch
+    (:func:`balance_batch`, weights from ``cfg.source_balance`` over ``cfg.train_sources``), and counts
+    the rows trained per source. The draws come from a generator seeded by (trial seed, epoch, rank),
+    so an epoch, resumed or repeated, trains the same rows.
+
+    A batch thinned to nothing is skipped on one worker. Under DDP it keeps one row instead: every
+    rank must take the same number of steps, or the gradient all-reduce waits forever.
+    """
+
+    def __init__(self, cfg, *, epoch: int, rank: int, world: int, device):
+        import torch
+
+        self.sources, self.world = tuple(cfg.train_sources), world
+        self.weights = source_weights(cfg.train_source_counts, cfg.source_balance or "none")
+        self.rng = np.random.default_rng([cfg.seed, epoch, rank])
+        self.codes = torch.arange(len(self.sources), device=device)
+        # rows trained per source, summed on the device: no host sync per batch (torch.bincount
+        # would sync for its output size)
+        self.rows = torch.zeros(len(self.sources), dtype=torch.int64, device=device)
+
+    def __call__(self, batches):
+        resample = bool((self.weights != 1).any())
+        for batch in batches:
+            if resample and (batch := balance_batch(batch, self.weights, self.rng, keep_one=self.world > 1)) is None:
+                continue
+            self.rows += (batch["source"][:, None] == self.codes).sum(0)
+            yield batch
+
+    def metrics(self) -> dict:
+        """``source_weight/NAME`` and ``train_rows/NAME`` (over every worker of the trial). Every rank
+        calls it (an all-reduce under DDP)."""
+        rows = self.rows.clone()
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(rows)
+        out = {f"source_weight/{s}": float(w) for s, w in zip(self.sources, self.weights)}
+        out.update({f"train_rows/{s}": int(n) for s, n in zip(self.sources, rows.tolist())})
+        return out
 
 
 def train_one_epoch(t: _Trial, batches) -> dict:
@@ -589,15 +681,22 @@ def run_loop(cfg, session) -> None:
 
     record = CheckpointRecord(spec=t.spec, hyperparameters=cfg.hyperparameters(), seed=cfg.seed)
     collate, val_collate = _collate_fn(), _collate_fn(cfg.sources)
+    # a pooled train split's batches carry source codes: source_balance resamples by them
+    train_collate = _collate_fn(cfg.train_sources)
+    pooled = len(cfg.train_sources) >= 2
     cuda = t.device.type == "cuda"
     latency_ms = None  # of the model's ONNX export on this machine's CPU, measured once after the first epoch
     for epoch in range(start_epoch, cfg.max_epochs):
         # Ray moves each collated batch to the training device in its prefetch thread (pinned
         # host memory first on a GPU), so the loop finds it there.
-        metrics = train_one_epoch(t, session.train.iter_torch_batches(
-            batch_size=cfg.batch_size, collate_fn=collate, local_shuffle_buffer_size=max(4 * cfg.batch_size, 256),
+        batches = session.train.iter_torch_batches(
+            batch_size=cfg.batch_size, collate_fn=train_collate, local_shuffle_buffer_size=max(4 * cfg.batch_size, 256),
             local_shuffle_seed=cfg.seed * 1000 + epoch, prefetch_batches=_PREFETCH_BATCHES, drop_last=False,
-            pin_memory=cuda, device=t.device))
+            pin_memory=cuda, device=t.device)
+        balancer = SourceBalancer(cfg, epoch=epoch, rank=t.rank, world=t.world, device=t.device) if pooled else None
+        metrics = train_one_epoch(t, balancer(batches) if balancer else batches)
+        if balancer:
+            metrics.update(balancer.metrics())
         metrics.update({"epoch": epoch + 1, "resumed_from_epoch": start_epoch, "world_size": t.world,
                         "device": t.device.type, "nodes": _worker_nodes(t.world),
                         "precision": t.precision.name, "channels_last": t.precision.channels_last})

@@ -37,6 +37,8 @@ def test_defaults_fill_unset_params():
     ({"lr": {"normal": [0, 1]}}, ["params.lr: {'normal': [0, 1]} must be a value, a list, or one of"]),
     ({"ema_decay": [0.0, 0.5]}, ["params.ema_decay.choice[1]: 0.5 is invalid; must be 0 (off) or in [0.9, 1)"]),
     ({"mixup": -0.2}, ["params.mixup: -0.2 is invalid; must be in 0..2 (0: off)"]),
+    ({"source_balance": ["none", "inverse"]},
+     ["params.source_balance.choice[1]: 'inverse' is invalid; allowed: none, sqrt, equal"]),
 ])
 def test_param_errors_name_key_and_allowed_values(params, expected):
     raw = {**GOOD, "params": {**GOOD["params"], **params}}

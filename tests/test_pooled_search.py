@@ -1,6 +1,7 @@
-"""Every adapter pooled -> a search trained with masked labels -> promote; no PHI anywhere."""
+"""Every adapter pooled -> a search trained with masked labels and balanced sources -> promote; no PHI anywhere."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -36,8 +37,10 @@ def test_pooled_sources_search_and_promote_without_phi(ray_local, tmp_path):
         argv += ["--source", f"{key}={path}"]
     assert main(argv) == 0
     space = tmp_path / "s.yaml"
-    space.write_text("trials: 1\nmax_epochs: 1\nparams: {model: test_resnet, image_size: 32, lr: 0.003}\n")
+    space.write_text("trials: 1\nmax_epochs: 1\n"
+                     "params: {model: test_resnet, image_size: 32, lr: 0.003, source_balance: equal}\n")
     assert main(["search", "--data", str(data), "--space", str(space), "--name", "pool", "--runs-dir", str(runs)]) == 0
+    _check_equal_source_balance(data, runs / "pool")
     assert main(["promote", "--run", str(runs / "pool"), "--out", str(model), "--bootstrap", "50"]) == 0
 
     card = json.loads((model / "model_card.json").read_text())
@@ -58,3 +61,25 @@ def test_pooled_sources_search_and_promote_without_phi(ray_local, tmp_path):
     ray_logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
     for folder in (data, runs, model, saliency, ray_logs):
         assert find_phi(folder) == [], folder
+
+
+def _check_equal_source_balance(data, run):
+    """``source_balance: equal``: the epoch's reported weight of each train source is N / (S n_s), and
+    its rows trained n_s floor(w) plus a binomial(n_s, frac(w)) count: within its bounds and 5
+    standard deviations of N / S."""
+    from raycxr.data import read_manifest
+    from raycxr.runs import run_history
+
+    counts = read_manifest(data)["counts"]["train"]["by_source"]
+    assert len(counts) >= 2
+    history = run_history(run)
+    (row,) = history.board
+    assert row["source_balance"] == "equal" and row["status"] == "ok"
+    epoch = history.frames[row["trial_id"]].iloc[-1]
+    total, n_sources = sum(counts.values()), len(counts)
+    for src, n in counts.items():
+        w = total / (n_sources * n)
+        assert epoch[f"source_weight/{src}"] == pytest.approx(w, rel=1e-9)
+        trained, frac = int(epoch[f"train_rows/{src}"]), w - math.floor(w)
+        assert n * math.floor(w) <= trained <= n * math.ceil(w), (src, n, w, trained)
+        assert abs(trained - total / n_sources) <= 5 * math.sqrt(n * frac * (1 - frac)) + 1e-9, (src, n, w, trained)

@@ -109,3 +109,99 @@ def test_a_resumed_trial_whose_checkpoint_ray_deleted_resumes_from_the_newest_it
     for name in ("checkpoint_000000", "checkpoint_000002", "checkpoint_000003"):
         shutil.rmtree(trial / name)
     assert surviving_checkpoint(gone) is None
+
+
+# --- source_balance: the weights and the per-batch sampler on a stream of batches ---------------
+
+COUNTS = {"a": 7000, "b": 100}  # one source 70 times the other (issue 36)
+N = sum(COUNTS.values())
+
+
+def _stream(counts=COUNTS, *, batch_size=32, seed=0):
+    """A pooled train split as the loop meets it: a generator of collated batches in shuffled order,
+    never a list (the sampler must not need the whole split). "row" names each row."""
+    codes = np.concatenate([np.full(n, i) for i, n in enumerate(counts.values())])
+    order = np.random.default_rng(seed).permutation(len(codes))
+    for i in range(0, len(order), batch_size):
+        rows = torch.from_numpy(order[i:i + batch_size])
+        yield {"image": torch.zeros(len(rows), 1, 4, 4, dtype=torch.uint8), "row": rows,
+               "labels": torch.zeros(len(rows), len(FINDINGS)), "source": torch.from_numpy(codes)[rows]}
+
+
+def _balancer(how, *, epoch=0, rank=0, world=1, counts=COUNTS):
+    from raycxr.train import SourceBalancer
+
+    cfg = TrialConfig.from_tune(_tune_config(source_balance=how, train_sources=list(counts),
+                                             train_source_counts=list(counts.values())))
+    return SourceBalancer(cfg, epoch=epoch, rank=rank, world=world, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("how, expected", [
+    ("none", [1.0, 1.0]),
+    ("equal", [N / (2 * 7000), N / (2 * 100)]),  # each source N/2 rows
+    ("sqrt", [N * 7000**0.5 / ((7000**0.5 + 10) * 7000), N * 10 / ((7000**0.5 + 10) * 100)]),
+])
+def test_source_weights_keep_the_epoch_size_and_set_each_share(how, expected):
+    from raycxr.train import source_weights
+
+    w = source_weights(list(COUNTS.values()), how)
+    np.testing.assert_allclose(w, expected, rtol=1e-12)
+    assert float(np.dot(w, list(COUNTS.values()))) == pytest.approx(N)
+    with pytest.raises(ValueError, match="none, sqrt, equal"):
+        source_weights([1, 2], "inverse")
+
+
+@pytest.mark.parametrize("how, share", [
+    ("equal", {"a": 0.5, "b": 0.5}),
+    ("sqrt", {"a": 7000**0.5 / (7000**0.5 + 10), "b": 10 / (7000**0.5 + 10)}),  # ~ sqrt(70) : 1
+])
+def test_a_balanced_stream_gives_each_source_its_share_of_the_epoch(how, share):
+    """Over a stream of batches each source trains about its share of N rows: within 5 standard
+    deviations of the binomial draws (a row of weight w is trained floor(w) times, plus once with
+    probability frac(w)), and each row floor(w) or ceil(w) times."""
+    balancer = _balancer(how)
+    batches = list(balancer(_stream()))
+    assert all(len(b["row"]) > 0 and len(b["row"]) == len(b["image"]) == len(b["labels"]) for b in batches)
+    rows = torch.cat([b["row"] for b in batches]).numpy()
+    codes = torch.cat([b["source"] for b in batches]).numpy()
+    times = np.bincount(rows, minlength=N)
+    metrics = balancer.metrics()
+    for i, (src, n) in enumerate(COUNTS.items()):
+        w = metrics[f"source_weight/{src}"]
+        assert n * w == pytest.approx(N * share[src])
+        frac = w - np.floor(w)
+        sd = (n * frac * (1 - frac)) ** 0.5
+        trained = int((codes == i).sum())
+        assert abs(trained - N * share[src]) <= 5 * sd, (src, trained, N * share[src], sd)
+        assert metrics[f"train_rows/{src}"] == trained
+        mine = times[:7000] if src == "a" else times[7000:]
+        assert set(np.unique(mine)) <= {int(np.floor(w)), int(np.ceil(w))}
+
+
+def test_none_trains_every_row_once_and_the_same_seed_draws_the_same_rows():
+    balancer = _balancer("none")
+    rows = torch.cat([b["row"] for b in balancer(_stream())]).numpy()
+    np.testing.assert_array_equal(np.sort(rows), np.arange(N))
+    assert balancer.metrics() == {"source_weight/a": 1.0, "source_weight/b": 1.0,
+                                  "train_rows/a": 7000, "train_rows/b": 100}
+
+    def drawn(**kw):
+        return torch.cat([b["row"] for b in _balancer("equal", **kw)(_stream())]).numpy()
+
+    first = drawn()
+    np.testing.assert_array_equal(first, drawn())  # (seed, epoch, rank) fixes the draws
+    for other in (drawn(epoch=1), drawn(rank=1)):
+        assert len(other) != len(first) or (other != first).any()
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_batch_thinned_to_nothing_is_skipped_on_one_worker_and_keeps_one_row_under_ddp(world):
+    """One-row batches of the large source (weight ~0.51 under equal): on one worker about half are
+    dropped; under DDP every batch stays a step (each rank must take as many as the others)."""
+    kept = list(_balancer("equal", world=world)(_stream({"a": 400}, batch_size=1)))
+    assert all(len(b["row"]) == 1 for b in kept)
+    if world == 1:
+        w = N / (2 * 7000)
+        assert abs(len(kept) - 400 * w) <= 5 * (400 * w * (1 - w)) ** 0.5
+    else:
+        assert len(kept) == 400
