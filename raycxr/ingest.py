@@ -347,7 +347,7 @@ class _Staging:
             self.store.fs.delete_dir(self.store.root)
 
 
-def _work_digest(jobs: list[tuple], salt: str, cfg: IngestConfig) -> str:
+def _work_digest(jobs: list[tuple], salt: str) -> str:
     """What a staging folder's batches depend on: each file (path, size, modification time, format)
     in decode order and the decode settings. A changed or added file gives another digest."""
     h = hashlib.sha256(json.dumps([BATCH, hashlib.sha256(salt.encode()).hexdigest()]).encode())
@@ -361,12 +361,11 @@ def _work_digest(jobs: list[tuple], salt: str, cfg: IngestConfig) -> str:
     return h.hexdigest()[:16]
 
 
-def _decode_all(records: list[Record], cfg: IngestConfig, staging: _Staging) -> list[tuple]:
-    """Decode every record into staging batches (skipping batches a killed run finished); return the
+def _decode_all(jobs: list[tuple], cfg: IngestConfig, staging: _Staging) -> list[tuple]:
+    """Decode every record's job (:func:`_jobs`) into staging batches (skipping batches a killed run finished); return the
     small facts of every record, in order (:func:`_small_facts`). Locally in a process pool, one
     process per core; on a Ray cluster (``cfg.address``, or $RAY_ADDRESS inside ``ray job submit``)
     as one Ray task per batch, across the nodes."""
-    jobs = _jobs(records, cfg)
     batches = range(0, -(-len(jobs) // BATCH))
     finished = staging.done() & set(batches)
     if finished:
@@ -410,6 +409,7 @@ def _decode_on_ray(jobs: list[tuple], todo: list[int], staging: _Staging, bar, c
     batch_task = ray.remote(num_cpus=1, max_retries=1)(_decode_batch_task)
     one_task = ray.remote(num_cpus=1, max_retries=0)(_decode_one)
     slots = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    died = (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError)
     pending, queue = {}, list(todo)
     while queue or pending:
         while queue and len(pending) < slots:
@@ -420,14 +420,13 @@ def _decode_on_ray(jobs: list[tuple], todo: list[int], staging: _Staging, bar, c
         part = jobs[k * BATCH:(k + 1) * BATCH]
         try:
             table = ray.get(ref)
-        except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError):
+        except died:
             log.warning("a decode task died on batch %d; decoding its %d files one task each", k, len(part))
             results = []
             for job in part:
                 try:
                     results.append(ray.get(one_task.remote(job)))
-                except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError,
-                        ray.exceptions.OutOfMemoryError):
+                except died:
                     results.append(("", None, (0, 0), None, None, _DIED))
             table = _staging_table(k * BATCH, results)
         staging.write(k, table)
@@ -651,13 +650,6 @@ def _check_splits(rows_by_split: dict[str, list[dict]], cfg: IngestConfig) -> li
             "to write it anyway" for split, rows in rows_by_split.items() if not rows]
 
 
-def _out_location(out) -> str:
-    from raycxr.storage import is_uri
-
-    text = str(out)
-    return text.rstrip("/") if is_uri(text) else str(Path(text).expanduser().resolve())
-
-
 def ingest(cfg: IngestConfig) -> IngestSummary:
     """Build a dataset from ``cfg.sources``; see the module docstring.
 
@@ -668,9 +660,10 @@ def ingest(cfg: IngestConfig) -> IngestSummary:
     ingest leaves an older dataset at ``cfg.out`` as it was, and its decoded batches in a staging
     folder beside it, which ``cfg.resume`` reuses.
     """
+    from raycxr.data import location
     from raycxr.storage import RunStore
 
-    where = _out_location(cfg.out)
+    where = location(cfg.out)
     store = RunStore(where)
     if store.exists() and (store.files() or (store.local is not None and any(store.local.iterdir()))) \
             and not _is_dataset(store):
@@ -682,12 +675,13 @@ def ingest(cfg: IngestConfig) -> IngestSummary:
     to_decode, quarantine = _screen(records, cfg)
     # decoded in the final shards' order (see BATCH), so the shards are written in one pass
     to_decode.sort(key=lambda r: (salted_hash(salt, r.source, r.patient_key), r.source, _pseudonym(salt, r)))
-    staging = _Staging(where, _work_digest(_jobs(to_decode, cfg), salt, cfg))
+    jobs = _jobs(to_decode, cfg)
+    staging = _Staging(where, _work_digest(jobs, salt))
     if not cfg.resume:
         staging.remove()  # a killed run's batches are reused only when asked (--resume)
     kept = []
     for rec, (pos, content_hash, orig, dh, twin, reason, decoded) in zip(to_decode,
-                                                                        _decode_all(to_decode, cfg, staging)):
+                                                                        _decode_all(jobs, cfg, staging)):
         if not decoded:
             quarantine.append({"source": rec.source, "record": rec, "reason": reason})
         else:
@@ -717,22 +711,21 @@ def ingest(cfg: IngestConfig) -> IngestSummary:
     params = _params(cfg, salt)
     fingerprint = _fingerprint(rows_by_split, params)
     n_batches = -(-len(to_decode) // BATCH)
-    if store.local is not None:
-        _commit_local(store.local, lambda build: _write_dataset(
-            RunStore(build), staging, n_batches, rows_at, fingerprint, cfg, params, salt, records, kept, quarantine,
-            rows_by_split, dup_stats))
-        summary = _summary(fingerprint, records, kept, quarantine, rows_by_split, dup_stats)
-    else:
-        summary = _write_dataset(store, staging, n_batches, rows_at, fingerprint, cfg, params, salt, records, kept,
-                                 quarantine, rows_by_split, dup_stats)
+    def write(target) -> IngestSummary:
+        return _write_dataset(target, staging, n_batches, rows_at, fingerprint, cfg, params, salt, records, kept,
+                              quarantine, rows_by_split, dup_stats)
+
+    summary = (_commit_local(store.local, lambda build: write(RunStore(build))) if store.local is not None
+               else write(store))
     staging.remove()
     summary.out = Path(where) if store.local is not None else where
     return summary
 
 
-def _commit_local(out: Path, write) -> None:
+def _commit_local(out: Path, write):
     """``write(build)`` into a temporary folder beside ``out``, then swap it into place: the old
-    dataset is moved aside and removed once the new one is in place (its holdout ledger is kept)."""
+    dataset is moved aside and removed once the new one is in place (its holdout ledger is kept).
+    Returns what ``write`` returned."""
     import shutil
     import tempfile
 
@@ -742,7 +735,7 @@ def _commit_local(out: Path, write) -> None:
     os.umask(umask)
     build.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide a shared dataset from colleagues
     try:
-        write(build)
+        written = write(build)
         if out.exists():
             from raycxr.ledger import FILE as LEDGER
 
@@ -761,6 +754,7 @@ def _commit_local(out: Path, write) -> None:
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise
+    return written
 
 
 def _write_dataset(store, staging: _Staging, n_batches: int, rows_at: dict, fingerprint: str, cfg: IngestConfig,
