@@ -56,6 +56,8 @@ def _equalizations():
     return EQUALIZATIONS
 
 
+# source_balance's choices (raycxr.train.source_weights gives each its weights)
+SOURCE_BALANCES = ("none", "sqrt", "equal")
 # param -> (python type, check(value) -> problem or None, default or REQUIRED)
 _REQUIRED = object()
 PARAMS: dict[str, tuple[type, Any, Any]] = {
@@ -88,7 +90,7 @@ PARAMS: dict[str, tuple[type, Any, Any]] = {
     # how a pooled train split's sources share each epoch (raycxr.train.source_weights): none (each
     # row once), sqrt (shares proportional to sqrt(rows)) or equal (each source 1/S of the epoch);
     # rows of a rare source are repeated, of a large one thinned, keeping about as many rows per epoch
-    "source_balance": (str, lambda v: None if v in ("none", "sqrt", "equal") else "allowed: none, sqrt, equal",
+    "source_balance": (str, lambda v: None if v in SOURCE_BALANCES else f"allowed: {', '.join(SOURCE_BALANCES)}",
                        "none"),
 }
 

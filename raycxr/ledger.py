@@ -65,11 +65,10 @@ def user_ledgers() -> Path:
 
 def reads(path: Path, *, split: str, digest: str) -> list[dict]:
     """The ledger's entries for these films (same split name and content digest)."""
-    from raycxr.storage import RunStore, is_uri
+    from raycxr.storage import is_uri
 
     if is_uri(path):
-        folder, _, name = str(path).rpartition("/")
-        store = RunStore(folder)
+        store, name = _on_storage(path)
         text = store.read_bytes(name).decode(errors="replace") if store.exists(name) else ""
     elif not Path(path).is_file():
         return []
@@ -102,13 +101,21 @@ def record_read(data_dir: str | Path, *, fingerprint: str, split: str, digest: s
     return sorted(earlier.values(), key=lambda e: str(e.get("time")))
 
 
+def _on_storage(uri: str):
+    """(the RunStore of a ledger's folder on object storage, the ledger's name in it)."""
+    from raycxr.storage import RunStore
+
+    folder, _, name = str(uri).rpartition("/")
+    return RunStore(folder), name
+
+
 def _append(path: Path, line: str) -> None:
     """Append one line durably; a torn last line (no newline) is ended first, never continued."""
-    from raycxr.storage import RunStore, is_uri
+    from raycxr.storage import is_uri
 
     if is_uri(path):  # an object is replaced whole: no torn line to end
-        folder, _, name = str(path).rpartition("/")
-        RunStore(folder).append_line(name, line)
+        store, name = _on_storage(path)
+        store.append_line(name, line)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from raycxr.config import HYPERPARAMETERS
+from raycxr.config import HYPERPARAMETERS, SOURCE_BALANCES
 from raycxr.errors import ConfigError
 from raycxr.models import SCHEMA_VERSION, ModelSpec
 
@@ -328,7 +328,6 @@ def build_trial(cfg, *, rank: int, world: int, device, prepare=lambda m: m) -> _
 # split, and a streamed split (read block by block from storage by each worker; streaming_split
 # under DDP) is held whole by no process. A row's draw needs only its own source, so each batch on
 # each worker is resampled alone and the epoch keeps each source's share in expectation.
-SOURCE_BALANCES = ("none", "sqrt", "equal")
 
 
 def source_weights(counts, how: str) -> np.ndarray:
