@@ -116,55 +116,107 @@ def twin_views(image: np.ndarray) -> np.ndarray:
     return np.stack([_thumb(v) for v in views]).astype(np.float16)
 
 
+TWIN_INDEX = ("auto", "exact", "ivf")
+# Above this many centre-square x view comparisons for one source (about half a second exact on two
+# cores), "auto" searches an inverted-file index instead: already 2x faster at Kermany224 x
+# PneumoniaMNIST (4e8), 3x at 5k x 50k films, with the same pairs (BENCHMARKS.md "Twins at scale").
+EXACT_COMPARISONS = 100_000_000
+IVF_NEIGHBOURS = 16  # images kept per query view; the margin rule keeps only the best of them
+IVF_PROBES = 16
+
+
 def cross_source_twins(views: list[np.ndarray], sources: list[str], *,
                        min_similarity: float = TWIN_SIMILARITY, margin: float = 0.01,
-                       block: int = 512) -> list[tuple[int, int, float]]:
+                       block: int = 512, index: str = "auto") -> list[tuple[int, int, float]]:
     """Pairs (i, j, similarity) of images from different sources that are copies of one film:
     i's centre square against every view of j (and the reverse) at ``min_similarity`` or more, and
     within ``margin`` of the best match of both i and j.
 
-    Exact, chunked matrix products of each source's centre squares against the other sources'
-    views: about 30 s for Kermany224 x PneumoniaMNIST (5,232 x 5,232 images) on two cores, far less
-    when one source is small. Images of one source are never compared here (dHash covers them).
-    Images of one source with identical descriptors are compared once: each copy is paired with
-    the other side's first image only, so the pairs grow linearly in the copies, not as their square.
+    For each source, its images' centre squares are the bank and every view of the other sources'
+    images a query. ``index="exact"`` compares every pair in chunked matrix products (Kermany224 x
+    PneumoniaMNIST, 5,232 x 5,232 images: about 5 s on two cores); ``"ivf"`` searches a FAISS
+    inverted-file index of the bank (k-means cells, IVF_PROBES cells probed, the IVF_NEIGHBOURS
+    nearest images per query), so the time grows about as the queries times the square root of the
+    bank instead of their product (10k x 100k films: 24 s against 123 s exact, the same pairs; NIH
+    x MIMIC-CXR on paper: a minute or two against about 45 minutes); ``"auto"`` picks exact below
+    EXACT_COMPARISONS per source. Images of one source are never compared here
+    (dHash covers them). Images of one source with identical descriptors are compared once: each
+    copy is paired with the other side's first image only, so the pairs grow linearly in the
+    copies, not as their square.
     """
+    if index not in TWIN_INDEX:
+        raise ValueError(f"twin index {index!r}: choose one of {', '.join(TWIN_INDEX)}")
     reps, rep_of = _distinct((s, v.tobytes()) for s, v in zip(sources, views))
     if len(reps) == len(views):
-        return _twins_of_distinct(views, sources, min_similarity=min_similarity, margin=margin, block=block)
+        return _twins_of_distinct(views, sources, min_similarity=min_similarity, margin=margin, block=block,
+                                  index=index)
     copies = defaultdict(list)
     for i, r in enumerate(rep_of):
         copies[r].append(i)
     out: dict[tuple[int, int], float] = {}
     for a, b, sim in _twins_of_distinct([views[r] for r in reps], [sources[r] for r in reps],
-                                        min_similarity=min_similarity, margin=margin, block=block):
+                                        min_similarity=min_similarity, margin=margin, block=block, index=index):
         u, v = reps[a], reps[b]
         for i, j in [(c, v) for c in copies[u]] + [(u, c) for c in copies[v]]:
             out[(min(i, j), max(i, j))] = sim
     return [(i, j, s) for (i, j), s in sorted(out.items())]
 
 
+def _blocks(views: np.ndarray, rows: np.ndarray, block: int):
+    """(offset, float32 rows) of ``views[rows]`` a block at a time: the float16 views are gathered
+    and widened one block at a time, never all at once."""
+    for start in range(0, len(rows), block):
+        yield start, views[rows[start:start + block]].astype(np.float32)
+
+
+def _exact_matches(bank: np.ndarray, views: np.ndarray, rows: np.ndarray, min_similarity: float, block: int):
+    """(query, bank row, similarity) of every query view ``views[rows]`` and bank row at
+    ``min_similarity`` or more."""
+    theirs = np.ascontiguousarray(bank.T)
+    for start, queries in _blocks(views, rows, block):
+        sim = queries @ theirs
+        a, b = np.nonzero(sim >= min_similarity)
+        yield a + start, b, sim[a, b]
+
+
+def _ivf_matches(bank: np.ndarray, views: np.ndarray, rows: np.ndarray, min_similarity: float, block: int):
+    """As :func:`_exact_matches`, among each query's IVF_NEIGHBOURS nearest bank rows in an
+    inverted-file index (k-means seeded, so the same inputs give the same pairs)."""
+    import faiss
+
+    d = bank.shape[1]
+    cells = int(np.clip(round(4 * np.sqrt(len(bank))), 1, max(1, len(bank) // 39)))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, cells, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = 1234
+    index.train(bank)
+    index.add(bank)
+    index.nprobe = min(cells, IVF_PROBES)
+    k = min(IVF_NEIGHBOURS, len(bank))
+    for start, queries in _blocks(views, rows, 32 * block):
+        sim, found = index.search(queries, k)
+        a, b = np.nonzero((sim >= min_similarity) & (found >= 0))
+        yield a + start, found[a, b], sim[a, b]
+
+
 def _twins_of_distinct(views: list[np.ndarray], sources: list[str], *, min_similarity: float, margin: float,
-                       block: int) -> list[tuple[int, int, float]]:
+                       block: int, index: str) -> list[tuple[int, int, float]]:
     """:func:`cross_source_twins` over images whose descriptors are distinct within each source."""
     src = np.asarray(sources)
     if len(views) < 2 or len(set(sources)) < 2:
         return []
     owner = np.concatenate([np.full(len(v), i) for i, v in enumerate(views)])
-    bank = np.concatenate(views).astype(np.float32)                      # every view of every image
-    queries = np.stack([v[0] for v in views]).astype(np.float32)          # each image's centre square
+    every_view = np.concatenate(views)                                       # every view of every image
+    centres = np.stack([v[0] for v in views]).astype(np.float32)             # each image's centre square
     best: dict[tuple[int, int], float] = {}
     for source in sorted(set(sources)):
         mine = np.flatnonzero(src == source)
         others = np.flatnonzero(src[owner] != source)
-        theirs = bank[others].T  # gathered once per source, not once per block
-        for start in range(0, len(mine), block):
-            rows = mine[start:start + block]
-            sim = queries[rows] @ theirs
-            for a, b in zip(*np.nonzero(sim >= min_similarity)):
-                i, j = int(rows[a]), int(owner[others[b]])
+        exact = index == "exact" or (index == "auto" and len(mine) * len(others) <= EXACT_COMPARISONS)
+        search = _exact_matches if exact else _ivf_matches
+        for q, b, sims in search(centres[mine], every_view, others, min_similarity, block):
+            for i, j, s in zip(owner[others[q]].tolist(), mine[b].tolist(), sims.tolist()):
                 key = (min(i, j), max(i, j))
-                best[key] = max(best.get(key, -1.0), float(sim[a, b]))
+                best[key] = max(best.get(key, -1.0), s)
     # A copy is one film's: keep a pair only if it is (within ``margin``) the best match of both its
     # images. Two children's films that look alike at 16 px score lower than each one's true copy,
     # and left in, such pairs would chain unrelated patients into one ever larger group.

@@ -42,14 +42,15 @@ def _squashed_copy(film: np.ndarray) -> np.ndarray:
     return np.asarray(Image.open(buf).convert("L"))
 
 
+@pytest.mark.parametrize("index", ["exact", "ivf"])
 @pytest.mark.parametrize("aspect", [1.0, 1.25, 1.6])
-def test_each_copy_finds_its_own_film_and_no_other(aspect):
+def test_each_copy_finds_its_own_film_and_no_other(aspect, index):
     films = _films(40, aspect)
     for copies in ([_mnist_copy(f) for f in films], [_squashed_copy(f) for f in films]):
         # the hardest case too: MNIST copy against the squashed copy (both lost the true aspect)
         for left, right in ((films, copies), ([_mnist_copy(f) for f in films], [_squashed_copy(f) for f in films])):
             views = [twin_views(a) for a in left + right]
-            pairs = cross_source_twins(views, ["a"] * len(left) + ["b"] * len(right))
+            pairs = cross_source_twins(views, ["a"] * len(left) + ["b"] * len(right), index=index)
             found = {(i, j - len(left)) for i, j, _ in pairs}
             assert found == {(k, k) for k in range(len(films))}, sorted(found)
 
@@ -106,18 +107,44 @@ def test_with_our_splits_for_medmnist_every_film_shares_the_split_of_its_copy(tm
     assert films == copies and set(films) == {"train", "val", "holdout"}, (films, copies)
 
 
-def test_the_real_kermany_val_films_each_find_their_one_pneumoniamnist_copy():
+@pytest.mark.parametrize("index", ["exact", "ivf"])
+def test_the_real_kermany_val_films_each_find_their_one_pneumoniamnist_copy(index):
     """The 16 films of Kermany's official val split, at full size and true aspect, against the
-    5,232 real PneumoniaMNIST train+val images (which include them): one twin each."""
+    5,232 real PneumoniaMNIST train+val images (which include them): one twin each, exactly and
+    through the inverted-file index (whose MNIST bank has 134 k-means cells, 16 probed)."""
     from raycxr.imaging import read_image
 
     npz = np.load(shared("pneumoniamnist/pneumoniamnist_trainval.npz"))
     mnist = list(np.concatenate([npz["train_images"], npz["val_images"]]))
     films = [read_image(f) for f in sorted(glob.glob(str(shared("kermany-val-original") / "*" / "*.jpeg")))]
     views = [twin_views(a) for a in films + mnist]
-    pairs = cross_source_twins(views, ["kermany"] * len(films) + ["mnist"] * len(mnist))
+    pairs = cross_source_twins(views, ["kermany"] * len(films) + ["mnist"] * len(mnist), index=index)
     per_film = {i: [j for a, j, _ in pairs if a == i] for i in range(len(films))}
     assert len(films) == 16 and all(len(v) == 1 for v in per_film.values()), per_film
+
+
+def test_the_index_finds_the_pairs_exact_matching_finds_on_real_twins():
+    """1,500 real Kermany224 train films against the 5,232 real PneumoniaMNIST train+val images
+    (copies of Kermany's train and val films): the inverted-file index gives the same pairs as
+    exact matching, the same pairs again when run twice, and nearly every film its one copy
+    (BENCHMARKS.md: 5,209 pairs for all 5,232 MNIST images)."""
+    from raycxr.imaging import read_image
+
+    npz = np.load(shared("pneumoniamnist/pneumoniamnist_trainval.npz"))
+    mnist = list(np.concatenate([npz["train_images"], npz["val_images"]]))
+    files = sorted(glob.glob(str(shared("kermany224") / "train" / "*" / "*.jpeg")))
+    films = [read_image(f) for f in files[::len(files) // 1500][:1500]]
+    views = [twin_views(a) for a in films + mnist]
+    sources = ["kermany"] * len(films) + ["mnist"] * len(mnist)
+    exact = cross_source_twins(views, sources, index="exact")
+    ivf = cross_source_twins(views, sources, index="ivf")
+    assert [(i, j) for i, j, _ in ivf] == [(i, j) for i, j, _ in exact]
+    assert np.allclose([s for *_, s in ivf], [s for *_, s in exact], atol=1e-5)
+    assert cross_source_twins(views, sources, index="ivf") == ivf
+    matched = {i for i, _, _ in exact}
+    assert len(matched) >= 0.98 * len(films) and len(exact) <= 1.02 * len(films), (len(matched), len(exact))
+    with pytest.raises(ValueError, match="choose one of auto, exact, ivf"):
+        cross_source_twins(views, sources, index="hnsw")
 
 
 def test_identical_copies_cost_pairs_linear_in_their_number(sample_dir):
