@@ -83,7 +83,8 @@ def _search(args) -> int:
                                     scheduler=args.scheduler,
                                     objective=args.objective, weights_dir=args.weights_dir, mlflow=args.mlflow,
                                     sites=tuple(args.site or ()), site_test_fraction=args.site_test_fraction,
-                                    site_seed=args.site_seed, verbosity=_verbosity_level(args)))
+                                    site_seed=args.site_seed, verbosity=_verbosity_level(args),
+                                    data_path=args.data_path))
     print("\nLeaderboard (validation AUC; the holdout is untouched):")
     print(format_leaderboard(board))
     return 0
@@ -235,7 +236,7 @@ def _predict(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from raycxr.search import OBJECTIVES, SCHEDULERS, SEARCHERS
+    from raycxr.search import DATA_PATHS, OBJECTIVES, SCHEDULERS, SEARCHERS, SearchConfig
 
     from raycxr import __version__
     from raycxr.config import list_spaces
@@ -334,6 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also log every trial (parameters, per-epoch metrics) to this MLflow tracking URI, e.g. "
                         "sqlite:///mlflow.db or http://127.0.0.1:5000 (needs the mlflow package)")
     s.add_argument("--no-early-stopping", action="store_true", help="the same as --scheduler none")
+    s.add_argument("--data-path", choices=DATA_PATHS, default=SearchConfig.data_path,
+                   help="how trials read the train split: materialize (once into the object store, shared), stream "
+                        "(Ray Data tasks read the shards each epoch where the trial runs: for a dataset larger than "
+                        "the object store), or auto (default: materialize up to half the object store; the choice "
+                        "is printed)")
     s.set_defaults(fn=_search)
 
     st = sub.add_parser("status", parents=common, help="leaderboard of a running or finished search")

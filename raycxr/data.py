@@ -149,8 +149,7 @@ def open_split(data_dir: str | Path, split: str, *, extra_columns: list[str] = (
 
     The driver reads the shards (from a folder or a URI) and puts them in the object store, so the
     dataset need only be reachable where the search is launched, and no Parquet read tasks compete
-    with training workers for CPUs. (A streamed path, Ray Data read tasks beside in-process trials,
-    hung on 2 CPUs: not shipped yet, issue 36.)
+    with training workers for CPUs: the materialised path. :class:`StreamedSplit` is the other.
     """
     import pyarrow.parquet as pq
     import ray.data
@@ -158,6 +157,56 @@ def open_split(data_dir: str | Path, split: str, *, extra_columns: list[str] = (
     columns = [*TRAIN_COLUMNS, *extra_columns]
     fs, files = split_files(data_dir, split)
     return ray.data.from_arrow([pq.read_table(f, columns=columns, filesystem=fs) for f in files])
+
+
+# CPUs each shard-reading task asks for. Ray Data's own read_parquet lists files in a task that asks
+# for a whole CPU, which never starts while trials hold every CPU (a search on 2 CPUs hung):
+# these tasks ask for a sliver, and a streamed search's trials leave STREAM_CPU_RESERVE free.
+STREAM_READ_CPU = 0.05
+STREAM_CPU_RESERVE = 0.1
+
+
+class _ReadShards:
+    """Ray Data map: a batch of shard paths -> those shards' columns (one task reads one shard)."""
+
+    def __init__(self, fs, columns: tuple[str, ...]):
+        self.fs, self.columns = fs, list(columns)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import pyarrow.parquet as pq
+
+        return pa.concat_tables([pq.read_table(f, columns=self.columns, filesystem=self.fs)
+                                 for f in batch.column("shard").to_pylist()])
+
+
+@dataclass(frozen=True)
+class StreamedSplit:
+    """One split streamed from storage: each iteration reads the shards in Ray Data tasks on
+    whichever node iterates (a folder every node mounts, or a URI), so the driver never holds the
+    pixels and the object store holds a few blocks at a time. An iteration with a seed (each
+    training epoch passes its own) reads the shards in that seed's order, before the local shuffle
+    buffer mixes rows; without one, in the manifest's order."""
+
+    fs: object
+    files: tuple[str, ...]
+    columns: tuple[str, ...]
+
+    @classmethod
+    def open(cls, data_dir: str | Path, split: str, *, extra_columns: list[str] = ()) -> "StreamedSplit":
+        fs, files = split_files(data_dir, split)
+        return cls(fs, tuple(files), (*TRAIN_COLUMNS, *extra_columns))
+
+    def dataset(self, seed: int | None = None) -> "ray.data.Dataset":
+        import ray.data
+
+        order = list(self.files)
+        if seed is not None:
+            np.random.default_rng(seed).shuffle(order)
+        return ray.data.from_items([{"shard": f} for f in order], override_num_blocks=len(order)).map_batches(
+            _ReadShards(self.fs, self.columns), batch_size=1, batch_format="pyarrow", num_cpus=STREAM_READ_CPU)
+
+    def iter_torch_batches(self, *, local_shuffle_seed: int | None = None, **options):
+        return self.dataset(local_shuffle_seed).iter_torch_batches(local_shuffle_seed=local_shuffle_seed, **options)
 
 
 def label_matrix(labels) -> np.ndarray:

@@ -66,6 +66,7 @@ class RunRecord:
     time_budget_min: float | None = None  # --time-budget, for status's "budget left"
     ended: str = ""  # when and how the search last stopped ("" while it runs): status --watch stops there
     sites: list = dataclasses.field(default_factory=list)  # raycxr.sites.Site.to_dict() of each --site
+    data_path: str = "auto"  # --data-path: how trials read the train split (raycxr.search.DATA_PATHS)
     schema_version: int = 2
 
     FILE = "run.json"

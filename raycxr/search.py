@@ -65,6 +65,27 @@ SEARCH_METRIC = "val_auc_best"
 # left-out domain worse on average than plain validation on the training domains).
 OBJECTIVES = {"auc": ([SEARCH_METRIC], ["max"]), "auc-latency": ([SEARCH_METRIC, "latency_ms"], ["max", "min"]),
               "site": (["site_auc_best"], ["max"]), "worst-source": (["worst_source_auc_best"], ["max"])}
+# How trials read the train split: "materialize" reads it once into the object store, shared by
+# every trial and epoch (fastest when it fits); "stream" reads shards in Ray Data tasks each epoch
+# where the trial runs (raycxr.data.StreamedSplit), so neither the driver nor the object store holds
+# the split; "auto" materialises a split that takes up to MATERIALIZE_SHARE of the object store.
+DATA_PATHS = ("auto", "materialize", "stream")
+MATERIALIZE_SHARE = 0.5
+
+
+def data_path_for(choice: str, split_bytes: int, object_store_bytes: float) -> tuple[str, str]:
+    """("materialize" or "stream", why) for a train split of ``split_bytes`` (its Parquet shards:
+    pixels are stored raw, so about its size in memory) and the cluster's object store."""
+    share = split_bytes / object_store_bytes if object_store_bytes else float("inf")
+    size = f"train split {split_bytes / 2**30:.2f} GiB, {share:.0%} of the object store ({object_store_bytes / 2**30:.1f} GiB)"
+    if choice != "auto":
+        return choice, f"--data-path {choice} ({size})"
+    if share <= MATERIALIZE_SHARE:
+        return "materialize", f"{size}: read once into the object store (--data-path stream reads it each epoch)"
+    return "stream", (f"{size}, over {MATERIALIZE_SHARE:.0%}: streamed from storage each epoch "
+                      "(--data-path materialize to read it once)")
+
+
 def search_metric(objective: str) -> str:
     """What Tune, the searcher and ASHA see for a one-metric objective: the running best of the
     figure that selects (:data:`raycxr.train.SELECTION_METRICS`)."""
@@ -96,6 +117,12 @@ class SearchConfig:
     site_test_fraction: float = 0.5    # share of each site's patients kept for site-test (read once, by promote)
     site_seed: int = 0                 # seed of the site-val / site-test division
     verbosity: int = 1                 # 0: results only; 1: a line per trial start/end; 2: Tune's tables, Ray workers' output
+    data_path: str = "auto"            # one of DATA_PATHS: how trials read the train split (see data_path_for)
+
+    def __post_init__(self):
+        if self.data_path not in DATA_PATHS:
+            raise ConfigError(f"data path {self.data_path!r}: choose one of {', '.join(DATA_PATHS)}",
+                              source="--data-path")
 
 
 @dataclass(frozen=True)
@@ -124,6 +151,7 @@ def run_trial(config: dict, *, train_ds, val_ds, static: dict, site_ds: dict | N
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from raycxr.data import StreamedSplit
     from raycxr.train import site_dataset_key, train_loop_per_worker
 
     trial_id = ray.tune.get_context().get_trial_id()
@@ -135,7 +163,8 @@ def run_trial(config: dict, *, train_ds, val_ds, static: dict, site_ds: dict | N
         train_loop_config={**static["loop"], **config, "trial_id": trial_id},
         scaling_config=ray.train.ScalingConfig(num_workers=static["workers"], use_gpu=bool(static["gpus_per_worker"]),
                                                resources_per_worker=resources),
-        datasets={"train": train_ds, "val": val_ds,
+        datasets={"train": train_ds.dataset(static["loop"]["seed"]) if isinstance(train_ds, StreamedSplit) else train_ds,
+                  "val": val_ds,
                   **{site_dataset_key(name): ds for name, ds in (site_ds or {}).items()}},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=ray.train.RunConfig(
@@ -493,7 +522,7 @@ def _search(cfg: SearchConfig) -> SearchResult:
             early_stopping=cfg.early_stopping and cfg.scheduler != "none", scheduler=cfg.scheduler,
             objective=cfg.objective, versions=_versions(), mlflow=_redacted(cfg.mlflow),
             time_budget_min=cfg.time_budget_min, sites=[site.to_dict() for site in sites],
-            started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            data_path=cfg.data_path, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         trainable = _trainable(record, space, plan, manifest, storage=store.uri)
     except BaseException:  # nothing ran: give the name back (if still ours), so a corrected command can use it
         store.release("run.json", claim)
@@ -621,7 +650,9 @@ def _trainable(record: RunRecord, space: SearchSpace, plan: dict, manifest: dict
     """
     from ray import tune
 
-    from raycxr.data import label_matrix, open_split, read_split
+    import ray
+
+    from raycxr.data import STREAM_CPU_RESERVE, StreamedSplit, label_matrix, open_split, read_split, split_files
     from raycxr.labels import FINDINGS
 
     from raycxr.sites import site_dataset
@@ -633,9 +664,14 @@ def _trainable(record: RunRecord, space: SearchSpace, plan: dict, manifest: dict
     # rows per source of a pooled train split (source_balance weighs them; batches carry the source)
     train_counts = dict(sorted(manifest["counts"]["train"]["by_source"].items()))
     train_counts = train_counts if len(train_counts) >= 2 else {}
-    # Read once into the object store (from a folder or a URI), shared by every trial: epochs and
-    # trials re-read nothing.
-    train_ds = open_split(data, "train", extra_columns=["source"] if train_counts else []).materialize()
+    fs, files = split_files(data, "train")
+    path, why = data_path_for(record.data_path, _bytes(fs, files), ray.cluster_resources().get("object_store_memory", 0))
+    log.info(f"Data: {why}")
+    train_columns = ["source"] if train_counts else []
+    # Materialised: read once into the object store (from a folder or a URI), shared by every trial:
+    # epochs and trials re-read nothing. Streamed: each trial's epochs read the shards themselves.
+    train_ds = (StreamedSplit.open(data, "train", extra_columns=train_columns) if path == "stream"
+                else open_split(data, "train", extra_columns=train_columns).materialize())
     val_ds = open_split(data, "val", extra_columns=["source"] if len(sources) >= 2 else []).materialize()
     site_ds = {site.name: site_dataset(site, "site-val", record.target).materialize()
                for site in record.site_records()}
@@ -653,13 +689,28 @@ def _trainable(record: RunRecord, space: SearchSpace, plan: dict, manifest: dict
                  "weights_dir": str(Path(space.weights_dir).expanduser().resolve()) if space.weights_dir else None,
                  "image_size": ingest_size},
     }
+    if path == "stream":  # the shard-reading tasks need a sliver of CPU that trials never hold
+        static["worker_cpu_request"] = _less(plan["worker_cpu_request"], STREAM_CPU_RESERVE)
     if in_process(plan):
-        resources = {"cpu": plan["cpus_per_worker"], "gpu": plan["gpus_per_worker"]}
+        cpu = plan["cpus_per_worker"] if path == "materialize" else _less(plan["cpus_per_worker"], STREAM_CPU_RESERVE)
+        resources = {"cpu": cpu, "gpu": plan["gpus_per_worker"]}
         fn = run_trial_in_process
     else:
         resources, fn = {"cpu": _TRIAL_DRIVER_CPU}, run_trial
     return tune.with_resources(tune.with_parameters(fn, train_ds=train_ds, val_ds=val_ds, static=static,
                                                     site_ds=site_ds), resources)
+
+
+def _less(cpus: float, reserve: float) -> float:
+    """``cpus`` less ``reserve``, but never below half of ``cpus``."""
+    return max(cpus - reserve, cpus / 2)
+
+
+def _bytes(fs, files: list[str]) -> int:
+    """Total size of ``files`` (local when ``fs`` is None)."""
+    if fs is None:
+        return sum(os.path.getsize(f) for f in files)
+    return sum(info.size or 0 for info in fs.get_file_info(files))
 
 
 def _val_sources(data: str | Path) -> list[str]:
