@@ -48,6 +48,14 @@ def test_an_ensemble_is_built_from_checkpoints_saved_and_scores_the_mean_logit(t
     assert single_state is None and single_spec == members[0]
 
 
+def test_the_card_keeps_a_data_folder_relative_to_the_model_folder(promoted_run):
+    """No home folder in a card: the training data is recorded relative to the model folder (a
+    URI dataset stays a URI: tests/test_storage.py), and resolves back to the folder."""
+    card = promoted_run["card"]
+    assert card.data["dir"] == "../data"
+    assert card.data_dir(promoted_run["model"]) == promoted_run["data"].resolve()
+
+
 def test_promote_refuses_what_a_user_can_get_wrong(tmp_path, capsys):
     assert main(["promote", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "m")]) == 2
     assert "is not a raycxr run" in capsys.readouterr().err

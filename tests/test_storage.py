@@ -104,11 +104,19 @@ def test_a_run_uri_that_is_no_run_says_what_to_pass(s3_server):
 
 
 @pytest.mark.slow
-def test_search_on_s3_stops_resumes_lists_promotes_and_evaluates(s3_server, dataset, tmp_path):
+def test_search_on_s3_stops_resumes_lists_promotes_and_evaluates(s3_server, dataset, sample_dir, tmp_path):
+    """A dataset ingested to S3, searched there on the streamed path, the run on S3 too, stopped and
+    resumed, promoted from the S3 dataset and evaluated on it."""
     import ray
+
+    from raycxr.data import read_manifest
+    from raycxr.ingest import IngestConfig, ingest
 
     if ray.is_initialized():  # the searches below own their Rays; the session's would only crowd the cores
         ray.shutdown()
+    data = "s3://raycxr/data/k"  # the session's dataset, ingested again straight to the bucket
+    ingest(IngestConfig(sources={"kermany": sample_dir}, out=data, image_size=64, seed=0))
+    assert read_manifest(data)["fingerprint"] == read_manifest(dataset)["fingerprint"]
     space = tmp_path / "space.yaml"
     space.write_text("trials: 2\nmax_epochs: 3\nseed: 2\n"
                      "params: {model: test_resnet, image_size: 32, lr: {loguniform: [1.0e-3, 1.0e-2]}}\n")
@@ -125,13 +133,15 @@ def test_search_on_s3_stops_resumes_lists_promotes_and_evaluates(s3_server, data
     def log(n):
         return (tmp_path / f"{n}.log").read_text()[-4000:]
 
-    search = raycxr(["search", "--data", str(dataset), "--space", str(space), "--name", "s3run", "--storage",
-                     "s3://raycxr/runs", "--num-cpus", "2", "--searcher", "random", "--no-early-stopping"], "search")
+    search = raycxr(["search", "--data", data, "--data-path", "stream", "--space", str(space), "--name", "s3run",
+                     "--storage", "s3://raycxr/runs", "--num-cpus", "2", "--searcher", "random", "--no-early-stopping"],
+                    "search")
     _wait_for(lambda: any(p.endswith("/checkpoint_000000/model.safetensors") for p in _listing(run + "/tune")), 300,
               "a first checkpoint in S3", search)
     search.send_signal(signal.SIGINT)  # Ctrl+C: Tune saves its state and stops
     assert search.wait(timeout=180) == 130, log("search")  # interrupted, as a program stopped by Ctrl+C exits
     assert "raycxr search --resume s3://raycxr/runs/s3run" in log("search"), log("search")
+    assert "streamed from storage each epoch" in log("search") or "--data-path stream" in log("search"), log("search")
 
     resumed = raycxr(["search", "--resume", run, "--num-cpus", "2"], "resume")
     assert resumed.wait(timeout=400) == 0, log("resume")
@@ -147,21 +157,18 @@ def test_search_on_s3_stops_resumes_lists_promotes_and_evaluates(s3_server, data
     assert all(r["checkpoint"].startswith(run + "/tune/trial_") for r in board), board
 
     out = tmp_path / "model"
-    laptop = tmp_path / "laptop-copy"  # the dataset where promote runs, not where the search read it
-    shutil.copytree(dataset, laptop)
-    promote = subprocess.run([*RAYCXR, "promote", "--run", run, "--data", str(laptop), "--out", str(out), "--bootstrap", "100", "--tta", "off"],
+    promote = subprocess.run([*RAYCXR, "promote", "--run", run, "--data", data, "--out", str(out), "--bootstrap", "100", "--tta", "off"],
                              cwd=work,
                              env=env, capture_output=True, text=True, timeout=400)
     assert promote.returncode == 0, promote.stdout[-3000:] + promote.stderr[-3000:]
     card = json.loads((out / "model_card.json").read_text())
     assert card["run"] == "s3run" and card["members"][0]["trial_id"] in {r["trial_id"] for r in board}
-    # the data folder as the card keeps it: relative to the model folder (no home folder in a card)
-    assert card["data"]["dir"] == "../laptop-copy" and (out / card["data"]["dir"]).resolve() == laptop.resolve()
+    assert card["data"]["dir"] == data  # a URI stays a URI (a folder is kept relative: tests/test_promote.py)
     assert (out / "report.html").stat().st_size > 10_000  # the learning curves came from S3 too
     reads = RunStore(run).read_text("holdout_reads.jsonl").splitlines()
     assert len(reads) == 1 and json.loads(reads[0])["out"] == str(out.resolve())
 
-    evaluate = subprocess.run([*RAYCXR, "evaluate", "--model", str(out), "--data", str(dataset), "--split", "val",
+    evaluate = subprocess.run([*RAYCXR, "evaluate", "--model", str(out), "--data", data, "--split", "val",
                                "--bootstrap", "50"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     evaluated = json.loads(next(out.glob("evaluations/*-val.json")).read_text())["metrics"]["pooled"]
