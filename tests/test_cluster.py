@@ -306,14 +306,19 @@ def _tiny_space(tmp_path: Path, trials: int) -> Path:
 
 @pytest.mark.slow
 def test_ray_job_submit_on_a_ray_start_cluster_runs_trials_on_the_workers_and_promotes_from_s3(
-        dataset, tmp_path, s3_server):
+        sample_dir, tmp_path, s3_server):
     """README's cluster path on one machine: a 0-CPU head and two 1-CPU workers from `ray start`
-    (token auth on), the search submitted with `ray job submit --working-dir .`, results on S3;
-    every trial ran on the workers, and promote reads the run from S3 on the "laptop"."""
+    (token auth on), the search submitted with `ray job submit --working-dir .` on a dataset in S3
+    that the trials stream (Ray Data tasks on the workers read its shards), results on S3; every
+    trial ran on the workers, and promote reads the run from S3 on the "laptop"."""
     import ray
+
+    from raycxr.ingest import IngestConfig, ingest
 
     if ray.is_initialized():  # the cluster below needs the cores the session's Ray would hold
         ray.shutdown()
+    data = "s3://raycxr/data/cluster"
+    ingest(IngestConfig(sources={"kermany": sample_dir}, out=data, image_size=64, seed=0))
     cluster = _Cluster(tmp_path)
     try:
         cluster.start_head()
@@ -323,11 +328,12 @@ def test_ray_job_submit_on_a_ray_start_cluster_runs_trials_on_the_workers_and_pr
         head = {n["id"] for n in nodes if n["head"]}
         workers = {n["id"] for n in nodes if not n["head"]}
         assert len(head) == 1 and len(workers) == 2, nodes
-        submit = cluster.submit("search", "--data", str(dataset), "--space", str(_tiny_space(tmp_path, 2)), "--name",
-                                "jobrun", "--storage", "s3://raycxr/jobs", "--searcher", "random",
+        submit = cluster.submit("search", "--data", data, "--data-path", "stream", "--space",
+                                str(_tiny_space(tmp_path, 2)), "--name", "jobrun", "--storage", "s3://raycxr/jobs", "--searcher", "random",
                                 "--no-early-stopping", job_id="raycxr-job-test")
         assert submit.returncode == 0 and "succeeded" in submit.stdout, submit.stdout[-4000:] + submit.stderr[-3000:]
         assert "Search jobrun: 2 trials" in submit.stdout and "2 at a time" in submit.stdout, submit.stdout[-4000:]
+        assert "Data: --data-path stream" in submit.stdout, submit.stdout[-4000:]
         run = RunStore("s3://raycxr/jobs/jobrun")
         board = list(csv.DictReader(io.StringIO(run.read_text("leaderboard.csv"))))
         assert len(board) == 2 and all(r["status"] == "ok" and r["epochs"] == "2" for r in board), board
