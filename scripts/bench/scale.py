@@ -8,7 +8,7 @@ twins_scale.py's _variant; one patient per film), then
   with `--data-path materialize` and once with `stream`: wall time, the search driver's peak RSS
   (the raycxr process alone), the trial's training images/s and how much of its epoch it waited
   for data (train_time_s - train_compute_s).
-Ratios are within one run. Usage: .venv/bin/python scripts/bench/scale.py [--sizes 10000] [--keep DIR]
+Ratios are within one run. Usage: .venv/bin/python scripts/bench/scale.py [--sizes 10000] [--keep DIR] [--ingest-only]
 Needs ../shared/data/kermany224. Runs alone on the machine (it starts its own Ray).
 """
 
@@ -97,6 +97,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="10000")
     ap.add_argument("--keep", type=Path, help="keep the films and datasets here")
+    ap.add_argument("--ingest-only", action="store_true", help="measure the ingest, not the searches")
     args = ap.parse_args()
     print("#", _machine(), flush=True)
     work = args.keep or Path(tempfile.mkdtemp(prefix="raycxr-scale-"))
@@ -116,6 +117,9 @@ def main() -> None:
                              "--image-size", "224", "--workers", "2"], tree=True, log=work / f"ingest-{n}.log")
             row.update({"ingest_s": ing["wall_s"], "ingest_peak_rss_gib": ing["peak_rss_gib"],
                         "dataset_gib": round(sum(f.stat().st_size for f in data.rglob("*.parquet")) / 2**30, 2)})
+            if args.ingest_only:
+                print(json.dumps(row), flush=True)
+                continue
             for path in ("materialize", "stream"):
                 name = f"{path}-{n}"
                 s = _measured([*RAYCXR, "search", "-q", "--data", str(data), "--space", str(space), "--name", name,
