@@ -196,6 +196,12 @@ class StreamedSplit:
         fs, files = split_files(data_dir, split)
         return cls(fs, tuple(files), (*TRAIN_COLUMNS, *extra_columns))
 
+    def nbytes(self) -> int:
+        """The shards' total size on storage (pixels are stored raw: about their size in memory)."""
+        import pyarrow.fs
+
+        return sum(info.size or 0 for info in (self.fs or pyarrow.fs.LocalFileSystem()).get_file_info(list(self.files)))
+
     def dataset(self, seed: int | None = None) -> "ray.data.Dataset":
         import ray.data
 

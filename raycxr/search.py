@@ -652,7 +652,7 @@ def _trainable(record: RunRecord, space: SearchSpace, plan: dict, manifest: dict
 
     import ray
 
-    from raycxr.data import STREAM_CPU_RESERVE, StreamedSplit, label_matrix, open_split, read_split, split_files
+    from raycxr.data import STREAM_CPU_RESERVE, StreamedSplit, label_matrix, open_split, read_split
     from raycxr.labels import FINDINGS
 
     from raycxr.sites import site_dataset
@@ -664,14 +664,13 @@ def _trainable(record: RunRecord, space: SearchSpace, plan: dict, manifest: dict
     # rows per source of a pooled train split (source_balance weighs them; batches carry the source)
     train_counts = dict(sorted(manifest["counts"]["train"]["by_source"].items()))
     train_counts = train_counts if len(train_counts) >= 2 else {}
-    fs, files = split_files(data, "train")
-    path, why = data_path_for(record.data_path, _bytes(fs, files), ray.cluster_resources().get("object_store_memory", 0))
-    log.info(f"Data: {why}")
     train_columns = ["source"] if train_counts else []
+    streamed = StreamedSplit.open(data, "train", extra_columns=train_columns)
+    path, why = data_path_for(record.data_path, streamed.nbytes(), ray.cluster_resources().get("object_store_memory", 0))
+    log.info(f"Data: {why}")
     # Materialised: read once into the object store (from a folder or a URI), shared by every trial:
     # epochs and trials re-read nothing. Streamed: each trial's epochs read the shards themselves.
-    train_ds = (StreamedSplit.open(data, "train", extra_columns=train_columns) if path == "stream"
-                else open_split(data, "train", extra_columns=train_columns).materialize())
+    train_ds = streamed if path == "stream" else open_split(data, "train", extra_columns=train_columns).materialize()
     val_ds = open_split(data, "val", extra_columns=["source"] if len(sources) >= 2 else []).materialize()
     site_ds = {site.name: site_dataset(site, "site-val", record.target).materialize()
                for site in record.site_records()}
@@ -704,13 +703,6 @@ def _trainable(record: RunRecord, space: SearchSpace, plan: dict, manifest: dict
 def _less(cpus: float, reserve: float) -> float:
     """``cpus`` less ``reserve``, but never below half of ``cpus``."""
     return max(cpus - reserve, cpus / 2)
-
-
-def _bytes(fs, files: list[str]) -> int:
-    """Total size of ``files`` (local when ``fs`` is None)."""
-    if fs is None:
-        return sum(os.path.getsize(f) for f in files)
-    return sum(info.size or 0 for info in fs.get_file_info(files))
 
 
 def _val_sources(data: str | Path) -> list[str]:
