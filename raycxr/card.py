@@ -578,3 +578,65 @@ ONNX {card.export_max_abs_diff['onnx']:.1e}. Preprocessing is in `config.json`.{
 {_cpu_serving(card)}
 ## Software
 """ + ", ".join(f"{k} {v}" for k, v in card.versions.items()) + "\n"
+
+
+def format_metrics(m: dict) -> str:
+    """A split's pooled figures with their 95% CIs, one line each (the console's table)."""
+    lines = []
+    for k in ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "brier", "ece"):
+        lo, hi = m["ci95"][k]
+        span = f"95% CI {lo:.3f} - {hi:.3f}" if lo is not None else "95% CI n/a"
+        lines.append(f"  {k:12s} {m[k]:.3f}  {span}")
+    return "\n".join(lines)
+
+
+def format_serving(card: ModelCard) -> list[str]:
+    """The int8 decision and the exports' CPU latency table, as console lines."""
+    from raycxr.serving import format_latency
+
+    lines = []
+    if q := card.int8:
+        lines.append(f"int8 ONNX: {q['why']}")
+        lines += [f"  {name} holdout AUC {m['auc']:.4f} (95% CI {m['auc_ci95'][0]:.4f} - {m['auc_ci95'][1]:.4f})"
+                  for name, m in q.get("holdout", {}).items()]
+    if card.latency:
+        lines += ["CPU latency (ONNX Runtime, median of 30 after warm-up):", format_latency(card.latency)]
+    return lines
+
+
+def format_promotion(card: ModelCard, out: str | Path) -> str:
+    """What ``raycxr promote`` prints: the choice, the threshold, the headline, the holdout, the
+    operating points and the serving figures of the card written to ``out``."""
+    h, on = card.holdout["pooled"], card.selection["on"]
+    ids = ", ".join(f"{r['trial_id']} (val AUC {r['val_auc']:.4f})" for r in card.members)
+    lines = [f"Promoted {card.architecture}: trial {ids} -> {out}",
+             f"Selection ({card.selection['rule']}): {card.selection['why']}"]
+    score = "site-val AUC" if card.selection["rule"] == "site" else "shift AUC"  # what the finalists were ranked by
+    for f in card.selection.get("finalists", []):
+        lines.append(f"  finalist {f['trial_id']} {f['model']}@{f['image_size']}px: val AUC {f['val_auc']:.4f}, "
+                     f"{score} {f['shift_auc']:.4f}{' (tied with the best)' if f['tied_with_best'] else ''}, "
+                     f"{'n/a' if f['latency_ms'] is None else format(f['latency_ms'], '.1f')} ms")
+    lines.append(f"Threshold {card.threshold:.4f} (rule {card.threshold_rule}, chosen on {on})")
+    if "val_auc_with" in (tta := card.tta):
+        lines.append(f"Test-time augmentation {'on' if tta['used'] else 'off'} ({on} AUC "
+                     f"{tta['val_auc_without']:.4f} without, {tta['val_auc_with']:.4f} with; --tta {tta['mode']})")
+    headline = card.headline
+    if headline["kind"] == "site":
+        m, again = headline["metrics"]["pooled"], headline["previously_read"]
+        names = ", ".join(s["name"] for s in headline["sites"])
+        lines += [f"Site-test of {names} ({m['n']} films, {m['positives']} positive; "
+                  f"{'read once' if not again else f'read again after {again} earlier read(s): optimistic'}), "
+                  "the headline:", format_metrics(m)]
+    else:
+        lines.append(headline["statement"])
+    prior = card.holdout_previously_read
+    how = "read once" if not prior else f"read again after {prior} earlier read(s): optimistic, see the card"
+    lines += [f"Internal holdout ({h['n']} images, {how}):", format_metrics(h),
+              "Operating points (thresholds fixed on validation; holdout sensitivity / specificity):"]
+    lines += [f"  {name:12s} threshold {pt['threshold']:.4f}: {pt['sensitivity']:.3f} / {pt['specificity']:.3f}"
+              for name, pt in card.operating_points.items()]
+    lines += format_serving(card)
+    lines.append(f"Model card: {Path(out) / 'model_card.md'}   Report with plots: {Path(out) / 'report.html'}")
+    if r := card.registry:
+        lines.append(f"Registered {r['model_name']} version {r['version']} ({r['model_uri']}) at {r['tracking_uri']}")
+    return "\n".join(lines)

@@ -6,6 +6,7 @@ The `raycxr` command: parse arguments, build a config, call one stage. No logic 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -111,6 +112,7 @@ def _status(args) -> int:
 
 
 def _promote(args) -> int:
+    from raycxr.card import format_promotion
     from raycxr.promote import PromoteConfig, promote
 
     card = promote(PromoteConfig(run=args.run, out=args.out, data=args.data, threshold_rule=args.threshold_rule,
@@ -121,72 +123,19 @@ def _promote(args) -> int:
                                  fastest_within=args.fastest_within, register=args.register,
                                  serving_onnx=args.serving_onnx, quantize=args.quantize,
                                  mlflow=args.mlflow))
-    h = card.holdout["pooled"]
-    ids = ", ".join(f"{r['trial_id']} (val AUC {r['val_auc']:.4f})" for r in card.members)
-    print(f"Promoted {card.architecture}: trial {ids} -> {args.out}")
-    print(f"Selection ({card.selection['rule']}): {card.selection['why']}")
-    on = card.selection["on"]
-    score = "site-val AUC" if card.selection["rule"] == "site" else "shift AUC"  # what the finalists were ranked by
-    for f in card.selection.get("finalists", []):
-        print(f"  finalist {f['trial_id']} {f['model']}@{f['image_size']}px: val AUC {f['val_auc']:.4f}, {score} "
-              f"{f['shift_auc']:.4f}{' (tied with the best)' if f['tied_with_best'] else ''}, "
-              f"{'n/a' if f['latency_ms'] is None else format(f['latency_ms'], '.1f')} ms")
-    print(f"Threshold {card.threshold:.4f} (rule {card.threshold_rule}, chosen on {on})")
-    if "val_auc_with" in (tta := card.tta):
-        print(f"Test-time augmentation {'on' if tta['used'] else 'off'} ({on} AUC "
-              f"{tta['val_auc_without']:.4f} without, {tta['val_auc_with']:.4f} with; --tta {tta['mode']})")
-    headline = card.headline
-    if headline["kind"] == "site":
-        m, again = headline["metrics"]["pooled"], headline["previously_read"]
-        names = ", ".join(s["name"] for s in headline["sites"])
-        print(f"Site-test of {names} ({m['n']} films, {m['positives']} positive; "
-              f"{'read once' if not again else f'read again after {again} earlier read(s): optimistic'}), "
-              "the headline:")
-        _print_metrics(m)
-    else:
-        print(headline["statement"])
-    prior = card.holdout_previously_read
-    how = "read once" if not prior else f"read again after {prior} earlier read(s): optimistic, see the card"
-    print(f"Internal holdout ({h['n']} images, {how}):")
-    _print_metrics(h)
-    print("Operating points (thresholds fixed on validation; holdout sensitivity / specificity):")
-    for name, pt in card.operating_points.items():
-        print(f"  {name:12s} threshold {pt['threshold']:.4f}: {pt['sensitivity']:.3f} / {pt['specificity']:.3f}")
-    _print_serving(card)
-    print(f"Model card: {Path(args.out) / 'model_card.md'}   Report with plots: {Path(args.out) / 'report.html'}")
-    if r := card.registry:
-        print(f"Registered {r['model_name']} version {r['version']} ({r['model_uri']}) at {r['tracking_uri']}")
+    print(format_promotion(card, args.out))
     return 0
 
 
-def _print_serving(card) -> None:  # a raycxr.card.ModelCard
-    from raycxr.serving import format_latency
-
-    if q := card.int8:
-        print(f"int8 ONNX: {q['why']}")
-        for name, m in q.get("holdout", {}).items():
-            print(f"  {name} holdout AUC {m['auc']:.4f} (95% CI {m['auc_ci95'][0]:.4f} - {m['auc_ci95'][1]:.4f})")
-    if card.latency:
-        print("CPU latency (ONNX Runtime, median of 30 after warm-up):")
-        print(format_latency(card.latency))
-
-
-def _print_metrics(m: dict) -> None:
-    ci = m["ci95"]
-    for k in ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "brier", "ece"):
-        lo, hi = ci[k]
-        span = f"95% CI {lo:.3f} - {hi:.3f}" if lo is not None else "95% CI n/a"
-        print(f"  {k:12s} {m[k]:.3f}  {span}")
-
-
 def _evaluate(args) -> int:
+    from raycxr.card import format_metrics
     from raycxr.evaluate import evaluate_model
 
     r = evaluate_model(args.model, args.data, split=args.split, n_boot=args.bootstrap)
     pooled = r["metrics"]["pooled"]
     print(f"{args.model} on {args.data} ({args.split}, {pooled['n']} images with a known {r['target']} label), "
           f"threshold {r['threshold']:.4f}:")
-    _print_metrics(pooled)
+    print(format_metrics(pooled))
     for source, m in r["metrics"]["per_source"].items():
         print(f"  {source}: n {m['n']}, AUC {m['auc']:.3f}, sensitivity {m['sensitivity']:.3f}, "
               f"specificity {m['specificity']:.3f}")
@@ -235,12 +184,13 @@ def _predict(args) -> int:
     return 1 if failed or not rows else 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from raycxr.search import DATA_PATHS, OBJECTIVES, SCHEDULERS, SEARCHERS, SearchConfig
+def _default(cls, name: str):
+    """A config class's default for one field: the CLI's defaults are the library's."""
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
+
+def build_parser() -> argparse.ArgumentParser:
     from raycxr import __version__
-    from raycxr.config import list_spaces
-    from raycxr.metrics import THRESHOLD_CHOICES
 
     p = argparse.ArgumentParser(prog="raycxr", description=__doc__.splitlines()[0] if __doc__ else None,
                                 parents=[_verbosity(argparse.SUPPRESS)])
@@ -248,6 +198,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(verbose=False, quiet=False)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = [_verbosity(argparse.SUPPRESS)]  # -v / -q after the command too; the top level's value kept otherwise
+    for add in (_ingest_options, _search_options, _status_options, _promote_options, _evaluate_options,
+                _predict_options):
+        add(sub, common)
+    return p
+
+
+def _ingest_options(sub, common) -> None:
+    from raycxr.imaging import RESIZE_POLICIES
+    from raycxr.ingest import VIEWS, IngestConfig
+
+    def d(name):
+        return _default(IngestConfig, name)
 
     i = sub.add_parser("ingest", parents=common, help="pool X-ray datasets into patient-disjoint Parquet shards")
     i.add_argument("--source", action="append", type=_source, required=True, metavar="KEY=PATH",
@@ -255,15 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "jsrt, csv (PATH: the manifest file). Repeat to pool several")
     i.add_argument("--source-option", action="append", type=_source_option, metavar="KEY.NAME=VALUE",
                    help="adapter options, e.g. mimic.uncertain=zeros, csv.labels=finding, csv.name=kit")
-    i.add_argument("--max-file-mb", type=float, default=512.0,
-                   help="quarantine, unread, any file larger than this (default 512 MB)")
-    i.add_argument("--views", choices=["frontal", "all"], default="frontal",
+    i.add_argument("--max-file-mb", type=float, default=d("max_file_mb"),
+                   help=f"quarantine, unread, any file larger than this (default {d('max_file_mb'):g} MB)")
+    i.add_argument("--views", choices=VIEWS, default=d("views"),
                    help="frontal keeps PA/AP (and unknown) views; laterals are listed in quarantine.csv")
-    i.add_argument("--near-duplicate-bits", type=int, default=6,
+    i.add_argument("--near-duplicate-bits", type=int, default=d("near_duplicate_bits"),
                    help="images whose 256-bit dHash differs in at most this many bits share a split (-1: off)")
-    i.add_argument("--twin-similarity", type=float, default=0.97, metavar="COS",
+    i.add_argument("--twin-similarity", type=float, default=d("twin_similarity"), metavar="COS",
                    help="pooled sources: images of two sources whose centre thumbnails (16x16, any crop that undoes a "
-                        "squash) match at this cosine or more are one film and share a split (default 0.97; 0: off)")
+                        "squash) match at this cosine or more are one film and share a split (default "
+                        f"{d('twin_similarity')}; 0: off)")
     i.add_argument("--allow-empty-splits", action="store_true",
                    help="write the dataset even if train, val or holdout ends up empty (default: refuse, saying why)")
     i.add_argument("--list-quarantined", action="store_true",
@@ -275,16 +238,25 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--address", metavar="HEAD:6379",
                    help="decode as Ray tasks across this cluster (default $RAY_ADDRESS, set inside `ray job submit`; "
                         "'local': a Ray on this machine); the sources must be readable on every node")
-    i.add_argument("--image-size", type=int, default=224, help="stored square size in px (default 224)")
-    i.add_argument("--resize", choices=["pad", "squash"], default="pad",
-                   help="pad keeps the aspect ratio with black borders; squash stretches (default pad)")
-    i.add_argument("--val-fraction", type=float, default=0.15,
-                   help="share of patients in the validation split (default 0.15)")
-    i.add_argument("--holdout-fraction", type=float, default=0.15,
-                   help="share of patients in the holdout, read once by promote (default 0.15)")
-    i.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
-    i.add_argument("--workers", type=int, default=0, help="decode processes (default: one per core)")
+    i.add_argument("--image-size", type=int, default=d("image_size"),
+                   help=f"stored square size in px (default {d('image_size')})")
+    i.add_argument("--resize", choices=RESIZE_POLICIES, default=d("resize"),
+                   help=f"pad keeps the aspect ratio with black borders; squash stretches (default {d('resize')})")
+    i.add_argument("--val-fraction", type=float, default=d("val_fraction"),
+                   help=f"share of patients in the validation split (default {d('val_fraction')})")
+    i.add_argument("--holdout-fraction", type=float, default=d("holdout_fraction"),
+                   help=f"share of patients in the holdout, read once by promote (default {d('holdout_fraction')})")
+    i.add_argument("--seed", type=int, default=d("seed"), help=f"split seed (default {d('seed')})")
+    i.add_argument("--workers", type=int, default=d("workers"), help="decode processes (default: one per core)")
     i.set_defaults(fn=_ingest)
+
+
+def _search_options(sub, common) -> None:
+    from raycxr.config import list_spaces
+    from raycxr.search import DATA_PATHS, OBJECTIVES, SCHEDULERS, SEARCHERS, SearchConfig
+
+    def d(name):
+        return _default(SearchConfig, name)
 
     s = sub.add_parser("search", parents=common, help="Ray Tune search (Optuna TPE, optional ASHA) over Ray Train trials")
     s.add_argument("--data", help="a folder or URI (s3://...) written by `raycxr ingest`")
@@ -297,22 +269,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trials", type=int, help="override the space's number of trials")
     s.add_argument("--max-epochs", type=int, help="override the space's max_epochs")
     s.add_argument("--name", help="run name (default SPACE-DATE-TIME)")
-    s.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where runs go (default ./runs)")
+    s.add_argument("--runs-dir", type=Path, default=d("runs_dir"), help=f"where runs go (default ./{d('runs_dir')})")
     s.add_argument("--address", help="Ray cluster to join (default $RAY_ADDRESS, else a local Ray)")
     s.add_argument("--storage", metavar="URI",
                    help="where runs go instead of --runs-dir: storage every node reaches, e.g. s3://bucket/raycxr "
                         "(the run is then URI/NAME; status, promote and --resume take that)")
-    s.add_argument("--max-failures", type=int, default=1, help="retries of a trial whose worker dies")
+    s.add_argument("--max-failures", type=int, default=d("max_failures"), help="retries of a trial whose worker dies")
     s.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop starting trials after this long")
     s.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all cores)")
-    s.add_argument("--target", default="pneumonia",
-                   help="finding whose validation AUC selects trials (default pneumonia); all known findings "
+    s.add_argument("--target", default=d("target"),
+                   help=f"finding whose validation AUC selects trials (default {d('target')}); all known findings "
                         "are trained, unknown labels masked")
-    s.add_argument("--searcher", choices=SEARCHERS, default="tpe",
+    s.add_argument("--searcher", choices=SEARCHERS, default=d("searcher"),
                    help="Optuna sampler: tpe (default), gp (Gaussian process), cmaes (CMA-ES on the numeric "
                         "parameters), random (the baseline; BENCHMARKS.md compares them), or grid (every "
                         "combination of the space's choices once; the space's trials do not apply)")
-    s.add_argument("--objective", choices=list(OBJECTIVES), default="auc",
+    s.add_argument("--objective", choices=list(OBJECTIVES), default=d("objective"),
                    help="auc (default): maximise validation AUC; auc-latency: a Pareto search of validation AUC "
                         "against the batch-1 CPU latency of each trial's ONNX export (for CPU-only clinics); site: "
                         "the AUC on the --site films' site-val part; worst-source: the worst source's validation AUC "
@@ -321,27 +293,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the deploying site's own labelled films, ingested with `raycxr ingest` at this data's size: "
                         "divided by patient into site-val (scored every epoch as site_auc / site_loss) and site-test "
                         "(read once, by promote: the model card's headline). Repeat for several sites")
-    s.add_argument("--site-test-fraction", type=float, default=0.5, metavar="F",
-                   help="share of each site's patients kept for site-test (default 0.5); raycxr warns below 100 "
-                        "positive or 100 negative films there")
-    s.add_argument("--site-seed", type=int, default=0, help="seed of the site-val / site-test division (default 0)")
+    s.add_argument("--site-test-fraction", type=float, default=d("site_test_fraction"), metavar="F",
+                   help=f"share of each site's patients kept for site-test (default {d('site_test_fraction')}); "
+                        "raycxr warns below 100 positive or 100 negative films there")
+    s.add_argument("--site-seed", type=int, default=d("site_seed"),
+                   help=f"seed of the site-val / site-test division (default {d('site_seed')})")
     s.add_argument("--weights-dir", type=Path, metavar="DIR",
                    help="offline pretrained weights: DIR/MODEL.safetensors for `pretrained: imagenet` (overrides the "
                         "space's weights_dir; scripts/convert_weights.py makes EfficientNet-Lite's)")
-    s.add_argument("--scheduler", choices=list(SCHEDULERS), default="none",
+    s.add_argument("--scheduler", choices=list(SCHEDULERS), default=d("scheduler"),
                    help="early stopping: none (default: every trial to max_epochs; it beat ASHA with TPE in "
                         "BENCHMARKS.md), asha, or hyperband (asynchronous, 3 brackets: more trials run long)")
     s.add_argument("--mlflow", metavar="URI",
                    help="also log every trial (parameters, per-epoch metrics) to this MLflow tracking URI, e.g. "
                         "sqlite:///mlflow.db or http://127.0.0.1:5000 (needs the mlflow package)")
     s.add_argument("--no-early-stopping", action="store_true", help="the same as --scheduler none")
-    s.add_argument("--data-path", choices=DATA_PATHS, default=SearchConfig.data_path,
+    s.add_argument("--data-path", choices=DATA_PATHS, default=d("data_path"),
                    help="how trials read the train split: materialize (once into the object store, shared), stream "
                         "(Ray Data tasks read the shards each epoch where the trial runs: for a dataset larger than "
                         "the object store), or auto (default: materialize up to half the object store; the choice "
                         "is printed)")
     s.set_defaults(fn=_search)
 
+
+def _status_options(sub, common) -> None:
     st = sub.add_parser("status", parents=common, help="leaderboard of a running or finished search")
     st.add_argument("run", help="runs/NAME, or STORAGE/NAME (e.g. s3://bucket/raycxr/NAME)")
     st.add_argument("--top", type=int, default=20, help="leaderboard rows shown (default 20)")
@@ -350,37 +325,50 @@ def build_parser() -> argparse.ArgumentParser:
                          "then the leaderboard")
     st.set_defaults(fn=_status)
 
+
+def _promote_options(sub, common) -> None:
+    from raycxr.metrics import THRESHOLD_CHOICES
+    from raycxr.promote import QUANTIZE_CHOICES, SWITCH_CHOICES, PromoteConfig
+    from raycxr.select import SELECTION_RULES
+
+    def d(name):
+        return _default(PromoteConfig, name)
+
     pr = sub.add_parser("promote", parents=common, help="best trial by validation -> holdout once -> exports and model card")
     pr.add_argument("--run", required=True, help="runs/NAME, or STORAGE/NAME (e.g. s3://bucket/raycxr/NAME)")
     pr.add_argument("--out", type=Path, required=True, help="folder for the promoted model")
     pr.add_argument("--data", help="the ingested dataset, when it is not at the path the search read it "
-                                              "from (e.g. this machine's copy of a cluster's data); same fingerprint")
-    pr.add_argument("--threshold-rule", choices=THRESHOLD_CHOICES, default="auto",
+                                   "from (e.g. this machine's copy of a cluster's data); same fingerprint")
+    pr.add_argument("--threshold-rule", choices=THRESHOLD_CHOICES, default=d("threshold_rule"),
                     help="which validation operating point the exported model uses: auto (default) is accuracy "
                          "(the fewest errors at the site's own prevalence, on its site-val films) for --select site, "
                          "else youden (sensitivity + specificity); the card shows the holdout metrics at every one")
-    pr.add_argument("--target-sensitivity", type=float, default=0.95, help="for the sensitivity operating point")
-    pr.add_argument("--target-specificity", type=float, default=0.95, help="for the specificity operating point")
+    pr.add_argument("--target-sensitivity", type=float, default=d("target_sensitivity"),
+                    help="for the sensitivity operating point")
+    pr.add_argument("--target-specificity", type=float, default=d("target_specificity"),
+                    help="for the specificity operating point")
     pr.add_argument("--prevalence", type=float, metavar="P",
                     help="the clinic's share of positives (e.g. 0.3): probabilities, PPV and NPV are corrected "
                          "from the training pool's prevalence to P (prior shift); adds the bayes operating point")
-    pr.add_argument("--select", choices=["auto", "site", "shift-auc", "val-auc"], default="auto",
+    pr.add_argument("--select", choices=SELECTION_RULES, default=d("select"),
                     help="auto (default): site for a search with --site, else shift-auc. site: finalists, ensemble, "
                          "TTA, calibration and threshold chosen on the site's site-val films, site-test read once "
                          "(the card's headline); shift-auc: finalists scored on validation under acquisition shifts, "
                          "ties by patient bootstrap, then an ensemble or the fastest tied model; val-auc: plain arg-max")
-    pr.add_argument("--finalists", type=int, default=4, help="trials compared by --select shift-auc (default 4)")
-    pr.add_argument("--ensemble", choices=["auto", "on", "off"], default="auto",
+    pr.add_argument("--finalists", type=int, default=d("finalists"),
+                    help=f"trials compared by --select shift-auc (default {d('finalists')})")
+    pr.add_argument("--ensemble", choices=SWITCH_CHOICES, default=d("ensemble"),
                     help="mean-logit ensemble: auto (default) promotes the tied finalists' ensemble if its shift AUC "
                          "beats the best single model; on forces an ensemble of the best finalists; off never")
     pr.add_argument("--fastest-within", type=float, metavar="AUC_DELTA",
                     help="promote the quickest trial (batch-1 ONNX CPU latency) whose validation AUC is within "
                          "AUC_DELTA of the best, e.g. 0.005")
-    pr.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs (default 1000)")
+    pr.add_argument("--bootstrap", type=int, default=d("n_boot"),
+                    help=f"bootstrap resamples for CIs (default {d('n_boot')})")
     pr.add_argument("--serving-onnx", action="store_true",
                     help="also export model.serving.onnx: uint8 images at the stored size in, calibrated P(target) "
                          "out (resize, normalisation, TTA and calibration inside), checked against the Python model")
-    pr.add_argument("--quantize", choices=["none", "int8"], default="none",
+    pr.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=d("quantize"),
                     help="int8: also export model.int8.onnx (static int8, ONNX Runtime's quantiser, calibrated on "
                          "the validation films), kept only if the paired patient bootstrap of its validation AUC "
                          "minus fp32's has a lower bound above -0.005; the card gives both models' holdout AUC")
@@ -388,19 +376,25 @@ def build_parser() -> argparse.ArgumentParser:
                     help="log the promoted model to MLflow and register a new version of NAME in its Model Registry")
     pr.add_argument("--mlflow", metavar="URI", help="MLflow tracking URI for --register (default $MLFLOW_TRACKING_URI)")
     pr.add_argument("--force", action="store_true", help="replace an existing --out folder")
-    pr.add_argument("--tta", choices=["auto", "on", "off"], default="auto",
+    pr.add_argument("--tta", choices=SWITCH_CHOICES, default=d("tta"),
                     help="test-time augmentation (mean logit over 4 views): auto keeps it if it raises the "
                          "validation AUC (default)")
     pr.set_defaults(fn=_promote)
 
+
+def _evaluate_options(sub, common) -> None:
+    from raycxr.data import SPLITS
+
     ev = sub.add_parser("evaluate", parents=common, help="score a promoted model on any ingested dataset (external validation)")
     ev.add_argument("--model", type=Path, required=True, help="a folder written by `raycxr promote`")
     ev.add_argument("--data", required=True, help="a folder or URI written by `raycxr ingest`")
-    ev.add_argument("--split", choices=["train", "val", "holdout", "all"], default="holdout",
+    ev.add_argument("--split", choices=[*SPLITS, "all"], default="holdout",
                     help="which split of --data to score (default holdout; all for an external dataset)")
     ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs (default 1000)")
     ev.set_defaults(fn=_evaluate)
 
+
+def _predict_options(sub, common) -> None:
     pd = sub.add_parser("predict", parents=common, help="classify DICOM/PNG/JPEG files or folders; CSV to stdout")
     pd.add_argument("--model", type=Path, required=True, help="a folder written by `raycxr promote`")
     pd.add_argument("files", nargs="*", help="files or folders")
@@ -410,7 +404,6 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--format", choices=["csv", "json"], default="csv", help="output on stdout (default csv)")
     pd.add_argument("--saliency", type=Path, metavar="DIR", help="write a Grad-CAM overlay PNG per image to DIR")
     pd.set_defaults(fn=_predict)
-    return p
 
 
 def _verbosity(default) -> argparse.ArgumentParser:

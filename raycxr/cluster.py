@@ -174,7 +174,7 @@ def _join(address: str, kwargs: dict, job_env: dict):
                           f"{hint}") from exc
 
 
-def _cluster_capacity() -> dict:
+def cluster_capacity() -> dict:
     """What the cluster has, has free, and can grow to: {"total", "free", "ceiling", "node_cpus",
     "autoscaler"}.
 
@@ -217,7 +217,7 @@ def _cluster_capacity() -> dict:
 
 
 def plan_resources(space: SearchSpace, *, trials: int, capacity: dict) -> dict:
-    """Per-trial resources and concurrency for ``capacity`` (see :func:`_cluster_capacity`), or a
+    """Per-trial resources and concurrency for ``capacity`` (see :func:`cluster_capacity`), or a
     ConfigError saying why a trial can never fit.
 
     Concurrency is sized to what is free now, or, on an autoscaling cluster, to what it can grow
@@ -273,6 +273,3 @@ def plan_resources(space: SearchSpace, *, trials: int, capacity: dict) -> dict:
             "free_cpus": free.get("CPU", 0.0), "autoscaler_max": ceiling,
             "autoscaler": bool(capacity.get("autoscaler"))}
 
-
-def _plan_resources(space: SearchSpace, *, trials: int) -> dict:
-    return plan_resources(space, trials=trials, capacity=_cluster_capacity())

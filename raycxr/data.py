@@ -15,6 +15,7 @@ image is decoded during training and a batch goes to the device as uint8.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,7 +93,59 @@ def has_manifest(data_dir: str | Path) -> bool:
         return False
 
 
-def read_manifest(data_dir: str | Path) -> dict:
+@dataclass(frozen=True)
+class Manifest:
+    """A dataset's ``manifest.json``, as ``raycxr ingest`` writes it (field order is the file's key
+    order) and :func:`read_manifest` reads and checks it, once."""
+
+    schema_version: int
+    fingerprint: str           # the dataset's content fingerprint (its films, labels, splits and settings)
+    params: dict               # the ingest settings: image_size, resize, fractions, seed, views, ..., salt_id
+    sources: dict              # source -> {"files": n}
+    files_in: int
+    rows_written: int
+    quarantined: int
+    quarantine_reasons: dict
+    exact_duplicates: int
+    merged_duplicate_groups: int
+    near_duplicate_pairs: int
+    cross_source_twins: int
+    twins_by_source_pair: dict
+    split_level: str
+    findings: list
+    counts: dict               # split -> {"images", "patients", "by_label", "by_source"}
+    schema: dict               # column -> what it holds
+    shards: dict | None = None  # split -> its shards (SPLIT/FILE.parquet), in order; None before manifests listed them
+
+    FILE = MANIFEST
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc, *, where: str) -> Manifest:
+        """Checked: a dict of this schema version with every field of the right kind, else DataError."""
+        if not isinstance(doc, dict):
+            raise DataError(f"{where}/manifest.json is not a JSON object: re-run `raycxr ingest`")
+        if doc.get("schema_version") != SCHEMA_VERSION:
+            raise DataError(f"{where} was written with schema version {doc.get('schema_version')}, "
+                            f"this raycxr reads version {SCHEMA_VERSION}: re-run `raycxr ingest`")
+        kinds = {"int": int, "str": str, "dict": dict, "list": list, "dict | None": (dict, type(None))}
+        fields = dataclasses.fields(cls)
+        wrong = [f.name for f in fields if (f.name in doc or f.default is dataclasses.MISSING)
+                 and not isinstance(doc.get(f.name), kinds[f.type])]
+        if wrong:
+            raise DataError(f"{where}/manifest.json lacks or mistypes {', '.join(wrong)}: not a manifest this raycxr "
+                            "wrote; re-run `raycxr ingest`")
+        return cls(**{f.name: doc[f.name] for f in fields if f.name in doc})
+
+    @property
+    def image_size(self) -> int:
+        return self.params["image_size"]
+
+
+def read_manifest(data_dir: str | Path) -> Manifest:
+    """The dataset's manifest, read and checked (:class:`Manifest`)."""
     store = _store(data_dir)
     if not store.exists(MANIFEST):
         raise DataError(f"{data_dir} has no manifest.json: create it with `raycxr ingest --source kermany=PATH --out {data_dir}`")
@@ -100,11 +153,11 @@ def read_manifest(data_dir: str | Path) -> dict:
     if len(raw) > _MANIFEST_CAP:
         raise DataError(f"{data_dir}/manifest.json is {len(raw) / 2**20:.0f} MB, not a manifest raycxr wrote: re-run "
                         "`raycxr ingest`")
-    manifest = json.loads(raw)
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise DataError(f"{data_dir} was written with schema version {manifest.get('schema_version')}, "
-                        f"this raycxr reads version {SCHEMA_VERSION}: re-run `raycxr ingest`")
-    return manifest
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        raise DataError(f"{data_dir}/manifest.json is not JSON: re-run `raycxr ingest`") from None
+    return Manifest.from_dict(doc, where=str(data_dir))
 
 
 def split_files(data_dir: str | Path, split: str):
@@ -114,7 +167,7 @@ def split_files(data_dir: str | Path, split: str):
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; use one of {SPLITS}")
     store = _store(data_dir)
-    listed = read_manifest(data_dir).get("shards")
+    listed = read_manifest(data_dir).shards
     if isinstance(listed, dict):
         names = [n for n in listed.get(split, []) if isinstance(n, str) and _confined(n, split)]
     else:

@@ -45,14 +45,13 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path, *, split: str = 
     manifest = read_manifest(data_dir)
     # a folder without its card is still scored; only the card's comparison is skipped
     card = ModelCard.load(model_dir) if (Path(model_dir) / ModelCard.FILE).exists() else None
-    own = card is not None and manifest["fingerprint"] == card.data["fingerprint"]
+    own = card is not None and manifest.fingerprint == card.data["fingerprint"]
     earlier = []
     if split in ("holdout", "all"):  # a read of the dataset's holdout films, logged before it happens
-        from raycxr.ledger import record_read, split_digest, user_ledgers
+        from raycxr.ledger import Films, log_read, split_digest, user_ledgers
 
-        earlier = record_read(data_dir, fingerprint=manifest["fingerprint"], split="holdout",
-                              digest=split_digest(data_dir, "holdout"), by="evaluate",
-                              model=str(Path(model_dir).resolve()))
+        earlier = log_read([Films(data_dir, manifest.fingerprint, "holdout", split_digest(data_dir, "holdout"))],
+                           by="evaluate", model=str(Path(model_dir).resolve()))
         if own or earlier:
             log.warning("these holdout films were read %d time(s) before (%s); figures from repeated holdout reads are "
                         "optimistic. Use another dataset for external validation.", max(len(earlier), int(own)),
@@ -66,7 +65,7 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path, *, split: str = 
     z = np.concatenate([target_logits(model, spec, part.images, progress=f"scoring {name}")
                         for name, part in zip(splits, parts)])
     probabilities = calibrate_logits(z, promoted.calibration)
-    result = {"data": location(data_dir), "fingerprint": manifest["fingerprint"], "split": split,
+    result = {"data": location(data_dir), "fingerprint": manifest.fingerprint, "split": split,
               "target": spec.target, "threshold": promoted.threshold, "calibration": promoted.calibration,
               "sources": sorted(set(src)), "holdout_previously_read": len(earlier),
               "metrics": report(y, probabilities, groups=g, sources=src,
@@ -74,7 +73,7 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path, *, split: str = 
                                 prior_shift=bias_shift(promoted.calibration))}
     result["overlap"] = overlap = (training_overlap(card, model_dir, data_dir, splits) if card is not None and not own
                                    else None)
-    out = Path(model_dir) / "evaluations" / f"{manifest['fingerprint']}-{split}.json"
+    out = Path(model_dir) / "evaluations" / f"{manifest.fingerprint}-{split}.json"
     out.parent.mkdir(exist_ok=True)
     write_atomic(out, json.dumps(result, indent=2, default=str) + "\n", mode=0o644)
     result["predictions"] = str(write_predictions(out.with_name(out.stem + "-predictions.csv"), sources=src, groups=g,
@@ -123,7 +122,7 @@ def training_overlap(card: ModelCard, model_dir: str | Path, data_dir: str | Pat
     train_dir = card.data_dir(model_dir)
     where = card.data["dir"]  # as the card has it: relative to the model folder
     try:
-        if read_manifest(train_dir)["fingerprint"] != card.data["fingerprint"]:
+        if read_manifest(train_dir).fingerprint != card.data["fingerprint"]:
             raise DataError("another dataset")
     except (DataError, OSError, KeyError, TypeError, ValueError):
         return {"checked": False, "images": None, "same_files": None, "twins": None, "training_data": where,

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raycxr import progress
-from raycxr.data import SCHEMA, SCHEMA_VERSION, SPLITS
+from raycxr.data import SCHEMA, SCHEMA_VERSION, SPLITS, Manifest
 from raycxr.dedup import TWIN_SIMILARITY
 from raycxr.errors import ConfigError, DataError, DecodeError
 from raycxr.imaging import RESIZE_POLICIES
@@ -770,17 +770,15 @@ def _write_dataset(store, staging: _Staging, n_batches: int, rows_at: dict, fing
             pq.write_table(table, store._path(name), filesystem=store.fs, compression="zstd")
     shards = _write_shards(staging, n_batches, rows_at, put, fingerprint[:8])
     summary = _summary(fingerprint, records, kept, quarantine, rows_by_split, dup_stats)
-    manifest = {
-        "schema_version": SCHEMA_VERSION, "fingerprint": fingerprint, "params": params,
-        "sources": {name: {"files": n} for name, n in sorted(Counter(r.source for r in records).items())},
-        "files_in": summary.files_in, "rows_written": summary.rows_written, "quarantined": summary.quarantined,
-        "quarantine_reasons": summary.quarantine_reasons, **dup_stats,
-        "split_level": "patient (groups merged across exact and near-duplicate images, and twins across sources)",
-        "findings": list(FINDINGS), "counts": summary.counts,
-        "schema": {f.name: f.metadata[b"doc"].decode() for f in SCHEMA},
-        "shards": shards,
-    }
-    for name, text in (("manifest.json", json.dumps(manifest, indent=2) + "\n"),
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION, fingerprint=fingerprint, params=params,
+        sources={name: {"files": n} for name, n in sorted(Counter(r.source for r in records).items())},
+        files_in=summary.files_in, rows_written=summary.rows_written, quarantined=summary.quarantined,
+        quarantine_reasons=summary.quarantine_reasons, **dup_stats,
+        split_level="patient (groups merged across exact and near-duplicate images, and twins across sources)",
+        findings=list(FINDINGS), counts=summary.counts, schema={f.name: f.metadata[b"doc"].decode() for f in SCHEMA},
+        shards=shards)
+    for name, text in (("manifest.json", json.dumps(manifest.to_dict(), indent=2) + "\n"),
                        ("quarantine.csv", _quarantine_csv(quarantine, salt))):
         if store.local is not None:  # inside the build folder, whose rename is the commit; the umask's mode
             (store.local / name).write_text(text)

@@ -9,6 +9,10 @@ the films themselves (``films-SPLIT-DIGEST.jsonl`` in :func:`user_ledgers`, by d
 the SHA-256 of its file, so the same files split alike give the same digest, at any image size)
 share it, so a read through one copy counts for the other. One read kept in both ledgers counts once.
 
+A run that reads films (promote) also keeps one entry per read in its own folder's
+``holdout_reads.jsonl`` (:func:`run_reads`). :func:`log_read` writes every ledger of one read;
+nothing else writes them.
+
 Each entry names the dataset's content fingerprint, the split (``holdout``, or ``site-test`` of a
 site's films) and a digest of the read films' content hashes, so "the same images" is checked by
 content. It is written before the films are read (write-ahead: a crash while scoring still
@@ -23,9 +27,61 @@ import json
 import os
 import secrets
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-FILE = "holdout_reads.jsonl"
+if TYPE_CHECKING:
+    from raycxr.storage import RunStore
+
+FILE = "holdout_reads.jsonl"  # in a dataset's folder and in a run's
+
+
+@dataclass(frozen=True)
+class Films:
+    """A set of test films about to be read: a split (``holdout``, or a site's ``site-test`` part) of
+    the dataset at ``data`` (content ``fingerprint``), named by the ``digest`` of its films."""
+
+    data: str | Path
+    fingerprint: str
+    split: str
+    digest: str
+    site: str | None = None    # the site's name, for a site's films
+
+
+def log_read(films: list[Films], *, by: str, store: RunStore | None = None, **details) -> list[dict]:
+    """Log one read of ``films`` before it happens, in every ledger that counts them: the run's own
+    (``store``, when a run reads them: one entry for the read) and each dataset's
+    (:func:`record_read`). Returns the earlier reads of these films: the longest of those ledgers'
+    histories. ``by``: ``promote`` or ``evaluate``; ``details``: what else the entries keep (``run``,
+    ``trial_id``, ``out``...)."""
+    histories = []
+    if store is not None:
+        split = films[0].split
+        histories.append(run_reads(store, split))
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "split": split, "trial_id": details.get("trial_id")}
+        if any(f.site for f in films):
+            entry["sites"] = {f.site: f.digest for f in films}
+        store.append_line(FILE, json.dumps({**entry, "out": details.get("out")}))
+    for f in films:
+        histories.append(record_read(f.data, fingerprint=f.fingerprint, split=f.split, digest=f.digest, by=by,
+                                     **({"site": f.site} if f.site else {}), **details))
+    return max(histories, key=len)
+
+
+def run_reads(store: RunStore, split: str = "holdout") -> list[dict]:
+    """Earlier reads of ``split`` (``holdout`` or ``site-test``) logged in a run's own ledger."""
+    if not store.exists(FILE):
+        return []
+    out = []
+    for line in store.read_text(FILE).splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a killed promote: it was a read all the same, but not one to count here
+        if isinstance(entry, dict) and entry.get("split", "holdout") == split:
+            out.append(entry)
+    return out
 
 
 def films_digest(content_hashes) -> str:

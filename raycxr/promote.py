@@ -13,26 +13,28 @@ in the same ledger: their figures are the card's headline, the internal holdout 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from raycxr.data import SplitArrays, split_arrays
+from raycxr.data import Manifest, SplitArrays, split_arrays
 from raycxr.errors import ConfigError, DataError, ExportError, NoEligibleTrialError
 from raycxr.models import EXPORT_TOLERANCE, MemberSpec, ModelSpec, PromotedModel, export_onnx
 from raycxr.predict import target_logits, write_predictions
 from raycxr.progress import bar
 from raycxr.card import ModelCard
+from raycxr.runs import RunHistory, RunRecord
 from raycxr.storage import RunStore, exists, local_copy
 from raycxr.train import CheckpointRecord
 
 log = logging.getLogger(__name__)
 
+
+QUANTIZE_CHOICES = ("none", "int8")
+SWITCH_CHOICES = ("auto", "on", "off")  # --tta and --ensemble
 
 
 @dataclass(frozen=True)
@@ -60,12 +62,26 @@ class PromoteConfig:
 
     def __post_init__(self):
         from raycxr.metrics import THRESHOLD_CHOICES
+        from raycxr.select import SELECTION_RULES
 
         if self.threshold_rule not in THRESHOLD_CHOICES:
             raise ConfigError(f"--threshold-rule {self.threshold_rule!r}: allowed: {', '.join(THRESHOLD_CHOICES)}",
                               source="--threshold-rule")
-        if self.quantize not in ("none", "int8"):
-            raise ConfigError(f"--quantize {self.quantize!r}: allowed: none, int8", source="--quantize")
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise ConfigError(f"--quantize {self.quantize!r}: allowed: {', '.join(QUANTIZE_CHOICES)}",
+                              source="--quantize")
+        for flag, value in (("--tta", self.tta), ("--ensemble", self.ensemble)):
+            if value not in SWITCH_CHOICES:
+                raise ConfigError(f"{flag} {value!r}: allowed: {', '.join(SWITCH_CHOICES)}", source=flag)
+        if self.select not in SELECTION_RULES:
+            raise ConfigError(f"unknown selection rule {self.select!r}; use one of {SELECTION_RULES}",
+                              source="--select")
+        if self.threshold_rule == "bayes" and self.prevalence is None:
+            raise ConfigError("--threshold-rule bayes needs --prevalence P (the clinic's share of positives)",
+                              source="--threshold-rule")
+        if self.prevalence is not None and not 0 < self.prevalence < 1:
+            raise ConfigError(f"--prevalence {self.prevalence} must be a share of positives in (0, 1), e.g. 0.3",
+                              source="--prevalence")
         if self.ensemble == "on" and (self.select == "val-auc" or self.fastest_within is not None):
             rule = "--select val-auc" if self.select == "val-auc" else "--fastest-within"
             raise ConfigError(f"--ensemble on asks for an ensemble but {rule} promotes one trial: drop one of the "
@@ -121,24 +137,6 @@ def _choose_tta(model, spec: ModelSpec, val: SplitArrays, vz: np.ndarray, *, mod
     info = {"used": used, "mode": mode, "val_auc_without": g["base"], "val_auc_with": g["candidate"],
             "gain_ci95": g["gain_ci95"], "views": [{"rotation_deg": r, "scale": sc} for r, sc in TTA_VIEWS]}
     return (wrapped, wz, info) if used else (model, vz, info)
-
-
-LEDGER = "holdout_reads.jsonl"
-
-
-def _holdout_reads(store: RunStore, split: str = "holdout") -> list[dict]:
-    """Earlier reads of ``split`` (``holdout`` or ``site-test``) logged in the run's ledger."""
-    if not store.exists(LEDGER):
-        return []
-    reads = []
-    for line in store.read_text(LEDGER).splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a killed promote: it was a read all the same, but not one to count here
-        if isinstance(entry, dict) and entry.get("split", "holdout") == split:
-            reads.append(entry)
-    return reads
 
 
 # The measured gap between an internal holdout and films collected elsewhere, for a card without
@@ -232,40 +230,6 @@ def _build(chosen: list[dict]) -> tuple:
     return model, spec, {k: v.contiguous() for k, v in model.state_dict().items()}
 
 
-def _site_test(store: RunStore, sites: list, model, spec: ModelSpec, calibration: dict, points: dict, *,
-               threshold: float, target: str, out: Path, final: Path, cfg: PromoteConfig, trial_ids: str) -> dict:
-    """The sites' site-test films, read once (logged in the run's ledger before they are read):
-    the card's headline figures, with patient-bootstrap CIs, at every operating point."""
-    from raycxr.metrics import bias_shift, binary_metrics, calibrate_logits, report
-
-    from raycxr.ledger import record_read
-
-    # write-ahead, in the run's ledger and in each site's own (raycxr.ledger: every read of these films,
-    # whichever run made it)
-    in_run = _holdout_reads(store, "site-test")
-    store.append_line(LEDGER, json.dumps({
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "split": "site-test", "trial_id": trial_ids,
-        "sites": {s.name: s.digest["site-test"] for s in sites}, "out": str(final.resolve())}))
-    earlier = [record_read(s.data, fingerprint=s.fingerprint, split="site-test", digest=s.digest["site-test"],
-                           by="promote", site=s.name, trial_id=trial_ids, out=str(final.resolve())) for s in sites]
-    previous = max([in_run, *earlier], key=len)
-    log.info("promote 2/4: scoring the site-test films, once")
-    test = _site_part(sites, "site-test", target)
-    p = calibrate_logits(target_logits(model, spec, test.images, progress="scoring site-test"), calibration)
-    write_predictions(out / "site_test_predictions.csv", sources=test.sources, groups=test.groups, y=test.y,
-                      probabilities=p)
-    at_points = {}
-    for name, pt in points.items():
-        m = binary_metrics(test.y, p, threshold=pt["threshold"], prior_shift=bias_shift(calibration))
-        at_points[name] = {"threshold": pt["threshold"], **{k: m[k] for k in ("sensitivity", "specificity", "ppv",
-                                                                               "npv", "accuracy")}}
-    return {"kind": "site", "split": "site-test", "sites": [s.to_dict() for s in sites],
-            "previously_read": len(previous), "operating_points": at_points,
-            "metrics": report(test.y, p, groups=test.groups, sources=test.sources, threshold=threshold,
-                              prior_shift=bias_shift(calibration),
-                              n_boot=cfg.n_boot, seed=cfg.seed)}
-
-
 def _check_out(out: Path, *, force: bool) -> None:
     """Refuse an ``--out`` that holds anything but, with ``--force``, a promoted model: a flag must
     never delete a home folder or a dataset."""
@@ -340,28 +304,32 @@ def _relative(path: str | Path, model_dir: Path) -> str:
     return os.path.relpath(Path(path).resolve(), model_dir.resolve())
 
 
-def _promote(cfg: PromoteConfig, *, out: Path, final: Path) -> ModelCard:
-    """:func:`promote`'s work, written into ``out`` (the staging folder); ``final`` is where it will be."""
-    from raycxr.card import write_model_card
-    from raycxr.data import has_manifest, location, read_manifest
-    from raycxr.ledger import record_read, split_digest
-    from raycxr.metrics import (bias_shift, binary_metrics, calibrate_logits, fit_calibration, fit_site_calibration,
-                                operating_points, predictive_values, prior_shift, report)
-    from raycxr.select import SELECTION_RULES
-    from raycxr.sites import MIN_EVENTS
-    from raycxr.report import write_report
-    from raycxr.runs import RunRecord, run_history
-    from raycxr.serving import model_inputs, serving_exports, trial_like_latency
+@dataclass
+class Plan:
+    """What promote reads before it decides: the run, its data and eligible trials, the rules in force."""
 
-    rule = cfg.threshold_rule
-    if rule == "bayes" and cfg.prevalence is None:
-        raise ConfigError("--threshold-rule bayes needs --prevalence P (the clinic's share of positives)",
-                          source="--threshold-rule")
-    if cfg.prevalence is not None and not 0 < cfg.prevalence < 1:
-        raise ConfigError(f"--prevalence {cfg.prevalence} must be a share of positives in (0, 1), e.g. 0.3",
-                          source="--prevalence")
-    if cfg.select not in SELECTION_RULES:
-        raise ConfigError(f"unknown selection rule {cfg.select!r}; use one of {SELECTION_RULES}", source="--select")
+    cfg: PromoteConfig
+    store: RunStore
+    run: RunRecord
+    sites: list                # the run's sites (raycxr.sites.Site), possibly none
+    select: str                # the selection rule in force: shift-auc | val-auc | site
+    threshold_rule: str        # the exported operating point's rule ("auto" resolved)
+    data_dir: str | Path
+    manifest: Manifest
+    history: RunHistory
+    eligible: list[dict]       # leaderboard rows with a validation figure and a checkpoint in storage
+
+    @property
+    def on(self) -> str:
+        """The films that choose: the sites' site-val films for ``--select site``, else validation."""
+        return "site-val" if self.select == "site" else "validation"
+
+
+def plan(cfg: PromoteConfig) -> Plan:
+    """Read the run and check it can be promoted as asked (its data here, a trial to promote)."""
+    from raycxr.data import has_manifest, location, read_manifest
+    from raycxr.runs import RunRecord, run_history
+
     store = RunStore(cfg.run)
     store.require_run("--run")
     run = RunRecord.load(store)
@@ -370,147 +338,289 @@ def _promote(cfg: PromoteConfig, *, out: Path, final: Path) -> ModelCard:
     if select == "site" and not sites:
         raise ConfigError("--select site needs a search with the deploying site's films (raycxr search --site DATA); "
                           f"{run.name} had none: search again with --site, or use --select shift-auc", source="--select")
-    if rule == "auto":  # a site's films say its prevalence: the fewest errors there; otherwise the balanced point
-        rule = "accuracy" if select == "site" else "youden"
+    # a site's films say its prevalence: the fewest errors there; otherwise the balanced point
+    rule = cfg.threshold_rule if cfg.threshold_rule != "auto" else "accuracy" if select == "site" else "youden"
     data_dir = location(cfg.data or run.data)
     if not has_manifest(data_dir):
         raise ConfigError(f"the search read its data from {data_dir}, which is not here: pass --data with this "
                           "machine's copy of that dataset (its fingerprint must match)", source="--data")
     manifest = read_manifest(data_dir)
-    if manifest["fingerprint"] != run.data_fingerprint:
-        raise DataError(f"{data_dir} is not the dataset the search used (fingerprint {manifest['fingerprint']} != "
+    if manifest.fingerprint != run.data_fingerprint:
+        raise DataError(f"{data_dir} is not the dataset the search used (fingerprint {manifest.fingerprint} != "
                         f"{run.data_fingerprint}): promote against the dataset the search used")
-
     history = run_history(store.uri)
-    board = history.board
-    eligible = [r for r in board if r["status"].startswith("ok") and r.get("checkpoint") and exists(r["checkpoint"])]
+    eligible = [r for r in history.board
+                if r["status"].startswith("ok") and r.get("checkpoint") and exists(r["checkpoint"])]
     if not eligible:
         raise NoEligibleTrialError(f"no trial of {store.uri} has a validation AUC and a checkpoint in storage: "
                                    "run a search that finishes at least one epoch")
-    target = run.target
+    return Plan(cfg=cfg, store=store, run=run, sites=sites, select=select, threshold_rule=rule, data_dir=data_dir,
+                manifest=manifest, history=history, eligible=eligible)
 
-    # 1. Which model, test-time augmentation, calibration (Platt scaling) and the operating points:
-    # all chosen on validation (or the sites' site-val films) only, before the holdout is read.
-    val = split_arrays(data_dir, "val", target)
-    on = "site-val" if select == "site" else "validation"
-    sel = _site_part(sites, "site-val", target) if select == "site" else val
-    log.info("promote 1/4: choosing the model, threshold and calibration on %s (%d eligible trials)", on,
-             len(eligible))
-    chosen, selection = _select(cfg, eligible, sel, rule=select)
-    selection["on"] = on
-    core, spec, ensemble_state = _build(chosen)
-    vz = target_logits(core, spec, sel.images, progress=f"scoring {on}")
-    model, vz, tta = _choose_tta(core, spec, sel, vz, mode=cfg.tta, n_boot=cfg.n_boot, seed=cfg.seed)
-    internal_z = vz if select != "site" else target_logits(model, spec, val.images, progress="scoring validation")
-    calibration = fit_calibration(val.y, internal_z)
-    if select == "site":
-        calibration = fit_site_calibration(sel.y, vz, internal=calibration, min_events=MIN_EVENTS)
+
+@dataclass(frozen=True)
+class Operating:
+    """Calibration, the operating points and the exported threshold, fixed on the selection films."""
+
+    calibration: dict
+    points: dict               # raycxr.metrics.operating_points
+    rule: str                  # the exported point's name
+    sel_p: np.ndarray          # calibrated P(target) of the selection films
+    validation: dict           # binary_metrics of the selection films at the threshold (in-sample)
+    internal_validation: dict | None  # the same on internal validation, when a site's films chose
+
+    @property
+    def threshold(self) -> float:
+        return self.points[self.rule]["threshold"]
+
+    @property
+    def stability(self) -> dict:
+        pt = self.points[self.rule]
+        return pt["stability"] or {"how": pt["how"], "unstable": False}
+
+    @property
+    def shift(self) -> float:
+        """The logit offset a stated prevalence folds into the probabilities (raycxr.metrics.bias_shift)."""
+        from raycxr.metrics import bias_shift
+
+        return bias_shift(self.calibration)
+
+
+def operate(sel: SplitArrays, sel_z: np.ndarray, *, val_y: np.ndarray, val_z: np.ndarray, site: bool, rule: str,
+            cfg: PromoteConfig, on: str) -> Operating:
+    """Platt calibration (on internal validation logits ``val_z``; refitted on the site's films when
+    ``site`` and they hold enough events), a stated prevalence, and every operating point on the
+    selection films ``sel`` (their logits ``sel_z``). Pure: logits in, decisions out."""
+    from raycxr.metrics import (bias_shift, binary_metrics, calibrate_logits, fit_calibration, fit_site_calibration,
+                                operating_points, prior_shift)
+    from raycxr.sites import MIN_EVENTS
+
+    calibration = fit_calibration(val_y, val_z)
+    if site:
+        calibration = fit_site_calibration(sel.y, sel_z, internal=calibration, min_events=MIN_EVENTS)
     if cfg.prevalence is not None:
         calibration = prior_shift(calibration, fitted_prevalence=float(sel.y.mean()),
                                   target_prevalence=cfg.prevalence)
-    vp = calibrate_logits(vz, calibration)
-    points = operating_points(sel.y, vp, sel.groups, target_sensitivity=cfg.target_sensitivity,
+    sel_p = calibrate_logits(sel_z, calibration)
+    points = operating_points(sel.y, sel_p, sel.groups, target_sensitivity=cfg.target_sensitivity,
                               target_specificity=cfg.target_specificity, bayes=cfg.prevalence is not None,
-                              accuracy=select == "site" or rule == "accuracy", seed=cfg.seed, on=on)
-    threshold = points[rule]["threshold"]
-    stability = points[rule]["stability"] or {"how": points[rule]["how"], "unstable": False}
-    if stability["unstable"]:
-        log.warning("the %s threshold is unstable: %s", on, stability["how"])
+                              accuracy=site or rule == "accuracy", seed=cfg.seed, on=on)
+    threshold, shift = points[rule]["threshold"], bias_shift(calibration)
     # Brier and ECE at each split's own prevalence: --prevalence moves the probabilities served and the
     # PPV/NPV quoted at it, never the calibration figures (raycxr.metrics.binary_metrics)
-    shift = bias_shift(calibration)
-    val_metrics = binary_metrics(sel.y, vp, threshold=threshold, prior_shift=shift)
-    internal_val = (binary_metrics(val.y, calibrate_logits(internal_z, calibration), threshold=threshold,
-                                   prior_shift=shift)
-                    if select == "site" else None)
+    internal = (binary_metrics(val_y, calibrate_logits(val_z, calibration), threshold=threshold, prior_shift=shift)
+                if site else None)
+    return Operating(calibration=calibration, points=points, rule=rule, sel_p=sel_p,
+                     validation=binary_metrics(sel.y, sel_p, threshold=threshold, prior_shift=shift),
+                     internal_validation=internal)
 
-    # 2. The holdout, once.
-    log.info("promote 2/4: scoring the holdout, once")
-    # write-ahead, before the films are read: in the run's ledger and in the dataset's own, which counts
-    # every read of these films (raycxr.ledger), from this run, another search over the data or evaluate
-    trial_ids = "+".join(r["trial_id"] for r in chosen)
-    in_run = _holdout_reads(store)
-    store.append_line(LEDGER, json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "split": "holdout",
-                                          "trial_id": trial_ids, "out": str(final.resolve())}))
-    in_data = record_read(data_dir, fingerprint=manifest["fingerprint"], split="holdout",
-                          digest=split_digest(data_dir, "holdout"), by="promote", run=run.name, trial_id=trial_ids,
-                          out=str(final.resolve()))
-    previous_reads = max(in_run, in_data, key=len)
-    hold = split_arrays(data_dir, "holdout", target)
-    hp = calibrate_logits(target_logits(model, spec, hold.images, progress="scoring the holdout"), calibration)
-    write_predictions(out / "holdout_predictions.csv", sources=hold.sources, groups=hold.groups, y=hold.y,
-                      probabilities=hp)
-    holdout = report(hold.y, hp, groups=hold.groups, sources=hold.sources, threshold=threshold, prior_shift=shift,
-                     n_boot=cfg.n_boot,
-                     seed=cfg.seed)
-    headline = {"kind": "none", "statement": NO_SITE_STATEMENT}
-    if select == "site":
-        headline = _site_test(store, sites, model, spec, calibration, points, threshold=threshold, target=target,
-                              out=out, final=final, cfg=cfg, trial_ids="+".join(r["trial_id"] for r in chosen))
-    at_points = {}
+
+@dataclass(frozen=True)
+class Choice:
+    """Everything promote decides on the selection films, before a test film is read."""
+
+    rows: list[dict]           # the chosen leaderboard rows (an ensemble's members)
+    selection: dict            # the selection record for the card (rule, kind, why, on, finalists...)
+    model: object              # the network to export and score (TTA-wrapped when TTA was kept)
+    spec: ModelSpec
+    ensemble_state: dict | None  # an ensemble's weights to save; None for one trial (its checkpoint is copied)
+    tta: dict
+    op: Operating
+    sel: SplitArrays           # the films that chose
+    val: SplitArrays           # internal validation
+
+    @property
+    def trial_ids(self) -> str:
+        return "+".join(r["trial_id"] for r in self.rows)
+
+    @property
+    def on(self) -> str:
+        """The films that chose: ``validation`` or ``site-val``."""
+        return self.selection["on"]
+
+
+def choose(p: Plan) -> Choice:
+    """The model (one trial or an ensemble), test-time augmentation, calibration and the operating
+    points, all on validation (or the sites' site-val films) only."""
+    cfg = p.cfg
+    val = split_arrays(p.data_dir, "val", p.run.target)
+    sel = _site_part(p.sites, "site-val", p.run.target) if p.select == "site" else val
+    log.info("promote 1/4: choosing the model, threshold and calibration on %s (%d eligible trials)", p.on,
+             len(p.eligible))
+    rows, selection = _select(cfg, p.eligible, sel, rule=p.select)
+    selection["on"] = p.on
+    core, spec, ensemble_state = _build(rows)
+    sel_z = target_logits(core, spec, sel.images, progress=f"scoring {p.on}")
+    model, sel_z, tta = _choose_tta(core, spec, sel, sel_z, mode=cfg.tta, n_boot=cfg.n_boot, seed=cfg.seed)
+    site = p.select == "site"
+    val_z = target_logits(model, spec, val.images, progress="scoring validation") if site else sel_z
+    op = operate(sel, sel_z, val_y=val.y, val_z=val_z, site=site, rule=p.threshold_rule, cfg=cfg, on=p.on)
+    if op.stability["unstable"]:
+        log.warning("the %s threshold is unstable: %s", p.on, op.stability["how"])
+    return Choice(rows=rows, selection=selection, model=model, spec=spec, ensemble_state=ensemble_state, tta=tta,
+                  op=op, sel=sel, val=val)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One read of test films: the films, their calibrated probabilities, the report, earlier reads."""
+
+    films: SplitArrays
+    p: np.ndarray
+    metrics: dict              # raycxr.metrics.report at the exported threshold
+    earlier: list[dict]        # the earlier reads of these films (raycxr.ledger.log_read)
+
+
+def score_once(p: Plan, c: Choice, part: str, *, out: Path, final: Path) -> Scored:
+    """Read ``part`` (``holdout``, or the sites' ``site-test`` films) once: logged before it is read in
+    the run's and the films' ledgers (:func:`raycxr.ledger.log_read`), then scored with the choice."""
+    from raycxr.ledger import Films, log_read, split_digest
+    from raycxr.metrics import calibrate_logits, report
+
+    if part == "holdout":
+        films = [Films(p.data_dir, p.manifest.fingerprint, "holdout", split_digest(p.data_dir, "holdout"))]
+    else:
+        films = [Films(s.data, s.fingerprint, "site-test", s.digest["site-test"], site=s.name) for s in p.sites]
+    earlier = log_read(films, store=p.store, by="promote", run=p.run.name, trial_id=c.trial_ids,
+                       out=str(final.resolve()))
+    log.info("promote 2/4: scoring the %s, once", "holdout" if part == "holdout" else "site-test films")
+    arrays = (split_arrays(p.data_dir, "holdout", p.run.target) if part == "holdout"
+              else _site_part(p.sites, "site-test", p.run.target))
+    prob = calibrate_logits(target_logits(c.model, c.spec, arrays.images, progress="scoring the holdout" if part == "holdout" else "scoring site-test"),
+                            c.op.calibration)
+    write_predictions(out / f"{part.replace('-', '_')}_predictions.csv", sources=arrays.sources,
+                      groups=arrays.groups, y=arrays.y, probabilities=prob)
+    metrics = report(arrays.y, prob, groups=arrays.groups, sources=arrays.sources, threshold=c.op.threshold,
+                     prior_shift=c.op.shift, n_boot=p.cfg.n_boot, seed=p.cfg.seed)
+    return Scored(films=arrays, p=prob, metrics=metrics, earlier=earlier)
+
+
+def at_points(points: dict, y: np.ndarray, prob: np.ndarray, *, sel: tuple | None = None,
+              prevalence: float | None = None) -> dict:
+    """Sensitivity, specificity, PPV, NPV and accuracy of ``prob`` at each operating point; with
+    ``sel`` (labels, probabilities of the films that chose), their in-sample sensitivity and
+    specificity beside; with ``prevalence``, PPV and NPV at it."""
+    from raycxr.metrics import binary_metrics, predictive_values
+
+    table = {}
     for name, pt in points.items():
-        m, v = (binary_metrics(y, p, threshold=pt["threshold"]) for y, p in ((hold.y, hp), (sel.y, vp)))
-        at_points[name] = {"threshold": pt["threshold"], "target": pt["target"], "how": pt["how"],
-                           **{k: m[k] for k in ("sensitivity", "specificity", "ppv", "npv", "accuracy")},
-                           "val_sensitivity": v["sensitivity"], "val_specificity": v["specificity"]}
-        if cfg.prevalence is not None:
-            at_points[name]["ppv_at_prevalence"], at_points[name]["npv_at_prevalence"] = predictive_values(
-                m["sensitivity"], m["specificity"], cfg.prevalence)
+        m = binary_metrics(y, prob, threshold=pt["threshold"])
+        row = {"threshold": pt["threshold"]}
+        if sel is not None:
+            v = binary_metrics(*sel, threshold=pt["threshold"])
+            row.update(target=pt["target"], how=pt["how"])
+        row.update({k: m[k] for k in ("sensitivity", "specificity", "ppv", "npv", "accuracy")})
+        if sel is not None:
+            row.update(val_sensitivity=v["sensitivity"], val_specificity=v["specificity"])
+        if prevalence is not None:
+            row["ppv_at_prevalence"], row["npv_at_prevalence"] = predictive_values(
+                m["sensitivity"], m["specificity"], prevalence)
+        table[name] = row
+    return table
 
+
+def headline(p: Plan, site_test: Scored | None, c: Choice, *, final: Path) -> dict:
+    """The card's headline: the sites' site-test figures, or a statement of why there are none."""
+    if site_test is not None:
+        return {"kind": "site", "split": "site-test",
+                # where each site's data is, relative to the model folder like data.dir
+                "sites": [{**s.to_dict(), "data": _relative(s.data, final)} for s in p.sites],
+                "previously_read": len(site_test.earlier),
+                "operating_points": at_points(c.op.points, site_test.films.y, site_test.p),
+                "metrics": site_test.metrics}
+    if p.sites:
+        return {"kind": "none", "statement": (
+            f"No site figure: the search had site films ({', '.join(s.name for s in p.sites)}) but this promotion "
+            f"chose with --select {p.select}, so site-test was not read. " + NO_SITE_STATEMENT.split(": ", 1)[1])}
+    return {"kind": "none", "statement": NO_SITE_STATEMENT}
+
+
+@dataclass(frozen=True)
+class Exports:
+    """What the export step wrote and measured."""
+
+    max_abs_diff: dict         # TorchScript and ONNX against the eager model
+    latency: dict              # ONNX Runtime latency of each exported ONNX model
+    int8: dict | None          # --quantize int8's decision
+    serving_onnx: dict | None  # --serving-onnx's export check
+
+
+def export(p: Plan, c: Choice, hold: Scored, out: Path) -> Exports:
+    """Write the promoted model into ``out``: safetensors (the source of truth), TorchScript and ONNX
+    checked against it, the serving exports, and ``config.json`` (:class:`PromotedModel`)."""
+    from raycxr.serving import model_inputs, serving_exports
+
+    cfg = p.cfg
     log.info("promote 3/4: exports (safetensors, TorchScript, ONNX%s), checked against the model",
              ", serving ONNX" if cfg.serving_onnx else "")
-    # 3. Exports: safetensors is the source of truth; TorchScript and ONNX are checked against it.
-    if ensemble_state is None:
-        shutil.copyfile(_checkpoint(chosen[0]) / "model.safetensors", out / "model.safetensors")
+    if c.ensemble_state is None:
+        shutil.copyfile(_checkpoint(c.rows[0]) / "model.safetensors", out / "model.safetensors")
     else:
         from safetensors.torch import save_file
 
-        save_file(ensemble_state, str(out / "model.safetensors"))
-    export_diffs = _export(model, out, model_inputs(spec, val.images[:16]))
-    latencies, int8 = serving_exports(out, spec, quantize=cfg.quantize, n_boot=cfg.n_boot, seed=cfg.seed, sel=sel,
-                                      val=val, hold=hold, calibration=calibration, threshold=threshold, on=on)
-
-    architecture = spec.architecture if ensemble_state is None else "ensemble of " + " + ".join(
-        f"{m.architecture}@{m.image_size}px" for m in spec.members)
-    promoted = PromotedModel(spec=spec, threshold=threshold, threshold_rule=rule, calibration=calibration,
-                             class_names=(f"not_{target}", target), tta=tta["used"],
-                             operating_points={k: v["threshold"] for k, v in points.items()},
-                             selection={k: selection[k] for k in ("rule", "kind", "why")})
+        save_file(c.ensemble_state, str(out / "model.safetensors"))
+    diffs = _export(c.model, out, model_inputs(c.spec, c.val.images[:16]))
+    latencies, int8 = serving_exports(out, c, hold.films, quantize=cfg.quantize, n_boot=cfg.n_boot, seed=cfg.seed)
+    promoted = PromotedModel(spec=c.spec, threshold=c.op.threshold, threshold_rule=c.op.rule,
+                             calibration=c.op.calibration, class_names=(f"not_{p.run.target}", p.run.target),
+                             tta=c.tta["used"], operating_points={k: v["threshold"] for k, v in c.op.points.items()},
+                             selection={k: c.selection[k] for k in ("rule", "kind", "why")})
     promoted.save(out)
-    log.info("promote 4/4: model card, plots and report")
-    if select != "site" and sites:
-        headline = {"kind": "none", "statement": (
-            f"No site figure: the search had site films ({', '.join(s.name for s in sites)}) but this promotion "
-            f"chose with --select {select}, so site-test was not read. " + NO_SITE_STATEMENT.split(": ", 1)[1])}
-    elif headline["kind"] == "site":  # where the site data is, relative to the model folder like data.dir
-        headline["sites"] = [{**s, "data": _relative(s["data"], final)} for s in headline["sites"]]
     serving = None
     if cfg.serving_onnx:
         from raycxr.predict import Model
 
-        served = Model(model, promoted, directory=out)  # the network already in memory, as saved
-        serving = {**served.export_onnx(out / "model.serving.onnx", check_with=val.images[:16]),
+        served = Model(c.model, promoted, directory=out)  # the network already in memory, as saved
+        serving = {**served.export_onnx(out / "model.serving.onnx", check_with=c.val.images[:16]),
                    "path": "model.serving.onnx"}  # relative to the model folder
-    rows = {id(r): _card_row(r, final) for r in [*chosen, *board[:5]]}  # checkpoints relative to the model
-    card = ModelCard(
-        run=run.name, trial=rows[id(chosen[0])], members=[rows[id(r)] for r in chosen], architecture=architecture,
-        selection=selection, target=target, threshold=threshold,
-        threshold_rule=rule, threshold_stability=stability, calibration=calibration,
-        operating_points=at_points, prevalence=cfg.prevalence, tta=tta,
-        validation=val_metrics, internal_validation=internal_val, headline=headline,
-        holdout=holdout, export_max_abs_diff=export_diffs,
-        holdout_previously_read=len(previous_reads),
-        holdout_earlier_reads=[{k: e.get(k) for k in ("time", "by", "run", "trial_id")} for e in previous_reads],
-        data={"dir": _relative(data_dir, final), "fingerprint": manifest["fingerprint"], "counts": manifest["counts"],
-              "split_level": manifest["split_level"], "params": manifest["params"]},
-        search_space=run.space_config, versions=run.versions, leaderboard_top=[rows[id(r)] for r in board[:5]],
-        pareto=[{k: r.get(k) for k in ("trial_id", "model", "image_size", "val_auc", "latency_ms")} for r in eligible],
-        latency=latencies, int8=int8, latency_ms=trial_like_latency(latencies),
-        external=[], serving_onnx=serving, registry=None)
-    card.save(out)
-    write_model_card(card, out / "model_card.md")
-    write_report(out, card=card, holdout_y=hold.y, holdout_p=hp, frames=history.frames, prior_shift=shift)
-    return card
+    return Exports(max_abs_diff=diffs, latency=latencies, int8=int8, serving_onnx=serving)
+
+
+def card(p: Plan, c: Choice, hold: Scored, site_test: Scored | None, x: Exports, *, final: Path) -> ModelCard:
+    """The model card of a promotion, from what was decided, read and exported."""
+    from raycxr.serving import trial_like_latency
+
+    spec, board, m = c.spec, p.history.board, p.manifest
+    architecture = spec.architecture if c.ensemble_state is None else "ensemble of " + " + ".join(
+        f"{mb.architecture}@{mb.image_size}px" for mb in spec.members)
+    rows = {id(r): _card_row(r, final) for r in [*c.rows, *board[:5]]}  # checkpoints relative to the model
+    return ModelCard(
+        run=p.run.name, trial=rows[id(c.rows[0])], members=[rows[id(r)] for r in c.rows], architecture=architecture,
+        selection=c.selection, target=p.run.target, threshold=c.op.threshold, threshold_rule=c.op.rule,
+        threshold_stability=c.op.stability, calibration=c.op.calibration,
+        operating_points=at_points(c.op.points, hold.films.y, hold.p, sel=(c.sel.y, c.op.sel_p),
+                                   prevalence=p.cfg.prevalence),
+        prevalence=p.cfg.prevalence, tta=c.tta, validation=c.op.validation,
+        internal_validation=c.op.internal_validation, headline=headline(p, site_test, c, final=final),
+        holdout=hold.metrics, export_max_abs_diff=x.max_abs_diff, holdout_previously_read=len(hold.earlier),
+        holdout_earlier_reads=[{k: e.get(k) for k in ("time", "by", "run", "trial_id")} for e in hold.earlier],
+        data={"dir": _relative(p.data_dir, final), "fingerprint": m.fingerprint, "counts": m.counts,
+              "split_level": m.split_level, "params": m.params},
+        search_space=p.run.space_config, versions=p.run.versions, leaderboard_top=[rows[id(r)] for r in board[:5]],
+        pareto=[{k: r.get(k) for k in ("trial_id", "model", "image_size", "val_auc", "latency_ms")}
+                for r in p.eligible],
+        latency=x.latency, int8=x.int8, latency_ms=trial_like_latency(x.latency), external=[],
+        serving_onnx=x.serving_onnx, registry=None)
+
+
+def _promote(cfg: PromoteConfig, *, out: Path, final: Path) -> ModelCard:
+    """:func:`promote`'s work, written into ``out`` (the staging folder); ``final`` is where it will be:
+    plan, choose on the selection films, then read the holdout (and site-test) once, export, card."""
+    from raycxr.card import write_model_card
+    from raycxr.report import write_report
+
+    p = plan(cfg)
+    c = choose(p)
+    hold = score_once(p, c, "holdout", out=out, final=final)
+    site_test = score_once(p, c, "site-test", out=out, final=final) if p.select == "site" else None
+    x = export(p, c, hold, out)
+    log.info("promote 4/4: model card, plots and report")
+    made = card(p, c, hold, site_test, x, final=final)
+    made.save(out)
+    write_model_card(made, out / "model_card.md")
+    write_report(out, card=made, holdout_y=hold.films.y, holdout_p=hold.p, frames=p.history.frames,
+                 prior_shift=c.op.shift)
+    return made
 
 
 def api(run: str | Path, out: str | Path, **options) -> ModelCard:

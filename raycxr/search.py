@@ -28,20 +28,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ray.tune.callback import Callback
-
-from raycxr.cluster import _plan_resources, init_ray
+from raycxr import samplers
+from raycxr.callbacks import KeepTrialHistory, ProgressLines
+from raycxr.cluster import cluster_capacity, init_ray, plan_resources
 from raycxr.config import SearchSpace, load_space
+from raycxr.data import Manifest
 from raycxr.errors import ConfigError, NoEligibleTrialError
 from raycxr.runs import RunRecord, leaderboard, leaderboard_csv, tune_location
 from raycxr.signing import STUDY_FILE, RunSigner, SignRunCallback
 from raycxr.storage import RunStore, write_atomic
 from raycxr.train import METRIC, SELECTION_METRICS
+from raycxr.trainables import DATA_PATHS, in_process, trainable, val_sources
 
 log = logging.getLogger(__name__)
 
-# The Tune function that drives one TorchTrainer needs almost no CPU; Ray refuses 0.
-_TRIAL_DRIVER_CPU = 0.001
 # Optuna samplers: TPE (the default), a Gaussian process, CMA-ES, random search (the baseline every
 # other is compared against: scripts/bench/lcbench_searchers.py, BENCHMARKS.md), and a grid (every
 # combination of a space's choices once, in a seeded order; a space of choices and fixed values only).
@@ -65,25 +65,6 @@ SEARCH_METRIC = "val_auc_best"
 # left-out domain worse on average than plain validation on the training domains).
 OBJECTIVES = {"auc": ([SEARCH_METRIC], ["max"]), "auc-latency": ([SEARCH_METRIC, "latency_ms"], ["max", "min"]),
               "site": (["site_auc_best"], ["max"]), "worst-source": (["worst_source_auc_best"], ["max"])}
-# How trials read the train split: "materialize" reads it once into the object store, shared by
-# every trial and epoch (fastest when it fits); "stream" reads shards in Ray Data tasks each epoch
-# where the trial runs (raycxr.data.StreamedSplit), so neither the driver nor the object store holds
-# the split; "auto" materialises a split that takes up to MATERIALIZE_SHARE of the object store.
-DATA_PATHS = ("auto", "materialize", "stream")
-MATERIALIZE_SHARE = 0.5
-
-
-def data_path_for(choice: str, split_bytes: int, object_store_bytes: float) -> tuple[str, str]:
-    """("materialize" or "stream", why) for a train split of ``split_bytes`` (its Parquet shards:
-    pixels are stored raw, so about its size in memory) and the cluster's object store."""
-    share = split_bytes / object_store_bytes if object_store_bytes else float("inf")
-    size = f"train split {split_bytes / 2**30:.2f} GiB, {share:.0%} of the object store ({object_store_bytes / 2**30:.1f} GiB)"
-    if choice != "auto":
-        return choice, f"--data-path {choice} ({size})"
-    if share <= MATERIALIZE_SHARE:
-        return "materialize", f"{size}: read once into the object store (--data-path stream reads it each epoch)"
-    return "stream", (f"{size}, over {MATERIALIZE_SHARE:.0%}: streamed from storage each epoch "
-                      "(--data-path materialize to read it once)")
 
 
 def search_metric(objective: str) -> str:
@@ -120,6 +101,14 @@ class SearchConfig:
     data_path: str = "auto"            # one of DATA_PATHS: how trials read the train split (see data_path_for)
 
     def __post_init__(self):
+        if self.searcher not in SEARCHERS:
+            raise ConfigError(f"unknown searcher {self.searcher!r}; choose one of {list(SEARCHERS)}", source="searcher")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"unknown scheduler {self.scheduler!r}; choose one of {list(SCHEDULERS)}",
+                              source="scheduler")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"unknown objective {self.objective!r}; choose one of {list(OBJECTIVES)}",
+                              source="objective")
         if self.data_path not in DATA_PATHS:
             raise ConfigError(f"data path {self.data_path!r}: choose one of {', '.join(DATA_PATHS)}",
                               source="--data-path")
@@ -141,242 +130,6 @@ def _tune_space(space: SearchSpace) -> dict:
             "uniform": lambda v: tune.uniform(*v), "randint": lambda v: tune.randint(v[0], v[1] + 1),
             "value": lambda v: v[0]}
     return {k: make[p.kind](p.values) for k, p in space.params.items()}
-
-
-def run_trial(config: dict, *, train_ds, val_ds, static: dict, site_ds: dict | None = None) -> None:
-    """One Tune trial of several workers: a Ray Train TorchTrainer (DDP) whose reports reach Tune
-    through a callback."""
-    import ray.train
-    import ray.tune
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from raycxr.data import StreamedSplit
-    from raycxr.train import site_dataset_key, train_loop_per_worker
-
-    trial_id = ray.tune.get_context().get_trial_id()
-    resources = {"CPU": static["worker_cpu_request"]}
-    if static["gpus_per_worker"]:
-        resources["GPU"] = static["gpus_per_worker"]
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={**static["loop"], **config, "trial_id": trial_id},
-        scaling_config=ray.train.ScalingConfig(num_workers=static["workers"], use_gpu=bool(static["gpus_per_worker"]),
-                                               resources_per_worker=resources),
-        datasets={"train": train_ds.dataset(static["loop"]["seed"]) if isinstance(train_ds, StreamedSplit) else train_ds,
-                  "val": val_ds,
-                  **{site_dataset_key(name): ds for name, ds in (site_ds or {}).items()}},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-        run_config=ray.train.RunConfig(
-            name=trial_id, storage_path=static["trials_path"], callbacks=[TuneReportCallback()],
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=static["loop"]["select_metric"],
-                checkpoint_score_order="max"),
-            # A controller error is most often a worker group that cannot be placed: retry a
-            # few times (autoscaling may add a node), then fail the trial instead of waiting forever.
-            failure_config=ray.train.FailureConfig(max_failures=static["max_failures"], controller_failure_limit=2)),
-    )
-    trainer.fit()
-
-
-def run_trial_in_process(config: dict, *, train_ds, val_ds, static: dict, site_ds: dict | None = None) -> None:
-    """One Tune trial of one worker, trained in the Tune trial's own process (which Tune reuses
-    for the next trial): no Ray Train controller, worker group, gloo or dataset split to start, so
-    a trial's fixed cost is its model's construction (BENCHMARKS.md, trial overhead)."""
-    import gc
-
-    import ray.tune
-
-    from raycxr.train import TrialConfig, TuneSession, run_loop
-
-    # Ray Data logs a line each time an epoch starts iterating a dataset: noise in the search's output.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    trial_id = ray.tune.get_context().get_trial_id()
-    cfg = TrialConfig.from_tune({**static["loop"], **config, "trial_id": trial_id})
-    try:
-        run_loop(cfg, TuneSession(train_ds, val_ds, use_gpu=bool(static["gpus_per_worker"]), sites=site_ds))
-    finally:  # finished, failed or stopped by ASHA: the next trial in this process starts with memory free
-        import torch
-
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
-def grid_of(space: SearchSpace) -> dict[str, list]:
-    """The grid ``--searcher grid`` walks: each searched parameter's choices. A numeric
-    distribution has no grid: ConfigError naming it and what to write instead."""
-    ranged = sorted(k for k, p in space.params.items() if p.kind not in ("value", "choice"))
-    if ranged:
-        raise ConfigError([f"params.{k}: a grid needs a list of values, not a {space.params[k].kind} range "
-                           f"(write e.g. {k}: [a, b, c])" for k in ranged],
-                          source=f"search space {space.name} for --searcher grid")
-    return {k: list(p.values) for k, p in space.params.items() if p.kind == "choice"}
-
-
-def _sampler(name: str, *, seed: int, trials: int, grid: dict[str, list] | None = None):
-    """The Optuna sampler named ``name``. The model-based ones start modelling after a quarter of
-    the trials (3 to 10) instead of Optuna's fixed 10, which would leave a short search random.
-    CMA-ES samples categorical parameters (model, augment, ...) independently at random, as Optuna's
-    CmaEsSampler does; it models only the numeric ones. ``grid`` (for "grid": :func:`grid_of`)
-    is walked in an order shuffled by ``seed``, each combination once."""
-    import warnings
-
-    import optuna
-
-    if name == "grid":
-        from raycxr.samplers import GridSampler
-
-        return GridSampler(grid, seed=seed)
-
-    startup = min(10, max(3, trials // 4))
-    with warnings.catch_warnings():  # GP and CMA-ES are "experimental" in Optuna's wording
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        if name == "tpe":
-            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
-        if name == "gp":
-            return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
-        if name == "cmaes":
-            return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=startup, warn_independent_sampling=False)
-    return optuna.samplers.RandomSampler(seed=seed)
-
-
-def _study_search(**kwargs):
-    """Ray's OptunaSearch, told what raycxr selects by (see :data:`SEARCH_METRIC`)."""
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    class StudySearch(OptunaSearch):
-        """Ray's OptunaSearch with two corrections, so that the study Optuna models (and that
-        ``optuna-dashboard`` shows) holds the values the leaderboard ranks by:
-
-        - intermediate values are reported per *epoch* (a resumed trial keeps its true step; the
-          epoch a resumed trial reports again is not reported twice);
-        - a trial that ends before ``max_epochs`` without an error (ASHA stopped it, or the time
-          budget) is told *pruned*, with its intermediate values, not *complete* with an early
-          epoch's value as if that were its final score (Ray's behaviour): a TPE model that mixed
-          fidelities so would learn that short trials are the good ones, or the bad ones.
-        Each Optuna trial carries its Tune trial id (user attribute ``tune_trial_id``).
-        """
-
-        FIGURES = ("val_auc", "val_loss", "site_auc", "site_loss", "worst_source_auc")
-
-        def __init__(self, *, max_epochs: int, **kw):
-            super().__init__(**kw)
-            self._max_epochs = max_epochs
-            self._reported: dict[str, set] = {}  # epochs told to Optuna, per trial
-
-        def suggest(self, trial_id):
-            config = super().suggest(trial_id)
-            if trial_id in self._ot_trials:
-                self._ot_trials[trial_id].set_user_attr("tune_trial_id", trial_id)
-            return config
-
-        def _finished_in_study(self, trial_id) -> bool:
-            """Whether the study already holds the trial as finished: a driver killed after Optuna
-            wrote a trial's end but before Tune saved this searcher leaves a resumed searcher that
-            still thinks it runs (the study's copy is the later one; telling it again would fail)."""
-            trial = self._ot_trials[trial_id]
-            if trial.storage.get_trial(trial._trial_id).state.is_finished():
-                self._completed_trials.add(trial_id)
-                return True
-            return False
-
-        def on_trial_result(self, trial_id, result):
-            if (isinstance(self.metric, list) or trial_id in self._completed_trials or trial_id not in self._ot_trials
-                    or result.get("reported_again") or self._finished_in_study(trial_id)):
-                return
-            value, epoch = result.get(self.metric), int(result.get("epoch") or 0)
-            reported = self._reported.setdefault(trial_id, set())
-            if value is not None and not math.isnan(value) and epoch not in reported:
-                self._ot_trials[trial_id].report(float(value), epoch)
-                reported.add(epoch)
-            # the per-epoch figures beside the one optimised, as the study's user attributes
-            # (optuna-dashboard shows them): {"1": 0.93, "2": 0.95, ...} per figure
-            trial = self._ot_trials[trial_id]
-            for name in self.FIGURES:
-                v = result.get(name)
-                if isinstance(v, (int, float)) and not math.isnan(v) and epoch:
-                    trial.set_user_attr(name, {**trial.user_attrs.get(name, {}), str(epoch): float(v)})
-
-        def on_trial_complete(self, trial_id, result=None, error=False):
-            if trial_id in self._completed_trials or trial_id not in self._ot_trials or self._finished_in_study(trial_id):
-                return
-            if result:  # Tune hands a trial's last result (ASHA's stop, the final epoch) to this alone
-                self.on_trial_result(trial_id, result)
-            metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-            values = [result.get(m) for m in metrics] if result else [None]
-            done = bool(result) and int(result.get("epoch") or 0) >= self._max_epochs
-            usable = not error and bool(result) and not any(v is None or math.isnan(v) for v in values)
-            state, told = optuna.trial.TrialState.FAIL, None  # an error, or no usable score (one class in val)
-            if usable and done:
-                state, told = optuna.trial.TrialState.COMPLETE, values if len(values) > 1 else values[0]
-            elif usable:
-                state = optuna.trial.TrialState.PRUNED
-            try:
-                self._ot_study.tell(self._ot_trials[trial_id], told, state=state)
-            except Exception as exc:  # Optuna refuses e.g. a pruned multi-objective trial's values
-                log.warning("the Optuna study did not take trial %s: %s", trial_id, exc)
-            self._completed_trials.add(trial_id)
-
-    return StudySearch(**kwargs)
-
-
-class KeepTrialHistory(Callback):
-    """A Tune callback: a trial continued by ``--resume`` keeps the results it reported before.
-
-    Tune writes each trial's result.json and progress.csv in a staging folder of the Ray session
-    and copies that folder over the run's storage; it fetches the old files first only for trials
-    that Tune itself checkpointed, which a Ray Train trial never is. On a fresh Ray (a killed driver
-    that owned its Ray) the staging folder starts empty, so without this the resumed trial's
-    history would be replaced by an empty file. Runs before Tune's own loggers (user callbacks come
-    first) and fetches only files the staging folder lacks.
-    """
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        import pyarrow.fs
-
-        trial.init_local_path()
-        for name in ("result.json", "progress.csv"):
-            local = Path(trial.local_path) / name
-            if local.exists():
-                continue  # this session has been logging the trial already
-            try:
-                pyarrow.fs.copy_files(f"{trial.storage.trial_fs_path}/{name}", str(local),
-                                      source_filesystem=trial.storage.storage_filesystem)
-            except FileNotFoundError:
-                pass  # a new trial
-
-
-class ProgressLines(Callback):
-    """A Tune callback: one log line when a trial starts and one when it ends (its best validation
-    AUC, the search's best so far, how many are done), in place of Tune's own tables (``-v`` brings
-    those back). Through raycxr's logger: the console shows it, ``-q`` and the Python API do not."""
-
-    def __init__(self, trials: int, *, metric: str = SEARCH_METRIC):
-        self.trials, self.best, self.metric = trials, None, metric
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        cfg = trial.config
-        log.info("trial %s started: %s @ %s px, lr %.2g", trial.trial_id, cfg.get("model"), cfg.get("image_size"),
-                 cfg.get("lr", float("nan")))
-
-    def _ended(self, trials, trial, how: str) -> None:
-        score = (trial.last_result or {}).get(self.metric)
-        if score is not None and (self.best is None or score > self.best[0]):
-            self.best = (score, trial.trial_id)
-        done = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
-        best = f"; best so far {self.best[0]:.4f} ({self.best[1]})" if self.best else ""
-        what = self.metric.removesuffix("_best")
-        mine = f"{what} {score:.4f}" if score is not None else f"no {what}"
-        log.info("trial %s %s: %s%s [%d/%d trials done]", trial.trial_id, how, mine, best, min(done, self.trials),
-                 self.trials)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._ended(trials, trial, "finished")
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._ended(trials, trial, "failed")
 
 
 def _trial_dirname(trial) -> str:
@@ -465,19 +218,25 @@ def run_search(cfg: SearchConfig) -> list[dict]:
     return _search(cfg).leaderboard
 
 
-def _search(cfg: SearchConfig) -> SearchResult:
-    """Run a search: where its run is and its leaderboard."""
-    from ray import tune
+@dataclass(frozen=True)
+class _Planned:
+    """A new search checked against its data, before Ray starts: the space, the dataset's manifest,
+    the number of trials and epochs, the grid (``--searcher grid``) and the sites."""
 
-    from raycxr.data import location, read_manifest
+    space: SearchSpace
+    manifest: Manifest
+    trials: int
+    max_epochs: int
+    grid: dict | None
+    sites: list
+
+
+def _plan(cfg: SearchConfig) -> _Planned:
+    """The space (with ``--weights-dir``), trials and epochs, checked against the dataset: every
+    problem found at once, before anything runs."""
+    from raycxr.data import read_manifest
     from raycxr.models import min_image_size
 
-    if cfg.searcher not in SEARCHERS:
-        raise ConfigError(f"unknown searcher {cfg.searcher!r}; choose one of {list(SEARCHERS)}", source="searcher")
-    if cfg.scheduler not in SCHEDULERS:
-        raise ConfigError(f"unknown scheduler {cfg.scheduler!r}; choose one of {list(SCHEDULERS)}", source="scheduler")
-    if cfg.objective not in OBJECTIVES:
-        raise ConfigError(f"unknown objective {cfg.objective!r}; choose one of {list(OBJECTIVES)}", source="objective")
     space = load_space(cfg.space)
     if cfg.weights_dir is not None:  # recorded in the space's own data, so --resume finds it again
         folder = str(Path(cfg.weights_dir).expanduser().resolve())
@@ -486,12 +245,11 @@ def _search(cfg: SearchConfig) -> SearchResult:
     trials = cfg.trials or space.trials
     grid = None
     if cfg.searcher == "grid":
-        grid = grid_of(space)
+        grid = samplers.grid_of(space)
         size = math.prod(len(v) for v in grid.values())
         if trials > size or not cfg.trials:
             trials = size  # each combination once; --trials N (fewer) runs the first N of the shuffled grid
-    max_epochs = cfg.max_epochs or space.max_epochs
-    ingest_size = manifest["params"]["image_size"]
+    ingest_size = manifest.image_size
     sizes = space.values_of("image_size") if "image_size" in space.params else [ingest_size]
     problems = [f"params.image_size: {s} px is larger than the ingested {ingest_size} px; re-ingest with "
                 f"--image-size {s} or lower it" for s in sizes if s > ingest_size]
@@ -501,44 +259,71 @@ def _search(cfg: SearchConfig) -> SearchResult:
     problems += _check_weights(space)
     if problems:
         raise ConfigError(problems, source=f"search space {space.name} for this dataset")
-    sites = _plan_sites(cfg, manifest)
+    return _Planned(space=space, manifest=manifest, trials=trials, max_epochs=cfg.max_epochs or space.max_epochs,
+                    grid=grid, sites=_plan_sites(cfg, manifest))
 
-    name, store, claim = _run_dir(cfg, space)
+
+def _search(cfg: SearchConfig) -> SearchResult:
+    """Run a search: where its run is and its leaderboard."""
+    pl = _plan(cfg)
+    name, store, claim = _run_dir(cfg, pl.space)
     try:
         init_ray(address=cfg.address, num_cpus=cfg.num_cpus, worker_logs=cfg.verbosity >= 2)
-        plan = _plan_resources(space, trials=trials)
-        if plan["gpus_per_worker"] < space.gpus_per_worker:
+        plan = plan_resources(pl.space, trials=pl.trials, capacity=cluster_capacity())
+        if plan["gpus_per_worker"] < pl.space.gpus_per_worker:
             log.warning("No GPU in the Ray cluster: the space asks for %g GPU per worker, training on CPU instead.",
-                        space.gpus_per_worker)
+                        pl.space.gpus_per_worker)
         tracking = []  # checked before the run is recorded: a bad --mlflow gives its name back
         if cfg.mlflow:
             from raycxr.tracking import search_callbacks
 
             tracking = search_callbacks(cfg.mlflow, run_name=name)
-        record = RunRecord(
-            name=name, space=space.name, target=cfg.target, space_config=space.raw, data=location(cfg.data),
-            data_fingerprint=manifest["fingerprint"], trials=trials, max_epochs=max_epochs, seed=space.seed,
-            resources=plan, storage=store.uri, max_failures=cfg.max_failures, searcher=cfg.searcher,
-            early_stopping=cfg.early_stopping and cfg.scheduler != "none", scheduler=cfg.scheduler,
-            objective=cfg.objective, versions=_versions(), mlflow=_redacted(cfg.mlflow),
-            time_budget_min=cfg.time_budget_min, sites=[site.to_dict() for site in sites],
-            data_path=cfg.data_path, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        trainable = _trainable(record, space, plan, manifest, storage=store.uri)
+        record = _record(cfg, pl, name=name, plan=plan, storage=store.uri)
+        fn = trainable(record, pl.space, plan, pl.manifest, storage=store.uri)
     except BaseException:  # nothing ran: give the name back (if still ours), so a corrected command can use it
         store.release("run.json", claim)
         raise
     record.save(store)
     RunSigner(store).sign_in_store(RunRecord.FILE)
+    _log_start(record, pl, plan, store)
+    tuner = _tuner(cfg, pl, fn, plan=plan, record=record, store=store, callbacks=tracking)
+    RunSigner(store).sign_in_store("tune/tuner.pkl")
+    with store.lease(f"raycxr search {name}"):  # a --resume of this run meanwhile is refused
+        board = _fit(tuner, store, name, time_budget_s=cfg.time_budget_min * 60 if cfg.time_budget_min else None,
+                     tune_output=cfg.verbosity >= 2)
+    return SearchResult(run=store.uri, leaderboard=board)
 
+
+def _record(cfg: SearchConfig, pl: _Planned, *, name: str, plan: dict, storage: str) -> RunRecord:
+    """The run's run.json: everything a ``--resume`` needs to rebuild the same search."""
+    from raycxr.data import location
+
+    return RunRecord(
+        name=name, space=pl.space.name, target=cfg.target, space_config=pl.space.raw, data=location(cfg.data),
+        data_fingerprint=pl.manifest.fingerprint, trials=pl.trials, max_epochs=pl.max_epochs, seed=pl.space.seed,
+        resources=plan, storage=storage, max_failures=cfg.max_failures, searcher=cfg.searcher,
+        early_stopping=cfg.early_stopping and cfg.scheduler != "none", scheduler=cfg.scheduler,
+        objective=cfg.objective, versions=_versions(), mlflow=_redacted(cfg.mlflow),
+        time_budget_min=cfg.time_budget_min, sites=[site.to_dict() for site in pl.sites],
+        data_path=cfg.data_path, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+
+def _log_start(record: RunRecord, pl: _Planned, plan: dict, store: RunStore) -> None:
     gpu = f" + {plan['gpus_per_worker']:g} GPU" if plan["gpus_per_worker"] else ""
-    log.info(f"Search {name}: {trials} trials x up to {max_epochs} epochs, {plan['concurrent']} at a time "
-             f"({plan['workers']} worker(s) x {plan['cpus_per_worker']:g} CPU{gpu} each)")
+    log.info(f"Search {record.name}: {pl.trials} trials x up to {pl.max_epochs} epochs, {plan['concurrent']} at a "
+             f"time ({plan['workers']} worker(s) x {plan['cpus_per_worker']:g} CPU{gpu} each)")
     log.info(f"Run: {store.uri} (raycxr status / promote --run / search --resume take this)")
     log.info(f"TensorBoard: tensorboard --logdir {store.child('tune')}")
-    for site in sites:
+    for site in pl.sites:
         v, t = site.counts["site-val"], site.counts["site-test"]
         log.info(f"Site {site.name}: site-val {v['images']} films ({v['positives']} positive) scored every epoch; "
                  f"site-test {t['images']} films ({t['positives']} positive) kept for promote")
+
+
+def _tuner(cfg: SearchConfig, pl: _Planned, fn, *, plan: dict, record: RunRecord, store: RunStore, callbacks: list):
+    """The Tune Tuner of a new search: the Optuna searcher (:class:`raycxr.samplers.StudySearch`),
+    the scheduler, the callbacks and checkpointing."""
+    from ray import tune
 
     if cfg.verbosity < 2:  # Optuna logs "A new study created ..." and each trial at INFO
         import optuna
@@ -546,21 +331,22 @@ def _search(cfg: SearchConfig) -> SearchResult:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     searcher = None  # a space with every value fixed has nothing to search: plain repeated trials
     metrics, modes = OBJECTIVES[cfg.objective]
-    if any(p.kind != "value" for p in space.params.values()):
-        sampler = _sampler(cfg.searcher, seed=space.seed, trials=trials, grid=grid)
+    if any(p.kind != "value" for p in pl.space.params.values()):
+        sampler = samplers.sampler(cfg.searcher, seed=pl.space.seed, trials=pl.trials, grid=pl.grid)
         # Several objectives: Optuna's TPE models the Pareto front (MOTPE). Tune's own metric stays
         # unset then, or Tune would overwrite the searcher's list with a single metric.
-        searcher = _study_search(metric=metrics if len(metrics) > 1 else metrics[0],
-                                 mode=modes if len(modes) > 1 else "max", sampler=sampler, max_epochs=max_epochs,
-                                 **_study_storage(store, name))
+        searcher = samplers.StudySearch(metric=metrics if len(metrics) > 1 else metrics[0],
+                                        mode=modes if len(modes) > 1 else "max", sampler=sampler,
+                                        max_epochs=pl.max_epochs, **_study_storage(store, record.name))
     tune_metric = (metrics[0], "max") if len(metrics) == 1 else (None, None)
-    scheduler = _scheduler(cfg.scheduler if cfg.early_stopping else "none", space=space, max_epochs=max_epochs,
+    scheduler = _scheduler(cfg.scheduler if cfg.early_stopping else "none", space=pl.space, max_epochs=pl.max_epochs,
                            own_metric=tune_metric[0] is None, metric=search_metric(cfg.objective))
-    tuner = tune.Tuner(
-        trainable, param_space=_tune_space(space),
+    progress = [ProgressLines(pl.trials, metric=search_metric(cfg.objective))] if cfg.verbosity == 1 else []
+    return tune.Tuner(
+        fn, param_space=_tune_space(pl.space),
         tune_config=tune.TuneConfig(
-            metric=tune_metric[0], mode=tune_metric[1], search_alg=searcher, scheduler=scheduler, num_samples=trials,
-            max_concurrent_trials=plan["concurrent"], trial_dirname_creator=_trial_dirname,
+            metric=tune_metric[0], mode=tune_metric[1], search_alg=searcher, scheduler=scheduler,
+            num_samples=pl.trials, max_concurrent_trials=plan["concurrent"], trial_dirname_creator=_trial_dirname,
             reuse_actors=in_process(plan),
             time_budget_s=cfg.time_budget_min * 60 if cfg.time_budget_min else None),
         # Tune retries a trial whose driver died (a lost node); the retried trial's TorchTrainer
@@ -570,19 +356,13 @@ def _search(cfg: SearchConfig) -> SearchResult:
         # Tune's own tables (a box per trial start and end: hundreds of lines) only with -v; by
         # default one line per trial start and end (ProgressLines)
         run_config=tune.RunConfig(name="tune", storage_path=store.uri, verbose=1 if cfg.verbosity >= 2 else 0,
-                                  callbacks=[KeepTrialHistory(), SignRunCallback(), *tracking,
-                                             *([ProgressLines(trials, metric=search_metric(cfg.objective))]
-                                               if cfg.verbosity == 1 else []), *cfg.callbacks],
+                                  callbacks=[KeepTrialHistory(), SignRunCallback(), *callbacks, *progress,
+                                             *cfg.callbacks],
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                   checkpoint_config=tune.CheckpointConfig(
                                       num_to_keep=1, checkpoint_score_attribute=record.select_metric,
                                       checkpoint_score_order="max")),
     )
-    RunSigner(store).sign_in_store("tune/tuner.pkl")
-    with store.lease(f"raycxr search {name}"):  # a --resume of this run meanwhile is refused
-        board = _fit(tuner, store, name, time_budget_s=cfg.time_budget_min * 60 if cfg.time_budget_min else None,
-                     tune_output=cfg.verbosity >= 2)
-    return SearchResult(run=store.uri, leaderboard=board)
 
 
 def resume_search(run: str | Path, *, address: str | None = None, num_cpus: int | None = None,
@@ -614,14 +394,14 @@ def _resume(store: RunStore, record: RunRecord, *, address: str | None, num_cpus
     else:
         checked = verify(where)
     manifest = read_manifest(record.data)
-    if manifest["fingerprint"] != record.data_fingerprint:
-        raise ConfigError(f"{record.data} changed since the search started (fingerprint {manifest['fingerprint']}"
+    if manifest.fingerprint != record.data_fingerprint:
+        raise ConfigError(f"{record.data} changed since the search started (fingerprint {manifest.fingerprint}"
                           f" != {record.data_fingerprint}): a resumed search must see the same data",
                           source="--resume")
     space = parse_space(record.space_config, name=record.space)
     init_ray(address=address, num_cpus=num_cpus, worker_logs=verbosity >= 2)
     # the trial shape the run started with: a resumed trial must find its checkpoints where it left them
-    plan = {**_plan_resources(space, trials=record.trials), "in_process": in_process(record.resources)}
+    plan = {**plan_resources(space, trials=record.trials, capacity=cluster_capacity()), "in_process": in_process(record.resources)}
     if not tune.Tuner.can_restore(tune_path):
         raise ConfigError(f"nothing to resume at {tune_path}: the search stopped before Tune saved its state; "
                           "start it again", source="--resume")
@@ -637,82 +417,13 @@ def _resume(store: RunStore, record: RunRecord, *, address: str | None, num_cpus
             write_atomic(where.local / STUDY_FILE, study)
         fs = verified_filesystem(where, checked)
         restore_from = f"{where.root.rstrip('/')}/tune"
-    tuner = tune.Tuner.restore(restore_from, trainable=_trainable(record, space, plan, manifest, storage=where.uri),
+    tuner = tune.Tuner.restore(restore_from, trainable=trainable(record, space, plan, manifest, storage=where.uri),
                                resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
     RunSigner(where).sign_in_store("tune/tuner.pkl")  # restoring rewrote it
     return _fit(tuner, store, record.name, time_budget_s=None, tune_output=verbosity >= 2)
 
 
-def _trainable(record: RunRecord, space: SearchSpace, plan: dict, manifest: dict, *, storage: str):
-    """The Tune trainable of a search: ``run_trial`` with the shared datasets and settings.
-
-    Built the same way for a new search and a resumed one (Tuner.restore needs the same trainable).
-    """
-    from ray import tune
-
-    import ray
-
-    from raycxr.data import STREAM_CPU_RESERVE, StreamedSplit, label_matrix, open_split, read_split
-    from raycxr.labels import FINDINGS
-
-    from raycxr.sites import site_dataset
-
-    data = record.data
-    labels = label_matrix(read_split(data, "train", columns=["labels"]).column("labels"))
-    _check_target(data, record.target, labels)
-    sources = _val_sources(data)
-    # rows per source of a pooled train split (source_balance weighs them; batches carry the source)
-    train_counts = dict(sorted(manifest["counts"]["train"]["by_source"].items()))
-    train_counts = train_counts if len(train_counts) >= 2 else {}
-    train_columns = ["source"] if train_counts else []
-    streamed = StreamedSplit.open(data, "train", extra_columns=train_columns)
-    path, why = data_path_for(record.data_path, streamed.nbytes(), ray.cluster_resources().get("object_store_memory", 0))
-    log.info(f"Data: {why}")
-    # Materialised: read once into the object store (from a folder or a URI), shared by every trial:
-    # epochs and trials re-read nothing. Streamed: each trial's epochs read the shards themselves.
-    train_ds = streamed if path == "stream" else open_split(data, "train", extra_columns=train_columns).materialize()
-    val_ds = open_split(data, "val", extra_columns=["source"] if len(sources) >= 2 else []).materialize()
-    site_ds = {site.name: site_dataset(site, "site-val", record.target).materialize()
-               for site in record.site_records()}
-    ingest_size = manifest["params"]["image_size"]
-    static = {
-        "workers": plan["workers"], "worker_cpu_request": plan["worker_cpu_request"],
-        "gpus_per_worker": plan["gpus_per_worker"], "max_failures": record.max_failures,
-        "trials_path": storage.rstrip("/") + "/trials",
-        "loop": {"max_epochs": record.max_epochs, "seed": space.seed, "train_rows": int(len(labels)),
-                 "findings": list(FINDINGS), "target": record.target, "pos_weight": _pos_weight(labels),
-                 "ingest_image_size": ingest_size, "resize": manifest["params"]["resize"],
-                 "cpus_per_worker": plan["cpus_per_worker"], "select_metric": record.select_metric,
-                 "sites": list(site_ds), "sources": sources if len(sources) >= 2 else [],
-                 "train_sources": list(train_counts), "train_source_counts": list(train_counts.values()),
-                 "weights_dir": str(Path(space.weights_dir).expanduser().resolve()) if space.weights_dir else None,
-                 "image_size": ingest_size},
-    }
-    if path == "stream":  # the shard-reading tasks need a sliver of CPU that trials never hold
-        static["worker_cpu_request"] = _less(plan["worker_cpu_request"], STREAM_CPU_RESERVE)
-    if in_process(plan):
-        cpu = plan["cpus_per_worker"] if path == "materialize" else _less(plan["cpus_per_worker"], STREAM_CPU_RESERVE)
-        resources = {"cpu": cpu, "gpu": plan["gpus_per_worker"]}
-        fn = run_trial_in_process
-    else:
-        resources, fn = {"cpu": _TRIAL_DRIVER_CPU}, run_trial
-    return tune.with_resources(tune.with_parameters(fn, train_ds=train_ds, val_ds=val_ds, static=static,
-                                                    site_ds=site_ds), resources)
-
-
-def _less(cpus: float, reserve: float) -> float:
-    """``cpus`` less ``reserve``, but never below half of ``cpus``."""
-    return max(cpus - reserve, cpus / 2)
-
-
-def _val_sources(data: str | Path) -> list[str]:
-    """The sources of a dataset's validation split, sorted."""
-    from raycxr.data import read_manifest
-
-    return sorted(read_manifest(data)["counts"]["val"]["by_source"])
-
-
-def _plan_sites(cfg: SearchConfig, manifest: dict) -> list:
+def _plan_sites(cfg: SearchConfig, manifest: Manifest) -> list:
     """Each ``--site`` divided into site-val and site-test (raycxr.sites), and the objective's needs
     checked: ``site`` needs a site, ``worst-source`` two or more sources in validation."""
     from raycxr.sites import parse_site, plan_site
@@ -726,7 +437,7 @@ def _plan_sites(cfg: SearchConfig, manifest: dict) -> list:
         raise ConfigError("--objective site needs the deploying site's films: --site PATH (an ingested dataset)",
                           source="--objective")
     if cfg.objective == "worst-source":
-        sources = _val_sources(cfg.data)
+        sources = val_sources(cfg.data)
         if len(sources) < 2:
             raise ConfigError(f"--objective worst-source needs a pooled dataset with two or more sources in its "
                               f"validation split; {cfg.data} has {', '.join(sources) or 'none'}", source="--objective")
@@ -734,29 +445,25 @@ def _plan_sites(cfg: SearchConfig, manifest: dict) -> list:
                       search_data=cfg.data) for name, path in named]
 
 
-def in_process(plan: dict) -> bool:
-    """Whether a search's trials train in Tune's own (reused) trial processes: one-worker trials,
-    unless the space says ``resources.trainer: ray-train``. Several workers (DDP) need Ray Train's
-    TorchTrainer. A run started before in-process trials existed (no ``in_process`` in its recorded
-    plan) used TorchTrainer for every trial."""
-    return bool(plan.get("in_process"))
-
-
 def _fit(tuner, store: RunStore, name: str, *, time_budget_s: float | None, tune_output: bool = True) -> list[dict]:
     """Run the tuner; return the leaderboard. A search stopped by its time budget returns what it
     has; one stopped by Ctrl-C (which Tune catches, saving its state) raises KeyboardInterrupt
-    after writing the leaderboard, so the command exits 130 as an interrupted program does."""
+    after writing the leaderboard, so the command exits 130 as an interrupted program does. run.json
+    records when and how it ended (finished, time budget, interrupted, failed)."""
     _mark_ended(store, "")  # running (again, for a resumed search)
-    ended: dict = {}  # _fit_board sets "how" when the time budget stopped the search
+    how = "failed"
     try:
-        board = _fit_board(tuner, store, name, time_budget_s=time_budget_s, tune_output=tune_output, ended=ended)
-        ended.setdefault("how", "finished")
+        board, budget_spent = _fit_board(tuner, store, name, time_budget_s=time_budget_s, tune_output=tune_output)
+        if budget_spent:
+            how = "time budget"
+        _check_board(board, store, name, budget_spent=budget_spent, time_budget_s=time_budget_s)
+        how = "time budget" if budget_spent else "finished"
         return board
     except KeyboardInterrupt:
-        ended["how"] = "interrupted"
+        how = "interrupted"
         raise
     finally:
-        _mark_ended(store, f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}: {ended.get('how', 'failed')}")
+        _mark_ended(store, f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}: {how}")
 
 
 def _mark_ended(store: RunStore, ended: str) -> None:
@@ -770,9 +477,10 @@ def _mark_ended(store: RunStore, ended: str) -> None:
         log.warning("could not record in run.json that the search %s: %s", ended or "runs", exc)
 
 
-def _fit_board(tuner, store: RunStore, name: str, *, time_budget_s: float | None, tune_output: bool,
-               ended: dict) -> list[dict]:
-    """:func:`_fit` but for run.json's ``ended``; sets ``ended["how"]`` when the time budget stopped the search."""
+def _fit_board(tuner, store: RunStore, name: str, *, time_budget_s: float | None,
+               tune_output: bool) -> tuple[list[dict], bool]:
+    """Run the tuner and write the leaderboard: (the board, whether the time budget stopped the
+    search). Raises KeyboardInterrupt when the search was interrupted (Ctrl+C, or SIGUSR1)."""
     hint = f"resume it with: raycxr search --resume {store.uri}"
     t0 = time.monotonic()
     # Ray's new console output prints its "Configuration for experiment" box and result paths
@@ -800,38 +508,23 @@ def _fit_board(tuner, store: RunStore, name: str, *, time_budget_s: float | None
     if unfinished and not budget_spent:  # Ctrl+C (or SIGUSR1)
         log.warning(f"Search {name} interrupted; its state is saved and finished trials are kept. To continue, {hint}")
         raise KeyboardInterrupt
-    if budget_spent:
-        ended["how"] = "time budget"
-    if not any(row["status"] == "ok" for row in board):
-        if budget_spent:  # Tune marks the trials it stopped at the budget TERMINATED, reported or not
-            raise NoEligibleTrialError(f"the time budget ({time_budget_s / 60:g} min) of {name} ended before any "
-                                       f"trial reported {METRIC}: give it more minutes, or {hint}")
-        raise NoEligibleTrialError(f"no trial of {name} reported {METRIC}: see the errors above and "
-                                   f"the trial logs in {store.child('tune')}")
     if budget_spent and unfinished:
         log.warning(f"Search {name} used its time budget before every trial finished; {hint}")
-    return board  # --time-budget: not a failure, whatever it has so far
+    return board, budget_spent
 
 
-def _pos_weight(labels) -> list[float]:
-    """negatives / positives per finding over known train labels (1.0 where a class is missing)."""
-    pos, neg = (labels == 1).sum(axis=0), (labels == 0).sum(axis=0)
-    return [float(n / p) if p and n else 1.0 for p, n in zip(pos, neg)]
-
-
-def _check_target(data: str | Path, target: str, train_labels) -> None:
-    from raycxr.data import label_matrix, read_split
-    from raycxr.labels import FINDINGS, index
-
-    if target not in FINDINGS:
-        raise ConfigError(f"unknown finding {target!r}; use one of: {', '.join(FINDINGS)}", source="--target")
-    t = index(target)
-    val = label_matrix(read_split(data, "val", columns=["labels"]).column("labels"))[:, t]
-    for split, col in (("train", train_labels[:, t]), ("val", val)):
-        if not ((col == 1).any() and (col == 0).any()):
-            raise ConfigError(f"the {split} split has no known positive and negative {target} labels "
-                              f"(positives {(col == 1).sum()}, negatives {(col == 0).sum()}): ingest a source "
-                              f"that labels {target}, or choose another --target", source="--target")
+def _check_board(board: list[dict], store: RunStore, name: str, *, budget_spent: bool,
+                 time_budget_s: float | None) -> None:
+    """NoEligibleTrialError, saying why, when no trial reported a validation figure. A search the time
+    budget stopped is not a failure otherwise, whatever it has so far."""
+    if any(row["status"] == "ok" for row in board):
+        return
+    hint = f"resume it with: raycxr search --resume {store.uri}"
+    if budget_spent:  # Tune marks the trials it stopped at the budget TERMINATED, reported or not
+        raise NoEligibleTrialError(f"the time budget ({time_budget_s / 60:g} min) of {name} ended before any "
+                                   f"trial reported {METRIC}: give it more minutes, or {hint}")
+    raise NoEligibleTrialError(f"no trial of {name} reported {METRIC}: see the errors above and "
+                               f"the trial logs in {store.child('tune')}")
 
 
 def _versions() -> dict:

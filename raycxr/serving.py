@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    from raycxr.data import SplitArrays
     from raycxr.models import ModelSpec
+    from raycxr.promote import Choice
 
 _log = logging.getLogger(__name__)
 
@@ -165,11 +167,11 @@ def model_inputs(spec: "ModelSpec", images: np.ndarray, *, batch_size: int = 256
                            for i in range(0, len(images), batch_size)])
 
 
-def serving_exports(out: Path, spec: "ModelSpec", *, quantize: str, n_boot: int, seed: int, sel, val, hold,
-                    calibration: dict, threshold: float, on: str) -> tuple[dict, dict | None]:
+def serving_exports(out: Path, choice: "Choice", hold: "SplitArrays", *, quantize: str, n_boot: int,
+                    seed: int) -> tuple[dict, dict | None]:
     """Promote's serving step: (latency of each exported ONNX model in ``out``, the int8 decision or
-    None) for the card. ``sel``, ``val``, ``hold``: the selection films, validation and holdout
-    (:class:`raycxr.data.SplitArrays`); ``on`` names the selection films.
+    None) for the card. ``choice``: what promote decided (:class:`raycxr.promote.Choice`: the model's
+    spec, the selection films and validation, calibration and threshold); ``hold``: the holdout.
 
     With ``quantize="int8"`` (``--quantize int8``): quantise model.onnx with activation ranges from the selection films,
     accept it only if the paired patient bootstrap of the AUC difference on those films holds
@@ -178,6 +180,8 @@ def serving_exports(out: Path, spec: "ModelSpec", *, quantize: str, n_boot: int,
     from raycxr.metrics import binary_metrics, bootstrap_ci, calibrate_logits
     from raycxr.select import rank_auc
 
+    spec, sel, val, on = choice.spec, choice.sel, choice.val, choice.on
+    calibration, threshold = choice.op.calibration, choice.op.threshold
     fp32 = out / "model.onnx"
     table = {"fp32": latency(fp32, image_size=spec.image_size)}
     if quantize != "int8":

@@ -156,9 +156,9 @@ def plan_site(name: str, data_dir: str | Path, *, target: str, test_fraction: fl
     except DataError as exc:
         raise ConfigError(f"not an ingested dataset ({exc})", source=where) from None
     own = read_manifest(search_data)
-    size, resize = own["params"]["image_size"], own["params"]["resize"]
-    if (manifest["params"]["image_size"], manifest["params"]["resize"]) != (size, resize):
-        raise ConfigError(f"ingested at {manifest['params']['image_size']} px ({manifest['params']['resize']}) but the "
+    size, resize = own.image_size, own.params["resize"]
+    if (manifest.image_size, manifest.params["resize"]) != (size, resize):
+        raise ConfigError(f"ingested at {manifest.image_size} px ({manifest.params['resize']}) but the "
                           f"search's data is {size} px ({resize}): re-ingest the site with --image-size {size} "
                           f"--resize {resize}", source=where)
     rows = _rows(data_dir, target)
@@ -186,7 +186,7 @@ def plan_site(name: str, data_dir: str | Path, *, target: str, test_fraction: fl
         log.warning("site %s: site-test holds %d positive and %d negative films; fewer than %d of either gives wide "
                     "confidence intervals (Riley et al., BMJ 2024): its figures are indicative", name,
                     t["positives"], t["negatives"], MIN_EVENTS)
-    return Site(name=name, data=str(data_dir), fingerprint=manifest["fingerprint"], test_fraction=float(test_fraction),
+    return Site(name=name, data=str(data_dir), fingerprint=manifest.fingerprint, test_fraction=float(test_fraction),
                 seed=int(seed), counts=counts,
                 digest={part: _digest(rows["content"][m]) for part, m in zip(PARTS, (~test, test))})
 
@@ -202,7 +202,7 @@ def _part_positions(site: Site, part: str, target: str, *, data: str | Path | No
     if not has_manifest(data_dir):
         raise ConfigError("is not here: pass this machine's copy of the site's dataset (same fingerprint)",
                           source=where)
-    if read_manifest(data_dir)["fingerprint"] != site.fingerprint:
+    if read_manifest(data_dir).fingerprint != site.fingerprint:
         raise DataError(f"{where} is not the dataset the search divided (fingerprint differs from "
                         f"{site.fingerprint}): use the same ingested site")
     rows = _rows(data_dir, target)

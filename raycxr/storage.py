@@ -10,7 +10,6 @@ usual environment (``AWS_*``, ``AWS_ENDPOINT_URL``, ``GOOGLE_APPLICATION_CREDENT
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -48,15 +47,19 @@ def is_uri(location: str | os.PathLike) -> bool:
 
 
 class RunStore:
-    """One run's location. ``uri`` is what run.json records and what users pass back."""
+    """One run's location, on a pyarrow filesystem either way (:class:`pyarrow.fs.LocalFileSystem` for a
+    folder, S3 or GCS for a URI: as Ray's own storage context resolves them). ``uri`` is what run.json
+    records and what users pass back; ``local`` is the folder on this disk, or None for a URI. Only
+    what an object store does differently is written twice: replacing a file whole, appending a
+    line and creating a file only if absent."""
 
     def __init__(self, location: str | os.PathLike):
+        import pyarrow.fs
+
         text = str(location)
         if text.startswith("file://"):
             text = text[len("file://"):]
         if is_uri(text):
-            import pyarrow.fs
-
             try:
                 self.fs, self.root = pyarrow.fs.FileSystem.from_uri(text.rstrip("/"))
             except Exception as exc:  # unknown scheme, missing credentials, unreachable endpoint
@@ -66,7 +69,7 @@ class RunStore:
             self.uri = text.rstrip("/")
         else:
             self.local = Path(text).expanduser().resolve()
-            self.fs, self.root, self.uri = None, str(self.local), str(self.local)
+            self.fs, self.root, self.uri = pyarrow.fs.LocalFileSystem(), str(self.local), str(self.local)
 
     @classmethod
     def on(cls, fs, path: str) -> "RunStore":
@@ -91,8 +94,6 @@ class RunStore:
         return f"{self.root}/{rel}" if rel else self.root
 
     def exists(self, rel: str = "") -> bool:
-        if self.local is not None:
-            return Path(self._path(rel)).exists()
         import pyarrow.fs
 
         return self.fs.get_file_info(self._path(rel)).type != pyarrow.fs.FileType.NotFound
@@ -101,27 +102,25 @@ class RunStore:
         return self.read_bytes(rel).decode()
 
     def read_bytes(self, rel: str) -> bytes:
-        if self.local is not None:
-            return Path(self._path(rel)).read_bytes()
         with self.fs.open_input_stream(self._path(rel)) as f:
             return f.read()
 
     def files(self, rel: str = "") -> list[str]:
         """Names of the files (not folders) directly in ``rel``, sorted; none if it does not exist."""
-        if self.local is not None:
-            folder = Path(self._path(rel))
-            return sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
         import pyarrow.fs
 
-        infos = self.fs.get_file_info(pyarrow.fs.FileSelector(self._path(rel), allow_not_found=True))
+        if self.fs.get_file_info(self._path(rel)).type != pyarrow.fs.FileType.Directory:
+            return []  # missing, or a file: no files in it
+        infos = self.fs.get_file_info(pyarrow.fs.FileSelector(self._path(rel)))
         return sorted(i.base_name for i in infos if i.type == pyarrow.fs.FileType.File)
 
     def write_text(self, rel: str, text: str) -> None:
-        """Replace ``rel`` whole: a reader sees the old or the new file, never half of one."""
+        """Replace ``rel`` whole: a reader sees the old or the new file, never half of one (a temp
+        file and a rename on a disk; an object store's put is whole or nothing)."""
         if self.local is not None:
             write_atomic(Path(self._path(rel)), text)
             return
-        with self.fs.open_output_stream(self._path(rel)) as f:  # an object store's put is whole or nothing
+        with self.fs.open_output_stream(self._path(rel)) as f:
             f.write(text.encode())
 
     def append_line(self, rel: str, line: str) -> None:
@@ -177,38 +176,9 @@ class RunStore:
 
     LEASE = "lease.json"
 
-    @contextlib.contextmanager
-    def lease(self, what: str):
-        """Hold the run exclusively while ``what`` (a search, a resume) works on it: a second driver
-        on the same run is refused with the holder named (:class:`RunBusyError`). The lease is a
-        claimed file (:meth:`claim`: O_EXCL, or S3's conditional put); one left by a process that
-        died on this host is taken over."""
-        import secrets
-        import socket
-
-        mine = json.dumps({"what": what, "host": socket.gethostname(), "pid": os.getpid(),
-                           "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": secrets.token_hex(8)}) + "\n"
-        if not self.claim(self.LEASE, mine):
-            try:
-                held = self.read_text(self.LEASE)
-                holder = json.loads(held)
-            except (OSError, ValueError):
-                held, holder = None, {}
-            holder = holder if isinstance(holder, dict) else {}
-            stale = held is not None and _dead_here(holder)
-            if stale:
-                log.warning("%s: taking over the lease of %s (pid %s, gone)", self.uri, holder.get("what"),
-                            holder.get("pid"))
-                self.release(self.LEASE, held)
-            if not (stale and self.claim(self.LEASE, mine)):  # a live holder, or another taker was first
-                raise RunBusyError(
-                    f"{self.uri} is in use by {holder.get('what', 'another raycxr')} on {holder.get('host', '?')} "
-                    f"(pid {holder.get('pid', '?')}, since {holder.get('since', '?')}): wait for it to end (raycxr "
-                    f"status shows it), or, if that process is gone, delete {self.child(self.LEASE)}")
-        try:
-            yield
-        finally:
-            self.release(self.LEASE, mine)
+    def lease(self, what: str) -> "RunLease":
+        """Hold the run exclusively while ``what`` (a search, a resume) works on it (:class:`RunLease`)."""
+        return RunLease(self, what)
 
     def release(self, rel: str, text: str) -> bool:
         """Delete ``rel`` only if it still holds ``text`` (a claim this process made and nobody has
@@ -222,17 +192,15 @@ class RunStore:
         return True
 
     def delete(self, rel: str) -> None:
-        if self.local is not None:
-            Path(self._path(rel)).unlink(missing_ok=True)
-            try:
-                Path(self.root).rmdir()  # the folder a failed claim made, if it holds nothing else
-            except OSError:
-                pass
-            return
         try:
             self.fs.delete_file(self._path(rel))
         except FileNotFoundError:
             pass
+        if self.local is not None:
+            try:
+                Path(self.root).rmdir()  # the folder a failed claim made, if it holds nothing else
+            except OSError:
+                pass
 
     def resolve(self, reported: str) -> str | None:
         """A checkpoint path as Ray reports it (a filesystem path without scheme) as a location
@@ -261,6 +229,46 @@ class RunStore:
             raise ConfigError(f"{self.uri} is not a raycxr run (no run.json): pass {option} runs/NAME, or the "
                               "URI the search printed when it used --storage (e.g. s3://bucket/raycxr/NAME)",
                               source=option)
+
+
+class RunLease:
+    """A run held exclusively while a search or a resume works on it: a second driver on the same run
+    is refused with the holder named (:class:`RunBusyError`). The lease is a claimed file
+    (:meth:`RunStore.claim`: O_EXCL, or S3's conditional put); one left by a process that died on
+    this host is taken over. A context manager: released on exit."""
+
+    def __init__(self, store: RunStore, what: str):
+        self.store, self.what, self.mine = store, what, None
+
+    def __enter__(self) -> RunLease:
+        import secrets
+        import socket
+
+        store = self.store
+        mine = json.dumps({"what": self.what, "host": socket.gethostname(), "pid": os.getpid(),
+                           "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": secrets.token_hex(8)}) + "\n"
+        if not store.claim(store.LEASE, mine):
+            try:
+                held = store.read_text(store.LEASE)
+                holder = json.loads(held)
+            except (OSError, ValueError):
+                held, holder = None, {}
+            holder = holder if isinstance(holder, dict) else {}
+            stale = held is not None and _dead_here(holder)
+            if stale:
+                log.warning("%s: taking over the lease of %s (pid %s, gone)", store.uri, holder.get("what"),
+                            holder.get("pid"))
+                store.release(store.LEASE, held)
+            if not (stale and store.claim(store.LEASE, mine)):  # a live holder, or another taker was first
+                raise RunBusyError(
+                    f"{store.uri} is in use by {holder.get('what', 'another raycxr')} on {holder.get('host', '?')} "
+                    f"(pid {holder.get('pid', '?')}, since {holder.get('since', '?')}): wait for it to end (raycxr "
+                    f"status shows it), or, if that process is gone, delete {store.child(store.LEASE)}")
+        self.mine = mine
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.store.release(self.store.LEASE, self.mine)
 
 
 def exists(location: str | os.PathLike) -> bool:

@@ -27,7 +27,7 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -131,31 +131,50 @@ def _worker_nodes(world: int) -> str:
 
 # --- Typed hand-offs ---------------------------------------------------------------------------
 
-def _trial_config_fields():
-    """TrialConfig's fields: one per searchable hyperparameter (from ``config.PARAMS``, so adding a
-    hyperparameter there adds it here, to the leaderboard and to the model card), then the static
-    settings every trial of a search shares."""
-    from raycxr.config import PARAMS
+@dataclass(frozen=True)
+class TrialConfig:
+    """One trial's settings: a field per searchable hyperparameter (``config.PARAMS``: a test keeps the
+    two equal) plus the static ones every trial of a search shares. The training loop reads nothing else."""
 
-    searchable = [(k, typ, field(default=None)) for k, (typ, _, _) in PARAMS.items()]
-    static = [("seed", int), ("findings", tuple), ("target", str), ("max_epochs", int), ("train_rows", int),
-              ("ingest_image_size", int), ("resize", str), ("pos_weight", tuple), ("cpus_per_worker", float, 1.0),
-              ("weights_dir", str | None, None), ("trial_id", str, ""),
-              # what picks the best epoch (SELECTION_METRICS); the site-val datasets' names; the
-              # validation split's sources when there are two or more (per-source figures)
-              ("select_metric", str, METRIC), ("sites", tuple, ()), ("sources", tuple, ()),
-              # the train split's sources (sorted) and rows of each, when there are two or more:
-              # what source_balance weighs (source_weights)
-              ("train_sources", tuple, ()), ("train_source_counts", tuple, ())]
-    return searchable, [(n, t, field(default=d[0])) if d else (n, t) for n, t, *d in static]
+    # static settings the search fills in
+    seed: int
+    findings: tuple
+    target: str
+    max_epochs: int
+    train_rows: int
+    ingest_image_size: int
+    resize: str
+    pos_weight: tuple
+    # the searchable hyperparameters (config.PARAMS; None where a space leaves one at its default)
+    model: str | None = None
+    lr: float | None = None
+    image_size: int | None = None
+    augment: str | None = None
+    equalize: str | None = None
+    optimizer: str | None = None
+    weight_decay: float | None = None
+    batch_size: int | None = None
+    imbalance: str | None = None
+    label_smoothing: float | None = None
+    warmup_epochs: float | None = None
+    drop_rate: float | None = None
+    ema_decay: float | None = None
+    mixup: float | None = None
+    pretrained: str | None = None
+    precision: str | None = None
+    source_balance: str | None = None
+    # static, with defaults
+    cpus_per_worker: float = 1.0
+    weights_dir: str | None = None
+    trial_id: str = ""
+    select_metric: str = METRIC      # what picks the best epoch (SELECTION_METRICS)
+    sites: tuple = ()                # the site-val datasets' names
+    sources: tuple = ()              # the validation split's sources, when two or more (per-source figures)
+    train_sources: tuple = ()        # the train split's sources (sorted), when two or more ...
+    train_source_counts: tuple = ()  # ... and rows of each: what source_balance weighs (source_weights)
 
-
-def _make_trial_config():
-    searchable, static = _trial_config_fields()
-    required = [f for f in static if len(f) == 2]
-    optional = [f for f in static if len(f) == 3]
-
-    def from_tune(cls, config: dict) -> "TrialConfig":
+    @classmethod
+    def from_tune(cls, config: dict) -> TrialConfig:
         """Build from Tune's config (the space's sampled values plus the search's static settings)."""
         from raycxr.config import PARAMS
 
@@ -173,16 +192,9 @@ def _make_trial_config():
         return cls(**values)
 
     def hyperparameters(self) -> dict:
-        return {k: getattr(self, k) for k, _, _ in searchable}
+        from raycxr.config import PARAMS
 
-    return dataclasses.make_dataclass(
-        "TrialConfig", required + searchable + optional, frozen=True,
-        namespace={"from_tune": classmethod(from_tune), "hyperparameters": hyperparameters,
-                   "__doc__": "One trial's settings: a field per searchable hyperparameter plus the static "
-                              "ones. The training loop reads nothing else."})
-
-
-TrialConfig = _make_trial_config()
+        return {k: getattr(self, k) for k in PARAMS}
 
 
 @dataclass(frozen=True)
@@ -416,10 +428,12 @@ def train_one_epoch(t: _Trial, batches) -> dict:
     cfg, device = t.cfg, t.device
     cuda = device.type == "cuda"
     t.model.train()
-    t0, seen, compute_s = time.perf_counter(), 0, 0.0
+    t0, seen, compute_s, first_s = time.perf_counter(), 0, 0.0, None
     loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
     for batch in batches:
         c0 = time.perf_counter()
+        if first_s is None:
+            first_s = c0 - t0
         x = train_input(batch["image"].to(device, non_blocking=True), image_size=cfg.image_size, mean=t.spec.mean,
                         std=t.spec.std, strength=cfg.augment, equalize=t.spec.equalize, generator=t.gen)
         if t.precision.channels_last:
@@ -445,7 +459,7 @@ def train_one_epoch(t: _Trial, batches) -> dict:
     train_s = time.perf_counter() - t0
     return {"train_loss": loss_sum.item() / max(1, seen), "lr": t.sched.get_last_lr()[0],
             "train_images_per_s": seen * t.world / max(train_s, 1e-9), "train_time_s": train_s,
-            "train_compute_s": compute_s}
+            "train_compute_s": compute_s, "train_first_batch_s": train_s if first_s is None else first_s}
 
 
 def _scores(t: _Trial, batches) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

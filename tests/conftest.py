@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -20,6 +21,36 @@ os.environ["RAYCXR_SALT"] = "test-salt"  # never touch the user's salt file from
 os.environ["RAYCXR_CACHE"] = tempfile.mkdtemp(prefix="raycxr-test-cache-")  # nor the user's cache
 # nor the user's run-signing key (created on first use, here)
 os.environ["RAYCXR_KEY_FILE"] = str(Path(tempfile.mkdtemp(prefix="raycxr-test-key-")) / "run-signing.key")
+
+
+# Fixtures that start Ray, a search, a promotion or moto's S3 server: a test using one (directly or
+# through another fixture) is slow, whatever its own marks say, so `-m "not slow"` starts none of them.
+SLOW_FIXTURES = {"ray_local", "_ray_session", "promoted_run", "second_promotion", "s3_server", "second_ray"}
+# Tests that shut the session's Ray down (their clusters need its cores): run last, so the tests
+# that share the session's Ray start it once instead of again after each of these.
+OWN_RAY = ("test_cluster.py::test_ray_job_submit", "test_cluster.py::test_a_search_makes_the_autoscaler",
+           "test_faults.py::test_two_node_cluster", "test_faults.py::test_killed_driver_that_owned",
+           "test_storage.py::test_search_on_s3")
+
+
+def pytest_configure(config):
+    """The quick tier (``-m "not slow"``) starts no Ray: ``ray.init`` (which Ray Data and Tune call
+    too) fails the test that reaches it, saying what to do."""
+    if config.getoption("markexpr", "").replace(" ", "") == "notslow":
+        import ray
+
+        def refuse(*args, **kwargs):
+            raise RuntimeError("a quick-tier test started Ray: mark it @pytest.mark.slow or use a Ray fixture "
+                               f"({', '.join(sorted(SLOW_FIXTURES))})")
+
+        ray.init = refuse
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: any(k in item.nodeid for k in OWN_RAY))  # stable: otherwise in file order
 
 
 @pytest.fixture(autouse=True)
@@ -125,7 +156,7 @@ def promoted_run(tmp_path_factory, sample_dir, _ray_session):
     """A real search (2 tiny trials, 2 epochs, local Ray) on the sample ingested at 64 px, promoted
     once, all through the Python API (raycxr.ingest / search / promote): {"data", "run", "model",
     "card" (model_card.json, read by raycxr.ModelCard), "promoted" (what raycxr.promote returned), "ingested" (the IngestSummary),
-    "searched" (the SearchResult)}. Session-wide and
+    "searched" (the SearchResult), "search_stdout" (what the search printed on file descriptor 1)}. Session-wide and
     read-only for tests (the card, report, MLflow and Python API tests share it; copy what you change)."""
     import ray
 
@@ -141,11 +172,22 @@ def promoted_run(tmp_path_factory, sample_dir, _ray_session):
                      "  lr: {loguniform: [2.0e-3, 1.0e-2]}\n  batch_size: 16\n")
     if not ray.is_initialized():
         init_ray(address=None, num_cpus=2)
-    searched = raycxr.search(base / "data", space, name="shared", runs_dir=base / "runs", verbosity=0)
+    with tempfile.TemporaryFile() as printed:  # what the search writes to file descriptor 1 (none, at verbosity 0)
+        sys.stdout.flush()
+        saved = os.dup(1)
+        os.dup2(printed.fileno(), 1)
+        try:
+            searched = raycxr.search(base / "data", space, name="shared", runs_dir=base / "runs", verbosity=0)
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+        printed.seek(0)
+        search_stdout = printed.read().decode(errors="replace")
     promoted = raycxr.promote(searched.run, base / "model", n_boot=200)
     return {"data": base / "data", "run": Path(searched.run), "model": base / "model",
             "card": ModelCard.load(base / "model"), "promoted": promoted,
-            "ingested": ingested, "searched": searched}
+            "ingested": ingested, "searched": searched, "search_stdout": search_stdout}
 
 
 @pytest.fixture(scope="session")

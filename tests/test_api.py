@@ -33,21 +33,11 @@ def test_the_stages_return_data(promoted_run):
     assert raycxr.search.run_search and raycxr.promote.PromoteConfig  # still the stage modules
 
 
-def test_search_through_the_api_prints_nothing(promoted_run, tmp_path, capfd):
-    space = tmp_path / "one.yaml"
-    space.write_text("trials: 1\nmax_epochs: 1\nparams: {model: test_resnet, image_size: 32, lr: 0.01}\n")
-    capfd.readouterr()
-    result = raycxr.search(promoted_run["data"], space, name="quiet", runs_dir=tmp_path / "runs", verbosity=0)
-    out = capfd.readouterr().out
-    assert out == "" and len(result.leaderboard) == 1 and result.leaderboard[0]["status"] == "ok", out[-2000:]
-
-
-def test_promote_through_the_api_prints_nothing(promoted_run, tmp_path, capfd):
-    run = shutil.copytree(promoted_run["run"], tmp_path / "run")  # a copy: the shared run's holdout log stays as is
-    capfd.readouterr()
-    card = raycxr.promote(run, tmp_path / "model", n_boot=50, tta="off")
-    out = capfd.readouterr()
-    assert out.out == "" and card.run == "shared" and (tmp_path / "model" / "model.safetensors").is_file()
+def test_search_through_the_api_prints_nothing(promoted_run):
+    """The shared run's search (``verbosity=0``) wrote nothing to the process's stdout (file descriptor 1)."""
+    result = promoted_run["searched"]
+    out = promoted_run["search_stdout"]
+    assert out == "" and len(result.leaderboard) == 2 and all(r["status"] == "ok" for r in result.leaderboard), out[-2000:]
 
 
 def test_model_gives_calibrated_probabilities_and_labels_for_paths_arrays_and_images(promoted_run, sample_dir):
@@ -109,13 +99,16 @@ def test_the_serving_onnx_graph_returns_predict_probas_probability(promoted_run,
     assert served.shape == (len(files),) and np.allclose(served, model.predict_proba(files), atol=1e-4)
 
 
-def test_promote_can_write_the_serving_graph(promoted_run, tmp_path):
+def test_promote_through_the_api_prints_nothing_and_can_write_the_serving_graph(promoted_run, tmp_path, capfd):
     import onnxruntime as ort
 
     from raycxr.data import split_arrays
 
-    run = shutil.copytree(promoted_run["run"], tmp_path / "run")
+    run = shutil.copytree(promoted_run["run"], tmp_path / "run")  # a copy: the shared run's holdout log stays as is
+    capfd.readouterr()
     card = raycxr.promote(run, tmp_path / "model", n_boot=50, serving_onnx=True)
+    out = capfd.readouterr()
+    assert out.out == "" and card.run == "shared" and (tmp_path / "model" / "model.safetensors").is_file()
     assert card.serving_onnx["max_abs_diff"] <= 1e-4 and card.serving_onnx["path"] == "model.serving.onnx"
     model = raycxr.Model.load(tmp_path / "model")
     hold = split_arrays(promoted_run["data"], "holdout", "pneumonia")

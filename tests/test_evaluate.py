@@ -71,7 +71,7 @@ def test_small_centre_cropped_copies_of_training_films_are_not_external(promoted
     ingest(IngestConfig(sources={"kermany": copies}, out=tmp_path / "d", image_size=64, seed=0,
                         allow_empty_splits=True))
     card, model = promoted_run["card"], promoted_run["model"]  # trained on `data`
-    assert card.data_dir(model) == data.resolve() and card.data["fingerprint"] == read_manifest(data)["fingerprint"]
+    assert card.data_dir(model) == data.resolve() and card.data["fingerprint"] == read_manifest(data).fingerprint
     o = training_overlap(card, model, tmp_path / "d", ["train", "val", "holdout"])
     assert o["checked"] and o["same_files"] == 0 and o["verdict"].startswith("overlaps training data")
     assert 0.8 * trained_on <= o["twins"] <= trained_on, (o, trained_on)

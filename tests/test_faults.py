@@ -89,31 +89,34 @@ def _board(run: Path) -> list[dict]:
     return list(csv.DictReader(open(run / "leaderboard.csv")))
 
 
-@pytest.mark.parametrize("trainer, victim", [("auto", "ray::ImplicitFunc"), ("ray-train", "ray::RayTrainWorker")])
-def test_killed_trial_process_resumes_from_its_checkpoint(ray_local, dataset, tmp_path, trainer, victim):
+# Two in-process trials (one killed, one not); one Ray Train trial (its controller and worker group
+# are the slow part: a second one would only add their start-up)
+@pytest.mark.parametrize("trainer, victim, trials", [("auto", "ray::ImplicitFunc", 2),
+                                                     ("ray-train", "ray::RayTrainWorker", 1)])
+def test_killed_trial_process_resumes_from_its_checkpoint(ray_local, dataset, tmp_path, trainer, victim, trials):
     """A one-worker trial trains in Tune's trial process (a function trainable, ray::ImplicitFunc);
     with ``trainer: ray-train`` in Ray Train's worker. Either, killed, resumes from its checkpoint."""
     runs = tmp_path / "runs"
     epochs = 12  # an epoch takes about a second: the trials must still be running when one is killed
     # Random search without early stopping (the baseline options): every trial must reach the last epoch.
-    proc = _search(["--data", str(dataset), "--space", str(_space(tmp_path, trials=2, epochs=epochs, asha=False,
+    proc = _search(["--data", str(dataset), "--space", str(_space(tmp_path, trials=trials, epochs=epochs, asha=False,
                                                                   trainer=trainer)),
                     "--name", "wk", "--runs-dir", str(runs), "--max-failures", "2", "--searcher", "random",
                     "--no-early-stopping"], tmp_path)
     # A checkpoint folder on disk is not yet a registered checkpoint: wait until Tune has each
     # trial's first report (the controller has registered its checkpoint by then).
-    def both_reported():
+    def all_reported():
         reported = _epochs_reported(runs / "wk")
-        return len(reported) == 2 and all(reported.values())
+        return len(reported) == trials and all(reported.values())
 
-    _wait_for(both_reported, 240, "both trials' first reported epoch", proc)
+    _wait_for(all_reported, 240, "every trial's first reported epoch", proc)
     victims = _pids(victim)
     assert victims, f"no {victim} process found to kill"
     os.kill(victims[0], signal.SIGKILL)
     assert all(e[-1] < epochs for e in _epochs_reported(runs / "wk").values()), "a trial ended before the kill"
     assert proc.wait(timeout=400) == 0, (tmp_path / "search-0.log").read_text()[-3000:]
     board = _board(runs / "wk")
-    assert len(board) == 2 and all(r["status"] == "ok" and r["epochs"] == str(epochs) for r in board)
+    assert len(board) == trials and all(r["status"] == "ok" and r["epochs"] == str(epochs) for r in board)
     resumed = [int(r["resumed_from_epoch"]) for r in board]
     assert max(resumed) >= 1, f"no trial resumed from a checkpoint: {resumed}"
     record = json.loads((runs / "wk" / "run.json").read_text())

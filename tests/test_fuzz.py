@@ -23,6 +23,7 @@ def test_a_search_space_the_fuzzer_broke_is_refused_with_a_config_error(case):
         load_space(case)
 
 
+@pytest.mark.slow  # 30 s of mutated inputs: the full tier's
 def test_every_fuzz_target_runs_clean_for_a_hundred_inputs(tmp_path):
     """Smoke: each target (image bytes, search-space YAML, promoted-model config.json, a CSV
     adapter's label table) takes 100 mutated inputs under its memory cap, raising only its

@@ -49,10 +49,10 @@ def test_shards_follow_schema_and_hold_real_pixels(dataset):
     assert set(target_labels(t, "pneumonia").tolist()) == {0, 1}
     assert set(t.column("view").to_pylist()) == {"AP"}
     m = read_manifest(dataset)
-    assert m["files_in"] == m["rows_written"] + m["quarantined"] == 300
+    assert m.files_in == m.rows_written + m.quarantined == 300
     # stratified: each split holds both classes, near the pooled 50/50
     for split in SPLITS:
-        by = m["counts"][split]["by_label"]
+        by = m.counts[split]["by_label"]
         assert 0.3 < by["1"] / (by["0"] + by["1"]) < 0.7
 
 
@@ -91,11 +91,11 @@ def test_same_input_and_seed_give_identical_shards(sample_dir, tmp_path):
         assert [f.read_bytes() for f in fa] == [f.read_bytes() for f in fb]
     assert json.loads((outs[0] / "manifest.json").read_text()) == json.loads((outs[1] / "manifest.json").read_text())
     ingest(IngestConfig(sources={"kermany": sample_dir}, out=tmp_path / "c", image_size=32, seed=4, workers=1))
-    assert read_manifest(tmp_path / "c")["fingerprint"] != read_manifest(outs[0])["fingerprint"]
+    assert read_manifest(tmp_path / "c").fingerprint != read_manifest(outs[0]).fingerprint
 
 
 def test_byte_identical_images_share_a_split(sample_copy, tmp_path, dataset):
-    already = read_manifest(dataset)["exact_duplicates"]  # the sample holds one within-patient copy
+    already = read_manifest(dataset).exact_duplicates  # the sample holds one within-patient copy
     src = sample_copy / "train"
     normals = sorted((src / "NORMAL").iterdir())
     # Copy each of 20 normal images under a new patient's name: copies must follow the original.
@@ -179,15 +179,15 @@ def pooled(tmp_path_factory):
 def test_pooled_dataset_holds_every_source(pooled):
     _, s, data = pooled
     m = read_manifest(data)
-    assert set(m["sources"]) == {"kermany", "nih", "rsna", "mimic", "openi", "montgomery", "shenzhen", "jsrt", "kit"}
-    assert m["files_in"] == m["rows_written"] + m["quarantined"]
+    assert set(m.sources) == {"kermany", "nih", "rsna", "mimic", "openi", "montgomery", "shenzhen", "jsrt", "kit"}
+    assert m.files_in == m.rows_written + m.quarantined
     written = Counter()
     for split in SPLITS:
         written.update(read_split(data, split, columns=["source"]).column("source").to_pylist())
     assert written == {"kermany": 300, "nih": 18, "rsna": 8, "mimic": 4, "openi": 3, "montgomery": 6,
                        "shenzhen": 6, "jsrt": 4, "kit": 8}
     # one lateral (MIMIC) and one Open-I lateral excluded; bad rows quarantined with their reasons
-    assert m["quarantine_reasons"] == {"excluded": 2, "missing file": 1, "no labels": 2, "unknown label": 1}
+    assert m.quarantine_reasons == {"excluded": 2, "missing file": 1, "no labels": 2, "unknown label": 1}
 
 
 def test_pooled_labels_unknown_where_a_source_is_silent(pooled):
@@ -374,7 +374,7 @@ def test_an_ingest_killed_midway_leaves_the_old_dataset_and_resume_reuses_its_ba
     assert not list(tmp_path.glob(".data.staging-*")), "the staging folder is removed once the dataset is in place"
     fresh = tmp_path / "fresh"
     subprocess.run([sys.executable, "-c", _KILLED_INGEST, str(sample_dir), str(fresh), "fresh"], check=True)
-    assert read_manifest(out)["fingerprint"] == read_manifest(fresh)["fingerprint"]
+    assert read_manifest(out).fingerprint == read_manifest(fresh).fingerprint
     for split in SPLITS:
         assert read_split(out, split).equals(read_split(fresh, split))
     assert (out / "manifest.json").read_text() == (fresh / "manifest.json").read_text()
@@ -384,11 +384,11 @@ def test_shards_are_the_ones_the_manifest_lists(dataset):
     """Readers start from the manifest's list (an ingest at a URI leaves an older dataset's shards
     until its manifest is written): a stray shard beside them is not read."""
     manifest = read_manifest(dataset)
-    listed = [n for names in manifest["shards"].values() for n in names]
+    listed = [n for names in manifest.shards.values() for n in names]
     assert listed and all((dataset / n).is_file() for n in listed)
     rows = read_split(dataset, "val").num_rows
     stray = dataset / "val" / "part-99999-ffffffff.parquet"
-    shutil.copyfile(dataset / manifest["shards"]["val"][0], stray)
+    shutil.copyfile(dataset / manifest.shards["val"][0], stray)
     try:
         assert read_split(dataset, "val").num_rows == rows
     finally:

@@ -38,7 +38,7 @@ def test_a_sources_official_test_list_does_not_take_other_sources_holdout(sample
         assert s.counts[split]["by_source"].get("kermany", 0) > 20, (split, s.counts[split]["by_source"])
         assert s.counts[split]["patients_by_source"]["kermany"] > 10
     m = read_manifest(tmp_path / "o")
-    assert m["counts"]["holdout"]["patients_by_source"]["nih"] >= 1
+    assert m.counts["holdout"]["patients_by_source"]["nih"] >= 1
 
 
 def test_an_empty_split_is_refused_with_the_reason_or_written_on_request(tmp_path, sample_dir):
@@ -238,10 +238,10 @@ def test_a_failed_reingest_leaves_the_old_dataset_intact(tmp_path, sample_dir):
     with pytest.raises(DataError):
         ingest(IngestConfig(sources={"kermany": tmp_path / "mistyped"}, out=out, image_size=32, workers=1))
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    assert after == before and read_manifest(out)["fingerprint"] == first.fingerprint
+    assert after == before and read_manifest(out).fingerprint == first.fingerprint
     assert [p.name for p in tmp_path.iterdir()] == ["data"]  # no temporary folders left beside it
     second = ingest(IngestConfig(sources={"kermany": sample_dir}, out=out, image_size=48, workers=1))
-    assert read_manifest(out)["fingerprint"] == second.fingerprint != first.fingerprint
+    assert read_manifest(out).fingerprint == second.fingerprint != first.fingerprint
 
 
 def test_file_names_that_are_not_utf8_and_identifying_suffixes(tmp_path, sample_dir):

@@ -66,7 +66,7 @@ def test_a_re_ingest_keeps_the_ledger_of_the_films_it_replaces(sample_dir, tmp_p
 
     out = tmp_path / "data"
     ingest(IngestConfig(sources={"kermany": sample_dir}, out=out, image_size=32, seed=0, workers=1))
-    fingerprint, digest = read_manifest(out)["fingerprint"], split_digest(out, "holdout")
+    fingerprint, digest = read_manifest(out).fingerprint, split_digest(out, "holdout")
     record_read(out, fingerprint=fingerprint, split="holdout", digest=digest, by="promote", run="first")
     ingest(IngestConfig(sources={"kermany": sample_dir}, out=out, image_size=32, seed=0, workers=1))
     assert split_digest(out, "holdout") == digest  # the same films: their earlier read still counts
@@ -88,7 +88,7 @@ def test_the_same_films_ingested_into_another_folder_share_their_reads(sample_di
     assert split_digest(second, "holdout") == digest != split_digest(other, "holdout")
 
     def read(data, **details):
-        return record_read(data, fingerprint=read_manifest(data)["fingerprint"], split="holdout",
+        return record_read(data, fingerprint=read_manifest(data).fingerprint, split="holdout",
                            digest=split_digest(data, "holdout"), by="promote", **details)
 
     assert read(first, run="one") == []
@@ -96,3 +96,29 @@ def test_the_same_films_ingested_into_another_folder_share_their_reads(sample_di
     assert [e["run"] for e in read(first, run="three")] == ["one", "two"]  # in both ledgers, counted once
     assert read(other, run="four") == []  # seed 1 holds other films out
     assert not (second / FILE).read_text().count('"one"')  # each folder's own ledger keeps its own reads
+
+
+def test_log_read_writes_the_runs_ledger_and_each_datasets_and_returns_the_longest_history(tmp_path):
+    """One read of two sites' site-test films by a run: one entry in the run's ledger naming both,
+    one in each site's own; a second read is told of the first, whichever ledger remembers it."""
+    from raycxr.ledger import Films, log_read, run_reads
+    from raycxr.storage import RunStore
+
+    run, a, b = tmp_path / "run", tmp_path / "a", tmp_path / "b"
+    for d in (run, a, b):
+        d.mkdir()
+    store = RunStore(run)
+    films = [Films(a, "fa", "site-test", "da", site="north"), Films(b, "fb", "site-test", "db", site="south")]
+    assert log_read(films, store=store, by="promote", run="r1", trial_id="t1", out="m1") == []
+    (entry,) = run_reads(store, "site-test")
+    assert entry["sites"] == {"north": "da", "south": "db"} and entry["trial_id"] == "t1" and entry["out"] == "m1"
+    assert run_reads(store, "holdout") == []
+    (north,) = reads(a / FILE, split="site-test", digest="da")
+    assert north["site"] == "north" and north["run"] == "r1" and north["by"] == "promote"
+    # the run's ledger lost (a copied run folder), the sites' own still count the first read
+    (run / FILE).unlink()
+    earlier = log_read(films, store=store, by="promote", run="r2", trial_id="t2", out="m2")
+    assert [e["run"] for e in earlier] == ["r1"]
+    # evaluate reads without a run: only the dataset's ledgers
+    later = log_read([Films(a, "fa", "site-test", "da", site="north")], by="evaluate", model="m2")
+    assert [e["run"] for e in later] == ["r1", "r2"] and len(run_reads(store, "site-test")) == 1

@@ -192,7 +192,7 @@ def test_promote_registers_versions(promoted_run, tmp_path, monkeypatch):
     np.testing.assert_allclose(np.asarray(next(iter(loaded.values()))), expected, rtol=1e-5, atol=1e-6)
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
 
-    assert main([*args, "--out", str(tmp_path / "m2")]) == 0
+    assert main([*args, "--out", str(tmp_path / "m2"), "--tta", "off", "--bootstrap", "20"]) == 0  # only its version
     _check_registered(client, "cxr", 2, tmp_path / "m2")
     assert sorted(int(v.version) for v in client.search_model_versions("name = 'cxr'")) == [1, 2]
     assert (promoted_run["run"] / "holdout_reads.jsonl").read_text() == reads  # the shared run is untouched

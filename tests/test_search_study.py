@@ -7,14 +7,15 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from raycxr.search import SEARCH_METRIC, _sampler, _study_search
+from raycxr.samplers import StudySearch, sampler
+from raycxr.search import SEARCH_METRIC
 
 
 def _searcher(tmp_path, metric=SEARCH_METRIC, mode="max"):
     from ray import tune
 
-    s = _study_search(metric=metric, mode=mode, sampler=_sampler("tpe", seed=0, trials=8), max_epochs=3,
-                      storage=optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}"), study_name="s")
+    s = StudySearch(metric=metric, mode=mode, sampler=sampler("tpe", seed=0, trials=8), max_epochs=3,
+                    storage=optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}"), study_name="s")
     s.set_search_properties(metric, mode, {"lr": tune.loguniform(1e-4, 1e-1), "model": tune.choice(["a", "b"])})
     return s
 
@@ -55,7 +56,7 @@ def test_stopped_trials_are_pruned_with_their_epochs_and_finished_ones_complete_
 def test_every_searcher_samples_the_space(name):
     import optuna.distributions as d
 
-    study = optuna.create_study(sampler=_sampler(name, seed=1, trials=12), direction="maximize")
+    study = optuna.create_study(sampler=sampler(name, seed=1, trials=12), direction="maximize")
     space = {"lr": d.FloatDistribution(1e-4, 1e-1, log=True), "model": d.CategoricalDistribution(["a", "b"]),
              "batch": d.IntDistribution(16, 64)}
     for i in range(8):

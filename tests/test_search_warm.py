@@ -175,7 +175,7 @@ def test_a_streamed_split_gives_each_epoch_the_materialised_examples_in_its_own_
 
 def test_auto_materialises_what_fits_half_the_object_store_and_streams_the_rest():
     from raycxr.errors import ConfigError
-    from raycxr.search import data_path_for
+    from raycxr.trainables import data_path_for
 
     gib = 2**30
     assert data_path_for("auto", 2 * gib, 8 * gib)[0] == "materialize"

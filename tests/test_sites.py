@@ -176,9 +176,9 @@ def test_site_search_selects_by_site_and_promote_reads_site_test_once(tmp_path, 
     assert [e["split"] for e in ledger] == ["holdout", "site-test"]
     assert ledger[1]["sites"] == {"clinic": site.digest["site-test"]}
 
-    again = raycxr.promote(run, tmp_path / "model2", n_boot=50)
+    again = raycxr.promote(run, tmp_path / "model2", n_boot=50, tta="off")  # its reads only: no TTA to score
     assert again.headline["previously_read"] == 1 and again.holdout_previously_read == 1
-    plain = raycxr.promote(run, tmp_path / "model3", n_boot=50, select="shift-auc")
+    plain = raycxr.promote(run, tmp_path / "model3", n_boot=50, select="shift-auc", tta="off")
     assert plain.headline["kind"] == "none" and "site-test was not read" in plain.headline["statement"]
     assert plain.threshold_rule == "youden" and "accuracy" not in plain.operating_points
 

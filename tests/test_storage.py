@@ -8,7 +8,6 @@ import csv
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 
@@ -104,7 +103,8 @@ def test_a_run_uri_that_is_no_run_says_what_to_pass(s3_server):
 
 
 @pytest.mark.slow
-def test_search_on_s3_stops_resumes_lists_promotes_and_evaluates(s3_server, dataset, sample_dir, tmp_path):
+def test_search_on_s3_stops_resumes_lists_promotes_and_evaluates(s3_server, dataset, sample_dir, tmp_path, monkeypatch,
+                                                                 capsys):
     """A dataset ingested to S3, searched there on the streamed path, the run on S3 too, stopped and
     resumed, promoted from the S3 dataset and evaluated on it."""
     import ray
@@ -116,7 +116,7 @@ def test_search_on_s3_stops_resumes_lists_promotes_and_evaluates(s3_server, data
         ray.shutdown()
     data = "s3://raycxr/data/k"  # the session's dataset, ingested again straight to the bucket
     ingest(IngestConfig(sources={"kermany": sample_dir}, out=data, image_size=64, seed=0))
-    assert read_manifest(data)["fingerprint"] == read_manifest(dataset)["fingerprint"]
+    assert read_manifest(data).fingerprint == read_manifest(dataset).fingerprint
     space = tmp_path / "space.yaml"
     space.write_text("trials: 2\nmax_epochs: 3\nseed: 2\n"
                      "params: {model: test_resnet, image_size: 32, lr: {loguniform: [1.0e-3, 1.0e-2]}}\n")
@@ -146,21 +146,24 @@ def test_search_on_s3_stops_resumes_lists_promotes_and_evaluates(s3_server, data
     resumed = raycxr(["search", "--resume", run, "--num-cpus", "2"], "resume")
     assert resumed.wait(timeout=400) == 0, log("resume")
 
-    status = subprocess.run([*RAYCXR, "status", run], cwd=work, env=env, capture_output=True, text=True, timeout=120)
-    assert status.returncode == 0, status.stderr
-    lines = [ln for ln in status.stdout.splitlines() if ln.strip()]
+    # status, promote and evaluate start no Ray: run in this process (the command's own main), from work/
+    from raycxr.cli import main
+
+    monkeypatch.chdir(work)
+    capsys.readouterr()
+    assert main(["status", run]) == 0
+    status = capsys.readouterr()
+    lines = [ln for ln in status.out.splitlines() if ln.strip()]
     # the summary line (read from the bucket), then the leaderboard
-    assert lines[0].startswith("s3run: 2/2 trials done, 0 running, 0 errored"), status.stdout
-    assert lines[1].split()[:3] == ["rank", "trial_id", "val_auc"] and len(lines) == 4, status.stdout
+    assert lines[0].startswith("s3run: 2/2 trials done, 0 running, 0 errored"), status.out
+    assert lines[1].split()[:3] == ["rank", "trial_id", "val_auc"] and len(lines) == 4, status.out
     board = list(csv.DictReader(io.StringIO(RunStore(run).read_text("leaderboard.csv"))))
     assert len(board) == 2 and all(r["status"] == "ok" and r["epochs"] == "3" for r in board), board
     assert all(r["checkpoint"].startswith(run + "/tune/trial_") for r in board), board
 
     out = tmp_path / "model"
-    promote = subprocess.run([*RAYCXR, "promote", "--run", run, "--data", data, "--out", str(out), "--bootstrap", "100", "--tta", "off"],
-                             cwd=work,
-                             env=env, capture_output=True, text=True, timeout=400)
-    assert promote.returncode == 0, promote.stdout[-3000:] + promote.stderr[-3000:]
+    assert main(["promote", "--run", run, "--data", data, "--out", str(out), "--bootstrap", "100", "--tta", "off"]) == 0, \
+        capsys.readouterr().err[-3000:]
     card = json.loads((out / "model_card.json").read_text())
     assert card["run"] == "s3run" and card["members"][0]["trial_id"] in {r["trial_id"] for r in board}
     assert card["data"]["dir"] == data  # a URI stays a URI (a folder is kept relative: tests/test_promote.py)
@@ -168,9 +171,8 @@ def test_search_on_s3_stops_resumes_lists_promotes_and_evaluates(s3_server, data
     reads = RunStore(run).read_text("holdout_reads.jsonl").splitlines()
     assert len(reads) == 1 and json.loads(reads[0])["out"] == str(out.resolve())
 
-    evaluate = subprocess.run([*RAYCXR, "evaluate", "--model", str(out), "--data", data, "--split", "val",
-                               "--bootstrap", "50"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
-    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    assert main(["evaluate", "--model", str(out), "--data", data, "--split", "val", "--bootstrap", "50"]) == 0, \
+        capsys.readouterr().err[-3000:]
     evaluated = json.loads(next(out.glob("evaluations/*-val.json")).read_text())["metrics"]["pooled"]
     # the promoted model, scored on validation again, gives what promote measured there
     assert evaluated["auc"] == pytest.approx(card["validation"]["auc"], abs=1e-6)

@@ -28,8 +28,14 @@ def _tune_config(**overrides) -> dict:
 
 
 def test_trial_config_has_a_field_per_hyperparameter_and_refuses_unknown_keys():
-    names = {f.name for f in dataclasses.fields(TrialConfig)}
-    assert set(HYPERPARAMETERS) <= names  # derived from config.PARAMS: one edit adds a hyperparameter
+    from raycxr.config import PARAMS
+
+    fields = {f.name: f for f in dataclasses.fields(TrialConfig)}
+    assert set(HYPERPARAMETERS) <= set(fields)  # every searchable hyperparameter of config.PARAMS is a field
+    for name, (typ, _, _) in PARAMS.items():  # of the declared type, None (the space leaves it) by default
+        assert fields[name].type == f"{typ.__name__} | None" and fields[name].default is None, name
+    searchable = [n for n in fields if n in PARAMS]
+    assert searchable == list(PARAMS)  # in the same order: the leaderboard's and the card's columns
     cfg = TrialConfig.from_tune(_tune_config())
     assert cfg.findings == FINDINGS and cfg.hyperparameters()["lr"] == 3e-3
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -66,6 +72,7 @@ def test_an_epoch_learns_and_validation_scores_through_the_one_path(dataset, tmp
     second = train_one_epoch(t, train)
     assert second["train_loss"] < first["train_loss"]
     assert 0 < second["train_compute_s"] <= second["train_time_s"]
+    assert 0 <= second["train_first_batch_s"] <= second["train_time_s"] - second["train_compute_s"]
     m = validate(t, _batches(dataset, "val", batch_size=17))
     val = split_arrays(dataset, "val", "pneumonia")
     assert m["val_images"] == len(val.y)

@@ -4,7 +4,7 @@ The surrogate (YAHPO Gym v1.0.2's LCBench ONNX model, ../shared/data/lcbench) pr
 7 hyperparameters on an OpenML task, the per-epoch validation cross-entropy and the cumulative
 training time at epochs 1-52. Each search here is what `raycxr search` runs, on a simulated clock:
 W asynchronous workers; a trial runs epoch by epoch for the surrogate's time; the scheduler sees
-every epoch; the searcher (raycxr's own `_sampler` and the study protocol of `_study_search`, or
+every epoch; the searcher (raycxr's own `raycxr.samplers.sampler` and the study protocol of `StudySearch`, or
 Ray's as it was) chooses the next configuration when a worker frees. The budget is the simulated
 time W workers need for 100 full-length (52-epoch) runs of the task's average configuration. The
 score at any time is the best validation cross-entropy reported so far by any trial at any epoch
@@ -125,13 +125,13 @@ def replay(arm: str, seed: int, workers: int, budget_s: float, grid: np.ndarray,
     import optuna
     from optuna.trial import TrialState
 
-    from raycxr.search import _sampler
+    from raycxr.samplers import sampler
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     name, brackets, protocol = ARM_SETTINGS[arm]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        study = optuna.create_study(sampler=_sampler(name, seed=seed, trials=budget_runs), direction="minimize")
+        study = optuna.create_study(sampler=sampler(name, seed=seed, trials=budget_runs), direction="minimize")
     scheduler = Asha(brackets, max_epochs) if brackets else None
     events = []  # (time, worker, trial index, epoch index)
     trials, incumbent_at = [], []  # incumbent_at: (time, value) whenever the incumbent improves

@@ -18,7 +18,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from raycxr.config import load_space  # noqa: E402
-from raycxr.search import _sampler, _tune_space  # noqa: E402
+from raycxr.samplers import sampler  # noqa: E402
+from raycxr.search import _tune_space  # noqa: E402
 
 trials = int(sys.argv[1]) if len(sys.argv) > 1 else 600
 
@@ -28,7 +29,7 @@ def rss_mb() -> float:
 
 
 searcher = OptunaSearch(space=_tune_space(load_space("mnist")), metric="val_auc", mode="max",
-                        sampler=_sampler("tpe", seed=0, trials=trials))
+                        sampler=sampler("tpe", seed=0, trials=trials))
 rng = random.Random(0)
 marks = {}
 for i in range(1, trials + 1):

@@ -6,8 +6,11 @@ twins_scale.py's _variant; one patient per film), then
 - `raycxr ingest` (224 px, 2 decode workers): wall time and peak RSS of the whole process tree;
 - `raycxr search --trials 1 --max-epochs 1` of a small network at 224 px (batch 32, 2 CPUs), once
   with `--data-path materialize` and once with `stream`: wall time, the search driver's peak RSS
-  (the raycxr process alone), the trial's training images/s and how much of its epoch it waited
-  for data (train_time_s - train_compute_s).
+  (the raycxr process alone), the object store's peak (the growth of /dev/shm, where Ray's plasma
+  store keeps its objects on Linux, over its level before the search), the time to the trial's
+  first training batch, its training images/s and how much of its epoch it waited for data
+  (train_time_s - train_compute_s). ``--paths stream`` skips the materialised search (at sizes
+  over the object store it cannot run).
 Ratios are within one run. Usage: .venv/bin/python scripts/bench/scale.py [--sizes 10000] [--keep DIR] [--ingest-only]
 Needs ../shared/data/kermany224. Runs alone on the machine (it starts its own Ray).
 """
@@ -73,16 +76,23 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
+def _shm() -> int:
+    st = os.statvfs("/dev/shm")
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
 def _measured(cmd: list[str], *, tree: bool, log: Path) -> dict:
-    """Run ``cmd``; its wall time and peak RSS (of it alone, or of it and its children)."""
+    """Run ``cmd``; its wall time, peak RSS (of it alone, or of it and its children) and the peak
+    growth of /dev/shm."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
-    peak = [0]
+    peak, shm0, shm = [0], _shm(), [0]
 
     def sample():
         while proc.poll() is None:
             peak[0] = max(peak[0], sum(_rss(q) for q in (_tree(proc.pid) if tree else [proc.pid])))
+            shm[0] = max(shm[0], _shm() - shm0)
             time.sleep(0.2)
     th = threading.Thread(target=sample, daemon=True)
     th.start()
@@ -90,7 +100,8 @@ def _measured(cmd: list[str], *, tree: bool, log: Path) -> dict:
     th.join()
     if rc:
         raise SystemExit(f"{' '.join(cmd)} failed ({rc}): {log.read_text()[-3000:]}")
-    return {"wall_s": round(time.perf_counter() - t0, 1), "peak_rss_gib": round(peak[0] / 2**30, 2)}
+    return {"wall_s": round(time.perf_counter() - t0, 1), "peak_rss_gib": round(peak[0] / 2**30, 2),
+            "shm_peak_gib": round(shm[0] / 2**30, 2)}
 
 
 def main() -> None:
@@ -98,6 +109,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="10000")
     ap.add_argument("--keep", type=Path, help="keep the films and datasets here")
     ap.add_argument("--ingest-only", action="store_true", help="measure the ingest, not the searches")
+    ap.add_argument("--paths", default="materialize,stream", help="the search data paths to measure")
     args = ap.parse_args()
     print("#", _machine(), flush=True)
     work = args.keep or Path(tempfile.mkdtemp(prefix="raycxr-scale-"))
@@ -120,7 +132,7 @@ def main() -> None:
             if args.ingest_only:
                 print(json.dumps(row), flush=True)
                 continue
-            for path in ("materialize", "stream"):
+            for path in args.paths.split(","):
                 name = f"{path}-{n}"
                 s = _measured([*RAYCXR, "search", "-q", "--data", str(data), "--space", str(space), "--name", name,
                                "--runs-dir", str(work / "runs"), "--num-cpus", "2", "--data-path", path],
@@ -128,10 +140,13 @@ def main() -> None:
                 (result,) = (work / "runs" / name / "tune").glob("trial_*/result.json")
                 r = json.loads(result.read_text().splitlines()[-1])
                 row.update({f"{path}_search_s": s["wall_s"], f"{path}_driver_peak_rss_gib": s["peak_rss_gib"],
+                            f"{path}_object_store_peak_gib": s["shm_peak_gib"],
+                            f"{path}_first_batch_s": round(r["train_first_batch_s"], 1),
                             f"{path}_train_img_per_s": round(r["train_images_per_s"], 1),
                             f"{path}_data_wait_s": round(r["train_time_s"] - r["train_compute_s"], 1)})
-            row["stream_vs_materialize_img_per_s"] = round(row["stream_train_img_per_s"] /
-                                                           row["materialize_train_img_per_s"], 3)
+            if "stream_train_img_per_s" in row and "materialize_train_img_per_s" in row:
+                row["stream_vs_materialize_img_per_s"] = round(row["stream_train_img_per_s"] /
+                                                               row["materialize_train_img_per_s"], 3)
             print(json.dumps(row), flush=True)
     finally:
         if not args.keep:

@@ -7,7 +7,7 @@ project's patient-disjoint splits), and writes each trial's per-epoch validation
 log-loss and epoch wall time (Tune's time_this_iter_s: training, validation, checkpoint; the first
 epoch also builds the model) to a table (JSON).
 
-`replay` runs every arm of scripts/bench/lcbench_searchers.py (raycxr's own `_sampler` settings and
+`replay` runs every arm of scripts/bench/lcbench_searchers.py (raycxr's own `raycxr.samplers.sampler` settings and
 Ray Tune's ASHA rule, grace period 1 epoch, reduction factor 2) on that table, on a simulated clock
 (the recorded epoch times; 2 and 8 asynchronous workers), for two objectives: "auc" (1 - the best
 validation AUC so far: what raycxr ranks trials by) and "loss" (validation log-loss). The searchers
