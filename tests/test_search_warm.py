@@ -173,6 +173,35 @@ def test_a_streamed_split_gives_each_epoch_the_materialised_examples_in_its_own_
     assert rows(streamed.iter_torch_batches(batch_size=50, collate_fn=collate)) == materialised
 
 
+def test_a_streamed_split_read_a_few_shards_at_a_time_keeps_whole_batches_across_chunks(
+        ray_local, dataset, tmp_path, monkeypatch):
+    """Read two shards at a time (raycxr.data.STREAM_CHUNK_SHARDS, 4 by default), a 4-shard split
+    is two chunks: every example once per epoch, every batch but the last of the epoch whole (a
+    chunk's last rows begin the next chunk's first batch), each seed its own order, repeatable."""
+    import raycxr.data
+    from raycxr.data import StreamedSplit, open_split
+    from raycxr.train import _collate_fn
+
+    data = _split_into_shards(dataset, tmp_path / "sharded", pieces=4)
+    collate = _collate_fn()
+    monkeypatch.setattr(raycxr.data, "STREAM_CHUNK_SHARDS", 2)
+
+    def batches(seed):
+        return list(StreamedSplit.open(data, "train").iter_torch_batches(batch_size=48, collate_fn=collate,
+                                                                         local_shuffle_seed=seed))
+
+    def rows(bs) -> list[tuple]:
+        return [(bytes(img.numpy().tobytes()), tuple(lab.tolist())) for b in bs for img, lab in zip(b["image"], b["labels"])]
+
+    materialised = rows(open_split(data, "train").materialize().iter_torch_batches(batch_size=48, collate_fn=collate))
+    first, second = batches(0), batches(1)
+    for epoch in (first, second):
+        assert sorted(rows(epoch)) == sorted(materialised)
+        sizes = [len(b["labels"]) for b in epoch]
+        assert set(sizes[:-1]) == {48} and 0 < sizes[-1] <= 48, sizes
+    assert rows(first) != rows(second) and rows(batches(1)) == rows(second)
+
+
 def test_auto_materialises_what_fits_half_the_object_store_and_streams_the_rest():
     from raycxr.errors import ConfigError
     from raycxr.trainables import data_path_for

@@ -11,7 +11,8 @@ twins_scale.py's _variant; one patient per film), then
   first training batch, its training images/s and how much of its epoch it waited for data
   (train_time_s - train_compute_s). ``--paths stream`` skips the materialised search (at sizes
   over the object store it cannot run).
-Ratios are within one run. Usage: .venv/bin/python scripts/bench/scale.py [--sizes 10000] [--keep DIR] [--ingest-only]
+Ratios are within one run. Usage: .venv/bin/python scripts/bench/scale.py [--sizes 10000] [--keep DIR]
+[--ingest-only | --searches-only] [--paths materialize,stream]
 Needs ../shared/data/kermany224. Runs alone on the machine (it starts its own Ray).
 """
 
@@ -110,6 +111,8 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, help="keep the films and datasets here")
     ap.add_argument("--ingest-only", action="store_true", help="measure the ingest, not the searches")
     ap.add_argument("--paths", default="materialize,stream", help="the search data paths to measure")
+    ap.add_argument("--searches-only", action="store_true",
+                    help="with --keep: search the dataset an earlier run left there instead of ingesting again")
     args = ap.parse_args()
     print("#", _machine(), flush=True)
     work = args.keep or Path(tempfile.mkdtemp(prefix="raycxr-scale-"))
@@ -124,11 +127,12 @@ def main() -> None:
             if not films.exists():
                 _films(n, films)
             row = {"films": n, "write_films_s": round(time.perf_counter() - t, 1)}
-            shutil.rmtree(data, ignore_errors=True)
-            ing = _measured([*RAYCXR, "ingest", "-q", "--source", f"kermany={films}", "--out", str(data),
-                             "--image-size", "224", "--workers", "2"], tree=True, log=work / f"ingest-{n}.log")
-            row.update({"ingest_s": ing["wall_s"], "ingest_peak_rss_gib": ing["peak_rss_gib"],
-                        "dataset_gib": round(sum(f.stat().st_size for f in data.rglob("*.parquet")) / 2**30, 2)})
+            if not (args.searches_only and (data / "manifest.json").is_file()):
+                shutil.rmtree(data, ignore_errors=True)
+                ing = _measured([*RAYCXR, "ingest", "-q", "--source", f"kermany={films}", "--out", str(data),
+                                 "--image-size", "224", "--workers", "2"], tree=True, log=work / f"ingest-{n}.log")
+                row.update({"ingest_s": ing["wall_s"], "ingest_peak_rss_gib": ing["peak_rss_gib"]})
+            row["dataset_gib"] = round(sum(f.stat().st_size for f in data.rglob("*.parquet")) / 2**30, 2)
             if args.ingest_only:
                 print(json.dumps(row), flush=True)
                 continue
