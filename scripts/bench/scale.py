@@ -138,6 +138,7 @@ def main() -> None:
                 continue
             for path in args.paths.split(","):
                 name = f"{path}-{n}"
+                shutil.rmtree(work / "runs" / name, ignore_errors=True)  # a kept earlier run of the same size
                 s = _measured([*RAYCXR, "search", "-q", "--data", str(data), "--space", str(space), "--name", name,
                                "--runs-dir", str(work / "runs"), "--num-cpus", "2", "--data-path", path],
                               tree=False, log=work / f"search-{name}.log")
