@@ -117,8 +117,6 @@ class Manifest:
     schema: dict               # column -> what it holds
     shards: dict | None = None  # split -> its shards (SPLIT/FILE.parquet), in order; None before manifests listed them
 
-    FILE = MANIFEST
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -251,9 +249,7 @@ class StreamedSplit:
 
     def nbytes(self) -> int:
         """The shards' total size on storage (pixels are stored raw: about their size in memory)."""
-        import pyarrow.fs
-
-        return sum(info.size or 0 for info in (self.fs or pyarrow.fs.LocalFileSystem()).get_file_info(list(self.files)))
+        return sum(info.size or 0 for info in self.fs.get_file_info(list(self.files)))
 
     def order(self, seed: int | None = None) -> list[str]:
         """The shards in ``seed``'s order (the manifest's without one)."""
@@ -290,13 +286,16 @@ class StreamedSplit:
             yield from self.dataset(files=order).materialize().iter_torch_batches(
                 batch_size=batch_size, local_shuffle_seed=local_shuffle_seed, drop_last=drop_last, **options)
             return
+        def read(files):
+            return self.dataset(files=files).materialize()
+
         with ThreadPoolExecutor(1, thread_name_prefix="raycxr-next-chunk") as pool:
-            ahead = pool.submit(lambda files: self.dataset(files=files).materialize(), chunks[0])
+            ahead = pool.submit(read, chunks[0])
             carry = None
             for k in range(len(chunks)):
                 chunk = ahead.result()
                 if k + 1 < len(chunks):
-                    ahead = pool.submit(lambda files: self.dataset(files=files).materialize(), chunks[k + 1])
+                    ahead = pool.submit(read, chunks[k + 1])
                 seed = None if local_shuffle_seed is None else local_shuffle_seed * 1_000_003 + k
                 for batch in chunk.iter_torch_batches(batch_size=batch_size, local_shuffle_seed=seed, drop_last=False,
                                                       **options):

@@ -62,7 +62,8 @@ def log_read(films: list[Films], *, by: str, store: RunStore | None = None, **de
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "split": split, "trial_id": details.get("trial_id")}
         if any(f.site for f in films):
             entry["sites"] = {f.site: f.digest for f in films}
-        store.append_line(FILE, json.dumps({**entry, "out": details.get("out")}))
+        entry["out"] = details.get("out")
+        store.append_line(FILE, json.dumps(entry))
     for f in films:
         histories.append(record_read(f.data, fingerprint=f.fingerprint, split=f.split, digest=f.digest, by=by,
                                      **({"site": f.site} if f.site else {}), **details))
@@ -73,15 +74,7 @@ def run_reads(store: RunStore, split: str = "holdout") -> list[dict]:
     """Earlier reads of ``split`` (``holdout`` or ``site-test``) logged in a run's own ledger."""
     if not store.exists(FILE):
         return []
-    out = []
-    for line in store.read_text(FILE).splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a killed promote: it was a read all the same, but not one to count here
-        if isinstance(entry, dict) and entry.get("split", "holdout") == split:
-            out.append(entry)
-    return out
+    return [e for e in _entries(store.read_text(FILE)) if e.get("split", "holdout") == split]
 
 
 def films_digest(content_hashes) -> str:
@@ -130,13 +123,19 @@ def reads(path: Path, *, split: str, digest: str) -> list[dict]:
         return []
     else:
         text = Path(path).read_text(errors="replace")
+    return [e for e in _entries(text) if e.get("split") == split and e.get("digest") == digest]
+
+
+def _entries(text: str) -> list[dict]:
+    """A ledger's entries; a line torn by a killed writer is skipped (it was a read, but not one that
+    can be matched or counted)."""
     out = []
     for line in text.splitlines():
         try:
             entry = json.loads(line)
         except ValueError:
-            continue  # a line torn by a killed writer: it was a read, but not one that can be matched
-        if isinstance(entry, dict) and entry.get("split") == split and entry.get("digest") == digest:
+            continue
+        if isinstance(entry, dict):
             out.append(entry)
     return out
 

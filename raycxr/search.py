@@ -454,10 +454,11 @@ def _fit(tuner, store: RunStore, name: str, *, time_budget_s: float | None, tune
     how = "failed"
     try:
         board, budget_spent = _fit_board(tuner, store, name, time_budget_s=time_budget_s, tune_output=tune_output)
-        if budget_spent:
+        if budget_spent:  # a time-budget stop, whether or not a trial reported
             how = "time budget"
         _check_board(board, store, name, budget_spent=budget_spent, time_budget_s=time_budget_s)
-        how = "time budget" if budget_spent else "finished"
+        if not budget_spent:
+            how = "finished"
         return board
     except KeyboardInterrupt:
         how = "interrupted"

@@ -269,7 +269,7 @@ def verified_filesystem(store: RunStore, checked: dict[str, bytes]):
     """The run's storage as a pyarrow filesystem for ``Tuner.restore``: the files :func:`verify`
     checked are read from the bytes it checked, so a writer to the run between the check and Ray's
     read changes nothing Ray unpickles (:class:`VerifiedFiles`)."""
-    fs = store.fs if store.local is None else pyarrow.fs.LocalFileSystem()
+    fs = store.fs
     root = store.root.rstrip("/")
     return pyarrow.fs.PyFileSystem(VerifiedFiles(fs, {f"{root}/{rel}": data for rel, data in checked.items()},
                                                  hidden=f"{root}/tune"))
